@@ -1,0 +1,59 @@
+# Every target with a `##` comment is listed by `make help` (the default goal).
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-done
+
+# Command-line variables (make run-all RUN=exp1 EPOCHS=5 ...) are handed to the runner
+# as they were typed; it knows which are its own and which are notebook parameters.
+ARGS := $(MAKEOVERRIDES)
+
+.PHONY: help setup lab test unit notebooks-test lint check-notebooks split run-all demo clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv, install the pinned packages and dfutils, register the kernel and nbstripout
+	@$(PY) -m ipykernel install --sys-prefix --name dfutils --display-name "Python (dfutils)" >/dev/null
+	@if git rev-parse --git-dir >/dev/null 2>&1; then $(VENV)/bin/nbstripout --install; fi
+	@echo "setup done: $(VENV) ready, kernel 'Python (dfutils)' registered, nbstripout filter installed"
+
+lab: $(STAMP) ## Open JupyterLab on notebooks/ with the project's kernel
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks
+
+test: lint check-notebooks ## Lint, check notebooks, then run unit tests and notebook smoke tests
+	$(PY) -m pytest
+
+unit: $(STAMP) ## Unit tests only (skips the slower notebook runs)
+	$(PY) -m pytest -m "not notebooks"
+
+lint: $(STAMP) ## Ruff over the package, tests and notebooks
+	$(VENV)/bin/ruff check dfutils tests notebooks
+
+check-notebooks: $(STAMP) ## Notebooks carry no outputs, and each has one `parameters` cell, its first code cell
+	$(VENV)/bin/nbstripout --verify notebooks/*.ipynb
+	$(PY) -m dfutils check-notebooks notebooks/*.ipynb
+
+split: $(STAMP) ## Run 01-split headlessly (RAW_DIR=dataset_raw DATA_DIR=data VAL_FRACTION= SEED= ...)
+	$(PY) -m dfutils run-all --replace-run RUN=split STEPS=01-split $(ARGS)
+
+run-all: $(STAMP) ## Run 01-split, 02-train, 03-gradcam into runs/<RUN> (RUN= PARAMS= OVERWRITE=1 key=value ...)
+	$(PY) -m dfutils run-all $(ARGS)
+
+demo: $(STAMP) ## Build the demo data set and run the whole chain on it into runs/demo
+	$(PY) -m dfutils demo
+	$(PY) -m dfutils run-all --replace-run RUN=demo PARAMS=notebooks/params/demo.yaml $(ARGS)
+
+clean: ## Delete generated outputs (split, demo data, runs); never touches dataset_raw/
+	rm -rf data/train data/val data/masks data/manifest.csv data/split_report.json
+	rm -rf data/demo data/demo_raw data/.split-* runs

@@ -1,0 +1,164 @@
+"""Images in, tensors out: the manifest-backed dataset, its transforms and loaders.
+
+Labels come from the manifest (fake = 1, real = 0), never from folder order:
+torchvision's ImageFolder would sort `fake` before `real` and give the opposite.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from dfutils import LABELS
+from dfutils.paths import resolve
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageLoadError(OSError):
+    """An image the split accepted can no longer be read."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path  # absolute
+    label: int  # fake = 1, real = 0
+    mask: Path | None  # ground-truth mask of a fake image, if known
+
+
+def read_manifest(data_dir: str | os.PathLike, split: str | None = None) -> list[Sample]:
+    """The rows of data_dir/manifest.csv (optionally one split), in file order."""
+    data_dir = resolve(data_dir)
+    manifest = data_dir / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(
+            f"{manifest} not found: run the split first (notebook 01-split or `make split`)"
+        )
+    with open(manifest, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if split is None or r["split"] == split]
+    return [Sample(data_dir / r["path"], LABELS[r["label"]],
+                   data_dir / r["mask"] if r.get("mask") else None) for r in rows]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: Path  # absolute
+    label: int
+    p_fake: float
+    mask: Path | None
+
+
+def read_predictions(csv_path: str | os.PathLike, data_dir: str | os.PathLike
+                     ) -> list[Prediction]:
+    """A run's val_predictions.csv joined with the manifest (for ground-truth masks)."""
+    data_dir = resolve(data_dir)
+    masks = {s.path: s.mask for s in read_manifest(data_dir)}
+    with open(resolve(csv_path), newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [Prediction(data_dir / r["path"], int(r["label"]), float(r["p_fake"]),
+                       masks.get(data_dir / r["path"])) for r in rows]
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """An RGB image as displayed: EXIF orientation applied, any mode (L, RGBA, P, I;16) made RGB."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode == "I;16" or image.mode == "I":
+                # 16-bit grey: scale to 8 bits rather than clipping everything to white.
+                array = np.asarray(image, dtype=np.float32) / 256.0
+                image = Image.fromarray(array.clip(0, 255).astype(np.uint8))
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(f"cannot read image {path}: {error}") from error
+
+
+def load_mask(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
+    """A ground-truth mask as a boolean array of `size` (width, height): True = manipulated."""
+    with Image.open(path) as mask:
+        mask = mask.convert("L").resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(mask) >= 128
+
+
+def eval_transform(image_size: int) -> v2.Compose:
+    """Resize to a square and normalise with ImageNet statistics."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize((image_size, image_size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def train_transform(image_size: int, jitter: Sequence[float] = (0.2, 0.2, 0.2, 0.0),
+                    jpeg_prob: float = 0.0, blur_prob: float = 0.0, flip: bool = True
+                    ) -> v2.Compose:
+    """The seed's augmentation (colour jitter, horizontal flip) plus optional JPEG and blur.
+
+    Resizing comes first so every later step works on the small image. JPEG re-encoding
+    and blur at random strengths are the robustness recipe of Wang et al. (CVPR 2020).
+    """
+    brightness, contrast, saturation, hue = jitter
+    steps: list = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
+    if jpeg_prob > 0:
+        steps.append(v2.RandomApply([v2.JPEG(quality=(30, 100))], p=jpeg_prob))
+    if blur_prob > 0:
+        kernel = 2 * (image_size // 16) + 1  # odd, about 1/8 of the side: room for sigma 3
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 3.0))], p=blur_prob))
+    if any(jitter):
+        steps.append(v2.ColorJitter(brightness, contrast, saturation, hue))
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)
+
+
+class ManifestDataset(Dataset):
+    """(image tensor, label as float, index) for the samples of one split."""
+
+    def __init__(self, samples: Sequence[Sample], transform: v2.Compose):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        sample = self.samples[index]
+        image = self.transform(load_image(sample.path))
+        return image, torch.tensor(float(sample.label)), index
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; Python and NumPy follow it, so
+    # any augmentation drawing from them repeats too.
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
+                seed: int = 0) -> DataLoader:
+    """A DataLoader seeded for repeatable order and augmentation, pinned when CUDA is present."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+    )

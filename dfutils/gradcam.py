@@ -1,0 +1,275 @@
+"""Grad-CAM for a one-logit real/fake model, batched, with faithfulness and localization checks.
+
+Three things public Grad-CAM code often gets wrong for a model like ours, and how this
+module handles them:
+
+- the class target: a single logit z is the log-odds of fake, so evidence *for fake* is
+  the gradient of z and evidence *for real* the gradient of -z;
+- frozen backbones: with requires_grad off everywhere before `fc`, the target layer's
+  output carries no graph and its gradient never arrives; we make the captured activation
+  a leaf that requires grad, so the gradient reaches it whatever the parameters' flags;
+- colours: maps are plain [0, 1] arrays; turning them into RGB pixels is `viz.colorize`'s job.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from dfutils.data import eval_transform, load_image
+
+TARGETS = ("predicted", "fake", "real")
+
+
+@dataclass
+class CamResult:
+    maps: np.ndarray  # (N, H, W) float32 in [0, 1], at the input's size
+    p_fake: np.ndarray  # (N,) P(fake)
+    explained: np.ndarray  # (N,) 1 where the map explains "fake", 0 where it explains "real"
+
+
+def _signs(logits: torch.Tensor, target: str) -> torch.Tensor:
+    """+1 to explain fake (the logit), -1 to explain real (the negated logit)."""
+    if target == "fake":
+        return torch.ones_like(logits)
+    if target == "real":
+        return -torch.ones_like(logits)
+    if target == "predicted":
+        return torch.where(logits >= 0, 1.0, -1.0).to(logits.dtype)
+    raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+
+
+def scale_maps(cams: torch.Tensor) -> torch.Tensor:
+    """Divide each (ReLU'd) map by its maximum; a map with no positive evidence stays all zero."""
+    peak = cams.flatten(1).amax(dim=1).view(-1, 1, 1)
+    return torch.where(peak > 0, cams / peak.clamp_min(torch.finfo(cams.dtype).tiny), 0.0)
+
+
+class GradCAM:
+    """Grad-CAM over `target_layer` (default `model.layer4[-1]`); use it as a context manager.
+
+    Inside `with GradCAM(model) as cam:` one forward hook lives on the layer; leaving the
+    block (also by an exception) removes it and restores every module's train/eval mode.
+    Parameters' requires_grad flags are never touched and no `.grad` is written.
+    """
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module | None = None):
+        self.model = model
+        self.layer = target_layer if target_layer is not None else model.layer4[-1]
+        self._handle = None
+        self._capturing = False
+        self._activations: torch.Tensor | None = None
+        self._modes: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> GradCAM:
+        self._modes = [(m, m.training) for m in self.model.modules()]
+        self._handle = self.layer.register_forward_hook(self._capture)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Remove the hook and put every module back in the mode it was in."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        for module, training in self._modes:
+            module.train(training)
+        self._modes, self._activations = [], None
+
+    def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not self._capturing:
+            return output
+        # The forward runs under no_grad up to here: nothing before the target layer needs
+        # a graph. From here on we record one, starting from a leaf we own, so the gradient
+        # reaches the activations even when every parameter is frozen. This is why a
+        # forward hook with a tensor leaf is used instead of a module backward hook.
+        torch.set_grad_enabled(True)
+        self._activations = output.detach().requires_grad_(True)
+        return self._activations
+
+    def raw(self, images: torch.Tensor, target: str = "predicted"
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ReLU'd maps at the layer's resolution (N, h, w), the logits and the signs used."""
+        if self._handle is None:
+            raise RuntimeError("use GradCAM inside a `with GradCAM(model) as cam:` block")
+        self.model.eval()  # batch statistics would mix the images of a batch
+        self._capturing = True
+        try:
+            with torch.no_grad():
+                logits = self.model(images).reshape(-1)
+            signs = _signs(logits.detach(), target)
+            activations = self._activations
+            (gradients,) = torch.autograd.grad((logits * signs).sum(), activations)
+        finally:
+            self._capturing, self._activations = False, None
+        weights = gradients.mean(dim=(2, 3), keepdim=True)
+        cams = torch.relu((weights * activations.detach()).sum(dim=1))
+        return cams, logits.detach(), signs
+
+    def __call__(self, images: torch.Tensor, target: str = "predicted") -> CamResult:
+        """Maps at the input's size, scaled to [0, 1] per image, with P(fake)."""
+        cams, logits, signs = self.raw(images, target)
+        cams = F.interpolate(cams.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
+                             align_corners=False).squeeze(1)
+        return CamResult(scale_maps(cams).cpu().numpy().astype(np.float32),
+                         torch.sigmoid(logits).cpu().numpy(), (signs > 0).cpu().numpy().astype(int))
+
+
+def random_maps(n: int, size: tuple[int, int], grid: tuple[int, int],
+                generator: torch.Generator) -> np.ndarray:
+    """Random maps as smooth as a CAM: uniform noise on the layer's grid, upsampled the same way."""
+    noise = torch.rand((n, 1, *grid), generator=generator)
+    return F.interpolate(noise, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def _layer_grid(size: tuple[int, int]) -> tuple[int, int]:
+    return math.ceil(size[0] / 32), math.ceil(size[1] / 32)  # ResNet's total stride
+
+
+def _remove(images: torch.Tensor, maps: np.ndarray, fraction: float, fill: str) -> torch.Tensor:
+    """Images with the top `fraction` of pixels by map replaced (per image)."""
+    n, _, h, w = images.shape
+    k = int(round(fraction * h * w))
+    if k == 0:
+        return images
+    order = np.argsort(-maps.reshape(n, -1), axis=1, kind="stable")[:, :k]
+    mask = np.zeros((n, h * w), dtype=bool)
+    np.put_along_axis(mask, order, True, axis=1)
+    mask = torch.from_numpy(mask.reshape(n, 1, h, w)).to(images.device)
+    if fill == "mean":
+        replacement = images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+    elif fill == "blur":
+        kernel = 2 * (max(h, w) // 8) + 1
+        replacement = TF.gaussian_blur(images, [kernel, kernel], [kernel / 4, kernel / 4])
+    else:
+        raise ValueError(f"fill must be 'mean' or 'blur', got {fill!r}")
+    return torch.where(mask, replacement, images)
+
+
+@torch.no_grad()
+def _p_class(model: nn.Module, images: torch.Tensor, explained: np.ndarray) -> np.ndarray:
+    p_fake = torch.sigmoid(model(images).reshape(-1)).cpu().numpy()
+    return np.where(explained == 1, p_fake, 1 - p_fake)
+
+
+def deletion_score(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
+                   explained: np.ndarray,
+                   fractions: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
+                   fill: str = "mean", n_random: int = 3, seed: int = 0) -> dict:
+    """How fast P(explained class) falls as the top-k% pixels by CAM are removed, vs random.
+
+    A faithful map points at the evidence, so removing its top pixels should lower the
+    probability faster than removing the top pixels of a random map of the same smoothness.
+    The area under each curve (over the fractions, normalised to [0, 1]) is reported;
+    lower is more faithful.
+    """
+    model.eval()
+    size = tuple(images.shape[-2:])
+    generator = torch.Generator().manual_seed(seed)
+    randoms = [random_maps(len(images), size, _layer_grid(size), generator)
+               for _ in range(n_random)]
+    cam_curve, random_curve = [], []
+    for fraction in fractions:
+        cam_curve.append(float(_p_class(model, _remove(images, maps, fraction, fill),
+                                        explained).mean()))
+        random_curve.append(float(np.mean([
+            _p_class(model, _remove(images, r, fraction, fill), explained).mean()
+            for r in randoms])))
+    span = fractions[-1] - fractions[0]
+    return {
+        "fractions": list(fractions),
+        "fill": fill,
+        "cam": cam_curve,
+        "random": random_curve,
+        "auc_cam": float(np.trapezoid(cam_curve, fractions) / span),
+        "auc_random": float(np.trapezoid(random_curve, fractions) / span),
+    }
+
+
+def localization(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                 iou_threshold: float = 0.5, n_random: int = 10, seed: int = 0) -> dict:
+    """Pointing game (is the map's maximum inside the mask) and IoU of map >= threshold, vs random.
+
+    `maps` and `masks` pair up; each mask is boolean at its map's size.
+    """
+    def scores(candidates: Sequence[np.ndarray]) -> tuple[float, float]:
+        hits, ious = [], []
+        for cam, mask in zip(candidates, masks, strict=True):
+            hits.append(bool(mask.flat[int(np.argmax(cam))]))
+            region = cam >= iou_threshold * cam.max() if cam.max() > 0 else np.zeros_like(mask)
+            union = np.logical_or(region, mask).sum()
+            ious.append(np.logical_and(region, mask).sum() / union if union else 0.0)
+        return float(np.mean(hits)), float(np.mean(ious))
+
+    if len(maps) == 0:
+        return {"n": 0}
+    generator = torch.Generator().manual_seed(seed)
+    pointing, iou = scores(maps)
+    random_scores = []
+    for _ in range(n_random):
+        randoms = [random_maps(1, m.shape, _layer_grid(m.shape), generator)[0] for m in maps]
+        random_scores.append(scores(randoms))
+    return {
+        "n": len(maps),
+        "pointing_cam": pointing,
+        "pointing_random": float(np.mean([s[0] for s in random_scores])),
+        "iou_cam": iou,
+        "iou_random": float(np.mean([s[1] for s in random_scores])),
+        "iou_threshold": iou_threshold,
+    }
+
+
+def select_images(labels: np.ndarray, scores: np.ndarray, n: int, mode: str = "mixed",
+                  threshold: float = 0.5, seed: int = 0) -> list[int]:
+    """Which validation images to show.
+
+    "mixed": the most confident correct and wrong predictions of each class, taken in turn
+    from the four groups, so the grid shows what the model gets right and what it gets
+    wrong; "random": a seeded random sample.
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    n = min(n, len(labels))
+    if mode == "random":
+        return sorted(np.random.default_rng(seed).choice(len(labels), n, replace=False).tolist())
+    if mode != "mixed":
+        raise ValueError(f"select must be 'mixed' or 'random', got {mode!r}")
+    predicted = (scores >= threshold).astype(int)
+    confidence = np.abs(scores - threshold)
+    groups = [sorted(np.flatnonzero((labels == cls) & ((predicted == cls) == correct)),
+                     key=lambda i: -confidence[i])
+              for cls in (1, 0) for correct in (True, False)]
+    chosen: list[int] = []
+    while len(chosen) < n:
+        for group in groups:
+            if group and len(chosen) < n:
+                chosen.append(int(group.pop(0)))
+    return chosen
+
+
+def explain(model: nn.Module, paths: Sequence[str | Path], image_size: int,
+            target: str = "predicted", batch_size: int = 16) -> tuple[torch.Tensor, CamResult]:
+    """Grad-CAM for image files, in batches: the model inputs and the maps at image_size."""
+    transform = eval_transform(image_size)
+    inputs = torch.stack([transform(load_image(p)) for p in paths]) if paths else torch.zeros(
+        (0, 3, image_size, image_size))
+    parts = []
+    with GradCAM(model) as cam:
+        for start in tqdm(range(0, len(inputs), batch_size), desc="grad-cam", unit="batch",
+                          leave=False):
+            parts.append(cam(inputs[start:start + batch_size], target))
+    if not parts:
+        empty = np.zeros(0)
+        return inputs, CamResult(np.zeros((0, image_size, image_size), np.float32), empty, empty)
+    return inputs, CamResult(*(np.concatenate([getattr(p, f) for p in parts])
+                               for f in ("maps", "p_fake", "explained")))

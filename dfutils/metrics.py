@@ -1,0 +1,73 @@
+"""The numbers this field reports, from scikit-learn where it has them.
+
+Inputs are labels (fake = 1) and scores P(fake).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def _both_classes(labels: np.ndarray) -> bool:
+    return len(np.unique(labels)) == 2
+
+
+def eer(labels, scores) -> tuple[float, float]:
+    """Equal error rate and the threshold where false-positive and false-negative rates meet.
+
+    Taken at the ROC point where |FPR - FNR| is smallest; the rate is their mean there.
+    NaN for both when only one class is present.
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    if not _both_classes(labels):
+        return math.nan, math.nan
+    fpr, tpr, thresholds = skm.roc_curve(labels, scores)
+    fnr = 1.0 - tpr
+    i = int(np.nanargmin(np.abs(fpr - fnr)))
+    # roc_curve's first threshold is +inf (nothing predicted fake); cap it at 1.
+    return float((fpr[i] + fnr[i]) / 2), float(min(thresholds[i], 1.0))
+
+
+def choose_threshold(rule: str, labels, scores) -> float:
+    """The decision threshold on P(fake): 0.5, or the validation EER threshold."""
+    if rule == "0.5":
+        return 0.5
+    if rule == "eer":
+        _, threshold = eer(labels, scores)
+        return 0.5 if math.isnan(threshold) else threshold
+    raise ValueError(f"threshold rule must be '0.5' or 'eer', got {rule!r}")
+
+
+def binary_metrics(labels, scores, threshold: float = 0.5) -> dict:
+    """Accuracy and confusion at `threshold`; ROC-AUC, AP and EER over all thresholds."""
+    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
+    predicted = (scores >= threshold).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    both = _both_classes(labels)
+    rate, eer_threshold = eer(labels, scores)
+    return {
+        "n": int(len(labels)),
+        "threshold": float(threshold),
+        "accuracy": float(skm.accuracy_score(labels, predicted)) if len(labels) else math.nan,
+        "auc": float(skm.roc_auc_score(labels, scores)) if both else math.nan,
+        "ap": float(skm.average_precision_score(labels, scores)) if both else math.nan,
+        "eer": rate,
+        "eer_threshold": eer_threshold,
+        # rows = true class, columns = predicted class, order (real, fake)
+        "confusion": [[int(tn), int(fp)], [int(fn), int(tp)]],
+    }
+
+
+def expected_calibration_error(labels, scores, n_bins: int = 15) -> float:
+    """ECE of P(fake): bin-weighted mean |fraction fake - mean P(fake)| over equal-width bins."""
+    labels, scores = np.asarray(labels, dtype=float), np.asarray(scores, dtype=float)
+    bins = np.clip((scores * n_bins).astype(int), 0, n_bins - 1)
+    total = 0.0
+    for b in range(n_bins):
+        members = bins == b
+        if members.any():
+            total += members.sum() * abs(labels[members].mean() - scores[members].mean())
+    return float(total / max(len(scores), 1))

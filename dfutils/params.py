@@ -1,0 +1,199 @@
+"""Validated parameters: one frozen dataclass per notebook, mirroring its `parameters` cell.
+
+Papermill only warns about a parameter the notebook does not declare; here an unknown or
+wrong-typed value is an error that names it (as nanoGPT's configurator does).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+class ParameterError(ValueError):
+    """A parameter is unknown, of the wrong type or out of range."""
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    """Return `value` (ints widened to float where a float is wanted) or raise ParameterError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [t for t in options if t is not type(None)]
+        return _check_type(name, value, inner)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list | tuple):
+            raise ParameterError(f"parameter {name!r} must be a list, got {value!r}")
+        return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool):
+        raise ParameterError(f"parameter {name!r} must be an integer, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ParameterError(
+            f"parameter {name!r} must be {annotation.__name__}, got {type(value).__name__} "
+            f"{value!r}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Params:
+    """Base: construction from a mapping or a notebook namespace, with validation."""
+
+    notebook: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _check_type(f.name, getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ParameterError(
+                    f"parameter {f.name!r} must be one of {', '.join(map(repr, choices))}; "
+                    f"got {value!r}"
+                )
+        self.check()
+
+    def check(self) -> None:
+        """Range checks of a subclass; raise ParameterError."""
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Params:
+        """Build from a dict (a YAML file, a command line); unknown keys are an error."""
+        unknown = sorted(set(values) - set(cls.names()))
+        if unknown:
+            raise ParameterError(
+                f"unknown parameter {', '.join(map(repr, unknown))} for {cls.notebook}; "
+                f"known: {', '.join(cls.names())}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_namespace(cls, namespace: Mapping[str, Any]) -> Params:
+        """Build from a notebook's globals after its parameters cell (and papermill's).
+
+        Papermill injects `-p`/`-f` values as a cell of assignments headed `# Parameters`;
+        any name it assigned that this notebook does not declare is refused.
+        """
+        injected = injected_parameter_names(namespace.get("In", []))
+        values = {name: namespace[name] for name in cls.names() if name in namespace}
+        return cls.from_mapping({**values, **{k: namespace[k] for k in injected}})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def injected_parameter_names(history: list[str]) -> set[str]:
+    """Names assigned by papermill's injected-parameters cell, from the kernel's input history."""
+    names: set[str] = set()
+    for source in history:
+        if not source.lstrip().startswith("# Parameters"):
+            continue
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Assign):
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+@dataclass(frozen=True)
+class SplitParams(Params):
+    """01-split: turn dataset_raw/{real,fake} into data/{train,val}/{real,fake}."""
+
+    notebook: ClassVar[str] = "01-split"
+
+    raw_dir: str = "dataset_raw"  # the user's images, read only
+    data_dir: str = "data"  # where the split is written
+    val_fraction: float = 0.2  # validation share of each class
+    seed: int = 42  # seeds the (content-hash) ranking that assigns splits
+    overwrite: bool = False  # allow replacing a split made with other parameters
+
+    def check(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ParameterError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class TrainParams(Params):
+    """02-train: fit ResNet18 with a one-logit head (log-odds of fake)."""
+
+    notebook: ClassVar[str] = "02-train"
+
+    data_dir: str = "data"
+    run_dir: str = "runs/notebook"
+    weights: str | None = "imagenet"  # "imagenet", a path to a state dict, or None (random)
+    trainable: str = field(default="fc", metadata=_choices("fc", "layer4", "all"))
+    image_size: int = 224
+    batch_size: int = 32
+    max_epochs: int = 20
+    lr: float = 1e-4
+    patience: int = 3  # epochs without a better validation loss before stopping
+    min_delta: float = 0.0  # how much lower a validation loss must be to count as better
+    seed: int = 42
+    num_workers: int = 2
+    jitter: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.2, 0.0])  # b, c, s, hue
+    jpeg_prob: float = 0.0  # probability of a random JPEG re-encoding (quality 30-100)
+    blur_prob: float = 0.0  # probability of a random Gaussian blur (sigma 0.1-3)
+    threshold: str = field(default="0.5", metadata=_choices("0.5", "eer"))
+    schedule: str = field(default="constant", metadata=_choices("constant", "cosine"))
+    weight_decay: float = 0.0  # > 0 switches Adam to AdamW (decoupled weight decay)
+
+    def check(self) -> None:
+        for name in ("image_size", "batch_size", "max_epochs"):
+            if getattr(self, name) < 1:
+                raise ParameterError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.image_size < 32:
+            raise ParameterError(f"image_size must be at least 32 px, got {self.image_size}")
+        if self.patience < 0 or self.num_workers < 0 or self.min_delta < 0:
+            raise ParameterError("patience, num_workers and min_delta must not be negative")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ParameterError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, "
+                                 f"{self.weight_decay}")
+        if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
+            raise ParameterError(
+                "jitter must be [brightness, contrast, saturation, hue], each >= 0 and "
+                f"hue <= 0.5; got {self.jitter}"
+            )
+        for name in ("jpeg_prob", "blur_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ParameterError(f"{name} must be a probability, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class GradCamParams(Params):
+    """03-gradcam: explain the validation images of a run."""
+
+    notebook: ClassVar[str] = "03-gradcam"
+
+    run_dir: str = "runs/notebook"
+    data_dir: str = "data"
+    n_images: int = 16
+    select: str = field(default="mixed", metadata=_choices("mixed", "random"))
+    target: str = field(default="predicted", metadata=_choices("predicted", "fake", "real"))
+    alpha: float = 0.5
+    seed: int = 42
+    batch_size: int = 16
+    n_eval: int = 128  # validation images scored for deletion and localization
+
+    def check(self) -> None:
+        if min(self.n_images, self.batch_size, self.n_eval) < 1:
+            raise ParameterError("n_images, batch_size and n_eval must be at least 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ParameterError(f"alpha must be between 0 and 1, got {self.alpha}")

@@ -1,0 +1,240 @@
+"""The experiment chain: 01-split -> 02-train -> 03-gradcam, run by papermill into runs/<run>/."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import papermill
+import yaml
+
+from dfutils import split as split_step
+from dfutils.paths import REPO_ROOT, resolve, write_json
+from dfutils.runs import now, read_run, record_step, start_run
+
+NOTEBOOKS = {
+    "01-split": "notebooks/01-split.ipynb",
+    "02-train": "notebooks/02-train.ipynb",
+    "03-gradcam": "notebooks/03-gradcam.ipynb",
+}
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Shorthands accepted on the command line (make run-all EPOCHS=5).
+ALIASES = {"epochs": "max_epochs"}
+# Keys the runner owns; everything else is a notebook parameter.
+RUNNER_KEYS = ("run", "params", "overwrite", "steps")
+
+
+class ChainError(RuntimeError):
+    """The chain cannot start or a step failed; the message says which and why."""
+
+
+def declared_parameters(notebook: str | Path) -> dict[str, Any]:
+    """The parameters a notebook declares, with their default values."""
+    found = papermill.inspect_notebook(str(resolve(notebook)))
+    return {name: ast.literal_eval(p["default"]) for name, p in found.items()}
+
+
+def coerce(name: str, value: Any, default: Any) -> Any:
+    """A command-line string (or a YAML scalar) as the type of the parameter's default."""
+    if isinstance(value, str):
+        if value.lower() in ("none", "null"):
+            return None
+        if isinstance(default, bool):
+            if value.lower() in ("1", "true", "yes"):
+                return True
+            if value.lower() in ("0", "false", "no"):
+                return False
+            raise ChainError(f"parameter {name!r} takes true or false, got {value!r}")
+        try:
+            if isinstance(default, int):
+                return int(value)
+            if isinstance(default, float):
+                return float(value)
+            if isinstance(default, list):
+                return json.loads(value)
+        except ValueError:
+            raise ChainError(f"parameter {name!r} takes a {type(default).__name__} like "
+                             f"{default!r}, got {value!r}") from None
+        return value
+    if isinstance(default, str) and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # threshold: 0.5 in YAML means the rule "0.5"
+    return value
+
+
+def parse_assignments(args: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Split KEY=VALUE words into the runner's settings and notebook parameters (lower case)."""
+    runner, params = {}, {}
+    for word in args:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise ChainError(f"expected KEY=VALUE, got {word!r}")
+        key = ALIASES.get(key.lower(), key.lower())
+        (runner if key in RUNNER_KEYS else params)[key] = value
+    return runner, params
+
+
+def _split_metrics(report: dict) -> dict:
+    return {"counts": report["counts"], "n_images": report["n_images"],
+            "n_masks": report.get("n_masks", 0), "n_rejected": len(report["rejected"]),
+            "n_skipped": len(report["skipped"]), "n_duplicate_groups": len(report["duplicates"]),
+            "n_conflicts": len(report["conflicts"])}
+
+
+def step_metrics(step: str, params: Mapping[str, Any]) -> dict | None:
+    """What a finished step wrote that run.json summarises."""
+    if step == "01-split":
+        report = split_step.read_report(resolve(params["data_dir"]))
+        return _split_metrics(report) if report else None
+    path = {"02-train": "metrics.json", "03-gradcam": "gradcam/cam_metrics.json"}[step]
+    file = resolve(params["run_dir"]) / path
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def check_raw_data(raw_dir: str) -> None:
+    """Stop before any notebook runs when there are no images to split."""
+    try:
+        split_step.scan(resolve(raw_dir))
+    except split_step.SplitError as error:
+        raise ChainError(f"{error}\nNo data yet? `make demo` runs the whole chain on a built-in "
+                         "demo data set.") from None
+
+
+def plan(params_file: str | None, overrides: Mapping[str, Any], steps: Sequence[str],
+         run_dir: str, overwrite: bool) -> dict[str, dict[str, Any]]:
+    """The parameters each step receives: file values, then command-line values, checked."""
+    values: dict[str, Any] = {}
+    if params_file:
+        path = resolve(params_file)
+        if not path.is_file():
+            raise ChainError(f"parameter file {path} not found (see notebooks/params/)")
+        values.update(yaml.safe_load(path.read_text()) or {})
+    values.update(overrides)
+    declared = {step: declared_parameters(NOTEBOOKS[step]) for step in NOTEBOOKS}
+    known = {name for params in declared.values() for name in params}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ChainError(f"unknown parameter {', '.join(map(repr, unknown))}; the notebooks "
+                         f"declare: {', '.join(sorted(known))}")
+    if "run_dir" in values:
+        raise ChainError("run_dir is set by the runner: use RUN=<name> for runs/<name>")
+    values["run_dir"] = run_dir
+    if overwrite:
+        values.setdefault("overwrite", True)
+    return {step: {name: coerce(name, values[name], default)
+                   for name, default in declared[step].items() if name in values}
+            for step in steps}
+
+
+def run_all(run: str | None = None, params_file: str | None = None,
+            overrides: Mapping[str, Any] | None = None, overwrite: bool = False,
+            steps: Sequence[str] | None = None, replace_run: bool = False) -> Path:
+    """Run the chosen steps into runs/<run>/ and record everything in run.json."""
+    run = run or time.strftime("%Y%m%d-%H%M%S")
+    if not RUN_NAME.match(run):
+        raise ChainError(f"RUN={run!r}: use letters, digits, '.', '_' or '-' (a folder name)")
+    steps = list(steps or NOTEBOOKS)
+    for step in steps:
+        if step not in NOTEBOOKS:
+            raise ChainError(f"unknown step {step!r}; steps are {', '.join(NOTEBOOKS)}")
+    run_dir = REPO_ROOT / "runs" / run
+    per_step = plan(params_file, overrides or {}, steps, f"runs/{run}", overwrite)
+    if "01-split" in steps:
+        raw = per_step["01-split"].get("raw_dir",
+                                       declared_parameters(NOTEBOOKS["01-split"])["raw_dir"])
+        check_raw_data(raw)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not (overwrite or replace_run):
+            raise ChainError(f"run folder {run_dir} already exists: choose another RUN=<name> "
+                             "or pass OVERWRITE=1 to replace it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start_run(run_dir, run, params_file)
+    # Headless, every progress-bar refresh becomes a log line: refresh every 15 s at most.
+    os.environ.setdefault("TQDM_MININTERVAL", "15")
+    for step in steps:
+        notebook, output = resolve(NOTEBOOKS[step]), run_dir / f"{step}.ipynb"
+        effective = {**declared_parameters(notebook), **per_step[step]}
+        started, t0 = now(), time.perf_counter()
+        record_step(run_dir, step, notebook=NOTEBOOKS[step], params=effective, started=started,
+                    status="running")
+        print(f"== {step}: {output.relative_to(REPO_ROOT)}", file=sys.stderr, flush=True)
+        try:
+            papermill.execute_notebook(notebook, output, parameters=per_step[step],
+                                       kernel_name="python3", cwd=notebook.parent,
+                                       progress_bar=False, log_output=True)
+        except papermill.PapermillExecutionError as error:
+            record_step(run_dir, step, status="failed", finished=now(),
+                        seconds=time.perf_counter() - t0,
+                        error={"cell": error.exec_count, "type": error.ename,
+                               "message": error.evalue})
+            raise ChainError(
+                f"{step} failed in cell [{error.exec_count}]: {error.ename}: {error.evalue}\n"
+                f"the partly executed notebook is {output}"
+            ) from None
+        record_step(run_dir, step, status="done", finished=now(),
+                    seconds=round(time.perf_counter() - t0, 2),
+                    metrics=step_metrics(step, effective))
+    summarise(run_dir)
+    return run_dir
+
+
+def summarise(run_dir: Path) -> dict:
+    """The headline numbers of a run, gathered from its steps into run.json's `summary`."""
+    record = read_run(run_dir)
+    steps = record.get("steps", {})
+    train = (steps.get("02-train") or {}).get("metrics") or {}
+    cam = (steps.get("03-gradcam") or {}).get("metrics") or {}
+    summary = {
+        "val_auc": train.get("auc"),
+        "val_accuracy": train.get("accuracy"),
+        "best_epoch": train.get("best_epoch"),
+        "deletion_auc_cam": (cam.get("deletion") or {}).get("auc_cam"),
+        "deletion_auc_random": (cam.get("deletion") or {}).get("auc_random"),
+        "pointing_cam": (cam.get("localization") or {}).get("pointing_cam"),
+        "pointing_random": (cam.get("localization") or {}).get("pointing_random"),
+        "seconds": round(sum(s.get("seconds", 0) for s in steps.values()), 1),
+    }
+    write_json(run_dir / "run.json", {**record, "summary": summary})
+    return summary
+
+
+def check_notebooks(paths: Sequence[str | Path]) -> list[str]:
+    """Problems with notebooks' parameters cells: exactly one, the first code cell, plain values
+    each with a comment."""
+    problems = []
+    for path in paths:
+        nb = nbformat.read(str(path), as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        tagged = [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]
+        if len(tagged) != 1 or tagged[0] != 0:
+            problems.append(f"{path}: needs exactly one cell tagged 'parameters', as its first "
+                            f"code cell (found at code cells {tagged})")
+            continue
+        source = code[0].source
+        seen_by_papermill = set(papermill.inspect_notebook(str(path)))
+        for node in ast.parse(source).body:
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name)):
+                problems.append(f"{path}: parameters cell line {node.lineno} is not "
+                                "`name = value`")
+                continue
+            try:
+                ast.literal_eval(node.value)
+            except ValueError:
+                problems.append(f"{path}: parameter {node.targets[0].id!r} is not a plain value "
+                                "(derive values in the next cell)")
+            if "#" not in source.splitlines()[node.lineno - 1]:
+                problems.append(f"{path}: parameter {node.targets[0].id!r} has no comment")
+            if node.targets[0].id not in seen_by_papermill:
+                problems.append(f"{path}: papermill cannot parse parameter "
+                                f"{node.targets[0].id!r} (an '=' in its comment?)")
+    return problems

@@ -1,0 +1,97 @@
+"""Run records: seeds, the environment, and runs/<run>/run.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfutils.paths import REPO_ROOT, write_json
+
+PACKAGES = ("torch", "torchvision", "numpy", "pillow", "opencv-python", "scikit-learn",
+            "scikit-image", "matplotlib", "papermill", "tqdm", "dfutils")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so a CPU run repeats exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def git_state(root: Path = REPO_ROOT) -> dict:
+    """The commit of the working tree and whether it had uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              check=True, timeout=20).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """Python, package versions, CPU and GPU: what a reader needs to repeat a number."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "cpu": {"name": _cpu_name(), "cores": os.cpu_count(),
+                "torch_threads": torch.get_num_threads()},
+        "gpu": gpus,
+        "cuda": torch.version.cuda if gpus else None,
+    }
+
+
+def read_run(run_dir: Path) -> dict:
+    """run.json of a run folder, or an empty record."""
+    path = run_dir / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def start_run(run_dir: Path, name: str, params_file: str | None) -> dict:
+    """Create run.json for a new run: who, where, with what."""
+    record = {"run": name, "created": now(), "params_file": params_file, "git": git_state(),
+              "environment": environment(), "steps": {}}
+    write_json(run_dir / "run.json", record)
+    return record
+
+
+def record_step(run_dir: Path, step: str, **fields: object) -> dict:
+    """Merge one step's entry (parameters, timings, status, metrics) into run.json."""
+    record = read_run(run_dir)
+    record.setdefault("steps", {}).setdefault(step, {}).update(fields)
+    write_json(run_dir / "run.json", record)
+    return record

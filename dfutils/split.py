@@ -1,0 +1,300 @@
+"""The split step: dataset_raw/{real,fake} -> data/{train,val}/{real,fake}, manifest and report.
+
+The raw folder is only ever read. Every image is decoded in full (a header check misses
+truncated files), exact duplicates travel together, and a content hash seeded by `seed`
+ranks each class, so the split does not depend on file order or machine, and adding one
+file moves at most one other file of its class.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from dfutils import CLASSES
+from dfutils.paths import resolve, write_json
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+MANIFEST_FIELDS = ("path", "label", "split", "sha256", "width", "height", "source", "mask")
+SPLITS = ("train", "val")
+ORIENTATION_TAG = 0x0112  # EXIF
+# What the split owns inside data_dir; nothing else there is touched (data/ also holds
+# README.md and the demo data set).
+OWNED = ("train", "val", "masks", "split_report.json", "manifest.csv")
+_TMP, _OLD = ".split-tmp", ".split-old"
+
+
+class SplitError(ValueError):
+    """The raw folder cannot be split as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    source: str  # path relative to raw_dir, POSIX separators
+    label: str
+    sha256: str
+    width: int
+    height: int
+    mask: str  # mask path relative to raw_dir, or ""
+
+
+def is_mask(rel: Path) -> bool:
+    """A ground-truth mask, not an image: `<name>_mask.png`, or any file under `masks/`."""
+    return rel.stem.endswith("_mask") or "masks" in rel.parts[:-1]
+
+
+def find_mask(raw_dir: Path, rel: Path) -> str:
+    """The mask of image `rel`: `<stem>_mask.png` beside it or `masks/<stem>.png`; "" if none."""
+    beside, in_masks = f"{rel.stem}_mask.png", Path("masks", f"{rel.stem}.png")
+    for candidate in (rel.with_name(beside), rel.parent / in_masks):
+        if (raw_dir / candidate).is_file():
+            return candidate.as_posix()
+    return ""
+
+
+def scan(raw_dir: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
+    """Candidate images (path relative to raw_dir, label) and skipped files with reasons."""
+    if not raw_dir.is_dir():
+        raise SplitError(
+            f"raw folder {raw_dir} does not exist: create {raw_dir}/real and {raw_dir}/fake "
+            "and put your images there (or run `make demo` to try the built-in demo data)"
+        )
+    candidates, skipped = [], []
+    for label in CLASSES:
+        class_dir = raw_dir / label
+        if not class_dir.is_dir():
+            raise SplitError(
+                f"class folder {class_dir} is missing: put your {label} images in it "
+                "(subfolders are fine)"
+            )
+        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(raw_dir)
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append({"path": rel.as_posix(), "reason":
+                                f"unsupported file type {path.suffix or '(no extension)'!r}; "
+                                "use .jpg, .jpeg or .png"})
+            elif not is_mask(rel):
+                candidates.append((rel, label))
+        if not any(label == lab for _, lab in candidates):
+            raise SplitError(
+                f"class folder {class_dir} holds no .jpg/.jpeg/.png images: add at least two"
+            )
+    return candidates, skipped
+
+
+def inspect_image(raw_dir: Path, rel: Path, label: str) -> ImageInfo:
+    """Hash and fully decode one file; raise ValueError with the reason it is unusable."""
+    data = (raw_dir / rel).read_bytes()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decodes every pixel: truncated and corrupt data fail here
+            width, height = image.size
+            if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+                width, height = height, width  # a quarter turn: report the size as displayed
+    except UnidentifiedImageError:
+        raise ValueError("not an image (the content is not a format Pillow can read)") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"corrupt or truncated image: {error}") from None
+    return ImageInfo(rel.as_posix(), label, hashlib.sha256(data).hexdigest(), width, height,
+                     find_mask(raw_dir, rel))
+
+
+def inspect_all(raw_dir: Path, candidates: list[tuple[Path, str]],
+                workers: int | None = None) -> tuple[list[ImageInfo], list[dict]]:
+    """Inspect every candidate in threads (Pillow and hashlib release the GIL while working)."""
+    def one(item: tuple[Path, str]) -> ImageInfo | dict:
+        try:
+            return inspect_image(raw_dir, *item)
+        except ValueError as error:
+            return {"path": item[0].as_posix(), "reason": str(error)}
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(tqdm(pool.map(one, candidates), total=len(candidates),
+                            desc="reading images", unit="img"))
+    good = [r for r in results if isinstance(r, ImageInfo)]
+    return good, [r for r in results if isinstance(r, dict)]
+
+
+def rank_key(sha256: str, seed: int) -> str:
+    """The seeded rank of a content hash: the lowest ranks of each class go to validation."""
+    return hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()
+
+
+def n_val(n: int, val_fraction: float) -> int:
+    """Validation count for a class of n items: rounded half up, at least one per split."""
+    return min(n - 1, max(1, math.floor(n * val_fraction + 0.5)))
+
+
+def assign(images: list[ImageInfo], val_fraction: float, seed: int
+           ) -> tuple[dict[str, str], list[dict], list[dict]]:
+    """Split by content: {sha256: split}, duplicate groups and label conflicts."""
+    groups: dict[str, list[ImageInfo]] = defaultdict(list)
+    for info in images:
+        groups[info.sha256].append(info)
+    conflicts = [{"sha256": sha, "paths": sorted(i.source for i in members)}
+                 for sha, members in groups.items() if len({i.label for i in members}) > 1]
+    conflicted = {c["sha256"] for c in conflicts}
+    split_of: dict[str, str] = {}
+    for label in CLASSES:
+        shas = sorted((sha for sha, members in groups.items()
+                       if sha not in conflicted and members[0].label == label),
+                      key=lambda sha: rank_key(sha, seed))
+        if len(shas) < 2:
+            raise SplitError(
+                f"class {label!r} has {len(shas)} usable distinct image(s) after removing "
+                "unreadable files, duplicates and label conflicts; it needs at least two "
+                "(one for train, one for val): add images or fix the ones in the report"
+            )
+        k = n_val(len(shas), val_fraction)
+        split_of.update({sha: "val" if i < k else "train" for i, sha in enumerate(shas)})
+    duplicates = [{"sha256": sha, "label": members[0].label, "split": split_of[sha],
+                   "paths": sorted(i.source for i in members)}
+                  for sha, members in sorted(groups.items())
+                  if len(members) > 1 and sha not in conflicted]
+    return split_of, duplicates, conflicts
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # A hard link costs no space and leaves the raw file as it is; across file systems
+    # (or where links are not allowed) fall back to a copy.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dict[str, str]
+                ) -> list[dict]:
+    """Link (or copy) each image into out/<split>/<label>/, return the manifest rows."""
+    rows, taken = [], set()
+    for info in sorted(images, key=lambda i: (i.label, i.source)):
+        split = split_of[info.sha256]
+        # Flattening the path below the class folder keeps names from different
+        # subfolders apart; a hash suffix settles the rare clash that remains.
+        rel = Path(info.source).relative_to(info.label)
+        name = "__".join(rel.parts)
+        dest = Path(split, info.label, name)
+        if dest.as_posix().lower() in taken:
+            dest = dest.with_name(f"{dest.stem}-{info.sha256[:8]}{dest.suffix}")
+        taken.add(dest.as_posix().lower())
+        (out / dest).parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(raw_dir / info.source, out / dest)
+        mask = ""
+        if info.mask:
+            mask_dest = Path("masks", split, info.label, f"{dest.stem}.png")
+            (out / mask_dest).parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(raw_dir / info.mask, out / mask_dest)
+            mask = mask_dest.as_posix()
+        rows.append({"path": dest.as_posix(), "label": info.label, "split": split,
+                     "sha256": info.sha256, "width": info.width, "height": info.height,
+                     "source": info.source, "mask": mask})
+    return rows
+
+
+def fingerprint(raw_dir: Path, candidates: list[tuple[Path, str]], skipped: list[dict]) -> str:
+    """A cheap identity of the raw folder's files (names, sizes, modification times)."""
+    digest = hashlib.sha256()
+    for rel in sorted([c[0].as_posix() for c in candidates] + [s["path"] for s in skipped]):
+        stat = (raw_dir / rel).stat()
+        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def read_report(data_dir: Path) -> dict | None:
+    """The report of the split in data_dir, or None when there is no complete split."""
+    report, manifest = data_dir / "split_report.json", data_dir / "manifest.csv"
+    if not (report.is_file() and manifest.is_file()):
+        return None
+    return json.loads(report.read_text())
+
+
+def _swap_in(built: Path, data_dir: Path) -> None:
+    """Replace the split's own entries in data_dir with those in `built`.
+
+    The manifest goes out first and comes in last: a split without a manifest is treated
+    as absent, so an interruption between the renames is never mistaken for a split.
+    """
+    old = data_dir / _OLD
+    shutil.rmtree(old, ignore_errors=True)
+    old.mkdir()
+    for name in reversed(OWNED):
+        if (data_dir / name).exists():
+            os.replace(data_dir / name, old / name)
+    for name in OWNED:
+        if (built / name).exists():
+            os.replace(built / name, data_dir / name)
+    shutil.rmtree(old)
+    shutil.rmtree(built)
+
+
+def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLike = "data",
+          val_fraction: float = 0.2, seed: int = 42, overwrite: bool = False) -> dict:
+    """Split raw_dir/{real,fake} into data_dir/{train,val}/{real,fake}; return the report.
+
+    Same files and parameters: nothing is rewritten. Other parameters over an existing
+    split: refused unless `overwrite`. The new split is built beside the old one and
+    swapped in, so an interrupted run leaves the old split or the new one, not a mixture.
+    """
+    raw_dir, data_dir = resolve(raw_dir).resolve(), resolve(data_dir).resolve()
+    if data_dir == raw_dir or raw_dir in data_dir.parents or data_dir in raw_dir.parents:
+        raise SplitError(f"data_dir {data_dir} and raw_dir {raw_dir} must not contain each other")
+    candidates, skipped = scan(raw_dir)
+    params = {"raw_dir": str(raw_dir), "val_fraction": val_fraction, "seed": seed}
+    stamp = fingerprint(raw_dir, candidates, skipped)
+
+    existing = read_report(data_dir)
+    if existing is not None:
+        if existing.get("params") == params and existing.get("fingerprint") == stamp:
+            return existing  # same files, same parameters: the split on disk is the answer
+        if existing.get("params") != params and not overwrite:
+            raise SplitError(
+                f"{data_dir} already holds a split made with {existing.get('params')}; "
+                f"this one asks for {params}. Pass overwrite=True (OVERWRITE=1 with make) "
+                "to replace it, or choose another data_dir"
+            )
+
+    images, rejected = inspect_all(raw_dir, candidates)
+    split_of, duplicates, conflicts = assign(images, val_fraction, seed)
+    conflicted = {c["sha256"] for c in conflicts}
+    kept = [i for i in images if i.sha256 not in conflicted]
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    built = data_dir / _TMP
+    shutil.rmtree(built, ignore_errors=True)
+    built.mkdir()
+    rows = materialise(raw_dir, built, kept, split_of)
+    counts = {s: {c: sum(r["split"] == s and r["label"] == c for r in rows) for c in CLASSES}
+              for s in SPLITS}
+    report = {
+        "params": params,
+        "fingerprint": stamp,
+        "counts": counts,
+        "n_images": len(rows),
+        "n_masks": sum(bool(r["mask"]) for r in rows),
+        "rejected": rejected,
+        "skipped": skipped,
+        "duplicates": duplicates,
+        "conflicts": conflicts,
+    }
+    write_json(built / "split_report.json", report)
+    with open(built / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    _swap_in(built, data_dir)
+    return report

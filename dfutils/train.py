@@ -1,0 +1,182 @@
+"""Training: `train_one_epoch`, `evaluate` and `fit` with early stopping on validation loss."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dfutils.metrics import binary_metrics, choose_threshold
+from dfutils.model import save_checkpoint, train_mode
+from dfutils.params import TrainParams
+
+
+def default_device() -> torch.device:
+    """CUDA when there is a GPU, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after `patience` epochs in a row whose loss is not below best - min_delta."""
+
+    patience: int
+    min_delta: float = 0.0
+    best: float = math.inf
+    bad_epochs: int = 0
+
+    def step(self, loss: float) -> bool:
+        """Record one epoch's validation loss; True when it is the new best."""
+        if loss < self.best - self.min_delta:
+            self.best, self.bad_epochs = loss, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= max(self.patience, 1)
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    labels: np.ndarray  # fake = 1
+    scores: np.ndarray  # P(fake)
+    indices: np.ndarray  # positions in the dataset
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    metrics: dict = field(default_factory=dict)  # validation metrics of the best epoch
+    threshold: float = 0.5
+    best_eval: Evaluation | None = None
+    interrupted: bool = False
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    device: torch.device, trainable: str = "all", desc: str = "train"
+                    ) -> dict[str, float]:
+    """One pass over `loader`; returns mean loss, accuracy at 0.5, images and seconds."""
+    train_mode(model, trainable)
+    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
+    total_loss, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False)
+    for images, labels, _ in bar:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        logits = model(images).squeeze(1)
+        loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        (loss / len(labels)).backward()
+        optimizer.step()
+        total_loss += loss.item()
+        correct += ((logits >= 0).float() == labels).sum().item()
+        seen += len(labels)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    seconds = time.perf_counter() - start
+    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "n": seen,
+            "seconds": seconds}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
+             desc: str = "val") -> Evaluation:
+    """Mean BCE loss and P(fake) for every image in `loader`, in eval mode."""
+    model.eval()
+    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
+    total, labels_out, scores_out, index_out = 0.0, [], [], []
+    for images, labels, indices in tqdm(loader, desc=desc, unit="batch", leave=False):
+        logits = model(images.to(device, non_blocking=True)).squeeze(1).float().cpu()
+        total += loss_fn(logits, labels).item()
+        labels_out.append(labels.numpy())
+        scores_out.append(torch.sigmoid(logits).numpy())
+        index_out.append(indices.numpy())
+    labels = np.concatenate(labels_out) if labels_out else np.zeros(0)
+    return Evaluation(total / max(len(labels), 1), labels.astype(int),
+                      np.concatenate(scores_out) if scores_out else np.zeros(0),
+                      np.concatenate(index_out) if index_out else np.zeros(0, dtype=int))
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam (the seed's) over trainable parameters; AdamW when weight decay is asked for."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if weight_decay > 0:
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adam(trainable, lr=lr)
+
+
+def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, params: TrainParams,
+        checkpoint: str | os.PathLike | None = None, device: torch.device | None = None
+        ) -> FitResult:
+    """Train until validation loss stops improving; keep (and save) the best epoch's weights.
+
+    Each new best is written to `checkpoint` at once, with its threshold and metrics, so
+    Ctrl-C (or a crash) at any point leaves the best model so far on disk. On return the
+    model holds the best weights.
+    """
+    device = device or default_device()
+    model.to(device)
+    optimizer = make_optimizer(model, params.lr, params.weight_decay)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.max_epochs)
+                 if params.schedule == "cosine" else None)
+    stopper = EarlyStopping(params.patience, params.min_delta)
+    result, best_state = FitResult(), None
+    try:
+        for epoch in range(1, params.max_epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            start = time.perf_counter()
+            train = train_one_epoch(model, train_loader, optimizer, device, params.trainable,
+                                    desc=f"epoch {epoch}/{params.max_epochs}")
+            val = evaluate(model, val_loader, device)
+            if scheduler is not None:
+                scheduler.step()
+            threshold = choose_threshold(params.threshold, val.labels, val.scores)
+            metrics = binary_metrics(val.labels, val.scores, threshold)
+            row = {
+                "epoch": epoch,
+                "train_loss": train["loss"],
+                "train_acc": train["acc"],
+                "val_loss": val.loss,
+                "val_acc": metrics["accuracy"],
+                "val_auc": metrics["auc"],
+                "lr": lr,
+                "seconds": time.perf_counter() - start,
+                "images_per_s": train["n"] / train["seconds"] if train["seconds"] else math.nan,
+            }
+            result.history.append(row)
+            improved = stopper.step(val.loss)
+            tqdm.write(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc "
+                       f"{row['train_acc']:.3f}  val loss {val.loss:.4f} acc "
+                       f"{row['val_acc']:.3f} auc {row['val_auc']:.4f}  {row['seconds']:.1f}s"
+                       + ("  *best" if improved else ""))
+            if improved:
+                best_state = copy.deepcopy(model.state_dict())
+                result.best_epoch, result.threshold, result.best_eval = epoch, threshold, val
+                result.metrics = {**metrics, "val_loss": val.loss, "best_epoch": epoch,
+                                  "threshold_rule": params.threshold}
+                if checkpoint is not None:
+                    save_checkpoint(checkpoint, model, params=params.to_dict(),
+                                    threshold=threshold, threshold_rule=params.threshold,
+                                    metrics=result.metrics, epoch=epoch)
+            if stopper.should_stop:
+                tqdm.write(f"early stop: no better validation loss for {stopper.bad_epochs} "
+                           f"epochs; keeping epoch {result.best_epoch}")
+                break
+    except KeyboardInterrupt:
+        result.interrupted = True
+        tqdm.write(f"interrupted: keeping the best epoch so far ({result.best_epoch or 'none'})")
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result

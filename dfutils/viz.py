@@ -1,0 +1,180 @@
+"""Figures: split counts, sample grids, training curves, ROC, confusion, Grad-CAM overlays.
+
+Arrays are RGB everywhere in this project. OpenCV's colormaps come out BGR; `colorize`
+is the one place that converts, so no other function has to think about channel order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import cv2
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from dfutils.paths import atomic_path
+
+COLORMAP = cv2.COLORMAP_JET  # blue = no evidence, red = strongest
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> None:
+    """Write a figure as PNG, atomically (the figure stays open for the notebook to show)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+
+
+def save_rgb(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write an RGB uint8 array as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(image, mode="RGB").save(tmp, format="PNG")
+
+
+def colorize(cam: np.ndarray) -> np.ndarray:
+    """A [0, 1] map as an RGB uint8 heatmap (the project's only BGR -> RGB conversion)."""
+    heat = cv2.applyColorMap(np.uint8(np.clip(cam, 0, 1) * 255), COLORMAP)
+    return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a heatmap over the original RGB uint8 image; alpha is the heatmap's weight."""
+    if cam.shape != image.shape[:2]:
+        cam = cv2.resize(cam.astype(np.float32), (image.shape[1], image.shape[0]),
+                         interpolation=cv2.INTER_LINEAR)
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * colorize(cam).astype(np.float32)
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+def _grid(n: int, ncols: int, size: float = 2.6) -> tuple[Figure, np.ndarray]:
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], ncols: int = 4) -> Figure:
+    """RGB images in a grid, each with a title."""
+    fig, axes = _grid(len(images), ncols)
+    for ax, image, title in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_counts(counts: dict[str, dict[str, int]]) -> Figure:
+    """Bar chart of images per split and class."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    splits = list(counts)
+    x = np.arange(len(splits))
+    for i, label in enumerate(("real", "fake")):
+        values = [counts[s][label] for s in splits]
+        bars = ax.bar(x + (i - 0.5) * 0.38, values, 0.38, label=label)
+        ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(x, splits)
+    ax.set_ylabel("images")
+    ax.legend()
+    ax.set_title("images per split and class")
+    fig.tight_layout()
+    return fig
+
+
+def plot_history(history: Sequence[dict], best_epoch: int | None = None) -> Figure:
+    """Loss, accuracy and validation AUC per epoch; the kept epoch marked."""
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, keys, title in zip(axes, (("train_loss", "val_loss"), ("train_acc", "val_acc"),
+                                      ("val_auc",)), ("loss (BCE)", "accuracy", "validation AUC"),
+                               strict=True):
+        for key in keys:
+            ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label="kept")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc(labels, scores, title: str = "ROC (validation)") -> Figure:
+    """ROC curve of P(fake) with the AUC in the legend."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if len(np.unique(labels)) == 2:
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, label=f"AUC = {roc_auc_score(labels, scores):.3f}")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
+    ax.set_xlabel("false positive rate (real called fake)")
+    ax.set_ylabel("true positive rate (fake caught)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], threshold: float) -> Figure:
+    """Confusion matrix, rows = true class, columns = predicted class (real, fake)."""
+    matrix = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center",
+                color="white" if value > matrix.max() / 2 else "black")
+    ax.set_xticks([0, 1], ["real", "fake"])
+    ax.set_yticks([0, 1], ["real", "fake"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion at P(fake) >= {threshold:.3f}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_score_hist(labels, scores, threshold: float) -> Figure:
+    """Histograms of P(fake) for real and for fake images, with the threshold."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bins = np.linspace(0, 1, 26)
+    for value, name in ((0, "real"), (1, "fake")):
+        ax.hist(scores[labels == value], bins=bins, alpha=0.6, label=name)
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label="threshold")
+    ax.set_xlabel("P(fake)")
+    ax.set_ylabel("images")
+    ax.legend()
+    ax.set_title("validation scores per class")
+    fig.tight_layout()
+    return fig
+
+
+def plot_deletion(deletion: dict) -> Figure:
+    """P(explained class) as the top pixels by CAM, and by random maps, are removed."""
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    fractions = np.asarray(deletion["fractions"]) * 100
+    ax.plot(fractions, deletion["cam"], marker="o",
+            label=f"Grad-CAM (AUC {deletion['auc_cam']:.3f})")
+    ax.plot(fractions, deletion["random"], marker="s",
+            label=f"random maps (AUC {deletion['auc_random']:.3f})")
+    ax.set_xlabel(f"pixels removed (%, filled with {deletion['fill']})")
+    ax.set_ylabel("mean P(explained class)")
+    ax.set_title("deletion: lower is more faithful")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """Rows of dicts as a Markdown table (floats to 4 significant digits)."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+
+    def cell(value: object) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
