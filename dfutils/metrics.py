@@ -24,7 +24,7 @@ def eer(labels, scores) -> tuple[float, float]:
     labels, scores = np.asarray(labels), np.asarray(scores)
     if not _both_classes(labels):
         return math.nan, math.nan
-    fpr, tpr, thresholds = skm.roc_curve(labels, scores)
+    fpr, tpr, thresholds = skm.roc_curve(labels, scores, drop_intermediate=False)
     fnr = 1.0 - tpr
     i = int(np.nanargmin(np.abs(fpr - fnr)))
     # roc_curve's first threshold is +inf (nothing predicted fake); cap it at 1.

@@ -95,7 +95,7 @@ class Params:
         """
         injected = injected_parameter_names(namespace.get("In", []))
         values = {name: namespace[name] for name in cls.names() if name in namespace}
-        return cls.from_mapping({**values, **{k: namespace[k] for k in injected}})
+        return cls.from_mapping({**values, **{k: namespace.get(k) for k in injected}})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -136,8 +136,9 @@ def plan(params_file: str | None, overrides: Mapping[str, Any], steps: Sequence[
 
 def run_all(run: str | None = None, params_file: str | None = None,
             overrides: Mapping[str, Any] | None = None, overwrite: bool = False,
-            steps: Sequence[str] | None = None, replace_run: bool = False) -> Path:
-    """Run the chosen steps into runs/<run>/ and record everything in run.json."""
+            steps: Sequence[str] | None = None, replace_run: bool = False,
+            runs_root: str | Path = "runs") -> Path:
+    """Run the chosen steps into <runs_root>/<run>/ and record everything in run.json."""
     run = run or time.strftime("%Y%m%d-%H%M%S")
     if not RUN_NAME.match(run):
         raise ChainError(f"RUN={run!r}: use letters, digits, '.', '_' or '-' (a folder name)")
@@ -145,8 +146,9 @@ def run_all(run: str | None = None, params_file: str | None = None,
     for step in steps:
         if step not in NOTEBOOKS:
             raise ChainError(f"unknown step {step!r}; steps are {', '.join(NOTEBOOKS)}")
-    run_dir = REPO_ROOT / "runs" / run
-    per_step = plan(params_file, overrides or {}, steps, f"runs/{run}", overwrite)
+    run_dir = resolve(runs_root) / run
+    shown = run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir
+    per_step = plan(params_file, overrides or {}, steps, shown.as_posix(), overwrite)
     if "01-split" in steps:
         raw = per_step["01-split"].get("raw_dir",
                                        declared_parameters(NOTEBOOKS["01-split"])["raw_dir"])
@@ -166,7 +168,7 @@ def run_all(run: str | None = None, params_file: str | None = None,
         started, t0 = now(), time.perf_counter()
         record_step(run_dir, step, notebook=NOTEBOOKS[step], params=effective, started=started,
                     status="running")
-        print(f"== {step}: {output.relative_to(REPO_ROOT)}", file=sys.stderr, flush=True)
+        print(f"== {step}: {output}", file=sys.stderr, flush=True)
         try:
             papermill.execute_notebook(notebook, output, parameters=per_step[step],
                                        kernel_name="python3", cwd=notebook.parent,

@@ -277,24 +277,27 @@ def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLik
     built = data_dir / _TMP
     shutil.rmtree(built, ignore_errors=True)
     built.mkdir()
-    rows = materialise(raw_dir, built, kept, split_of)
-    counts = {s: {c: sum(r["split"] == s and r["label"] == c for r in rows) for c in CLASSES}
-              for s in SPLITS}
-    report = {
-        "params": params,
-        "fingerprint": stamp,
-        "counts": counts,
-        "n_images": len(rows),
-        "n_masks": sum(bool(r["mask"]) for r in rows),
-        "rejected": rejected,
-        "skipped": skipped,
-        "duplicates": duplicates,
-        "conflicts": conflicts,
-    }
-    write_json(built / "split_report.json", report)
-    with open(built / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    try:
+        rows = materialise(raw_dir, built, kept, split_of)
+        report = {
+            "params": params,
+            "fingerprint": stamp,
+            "counts": {s: {c: sum(r["split"] == s and r["label"] == c for r in rows)
+                           for c in CLASSES} for s in SPLITS},
+            "n_images": len(rows),
+            "n_masks": sum(bool(r["mask"]) for r in rows),
+            "rejected": rejected,
+            "skipped": skipped,
+            "duplicates": duplicates,
+            "conflicts": conflicts,
+        }
+        write_json(built / "split_report.json", report)
+        with open(built / "manifest.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+    except BaseException:  # Ctrl-C included: drop the half-built split, keep the old one
+        shutil.rmtree(built, ignore_errors=True)
+        raise
     _swap_in(built, data_dir)
     return report

@@ -1,0 +1,57 @@
+"""Shared fixtures: small synthetic images made in tmp_path; nothing here needs ../shared."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_image(path: Path, seed: int, size: int = 32, mode: str = "RGB", fmt: str | None = None,
+                bright: bool | None = None) -> Path:
+    """A random image; `bright` True/False makes a class that a model can tell apart."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    if bright is not None:
+        pixels = (pixels // 4 + (160 if bright else 20)).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).convert(mode).save(path, format=fmt)
+    return path
+
+
+def make_raw(root: Path, n_real: int = 10, n_fake: int = 10, size: int = 32,
+             separable: bool = False) -> Path:
+    """raw/real/*.png and raw/fake/*.png; with `separable`, fakes are bright and reals dark."""
+    for i in range(n_real):
+        write_image(root / "real" / f"r{i:03d}.png", seed=i, size=size,
+                    bright=False if separable else None)
+    for i in range(n_fake):
+        write_image(root / "fake" / f"f{i:03d}.png", seed=10_000 + i, size=size,
+                    bright=True if separable else None)
+    return root
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under root with its content hash and mode: to show nothing changed."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            + f":{p.stat().st_mode:o}:{p.stat().st_mtime_ns}"
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    return make_raw(tmp_path / "raw")
+
+
+@pytest.fixture
+def separable_split(tmp_path_factory) -> Path:
+    """A split of an easy data set (bright fakes, dark reals) for training tests."""
+    from dfutils.split import split
+
+    root = tmp_path_factory.mktemp("separable")
+    make_raw(root / "raw", 24, 24, separable=True)
+    split(root / "raw", root / "data", seed=0)
+    return root / "data"

@@ -1,0 +1,150 @@
+import numpy as np
+import pytest
+import torch
+from conftest import write_image
+from PIL import Image
+
+from dfutils import data
+from dfutils.model import build_model
+from dfutils.params import TrainParams
+from dfutils.train import EarlyStopping, evaluate, fit
+
+
+def test_labels_come_from_the_manifest_fake_is_one(separable_split):
+    samples = data.read_manifest(separable_split)
+    assert {s.label for s in samples if s.path.parent.name == "fake"} == {1}
+    assert {s.label for s in samples if s.path.parent.name == "real"} == {0}
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16"])
+def test_any_image_mode_loads_as_rgb(tmp_path, mode):
+    if mode == "I;16":
+        path = tmp_path / "deep.png"
+        Image.fromarray(np.full((8, 8), 40_000, np.uint16)).save(path)
+    else:
+        path = write_image(tmp_path / "x.png", seed=0, mode=mode)
+    image = data.load_image(path)
+    assert image.mode == "RGB"
+    if mode == "I;16":  # scaled from 16 bits, not clipped to white
+        assert np.asarray(image)[0, 0, 0] == 40_000 // 256
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((10, 30, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif)
+    assert data.load_image(tmp_path / "r.jpg").size == (10, 30)
+
+
+def test_a_file_that_breaks_mid_training_is_named(tmp_path):
+    path = write_image(tmp_path / "ok.png", seed=0)
+    dataset = data.ManifestDataset([data.Sample(path, 1, None)], data.eval_transform(32))
+    path.write_bytes(b"broken")
+    with pytest.raises(data.ImageLoadError, match="ok.png"):
+        dataset[0]
+
+
+@pytest.mark.parametrize("jpeg,blur", [(0.0, 0.0), (1.0, 1.0)])
+def test_transforms_give_normalised_square_tensors(tmp_path, jpeg, blur):
+    image = data.load_image(write_image(tmp_path / "x.png", seed=0, size=50))
+    for transform in (data.eval_transform(40), data.train_transform(40, jpeg_prob=jpeg,
+                                                                      blur_prob=blur)):
+        x = transform(image)
+        assert x.shape == (3, 40, 40) and x.dtype == torch.float32
+        assert -3 < x.min() < 0 < x.max() < 3
+
+
+def test_early_stopping_on_a_scripted_loss_sequence():
+    stopper = EarlyStopping(patience=2, min_delta=0.01)
+    decisions = []
+    for loss in [1.0, 0.8, 0.795, 0.7, 0.71, 0.72, 0.5]:
+        improved = stopper.step(loss)
+        decisions.append((improved, stopper.should_stop))
+        if stopper.should_stop:
+            break
+    # 0.795 is not 0.01 better than 0.8; two bad epochs after 0.7 stop the run before 0.5
+    assert decisions == [(True, False), (True, False), (False, False), (True, False),
+                         (False, False), (False, True)]
+    assert stopper.best == 0.7
+
+
+def _loaders(data_dir, params):
+    train = data.ManifestDataset(data.read_manifest(data_dir, "train"),
+                                 data.train_transform(params.image_size, params.jitter))
+    val = data.ManifestDataset(data.read_manifest(data_dir, "val"),
+                               data.eval_transform(params.image_size))
+    return (data.make_loader(train, params.batch_size, True, seed=params.seed),
+            data.make_loader(val, params.batch_size, False))
+
+
+def _fit(data_dir, tmp_path=None, **overrides):
+    params = TrainParams.from_mapping({"data_dir": str(data_dir), "weights": None,
+                                       "image_size": 32, "batch_size": 8, "num_workers": 0,
+                                       "seed": 0, **overrides})
+    torch.manual_seed(params.seed)
+    model = build_model(None, params.trainable)
+    checkpoint = tmp_path / "model.pt" if tmp_path else None
+    return model, fit(model, *_loaders(data_dir, params), params, checkpoint=checkpoint,
+                      device=torch.device("cpu"))
+
+
+def test_a_separable_set_is_learned_and_the_best_epoch_is_kept(separable_split, tmp_path):
+    model, result = _fit(separable_split, tmp_path, trainable="all", lr=1e-3, max_epochs=6,
+                         patience=6)
+    assert result.metrics["auc"] == 1.0
+    best = min(result.history, key=lambda h: h["val_loss"])
+    assert result.best_epoch == best["epoch"]
+    # the model returned holds the best epoch's weights: its loss is the best loss
+    _, val_loader = _loaders(separable_split, TrainParams(image_size=32, batch_size=8))
+    assert evaluate(model, val_loader, torch.device("cpu")).loss == pytest.approx(
+        best["val_loss"], rel=1e-5)
+    assert set(result.history[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc",
+                                      "val_auc", "lr", "seconds", "images_per_s"}
+    assert (tmp_path / "model.pt").is_file()
+
+
+def test_frozen_backbone_parameters_and_batchnorm_buffers_do_not_change(separable_split):
+    torch.manual_seed(0)
+    model = build_model(None, "fc")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, result = _fit_model(model, separable_split)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+    assert result.history
+
+
+def _fit_model(model, data_dir):
+    params = TrainParams.from_mapping({"data_dir": str(data_dir), "weights": None,
+                                       "trainable": "fc", "image_size": 32, "batch_size": 8,
+                                       "num_workers": 0, "max_epochs": 2, "lr": 1e-2})
+    return model, fit(model, *_loaders(data_dir, params), params, device=torch.device("cpu"))
+
+
+def test_the_same_seed_gives_the_same_history_twice(separable_split):
+    runs = [_fit(separable_split, trainable="all", max_epochs=2, jitter=[0.3, 0.3, 0.3, 0.1])[1]
+            for _ in range(2)]
+    strip = [[{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")}
+              for h in r.history] for r in runs]
+    assert strip[0] == strip[1]
+
+
+def test_ctrl_c_keeps_the_best_epoch(separable_split, tmp_path, monkeypatch):
+    import dfutils.train as T
+
+    calls = {"n": 0}
+    real = T.train_one_epoch
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "train_one_epoch", interrupt_second_epoch)
+    _, result = _fit(separable_split, tmp_path, trainable="fc", max_epochs=5)
+    assert result.interrupted and result.best_epoch == 1 and len(result.history) == 1
+    from dfutils.model import read_checkpoint
+
+    assert read_checkpoint(tmp_path / "model.pt")["epoch"] == 1

@@ -1,0 +1,155 @@
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from dfutils import viz
+from dfutils.gradcam import GradCAM, deletion_score, localization, scale_maps, select_images
+from dfutils.model import build_model
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return build_model(None, "all").eval()
+
+
+@pytest.fixture
+def batch():
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 96, 96)
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.min()
+    return x / (1e-7 + x.max())
+
+
+@pytest.mark.parametrize("target,category", [("fake", 1), ("real", 0)])
+def test_maps_match_pytorch_grad_cam(model, batch, target, category):
+    from pytorch_grad_cam import GradCAM as Reference
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+
+    with Reference(model=model, target_layers=[model.layer4[-1]]) as reference:
+        expected = reference(input_tensor=batch,
+                             targets=[BinaryClassifierOutputTarget(category)] * len(batch))
+    with GradCAM(model) as cam:
+        raw, _, _ = cam.raw(batch, target)
+    # pytorch-grad-cam scales (min-max) at the layer's resolution, resizes with OpenCV, and
+    # scales the resized map once more; the same steps on our raw maps must give its result.
+    ours = np.stack([_minmax(cv2.resize(_minmax(m), (96, 96))) for m in raw.numpy()])
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
+def test_fake_and_real_targets_explain_different_evidence(model, batch):
+    with GradCAM(model) as cam:
+        fake, real = cam(batch, "fake"), cam(batch, "real")
+        predicted = cam(batch, "predicted")
+    assert not np.allclose(fake.maps, real.maps)
+    np.testing.assert_allclose(fake.p_fake, real.p_fake)
+    chosen = np.where(predicted.p_fake[:, None, None] >= 0.5, fake.maps, real.maps)
+    np.testing.assert_allclose(predicted.maps, chosen, atol=1e-6)
+    assert predicted.maps.shape == (3, 96, 96)
+    assert predicted.maps.min() >= 0 and predicted.maps.max() <= 1
+
+
+def test_frozen_backbone_still_gives_non_zero_maps(batch):
+    torch.manual_seed(0)
+    frozen = build_model(None, "fc").eval()
+    assert not any(p.requires_grad for p in frozen.layer4.parameters())
+    with GradCAM(frozen) as cam:
+        result = cam(batch, "predicted")
+    assert all(m.max() == 1.0 for m in result.maps)
+
+
+@pytest.mark.parametrize("raise_inside", [False, True])
+def test_model_is_left_as_found(raise_inside, batch):
+    model = build_model(None, "fc")
+    model.train()
+    model.layer1.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        with GradCAM(model) as cam:
+            cam(batch, "fake")
+            if raise_inside:
+                raise RuntimeError("user code failed")
+    except RuntimeError:
+        pass
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+def test_no_positive_evidence_gives_zeros_not_nan():
+    maps = scale_maps(torch.stack([torch.zeros(4, 4), torch.rand(4, 4)]))
+    assert torch.equal(maps[0], torch.zeros(4, 4)) and maps[1].max() == 1
+    assert not torch.isnan(maps).any()
+
+
+def test_hot_top_left_is_red_in_the_saved_png(tmp_path):
+    image = np.full((64, 64, 3), 128, np.uint8)
+    cam = np.zeros((64, 64), np.float32)
+    cam[:16, :16] = 1.0
+    viz.save_rgb(tmp_path / "overlay.png", viz.overlay(image, cam, alpha=1.0))
+    pixels = np.asarray(Image.open(tmp_path / "overlay.png").convert("RGB")).astype(int)
+    r, g, b = pixels[4, 4]
+    assert r > 100 and b < 50, (r, g, b)  # hot = red
+    r, g, b = pixels[60, 60]
+    assert b > 100 and r < 50, (r, g, b)  # cold = blue
+
+
+class PatchModel(nn.Module):
+    """A model whose only evidence for fake is the brightness of the top-left patch."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer4 = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1)])
+        with torch.no_grad():
+            self.layer4[0].weight.zero_()
+            self.layer4[0].weight[:, :, 1, 1] = 1.0
+            self.layer4[0].bias.zero_()
+        self.fc = nn.Linear(4, 1)
+        with torch.no_grad():
+            self.fc.weight.fill_(4.0)
+            self.fc.bias.fill_(-2.0)
+
+    def forward(self, x):
+        features = torch.relu(self.layer4[0](x))[:, :, :8, :8]  # sees the top-left only
+        return self.fc(features.mean(dim=(2, 3)))
+
+
+def test_deletion_puts_cam_ahead_of_random_when_the_evidence_is_known():
+    torch.manual_seed(0)
+    model = PatchModel().eval()
+    images = torch.rand(6, 3, 32, 32) * 0.2
+    images[:, :, :8, :8] += 1.0
+    with GradCAM(model, model.layer4[0]) as cam:
+        result = cam(images, "predicted")
+    assert (result.p_fake > 0.5).all()
+    score = deletion_score(model, images, result.maps, result.explained, fill="mean")
+    assert score["auc_cam"] < score["auc_random"]
+    assert score["cam"][0] == score["random"][0]  # nothing removed: same start
+
+
+def test_localization_scores_a_map_inside_the_mask_above_random():
+    mask = np.zeros((32, 32), bool)
+    mask[8:20, 8:20] = True
+    cam = np.zeros((32, 32), np.float32)
+    cam[10:18, 10:18] = 1.0
+    result = localization([cam] * 5, [mask] * 5, n_random=20)
+    assert result["pointing_cam"] == 1.0 and result["iou_cam"] == pytest.approx(64 / 144)
+    assert result["pointing_random"] < 0.6 and result["iou_random"] < result["iou_cam"]
+
+
+@pytest.mark.parametrize("mode", ["mixed", "random"])
+def test_selection(mode):
+    labels = np.array([1, 1, 1, 0, 0, 0, 1, 0])
+    scores = np.array([0.99, 0.6, 0.2, 0.1, 0.4, 0.9, 0.45, 0.55])
+    chosen = select_images(labels, scores, 4, mode, seed=0)
+    assert len(set(chosen)) == 4
+    if mode == "mixed":  # confident right fake, wrong fake, right real, wrong real
+        assert chosen == [0, 2, 3, 5]

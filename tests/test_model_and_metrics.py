@@ -1,0 +1,127 @@
+import pickle
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+from dfutils import model as M
+from dfutils.metrics import binary_metrics, choose_threshold, eer, expected_calibration_error
+
+
+@pytest.mark.parametrize("trainable,trained", [("fc", {"fc"}), ("layer4", {"layer4", "fc"}),
+                                               ("all", None)])
+def test_trainable_depth_freezes_the_rest(trainable, trained):
+    net = M.build_model(None, trainable)
+    assert net.fc.out_features == 1
+    for name, p in net.named_parameters():
+        top = name.split(".")[0]
+        assert p.requires_grad == (trained is None or top in trained), name
+    M.train_mode(net, trainable)
+    for name, child in net.named_children():
+        assert child.training == (trained is None or name in trained), name
+
+
+def test_imagenet_weights_offline_error_names_file_folder_and_alternative(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(M.WeightsUnavailable) as info:
+        M.build_model("imagenet")
+    message = str(info.value)
+    assert "resnet18-f37072fd.pth" in message
+    assert str(tmp_path / "hub" / "checkpoints") in message
+    assert "weights=None" in message
+
+
+def test_local_imagenet_style_state_dict_loads_backbone_and_new_head(tmp_path):
+    from torchvision.models import resnet18
+
+    source = resnet18(weights=None)
+    torch.save(source.state_dict(), tmp_path / "backbone.pth")
+    net = M.build_model(tmp_path / "backbone.pth", "fc")
+    assert torch.equal(net.conv1.weight, source.conv1.weight)
+    assert net.fc.weight.shape == (1, 512)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(M.WeightsUnavailable, match="not found.*weights=None"):
+        M.build_model(tmp_path / "nope.pth")
+
+
+def _save(tmp_path, net):
+    path = tmp_path / "model.pt"
+    M.save_checkpoint(path, net, params={"trainable": "all", "image_size": 32}, threshold=0.4,
+                      threshold_rule="eer", metrics={"auc": 0.9}, epoch=3)
+    return path
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
+    torch.manual_seed(0)
+    net = M.build_model(None, "all").eval()
+    path = _save(tmp_path, net)
+    loaded, checkpoint = M.load_checkpoint(path)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(net(x), loaded(x))
+    assert (checkpoint["threshold"], checkpoint["threshold_rule"], checkpoint["epoch"]) == (
+        0.4, "eer", 3)
+    assert checkpoint["metrics"] == {"auc": 0.9}
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+@pytest.mark.parametrize("content,message", [
+    (lambda good: good[: len(good) // 2], "not a readable dfutils checkpoint"),
+    (lambda good: b"garbage" * 10, "not a readable dfutils checkpoint"),
+    (lambda good: pickle.dumps(Evil()), "not a readable dfutils checkpoint"),
+])
+def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path, content, message):
+    path = _save(tmp_path, M.build_model(None, "all"))
+    path.write_bytes(content(path.read_bytes()))
+    with pytest.raises(M.CheckpointError, match=message):
+        M.load_checkpoint(path)
+
+
+def test_a_plain_state_dict_is_not_taken_for_a_checkpoint(tmp_path):
+    torch.save(M.build_model(None).state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(M.CheckpointError, match="not a dfutils checkpoint"):
+        M.load_checkpoint(tmp_path / "plain.pt")
+
+
+def test_binary_metrics_match_a_hand_computed_case():
+    labels = [0, 0, 0, 1, 1, 1]
+    scores = [0.1, 0.4, 0.6, 0.35, 0.8, 0.9]
+    m = binary_metrics(labels, scores, threshold=0.5)
+    assert m["confusion"] == [[2, 1], [1, 2]]  # rows true (real, fake), columns predicted
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["auc"] == pytest.approx(7 / 9)  # 7 of the 9 (fake, real) pairs ranked right
+    assert m["eer"] == pytest.approx(1 / 3)  # at 0.6: one real above, one fake below
+    assert m["eer_threshold"] == pytest.approx(0.6)
+
+
+def test_eer_is_zero_for_separable_scores_and_its_threshold_separates():
+    rate, threshold = eer([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9])
+    assert rate == 0.0 and 0.2 < threshold <= 0.7
+    assert choose_threshold("eer", [0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9]) == threshold
+    assert choose_threshold("0.5", [0, 1], [0.3, 0.6]) == 0.5
+
+
+def test_metrics_of_a_single_class_are_nan_not_an_error():
+    m = binary_metrics([1, 1], [0.7, 0.2])
+    assert np.isnan(m["auc"]) and m["accuracy"] == 0.5
+
+
+def test_ece_is_zero_when_calibrated_and_matches_a_hand_computation():
+    # 10 images at P(fake) = 0.3, three of them fake: perfectly calibrated.
+    assert expected_calibration_error([1] * 3 + [0] * 7, [0.3] * 10) == pytest.approx(0.0)
+    # bins of width 1/15: {0.1, 0.1} with 1 fake -> |0.5 - 0.1| ; {0.9} with 0 fakes -> 0.9
+    value = expected_calibration_error([1, 0, 0], [0.1, 0.1, 0.9])
+    assert value == pytest.approx((2 * 0.4 + 1 * 0.9) / 3)

@@ -1,0 +1,210 @@
+import csv
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_raw, tree_digest, write_image
+from PIL import Image
+
+from dfutils.split import SplitError, n_val, split
+
+
+def manifest(data_dir: Path) -> list[dict]:
+    with open(data_dir / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assignment(data_dir: Path) -> dict[str, str]:
+    return {r["source"]: r["split"] for r in manifest(data_dir)}
+
+
+@pytest.mark.parametrize("n_real,n_fake,fraction", [(10, 10, 0.2), (25, 7, 0.2), (3, 40, 0.5),
+                                                     (2, 2, 0.2), (50, 50, 0.1)])
+def test_each_class_gets_its_validation_share(tmp_path, n_real, n_fake, fraction):
+    make_raw(tmp_path / "raw", n_real, n_fake)
+    report = split(tmp_path / "raw", tmp_path / "data", val_fraction=fraction)
+    for label, n in (("real", n_real), ("fake", n_fake)):
+        expected = min(n - 1, max(1, int(n * fraction + 0.5)))
+        assert report["counts"]["val"][label] == expected
+        assert report["counts"]["train"][label] == n - expected
+        assert len(list((tmp_path / "data" / "val" / label).iterdir())) == expected
+    rows = manifest(tmp_path / "data")
+    assert len(rows) == n_real + n_fake
+    assert all((tmp_path / "data" / r["path"]).is_file() for r in rows)
+    assert all(r["path"].split("/")[:2] == [r["split"], r["label"]] for r in rows)
+
+
+def test_n_val_rounds_and_keeps_one_image_in_each_split():
+    assert [n_val(n, 0.2) for n in (2, 3, 5, 7, 8, 1100)] == [1, 1, 1, 1, 2, 220]
+    assert n_val(2, 0.9) == 1
+
+
+def test_same_split_whatever_the_file_order_and_location(tmp_path):
+    make_raw(tmp_path / "a", 30, 30)
+    # The same files, copied in shuffled order under other names: the split follows content.
+    files = sorted((tmp_path / "a").rglob("*.png"))
+    random.Random(1).shuffle(files)
+    for i, f in enumerate(files):
+        dest = tmp_path / "b" / f.parent.name / f"x{i:03d}_{f.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dest)
+    split(tmp_path / "a", tmp_path / "da", seed=3)
+    split(tmp_path / "b", tmp_path / "db", seed=3)
+    by_hash_a = {r["sha256"]: r["split"] for r in manifest(tmp_path / "da")}
+    by_hash_b = {r["sha256"]: r["split"] for r in manifest(tmp_path / "db")}
+    assert by_hash_a == by_hash_b
+    split(tmp_path / "a", tmp_path / "dc", seed=4)
+    assert {r["sha256"]: r["split"] for r in manifest(tmp_path / "dc")} != by_hash_a
+
+
+@pytest.mark.parametrize("n", [9, 10, 11, 24, 37])
+def test_adding_one_file_moves_at_most_one_other(tmp_path, n):
+    make_raw(tmp_path / "raw", n, n)
+    split(tmp_path / "raw", tmp_path / "d1")
+    before = assignment(tmp_path / "d1")
+    write_image(tmp_path / "raw" / "real" / "new.png", seed=99_999)
+    split(tmp_path / "raw", tmp_path / "d2")
+    after = assignment(tmp_path / "d2")
+    moved = [k for k in before if before[k] != after[k]]
+    assert len(moved) <= 1
+    assert all(k.startswith("real/") for k in moved)
+
+
+def test_duplicates_stay_together_and_conflicts_are_excluded(tmp_path):
+    raw = make_raw(tmp_path / "raw", 12, 12)
+    shutil.copy(raw / "real" / "r000.png", raw / "real" / "copy_of_r000.png")
+    (raw / "real" / "sub").mkdir()
+    shutil.copy(raw / "real" / "r000.png", raw / "real" / "sub" / "r000.png")
+    shutil.copy(raw / "fake" / "f001.png", raw / "real" / "mislabelled.png")
+    report = split(raw, tmp_path / "data")
+    rows = {r["source"]: r for r in manifest(tmp_path / "data")}
+    group = ["real/copy_of_r000.png", "real/r000.png", "real/sub/r000.png"]
+    assert len({rows[p]["split"] for p in group}) == 1
+    assert [d["paths"] for d in report["duplicates"]] == [group]
+    assert report["conflicts"] == [{"sha256": report["conflicts"][0]["sha256"],
+                                    "paths": ["fake/f001.png", "real/mislabelled.png"]}]
+    assert "fake/f001.png" not in rows and "real/mislabelled.png" not in rows
+    # colliding names from different subfolders stay distinct files
+    assert len({rows[p]["path"] for p in group}) == 3
+
+
+def _corrupt(raw: Path) -> dict[str, str]:
+    """Bad files of each kind, and the words their reason must contain."""
+    (raw / "real" / "empty.jpg").write_bytes(b"")
+    good = (raw / "real" / "r000.png").read_bytes()
+    (raw / "real" / "truncated.png").write_bytes(good[: len(good) // 2])
+    write_image(raw / "fake" / "cut.jpg", seed=5, size=64, fmt="JPEG")
+    data = (raw / "fake" / "cut.jpg").read_bytes()
+    (raw / "fake" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (raw / "fake" / "notes.JPG").write_text("this is not a picture")
+    # a valid PNG header and chunk layout with scrambled compressed pixel data
+    scrambled = bytearray(good)
+    middle = len(good) // 2
+    scrambled[middle:middle + 64] = os.urandom(64)
+    (raw / "fake" / "garbage.png").write_bytes(bytes(scrambled))
+    (raw / "real" / "readme.txt").write_text("hello")
+    (raw / "real" / ".DS_Store").write_bytes(b"\0\0")
+    return {"real/empty.jpg": "empty", "real/truncated.png": "truncated",
+            "fake/cut.jpg": "truncated", "fake/notes.JPG": "not an image",
+            "fake/garbage.png": "corrupt"}
+
+
+def test_bad_files_are_rejected_by_name_with_the_reason(tmp_path):
+    raw = make_raw(tmp_path / "raw", 6, 6)
+    expected = _corrupt(raw)
+    report = split(raw, tmp_path / "data")
+    rejected = {r["path"]: r["reason"] for r in report["rejected"]}
+    assert set(rejected) == set(expected)
+    for path, words in expected.items():
+        assert words in rejected[path], (path, rejected[path])
+    skipped = {r["path"] for r in report["skipped"]}
+    assert skipped == {"real/readme.txt", "real/.DS_Store"}
+    assert report["n_images"] == 12
+
+
+def test_unusual_but_valid_images_are_accepted(tmp_path):
+    raw = make_raw(tmp_path / "raw", 3, 3)
+    write_image(raw / "real" / "grey.png", seed=1, mode="L")
+    write_image(raw / "real" / "alpha.PNG", seed=2, mode="RGBA")
+    write_image(raw / "real" / "palette.png", seed=3, mode="P")
+    Image.fromarray(np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50).save(
+        raw / "fake" / "sixteen.png")
+    rotated = Image.fromarray(np.zeros((20, 40, 3), np.uint8) + 90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° when displayed
+    rotated.save(raw / "fake" / "rotated.jpeg", exif=exif)
+    report = split(raw, tmp_path / "data")
+    assert report["rejected"] == []
+    rows = {r["source"]: r for r in manifest(tmp_path / "data")}
+    assert {"real/grey.png", "real/alpha.PNG", "real/palette.png", "fake/sixteen.png",
+            "fake/rotated.jpeg"} <= set(rows)
+    assert (rows["fake/rotated.jpeg"]["width"], rows["fake/rotated.jpeg"]["height"]) == ("20", "40")
+
+
+def test_raw_folder_is_left_byte_for_byte_unchanged(tmp_path):
+    raw = make_raw(tmp_path / "raw", 8, 8)
+    _corrupt(raw)
+    before = tree_digest(raw)
+    split(raw, tmp_path / "data")
+    split(raw, tmp_path / "data", val_fraction=0.5, overwrite=True)
+    shutil.rmtree(tmp_path / "data")
+    assert tree_digest(raw) == before
+
+
+def test_rerun_changes_nothing_and_other_parameters_need_overwrite(tmp_path, raw):
+    data = tmp_path / "data"
+    split(raw, data)
+    (data / "README.md").write_text("mine")
+    before = tree_digest(data)
+    split(raw, data)
+    assert tree_digest(data) == before
+    with pytest.raises(SplitError, match="overwrite=True"):
+        split(raw, data, seed=7)
+    assert tree_digest(data) == before
+    report = split(raw, data, seed=7, overwrite=True)
+    assert report["params"]["seed"] == 7
+    assert json.loads((data / "split_report.json").read_text())["params"]["seed"] == 7
+    assert (data / "README.md").read_text() == "mine"  # not the split's: left alone
+    assert not (data / ".split-tmp").exists() and not (data / ".split-old").exists()
+
+
+def test_an_interrupted_rebuild_leaves_the_old_split(tmp_path, raw, monkeypatch):
+    data = tmp_path / "data"
+    split(raw, data)
+    before = tree_digest(data)
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dfutils.split.write_json", boom)
+    with pytest.raises(KeyboardInterrupt):
+        split(raw, data, seed=9, overwrite=True)
+    assert tree_digest(data) == before
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda raw: shutil.rmtree(raw), "does not exist"),
+    (lambda raw: shutil.rmtree(raw / "fake"), "fake is missing"),
+    (lambda raw: [p.unlink() for p in (raw / "real").iterdir()], "holds no .jpg"),
+    (lambda raw: [p.unlink() for p in sorted((raw / "real").iterdir())[1:]], "at least two"),
+])
+def test_unusable_raw_folders_stop_with_a_message_naming_them(tmp_path, raw, setup, message):
+    setup(raw)
+    with pytest.raises(SplitError, match=message):
+        split(raw, tmp_path / "data")
+    assert not (tmp_path / "data" / "manifest.csv").exists()
+
+
+def test_masks_are_found_and_not_split_as_images(tmp_path, raw):
+    write_image(raw / "fake" / "f000_mask.png", seed=1, mode="L")
+    write_image(raw / "fake" / "masks" / "f001.png", seed=2, mode="L")
+    report = split(raw, tmp_path / "data")
+    rows = {r["source"]: r for r in manifest(tmp_path / "data")}
+    assert "fake/f000_mask.png" not in rows and "fake/masks/f001.png" not in rows
+    assert rows["fake/f000.png"]["mask"] and rows["fake/f001.png"]["mask"]
+    assert (tmp_path / "data" / rows["fake/f001.png"]["mask"]).is_file()
+    assert report["n_masks"] == 2
