@@ -14,7 +14,7 @@ def _run_all(args: argparse.Namespace) -> int:
     run_dir = pipeline.run_all(
         run=runner.get("run"), params_file=runner.get("params") or None, overrides=params,
         overwrite=runner.get("overwrite", "").lower() in ("1", "true", "yes"), steps=steps,
-        replace_run=args.replace_run)
+        replace_run=args.replace_run, runs_root=args.runs_root)
     print(f"done: {run_dir}/run.json", file=sys.stderr)
     return 0
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
     run.add_argument("--replace-run", action="store_true",
                      help="replace an existing run folder (used by make split and make demo)")
+    run.add_argument("--runs-root", default="runs", help="folder of run folders (default: runs)")
     run.set_defaults(func=_run_all)
 
     demo = commands.add_parser("demo", help="build the demo data set (data/demo_raw)")

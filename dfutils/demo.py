@@ -66,7 +66,7 @@ def self_blend(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray,
     source = image.astype(np.float32)
     # Colour: per-channel gain and offset, as a swapped-in face differs in tone.
     gain = rng.uniform(0.8, 1.2, 3).astype(np.float32)
-    offset = rng.uniform(-20, 20, 3).astype(np.float32)
+    offset = (rng.choice([-1, 1], 3) * rng.uniform(15, 40, 3)).astype(np.float32)
     source = np.clip(source * gain + offset, 0, 255)
     # Geometry: a small scale and shift, so edges inside the blend no longer line up.
     scale, (dx, dy) = rng.uniform(0.94, 1.06), rng.uniform(-0.04, 0.04, 2) * size

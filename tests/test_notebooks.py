@@ -1,0 +1,109 @@
+"""The notebooks under papermill, alone and as the whole chain (marker `notebooks`)."""
+
+import json
+import subprocess
+import sys
+
+import papermill
+import pytest
+from conftest import make_raw, tree_digest
+
+from dfutils import pipeline
+from dfutils.demo import build_demo
+from dfutils.paths import REPO_ROOT
+
+pytestmark = pytest.mark.notebooks
+SMOKE = "notebooks/params/smoke.yaml"
+
+
+def test_split_notebook_runs_and_writes_the_split(tmp_path):
+    raw = make_raw(tmp_path / "raw", 6, 6)
+    (raw / "fake" / "broken.png").write_bytes(b"")
+    before = tree_digest(raw)
+    out = tmp_path / "01-split.ipynb"
+    papermill.execute_notebook(REPO_ROOT / "notebooks/01-split.ipynb", out, kernel_name="python3",
+                               parameters={"raw_dir": str(raw), "data_dir": str(tmp_path / "d")},
+                               cwd=REPO_ROOT / "notebooks", progress_bar=False)
+    report = json.loads((tmp_path / "d" / "split_report.json").read_text())
+    assert report["counts"] == {"train": {"real": 5, "fake": 5}, "val": {"real": 1, "fake": 1}}
+    assert [r["path"] for r in report["rejected"]] == ["fake/broken.png"]
+    executed = json.loads(out.read_text())
+    assert executed["metadata"]["papermill"]["parameters"]["raw_dir"] == str(raw)
+    assert "fake/broken.png" in json.dumps(executed["cells"][-1]["outputs"])
+    assert tree_digest(raw) == before
+
+
+def test_an_unknown_parameter_is_refused_by_the_notebook(tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError, match="unknown parameter 'val_frac'"):
+        papermill.execute_notebook(REPO_ROOT / "notebooks/01-split.ipynb", tmp_path / "o.ipynb",
+                                   parameters={"val_frac": 0.3}, kernel_name="python3",
+                                   progress_bar=False)
+
+
+def test_an_unknown_parameter_is_refused_by_the_runner_before_anything_runs(tmp_path):
+    with pytest.raises(pipeline.ChainError, match="unknown parameter 'epoch'"):
+        pipeline.run_all("x", SMOKE, {"epoch": "3"}, runs_root=tmp_path)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The whole chain with smoke.yaml on a tiny demo set."""
+    root = tmp_path_factory.mktemp("chain")
+    raw = build_demo(root / "demo_raw", n_per_class=12, size=32, seed=1)
+    overrides = {"raw_dir": str(raw), "data_dir": str(root / "data")}
+    return pipeline.run_all("smoke", SMOKE, overrides, runs_root=root / "runs")
+
+
+def test_the_chain_writes_every_artefact(smoke_run):
+    for name in ("01-split.ipynb", "02-train.ipynb", "03-gradcam.ipynb", "model.pt",
+                 "history.csv", "metrics.json", "val_predictions.csv", "curves.png", "roc.png",
+                 "confusion.png", "scores.png", "gradcam/grid.png", "gradcam/cam_metrics.json",
+                 "gradcam/deletion.png", "run.json"):
+        assert (smoke_run / name).is_file(), name
+    overlays = [p for p in (smoke_run / "gradcam").glob("*.png")
+                if p.name not in ("grid.png", "deletion.png")]
+    assert len(overlays) == 4  # n_images in smoke.yaml
+
+
+def test_run_json_records_parameters_versions_timings_and_metrics(smoke_run):
+    run = json.loads((smoke_run / "run.json").read_text())
+    assert set(run["steps"]) == {"01-split", "02-train", "03-gradcam"}
+    assert run["git"]["commit"] is None or len(run["git"]["commit"]) == 40
+    assert run["environment"]["packages"]["torch"].startswith("2.14.1")
+    for step in run["steps"].values():
+        assert step["status"] == "done" and step["seconds"] > 0
+        assert step["started"] <= step["finished"]
+    assert run["steps"]["02-train"]["params"]["max_epochs"] == 2
+    assert run["steps"]["02-train"]["params"]["run_dir"] == str(smoke_run)
+    counts = run["steps"]["01-split"]["metrics"]["counts"]
+    assert counts["val"] == {"real": 2, "fake": 2} and counts["train"]["fake"] == 10
+    train = run["steps"]["02-train"]["metrics"]
+    assert 0 <= train["auc"] <= 1 and 1 <= train["best_epoch"] <= 2
+    cam = run["steps"]["03-gradcam"]["metrics"]
+    assert 0 <= cam["deletion"]["auc_cam"] <= 1 and cam["localization"]["n"] == 2
+    assert run["summary"]["val_auc"] == train["auc"]
+
+
+def test_a_failing_step_stops_the_chain_with_a_non_zero_exit(tmp_path):
+    raw = make_raw(tmp_path / "raw", 4, 4)
+    command = [sys.executable, "-m", "dfutils", "run-all", "--runs-root", str(tmp_path / "runs"),
+               "RUN=broken", f"PARAMS={SMOKE}", f"RAW_DIR={raw}", f"DATA_DIR={tmp_path / 'd'}",
+               f"WEIGHTS={tmp_path / 'missing.pth'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "02-train failed in cell" in done.stderr and "missing.pth" in done.stderr
+    assert (tmp_path / "runs/broken/02-train.ipynb").is_file()  # kept, partly executed
+    assert not (tmp_path / "runs/broken/03-gradcam.ipynb").exists()
+    run = json.loads((tmp_path / "runs/broken/run.json").read_text())
+    assert run["steps"]["02-train"]["status"] == "failed"
+    # and the run folder is not overwritten unless asked
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "OVERWRITE=1" in again.stderr
+
+
+def test_missing_raw_images_point_to_the_demo(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "dfutils", "run-all", "--runs-root",
+                           str(tmp_path), f"RAW_DIR={tmp_path / 'none'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "make demo" in done.stderr
