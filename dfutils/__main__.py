@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="build the demo data set (data/demo_raw)")
     demo.add_argument("--out", default="data/demo_raw", help="output folder (default: %(default)s)")
-    demo.add_argument("--n", type=int, default=200, help="images per class (default: %(default)s)")
-    demo.add_argument("--size", type=int, default=64, help="side in pixels (default: %(default)s)")
+    demo.add_argument("--n", type=int, default=400, help="images per class (default: %(default)s)")
+    demo.add_argument("--size", type=int, default=96, help="side in pixels (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     demo.set_defaults(func=_demo)
 

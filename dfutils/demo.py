@@ -81,8 +81,8 @@ def self_blend(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray,
     return np.clip(fake + 0.5, 0, 255).astype(np.uint8), mask
 
 
-def build_demo(out_dir: str | os.PathLike = "data/demo_raw", n_per_class: int = 200,
-               size: int = 64, seed: int = 0) -> Path:
+def build_demo(out_dir: str | os.PathLike = "data/demo_raw", n_per_class: int = 400,
+               size: int = 96, seed: int = 0) -> Path:
     """Write out_dir/{real,fake}/*.png and out_dir/fake/masks/*.png; deterministic for a seed.
 
     An existing demo built with the same settings is kept as it is; other settings rebuild

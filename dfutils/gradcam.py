@@ -35,6 +35,7 @@ class CamResult:
     maps: np.ndarray  # (N, H, W) float32 in [0, 1], at the input's size
     p_fake: np.ndarray  # (N,) P(fake)
     explained: np.ndarray  # (N,) 1 where the map explains "fake", 0 where it explains "real"
+    grid: tuple[int, int] = (7, 7)  # the target layer's resolution, before upsampling
 
 
 def _signs(logits: torch.Tensor, target: str) -> torch.Tensor:
@@ -120,10 +121,11 @@ class GradCAM:
     def __call__(self, images: torch.Tensor, target: str = "predicted") -> CamResult:
         """Maps at the input's size, scaled to [0, 1] per image, with P(fake)."""
         cams, logits, signs = self.raw(images, target)
-        cams = F.interpolate(cams.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
-                             align_corners=False).squeeze(1)
-        return CamResult(scale_maps(cams).cpu().numpy().astype(np.float32),
-                         torch.sigmoid(logits).cpu().numpy(), (signs > 0).cpu().numpy().astype(int))
+        upsampled = F.interpolate(cams.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
+                                  align_corners=False).squeeze(1)
+        return CamResult(scale_maps(upsampled).cpu().numpy().astype(np.float32),
+                         torch.sigmoid(logits).cpu().numpy(), (signs > 0).cpu().numpy().astype(int),
+                         tuple(cams.shape[-2:]))
 
 
 def random_maps(n: int, size: tuple[int, int], grid: tuple[int, int],
@@ -133,8 +135,16 @@ def random_maps(n: int, size: tuple[int, int], grid: tuple[int, int],
     return F.interpolate(noise, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
 
 
-def _layer_grid(size: tuple[int, int]) -> tuple[int, int]:
-    return math.ceil(size[0] / 32), math.ceil(size[1] / 32)  # ResNet's total stride
+def layer_grid(size: tuple[int, int], stride: int = 32) -> tuple[int, int]:
+    """A ResNet layer's resolution for an input size (layer4's total stride is 32)."""
+    return math.ceil(size[0] / stride), math.ceil(size[1] / stride)
+
+
+def target_layer(model: nn.Module, name: str = "layer4") -> nn.Module:
+    """The last block of a ResNet stage: "layer4" (the default, coarsest) to "layer1"."""
+    if name not in ("layer1", "layer2", "layer3", "layer4"):
+        raise ValueError(f"layer must be layer1 to layer4, got {name!r}")
+    return getattr(model, name)[-1]
 
 
 def _remove(images: torch.Tensor, maps: np.ndarray, fraction: float, fill: str) -> torch.Tensor:
@@ -166,18 +176,19 @@ def _p_class(model: nn.Module, images: torch.Tensor, explained: np.ndarray) -> n
 def deletion_score(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
                    explained: np.ndarray,
                    fractions: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
-                   fill: str = "mean", n_random: int = 3, seed: int = 0) -> dict:
+                   fill: str = "mean", n_random: int = 3, seed: int = 0,
+                   grid: tuple[int, int] | None = None) -> dict:
     """How fast P(explained class) falls as the top-k% pixels by CAM are removed, vs random.
 
     A faithful map points at the evidence, so removing its top pixels should lower the
     probability faster than removing the top pixels of a random map of the same smoothness.
     The area under each curve (over the fractions, normalised to [0, 1]) is reported;
-    lower is more faithful.
+    lower is more faithful. `grid` is the CAM layer's resolution (default: layer4's).
     """
     model.eval()
     size = tuple(images.shape[-2:])
     generator = torch.Generator().manual_seed(seed)
-    randoms = [random_maps(len(images), size, _layer_grid(size), generator)
+    randoms = [random_maps(len(images), size, grid or layer_grid(size), generator)
                for _ in range(n_random)]
     cam_curve, random_curve = [], []
     for fraction in fractions:
@@ -198,10 +209,12 @@ def deletion_score(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
 
 
 def localization(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                 iou_threshold: float = 0.5, n_random: int = 10, seed: int = 0) -> dict:
+                 iou_threshold: float = 0.5, n_random: int = 10, seed: int = 0,
+                 grid: tuple[int, int] | None = None) -> dict:
     """Pointing game (is the map's maximum inside the mask) and IoU of map >= threshold, vs random.
 
-    `maps` and `masks` pair up; each mask is boolean at its map's size.
+    `maps` and `masks` pair up; each mask is boolean at its map's size. Random maps are
+    drawn on `grid` (the CAM layer's resolution; default layer4's) and upsampled alike.
     """
     def scores(candidates: Sequence[np.ndarray]) -> tuple[float, float]:
         hits, ious = [], []
@@ -218,7 +231,8 @@ def localization(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
     pointing, iou = scores(maps)
     random_scores = []
     for _ in range(n_random):
-        randoms = [random_maps(1, m.shape, _layer_grid(m.shape), generator)[0] for m in maps]
+        randoms = [random_maps(1, m.shape, grid or layer_grid(m.shape), generator)[0]
+                   for m in maps]
         random_scores.append(scores(randoms))
     return {
         "n": len(maps),
@@ -258,18 +272,20 @@ def select_images(labels: np.ndarray, scores: np.ndarray, n: int, mode: str = "m
 
 
 def explain(model: nn.Module, paths: Sequence[str | Path], image_size: int,
-            target: str = "predicted", batch_size: int = 16) -> tuple[torch.Tensor, CamResult]:
+            target: str = "predicted", batch_size: int = 16, layer: str = "layer4"
+            ) -> tuple[torch.Tensor, CamResult]:
     """Grad-CAM for image files, in batches: the model inputs and the maps at image_size."""
     transform = eval_transform(image_size)
     inputs = torch.stack([transform(load_image(p)) for p in paths]) if paths else torch.zeros(
         (0, 3, image_size, image_size))
     parts = []
-    with GradCAM(model) as cam:
+    with GradCAM(model, target_layer(model, layer)) as cam:
         for start in tqdm(range(0, len(inputs), batch_size), desc="grad-cam", unit="batch",
                           leave=False):
             parts.append(cam(inputs[start:start + batch_size], target))
     if not parts:
         empty = np.zeros(0)
-        return inputs, CamResult(np.zeros((0, image_size, image_size), np.float32), empty, empty)
+        return inputs, CamResult(np.zeros((0, image_size, image_size), np.float32), empty, empty,
+                                 layer_grid((image_size, image_size)))
     return inputs, CamResult(*(np.concatenate([getattr(p, f) for p in parts])
-                               for f in ("maps", "p_fake", "explained")))
+                               for f in ("maps", "p_fake", "explained")), parts[0].grid)

@@ -191,6 +191,7 @@ class GradCamParams(Params):
     seed: int = 42
     batch_size: int = 16
     n_eval: int = 128  # validation images scored for deletion and localization
+    layer: str = field(default="layer4", metadata=_choices("layer4", "layer3", "layer2"))
 
     def check(self) -> None:
         if min(self.n_images, self.batch_size, self.n_eval) < 1:

@@ -157,9 +157,13 @@ def run_all(run: str | None = None, params_file: str | None = None,
         if not (overwrite or replace_run):
             raise ChainError(f"run folder {run_dir} already exists: choose another RUN=<name> "
                              "or pass OVERWRITE=1 to replace it")
-        shutil.rmtree(run_dir)
+        if len(steps) == len(NOTEBOOKS):
+            shutil.rmtree(run_dir)
+        # else: re-running some steps of an existing run (e.g. STEPS=03-gradcam) keeps the
+        # other steps' files and records.
     run_dir.mkdir(parents=True, exist_ok=True)
-    start_run(run_dir, run, params_file)
+    if not (run_dir / "run.json").is_file():
+        start_run(run_dir, run, params_file)
     # Headless, every progress-bar refresh becomes a log line: refresh every 15 s at most.
     os.environ.setdefault("TQDM_MININTERVAL", "15")
     for step in steps:
