@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.setup-done
 
 # Command-line variables (make run-all RUN=exp1 EPOCHS=5 ...) are handed to the runner
 # as they were typed; it knows which are its own and which are notebook parameters.
-ARGS := $(MAKEOVERRIDES)
+ARGS := $(filter-out PYTHON=%,$(MAKEOVERRIDES))
 
 .PHONY: help setup lab test unit notebooks-test lint check-notebooks split run-all demo clean
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
+from pathlib import Path
 
 from dfutils import pipeline
 
@@ -27,11 +29,84 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threshold_line(checkpoint: dict) -> str:
+    rule = {"0.5": "fixed 0.5", "eer": "EER point of the validation split"}
+    return (f"threshold: P(fake) >= {checkpoint['threshold']:.4f} "
+            f"({rule.get(checkpoint['threshold_rule'], checkpoint['threshold_rule'])})")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from dfutils.inference import predict
+
+    rows, checkpoint = predict(args.run, args.paths, args.batch_size, args.num_workers)
+    print(_threshold_line(checkpoint), file=sys.stderr)
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"cannot score {row['path']}: {row['status'][len('error: '):]}",
+                  file=sys.stderr)
+    fields = ["path", "p_fake", "label", "status"]
+    if args.out:
+        from dfutils.paths import write_csv
+
+        write_csv(args.out, rows, fields)
+    else:
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    scored = [r for r in rows if r["status"] == "ok"]
+    if args.cam_dir and scored:
+        _write_cams(checkpoint, [Path(r["path"]) for r in scored], Path(args.cam_dir), args)
+    print(f"{len(scored)} of {len(rows)} files scored", file=sys.stderr)
+    return 0 if scored else 1
+
+
+def _write_cams(checkpoint: dict, paths: list[Path], cam_dir: Path,
+                args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from dfutils import gradcam, viz
+    from dfutils.data import load_image
+
+    _, cams = gradcam.explain(checkpoint["model"], paths, checkpoint["params"]["image_size"],
+                              "predicted", args.batch_size, args.layer)
+    used: set[str] = set()
+    for path, cam in zip(paths, cams.maps, strict=True):
+        name = path.stem if path.stem not in used else f"{path.stem}-{len(used)}"
+        used.add(name)
+        viz.save_rgb(cam_dir / f"{name}.png", viz.overlay(np.asarray(load_image(path)), cam))
+    print(f"Grad-CAM overlays: {cam_dir}", file=sys.stderr)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dfutils.inference import evaluate_folder
+
+    report, _ = evaluate_folder(args.run, args.data, args.name, args.batch_size,
+                                args.num_workers)
+    m = report["metrics"]
+    print(_threshold_line(report))
+    print(f"{report['n_images']} images: accuracy {m['accuracy']:.4f}  AUC {m['auc']:.4f}  "
+          f"AP {m['ap']:.4f}  EER {m['eer']:.4f}  ECE {report['calibration']['ece']:.4f}")
+    print(f"confusion (rows: true real, fake; columns: predicted real, fake): {m['confusion']}")
+    for kind, levels in report["sweeps"].items():
+        print(f"AUC under {kind:9s} " + "  ".join(f"{r['level']}: {r['auc']:.4f}"
+                                                  for r in levels))
+    for item in report["unreadable"]:
+        print(f"cannot read {item['path']}: {item['reason']}", file=sys.stderr)
+    print(f"report: {Path(args.run) / 'eval' / report['name'] / 'report.json'}")
+    return 0
+
+
 def _check_notebooks(args: argparse.Namespace) -> int:
     problems = pipeline.check_notebooks(args.notebooks)
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0
+
+
+def _loader_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    parser.add_argument("--num-workers", type=int, default=2,
+                        help="image-loading processes (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +126,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-root", default="runs", help="folder of run folders (default: runs)")
     run.set_defaults(func=_run_all)
 
+    predict = commands.add_parser(
+        "predict", help="score image files and folders with a trained run",
+        description="Writes CSV (path, p_fake, label, status) with one row per file. "
+        "Labels use the decision threshold stored in the run's checkpoint. Unreadable files "
+        "get an error status (and a line on stderr) and do not stop the batch; the exit "
+        "status is non-zero only if no file could be scored.")
+    predict.add_argument("--run", required=True, help="run folder holding model.pt")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    predict.add_argument("--out", help="CSV file to write (default: standard output)")
+    predict.add_argument("--cam-dir", help="also write Grad-CAM overlays to this folder")
+    predict.add_argument("--layer", default="layer4", help="Grad-CAM layer (default: layer4)")
+    _loader_options(predict)
+    predict.set_defaults(func=_predict)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a trained run on a labelled folder (DIR/real, DIR/fake)",
+        description="Accuracy at the run's threshold, ROC-AUC, AP, EER, confusion matrix; "
+        "AUC under JPEG re-compression (quality 100-30), Gaussian blur (sigma 0-3) and "
+        "downscaling (1, 1/2, 1/4); calibration (ECE, 15 bins, reliability diagram). Writes "
+        "<run>/eval/<name>/report.json and PNGs.")
+    evaluate.add_argument("--run", required=True, help="run folder holding model.pt")
+    evaluate.add_argument("--data", required=True, help="folder with real/ and fake/ inside")
+    evaluate.add_argument("--name", default="", help="report name (default: the folder's name)")
+    _loader_options(evaluate)
+    evaluate.set_defaults(func=_evaluate)
+
     demo = commands.add_parser("demo", help="build the demo data set (data/demo_raw)")
     demo.add_argument("--out", default="data/demo_raw", help="output folder (default: %(default)s)")
     demo.add_argument("--n", type=int, default=400, help="images per class (default: %(default)s)")
@@ -69,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (pipeline.ChainError, ValueError, FileNotFoundError) as error:
+    except (pipeline.ChainError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -61,13 +61,21 @@ def binary_metrics(labels, scores, threshold: float = 0.5) -> dict:
     }
 
 
+def calibration_bins(labels, scores, n_bins: int = 15) -> list[dict]:
+    """Per equal-width bin of P(fake): its range, image count, mean P(fake), fraction fake."""
+    labels, scores = np.asarray(labels, dtype=float), np.asarray(scores, dtype=float)
+    which = np.clip((scores * n_bins).astype(int), 0, n_bins - 1)
+    bins = []
+    for b in range(n_bins):
+        members = which == b
+        bins.append({"low": b / n_bins, "high": (b + 1) / n_bins, "n": int(members.sum()),
+                     "mean_p_fake": float(scores[members].mean()) if members.any() else None,
+                     "fraction_fake": float(labels[members].mean()) if members.any() else None})
+    return bins
+
+
 def expected_calibration_error(labels, scores, n_bins: int = 15) -> float:
     """ECE of P(fake): bin-weighted mean |fraction fake - mean P(fake)| over equal-width bins."""
-    labels, scores = np.asarray(labels, dtype=float), np.asarray(scores, dtype=float)
-    bins = np.clip((scores * n_bins).astype(int), 0, n_bins - 1)
-    total = 0.0
-    for b in range(n_bins):
-        members = bins == b
-        if members.any():
-            total += members.sum() * abs(labels[members].mean() - scores[members].mean())
-    return float(total / max(len(scores), 1))
+    bins = [b for b in calibration_bins(labels, scores, n_bins) if b["n"]]
+    total = sum(b["n"] * abs(b["fraction_fake"] - b["mean_p_fake"]) for b in bins)
+    return float(total / max(sum(b["n"] for b in bins), 1))

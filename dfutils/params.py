@@ -198,3 +198,22 @@ class GradCamParams(Params):
             raise ParameterError("n_images, batch_size and n_eval must be at least 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise ParameterError(f"alpha must be between 0 and 1, got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class EvalParams(Params):
+    """04-evaluate: a trained run on a labelled folder, with robustness and calibration."""
+
+    notebook: ClassVar[str] = "04-evaluate"
+
+    run_dir: str = "runs/notebook"
+    eval_dir: str = ""
+    name: str = ""
+    batch_size: int = 32
+    num_workers: int = 2
+
+    def check(self) -> None:
+        if not self.eval_dir:
+            raise ParameterError("eval_dir is required: a folder with real/ and fake/ inside")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ParameterError("batch_size must be >= 1 and num_workers >= 0")

@@ -25,6 +25,7 @@ NOTEBOOKS = {
     "01-split": "notebooks/01-split.ipynb",
     "02-train": "notebooks/02-train.ipynb",
     "03-gradcam": "notebooks/03-gradcam.ipynb",
+    "04-evaluate": "notebooks/04-evaluate.ipynb",  # run when EVAL_DIR is given
 }
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Shorthands accepted on the command line (make run-all EPOCHS=5).
@@ -94,9 +95,23 @@ def step_metrics(step: str, params: Mapping[str, Any]) -> dict | None:
     if step == "01-split":
         report = split_step.read_report(resolve(params["data_dir"]))
         return _split_metrics(report) if report else None
+    if step == "04-evaluate":
+        name = params.get("name") or Path(params["eval_dir"]).name
+        file = resolve(params["run_dir"]) / "eval" / name / "report.json"
+        if not file.is_file():
+            return None
+        report = json.loads(file.read_text())
+        return {"name": name, **{k: report["metrics"][k] for k in ("accuracy", "auc", "ap", "eer")},
+                "ece": report["calibration"]["ece"]}
     path = {"02-train": "metrics.json", "03-gradcam": "gradcam/cam_metrics.json"}[step]
     file = resolve(params["run_dir"]) / path
     return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _file_sets(params_file: str | None, key: str) -> bool:
+    if not params_file or not resolve(params_file).is_file():
+        return False
+    return bool((yaml.safe_load(resolve(params_file).read_text()) or {}).get(key))
 
 
 def check_raw_data(raw_dir: str) -> None:
@@ -142,7 +157,10 @@ def run_all(run: str | None = None, params_file: str | None = None,
     run = run or time.strftime("%Y%m%d-%H%M%S")
     if not RUN_NAME.match(run):
         raise ChainError(f"RUN={run!r}: use letters, digits, '.', '_' or '-' (a folder name)")
-    steps = list(steps or NOTEBOOKS)
+    if not steps:  # the chain, and 04-evaluate when there is something to evaluate
+        evaluate = "eval_dir" in (overrides or {}) or _file_sets(params_file, "eval_dir")
+        steps = [s for s in NOTEBOOKS if s != "04-evaluate" or evaluate]
+    steps = list(steps)
     for step in steps:
         if step not in NOTEBOOKS:
             raise ChainError(f"unknown step {step!r}; steps are {', '.join(NOTEBOOKS)}")
@@ -157,7 +175,7 @@ def run_all(run: str | None = None, params_file: str | None = None,
         if not (overwrite or replace_run):
             raise ChainError(f"run folder {run_dir} already exists: choose another RUN=<name> "
                              "or pass OVERWRITE=1 to replace it")
-        if len(steps) == len(NOTEBOOKS):
+        if {"01-split", "02-train"} <= set(steps):
             shutil.rmtree(run_dir)
         # else: re-running some steps of an existing run (e.g. STEPS=03-gradcam) keeps the
         # other steps' files and records.

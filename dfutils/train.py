@@ -84,7 +84,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         total_loss += loss.item()
         correct += ((logits >= 0).float() == labels).sum().item()
         seen += len(labels)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}",
+                        refresh=False)  # the bar redraws at its own pace (mininterval)
     seconds = time.perf_counter() - start
     return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1), "n": seen,
             "seconds": seconds}

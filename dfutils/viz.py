@@ -178,3 +178,38 @@ def markdown_table(rows: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def plot_sweeps(sweeps: dict[str, list[dict]]) -> Figure:
+    """ROC-AUC per perturbation level, one panel per kind (JPEG quality, blur, downscale)."""
+    labels = {"jpeg": "JPEG quality", "blur": "Gaussian blur sigma (px)",
+              "downscale": "downscale factor"}
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(4 * len(sweeps), 3.2), squeeze=False)
+    for ax, (kind, rows) in zip(axes.flat, sweeps.items(), strict=True):
+        levels = [str(r["level"]) for r in rows]
+        ax.plot(levels, [r["auc"] for r in rows], marker="o")
+        ax.set_ylim(0.4, 1.02)
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(labels.get(kind, kind))
+        ax.set_ylabel("ROC-AUC")
+        ax.set_title(f"robustness: {kind}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(calibration: dict) -> Figure:
+    """Reliability diagram: fraction fake against mean P(fake) per bin, with the ECE."""
+    bins = [b for b in calibration["bins"] if b["n"]]
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    ax.bar([b["low"] for b in bins], [b["fraction_fake"] for b in bins],
+           width=[b["high"] - b["low"] for b in bins], align="edge", alpha=0.6,
+           edgecolor="black", label="fraction fake")
+    ax.plot([b["mean_p_fake"] for b in bins], [b["fraction_fake"] for b in bins], "o",
+            color="black", markersize=3)
+    ax.set_xlabel("P(fake)")
+    ax.set_ylabel("fraction fake")
+    ax.set_title(f"reliability (ECE {calibration['ece']:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -48,15 +48,17 @@ def test_an_unknown_parameter_is_refused_by_the_runner_before_anything_runs(tmp_
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """The whole chain with smoke.yaml on a tiny demo set."""
+    """The whole chain with smoke.yaml on a tiny demo set, evaluated on another one."""
     root = tmp_path_factory.mktemp("chain")
     raw = build_demo(root / "demo_raw", n_per_class=12, size=32, seed=1)
-    overrides = {"raw_dir": str(raw), "data_dir": str(root / "data")}
+    other = build_demo(root / "other_raw", n_per_class=4, size=32, seed=2)
+    overrides = {"raw_dir": str(raw), "data_dir": str(root / "data"), "eval_dir": str(other)}
     return pipeline.run_all("smoke", SMOKE, overrides, runs_root=root / "runs")
 
 
 def test_the_chain_writes_every_artefact(smoke_run):
-    for name in ("01-split.ipynb", "02-train.ipynb", "03-gradcam.ipynb", "model.pt",
+    for name in ("01-split.ipynb", "02-train.ipynb", "03-gradcam.ipynb", "04-evaluate.ipynb",
+                 "eval/other_raw/report.json", "model.pt",
                  "history.csv", "metrics.json", "val_predictions.csv", "curves.png", "roc.png",
                  "confusion.png", "scores.png", "gradcam/grid.png", "gradcam/cam_metrics.json",
                  "gradcam/deletion.png", "run.json"):
@@ -68,7 +70,8 @@ def test_the_chain_writes_every_artefact(smoke_run):
 
 def test_run_json_records_parameters_versions_timings_and_metrics(smoke_run):
     run = json.loads((smoke_run / "run.json").read_text())
-    assert set(run["steps"]) == {"01-split", "02-train", "03-gradcam"}
+    assert set(run["steps"]) == {"01-split", "02-train", "03-gradcam", "04-evaluate"}
+    assert run["steps"]["04-evaluate"]["metrics"]["name"] == "other_raw"
     assert run["git"]["commit"] is None or len(run["git"]["commit"]) == 40
     assert run["environment"]["packages"]["torch"].startswith("2.14.1")
     for step in run["steps"].values():

@@ -1,0 +1,129 @@
+import csv
+import io
+import subprocess
+import sys
+
+import numpy as np
+import papermill
+import pytest
+import torch
+from conftest import make_raw, tree_digest, write_image
+from PIL import Image
+
+from dfutils import inference
+from dfutils.__main__ import main
+from dfutils.data import eval_transform, load_image
+from dfutils.model import build_model, save_checkpoint
+from dfutils.paths import REPO_ROOT
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(None, "all").eval()
+    run = tmp_path / "run"
+    save_checkpoint(run / "model.pt", model, params={"image_size": 32, "trainable": "all"},
+                    threshold=0.5, threshold_rule="0.5", metrics={}, epoch=1)
+    return run
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    folder = tmp_path / "mixed"
+    write_image(folder / "a.png", seed=1)
+    write_image(folder / "sub" / "b.jpg", seed=2, fmt="JPEG")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def _rows(text: str) -> dict[str, dict]:
+    return {row["path"]: row for row in csv.DictReader(io.StringIO(text))}
+
+
+def test_predict_gives_one_row_per_file_with_its_status(run_dir, mixed_folder, capsys):
+    assert main(["predict", "--run", str(run_dir), str(mixed_folder), "--num-workers", "0"]) == 0
+    captured = capsys.readouterr()
+    rows = _rows(captured.out)
+    assert set(rows) == {str(mixed_folder / n) for n in ("a.png", "sub/b.jpg", "broken.png",
+                                                         "notes.txt")}
+    for name in ("a.png", "sub/b.jpg"):
+        row = rows[str(mixed_folder / name)]
+        assert row["status"] == "ok" and row["label"] in ("real", "fake")
+        assert 0 <= float(row["p_fake"]) <= 1
+    for name in ("broken.png", "notes.txt"):
+        row = rows[str(mixed_folder / name)]
+        assert row["status"].startswith("error:") and row["p_fake"] == ""
+        assert name in captured.err
+    assert "threshold: P(fake) >= 0.5000" in captured.err
+
+
+def test_predict_exit_status_is_non_zero_only_when_nothing_was_scored(run_dir, tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"")
+    out = tmp_path / "scores.csv"
+    assert main(["predict", "--run", str(run_dir), str(tmp_path / "bad"), "--out", str(out),
+                 "--num-workers", "0"]) == 1
+    assert _rows(out.read_text())[str(tmp_path / "bad" / "x.png")]["status"].startswith("error")
+
+
+def test_predicted_values_are_the_models_sigmoid_under_eval_preprocessing(run_dir, mixed_folder,
+                                                                          tmp_path):
+    out, cams = tmp_path / "p.csv", tmp_path / "cams"
+    main(["predict", "--run", str(run_dir), str(mixed_folder / "a.png"), "--out", str(out),
+          "--cam-dir", str(cams), "--num-workers", "0"])
+    from dfutils.model import load_checkpoint
+
+    model, _ = load_checkpoint(run_dir / "model.pt")
+    x = eval_transform(32)(load_image(mixed_folder / "a.png")).unsqueeze(0)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x)).item()
+    assert float(_rows(out.read_text())[str(mixed_folder / "a.png")]["p_fake"]) == pytest.approx(
+        expected, abs=1e-6)
+    assert (cams / "a.png").is_file()
+
+
+def test_jpeg_sweep_really_re_encodes_and_other_levels_behave():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
+    original = np.asarray(image).astype(int)
+    assert np.abs(np.asarray(inference.jpeg(30)(image)).astype(int) - original).mean() > 5
+    assert np.array_equal(np.asarray(inference.blur(0)(image)), original)
+    assert np.array_equal(np.asarray(inference.downscale(1)(image)), original)
+    assert not np.array_equal(np.asarray(inference.blur(2)(image)), original)
+    assert inference.downscale(0.25)(image).size == image.size
+
+
+def test_evaluate_writes_the_report_and_leaves_the_images_untouched(run_dir, tmp_path):
+    data = make_raw(tmp_path / "labelled", 6, 6)
+    before = tree_digest(data)
+    report, _ = inference.evaluate_folder(run_dir, data, "held-out", batch_size=4,
+                                          sweeps={"jpeg": (100, 30), "blur": (0, 2),
+                                                  "downscale": (1, 0.5)})
+    assert tree_digest(data) == before
+    out = run_dir / "eval" / "held-out"
+    for name in ("report.json", "robustness.png", "reliability.png", "roc.png",
+                 "confusion.png"):
+        assert (out / name).is_file(), name
+    assert report["n_images"] == 12 and report["threshold_rule"] == "0.5"
+    assert [r["level"] for r in report["sweeps"]["jpeg"]] == [100, 30]
+    assert report["sweeps"]["blur"][0]["auc"] == report["metrics"]["auc"]  # sigma 0 = clean
+    assert 0 <= report["calibration"]["ece"] <= 1
+    assert sum(b["n"] for b in report["calibration"]["bins"]) == 12
+
+
+@pytest.mark.parametrize("command", ["run-all", "predict", "evaluate", "demo",
+                                     "check-notebooks"])
+def test_every_command_has_help(command):
+    done = subprocess.run([sys.executable, "-m", "dfutils", command, "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout
+
+
+@pytest.mark.notebooks
+def test_evaluate_notebook_runs(run_dir, tmp_path):
+    data = make_raw(tmp_path / "labelled", 4, 4)
+    papermill.execute_notebook(REPO_ROOT / "notebooks/04-evaluate.ipynb", tmp_path / "o.ipynb",
+                               parameters={"run_dir": str(run_dir), "eval_dir": str(data),
+                                           "num_workers": 0},
+                               kernel_name="python3", progress_bar=False)
+    assert (run_dir / "eval" / "labelled" / "report.json").is_file()
