@@ -149,11 +149,22 @@ class TrainParams(Params):
     seed: int = 42
     num_workers: int = 2
     jitter: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.2, 0.0])  # b, c, s, hue
+    flip: bool = True  # random horizontal flips (the seed's augmentation)
     jpeg_prob: float = 0.0  # probability of a random JPEG re-encoding (quality 30-100)
     blur_prob: float = 0.0  # probability of a random Gaussian blur (sigma 0.1-3)
     threshold: str = field(default="0.5", metadata=_choices("0.5", "eer"))
     schedule: str = field(default="constant", metadata=_choices("constant", "cosine"))
     weight_decay: float = 0.0  # > 0 switches Adam to AdamW (decoupled weight decay)
+    feature_cache: bool = True  # trainable="fc" without augmentation: backbone runs once
+
+    @property
+    def augmented(self) -> bool:
+        return bool(any(self.jitter) or self.flip or self.jpeg_prob or self.blur_prob)
+
+    @property
+    def caches_features(self) -> bool:
+        """Whether fit trains the head on backbone features computed once (same result)."""
+        return self.feature_cache and self.trainable == "fc" and not self.augmented
 
     def check(self) -> None:
         for name in ("image_size", "batch_size", "max_epochs"):

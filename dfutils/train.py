@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dfutils.metrics import binary_metrics, choose_threshold
@@ -118,6 +118,51 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.Adam(trainable, lr=lr)
 
 
+class FeatureDataset(Dataset):
+    """(pooled backbone features, label, index): what the head of a frozen model sees."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor):
+        order = torch.argsort(indices)
+        self.features, self.labels = features[order], labels[order]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.features[index], self.labels[index], index
+
+
+@torch.inference_mode()
+def backbone_features(model: nn.Module, loader: DataLoader, device: torch.device,
+                      desc: str = "features") -> FeatureDataset:
+    """Run everything but `fc` once over a loader's dataset (in order, in eval mode)."""
+    backbone = nn.Sequential(*(m for name, m in model.named_children() if name != "fc"),
+                             nn.Flatten())
+    backbone.eval()
+    ordered = DataLoader(loader.dataset, batch_size=loader.batch_size or 64, shuffle=False,
+                         num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+    parts = [(backbone(images.to(device, non_blocking=True)).float().cpu(), labels, indices)
+             for images, labels, indices in tqdm(ordered, desc=desc, unit="batch", leave=False)]
+    features, labels, indices = (torch.cat(p) for p in zip(*parts, strict=True))
+    return FeatureDataset(features, labels, indices)
+
+
+def cached_loaders(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
+                   seed: int, device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """Loaders over backbone features that give the head the batches the image loaders would.
+
+    The train loader is rebuilt with the same batch size and a generator seeded alike, so it
+    draws the same shuffles as `make_loader(..., seed=seed)` over the images.
+    """
+    from dfutils.data import make_loader
+
+    train = make_loader(backbone_features(model, train_loader, device, "train features"),
+                        train_loader.batch_size, shuffle=True, seed=seed)
+    val = make_loader(backbone_features(model, val_loader, device, "val features"),
+                      val_loader.batch_size, shuffle=False, seed=seed)
+    return train, val
+
+
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, params: TrainParams,
         checkpoint: str | os.PathLike | None = None, device: torch.device | None = None
         ) -> FitResult:
@@ -129,6 +174,13 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
     """
     device = device or default_device()
     model.to(device)
+    # A frozen backbone without augmentation computes the same features every epoch:
+    # compute them once and train the head on them (the results equal the uncached path).
+    net, trainable = model, params.trainable
+    if params.caches_features:
+        train_loader, val_loader = cached_loaders(model, train_loader, val_loader,
+                                                  params.seed, device)
+        net, trainable = model.fc, "all"
     optimizer = make_optimizer(model, params.lr, params.weight_decay)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.max_epochs)
                  if params.schedule == "cosine" else None)
@@ -138,9 +190,9 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
         for epoch in range(1, params.max_epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
-            train = train_one_epoch(model, train_loader, optimizer, device, params.trainable,
+            train = train_one_epoch(net, train_loader, optimizer, device, trainable,
                                     desc=f"epoch {epoch}/{params.max_epochs}")
-            val = evaluate(model, val_loader, device)
+            val = evaluate(net, val_loader, device)
             if scheduler is not None:
                 scheduler.step()
             threshold = choose_threshold(params.threshold, val.labels, val.scores)

@@ -71,7 +71,8 @@ def test_early_stopping_on_a_scripted_loss_sequence():
 
 def _loaders(data_dir, params):
     train = data.ManifestDataset(data.read_manifest(data_dir, "train"),
-                                 data.train_transform(params.image_size, params.jitter))
+                                 data.train_transform(params.image_size, params.jitter,
+                                                      flip=params.flip))
     val = data.ManifestDataset(data.read_manifest(data_dir, "val"),
                                data.eval_transform(params.image_size))
     return (data.make_loader(train, params.batch_size, True, seed=params.seed),
@@ -148,3 +149,23 @@ def test_ctrl_c_keeps_the_best_epoch(separable_split, tmp_path, monkeypatch):
     from dfutils.model import read_checkpoint
 
     assert read_checkpoint(tmp_path / "model.pt")["epoch"] == 1
+
+
+def test_the_feature_cache_gives_the_head_the_uncached_path_gives(separable_split):
+    results = {}
+    for cache in (False, True):
+        model, result = _fit(separable_split, trainable="fc", max_epochs=3, patience=3,
+                             lr=1e-2, jitter=[0.0] * 4, flip=False, feature_cache=cache)
+        results[cache] = (model.fc.weight.detach().clone(), result.history)
+    assert TrainParams(trainable="fc", jitter=[0.0] * 4, flip=False).caches_features
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-4)
+    for cached, plain in zip(results[True][1], results[False][1], strict=True):
+        assert cached["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-4)
+        assert cached["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [{"trainable": "all"}, {"flip": True},
+                                       {"jitter": [0.1, 0, 0, 0]}, {"feature_cache": False}])
+def test_the_feature_cache_is_used_only_when_it_cannot_change_results(overrides):
+    base = {"trainable": "fc", "jitter": [0.0] * 4, "flip": False}
+    assert not TrainParams.from_mapping({**base, **overrides}).caches_features
