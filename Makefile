@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.setup-done
 # as they were typed; it knows which are its own and which are notebook parameters.
 ARGS := $(filter-out PYTHON=%,$(MAKEOVERRIDES))
 
-.PHONY: help setup lab test unit notebooks-test lint check-notebooks split run-all demo clean
+.PHONY: help setup lab test unit lint check-notebooks split run-all demo train-ddp bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,13 +29,13 @@ setup: $(STAMP) ## Create .venv, install the pinned packages and dfutils, regist
 	@echo "setup done: $(VENV) ready, kernel 'Python (dfutils)' registered, nbstripout filter installed"
 
 lab: $(STAMP) ## Open JupyterLab on notebooks/ with the project's kernel
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: lint check-notebooks ## Lint, check notebooks, then run unit tests and notebook smoke tests
 	$(PY) -m pytest
 
-unit: $(STAMP) ## Unit tests only (skips the slower notebook runs)
-	$(PY) -m pytest -m "not notebooks"
+unit: $(STAMP) ## Unit tests only (skips the slower notebook and torchrun tests)
+	$(PY) -m pytest -m "not notebooks and not distributed"
 
 lint: $(STAMP) ## Ruff over the package, tests and notebooks
 	$(VENV)/bin/ruff check dfutils tests notebooks
@@ -53,6 +53,15 @@ run-all: $(STAMP) ## Run 01-split, 02-train, 03-gradcam into runs/<RUN> (RUN= PA
 demo: $(STAMP) ## Build the demo data set and run the whole chain on it into runs/demo
 	$(PY) -m dfutils demo
 	$(PY) -m dfutils run-all --replace-run RUN=demo PARAMS=notebooks/params/demo.yaml $(ARGS)
+
+NPROC ?= 2
+train-ddp: $(STAMP) ## Train (02-train's step) with torchrun on NPROC CPU processes (PARAMS= KEY=value ...)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m dfutils train \
+		$(if $(PARAMS),--params $(PARAMS)) \
+		$(foreach a,$(filter-out NPROC=% PARAMS=%,$(ARGS)),--set $(a))
+
+bench: $(STAMP) ## Benchmarks as ratios to a bare forward pass; writes runs/bench/results.json (QUICK=1: shorter)
+	$(PY) tests/benchmarks/bench.py $(if $(QUICK),--quick)
 
 clean: ## Delete generated outputs (split, demo data, runs); never touches dataset_raw/
 	rm -rf data/train data/val data/masks data/manifest.csv data/split_report.json

@@ -29,6 +29,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from dfutils import distributed
+    from dfutils.params import TrainParams, load_params
+    from dfutils.train import train_run
+
+    sets = dict(_assignment(s) for s in args.set)
+    params = load_params(TrainParams, args.params, sets)
+    with distributed.session():
+        result = train_run(params)
+    return 130 if result.interrupted else 0
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set takes key=value, got {text!r}")
+    return pipeline.ALIASES.get(key.lower(), key.lower()), value
+
+
 def _threshold_line(checkpoint: dict) -> str:
     rule = {"0.5": "fixed 0.5", "eer": "EER point of the validation split"}
     return (f"threshold: P(fake) >= {checkpoint['threshold']:.4f} "
@@ -125,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace an existing run folder (used by make split and make demo)")
     run.add_argument("--runs-root", default="runs", help="folder of run folders (default: runs)")
     run.set_defaults(func=_run_all)
+
+    train = commands.add_parser(
+        "train", help="the training step of 02-train as a command (also under torchrun)",
+        description="Trains with the parameters of 02-train (validated the same way) and "
+        "writes the same files to run_dir. Alone it is one process; under `torchrun "
+        "--nproc_per_node=N` it trains with DistributedDataParallel (NCCL on GPUs, gloo on "
+        "CPUs), batch_size staying the global batch.")
+    train.add_argument("--params", help="YAML parameter file (keys of other notebooks are "
+                       "passed over)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a parameter, winning over the file (repeatable)")
+    train.set_defaults(func=_train)
 
     predict = commands.add_parser(
         "predict", help="score image files and folders with a trained run",

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from dfutils import LABELS
+from dfutils.distributed import per_rank_batch, world
 from dfutils.paths import resolve
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -102,15 +103,20 @@ def eval_transform(image_size: int) -> v2.Compose:
 
 
 def train_transform(image_size: int, jitter: Sequence[float] = (0.2, 0.2, 0.2, 0.0),
-                    jpeg_prob: float = 0.0, blur_prob: float = 0.0, flip: bool = True
-                    ) -> v2.Compose:
+                    jpeg_prob: float = 0.0, blur_prob: float = 0.0, flip: bool = True,
+                    crop_scale: float = 1.0) -> v2.Compose:
     """The seed's augmentation (colour jitter, horizontal flip) plus optional JPEG and blur.
 
     Resizing comes first so every later step works on the small image. JPEG re-encoding
     and blur at random strengths are the robustness recipe of Wang et al. (CVPR 2020).
+    `crop_scale` < 1 resizes a random crop of at least that share of the image instead.
     """
     brightness, contrast, saturation, hue = jitter
-    steps: list = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
+    size = (image_size, image_size)
+    resize = (v2.Resize(size, antialias=True) if crop_scale >= 1 else
+              v2.RandomResizedCrop(size, scale=(crop_scale, 1.0), ratio=(0.9, 1.1),
+                                   antialias=True))
+    steps: list = [v2.ToImage(), resize]
     if jpeg_prob > 0:
         steps.append(v2.RandomApply([v2.JPEG(quality=(30, 100))], p=jpeg_prob))
     if blur_prob > 0:
@@ -150,15 +156,33 @@ def _seed_worker(worker_id: int) -> None:
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
                 seed: int = 0) -> DataLoader:
-    """A DataLoader seeded for repeatable order and augmentation, pinned when CUDA is present."""
-    generator = torch.Generator().manual_seed(seed)
+    """A DataLoader seeded for repeatable order and augmentation, pinned when CUDA is present.
+
+    `batch_size` is the global batch. The order comes from a DistributedSampler in every
+    case (a world of one when not under torchrun), so one process and N processes see the
+    same global batches; `fit` calls its set_epoch. Augmentation seeds differ per rank.
+    """
+    rank, size = world()
+    sampler = DistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=shuffle,
+                                 seed=seed, drop_last=False)
+    generator = torch.Generator().manual_seed(seed + rank)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        batch_size=per_rank_batch(batch_size),
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         worker_init_fn=_seed_worker,
         generator=generator,
     )
+
+
+def train_val_loaders(params) -> tuple[DataLoader, DataLoader]:
+    """The training loader (augmented, shuffled) and the validation loader of a TrainParams."""
+    train = ManifestDataset(read_manifest(params.data_dir, "train"), train_transform(
+        params.image_size, params.jitter, params.jpeg_prob, params.blur_prob, params.flip,
+        params.crop_scale))
+    val = ManifestDataset(read_manifest(params.data_dir, "val"), eval_transform(params.image_size))
+    return (make_loader(train, params.batch_size, True, params.num_workers, params.seed),
+            make_loader(val, params.batch_size, False, params.num_workers, params.seed))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -101,6 +102,33 @@ class Params:
         return dataclasses.asdict(self)
 
 
+def coerce(name: str, value: Any, default: Any) -> Any:
+    """A command-line string (or a YAML scalar) as the type of the parameter's default."""
+    if isinstance(value, str):
+        if value.lower() in ("none", "null"):
+            return None
+        if isinstance(default, bool):
+            if value.lower() in ("1", "true", "yes"):
+                return True
+            if value.lower() in ("0", "false", "no"):
+                return False
+            raise ParameterError(f"parameter {name!r} takes true or false, got {value!r}")
+        try:
+            if isinstance(default, int):
+                return int(value)
+            if isinstance(default, float):
+                return float(value)
+            if isinstance(default, list):
+                return json.loads(value)
+        except ValueError:
+            raise ParameterError(f"parameter {name!r} takes a {type(default).__name__} like "
+                             f"{default!r}, got {value!r}") from None
+        return value
+    if isinstance(default, str) and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # threshold: 0.5 in YAML means the rule "0.5"
+    return value
+
+
 def injected_parameter_names(history: list[str]) -> set[str]:
     """Names assigned by papermill's injected-parameters cell, from the kernel's input history."""
     names: set[str] = set()
@@ -150,16 +178,19 @@ class TrainParams(Params):
     num_workers: int = 2
     jitter: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.2, 0.0])  # b, c, s, hue
     flip: bool = True  # random horizontal flips (the seed's augmentation)
+    crop_scale: float = 1.0  # < 1: random resized crops covering this share of the image or more
     jpeg_prob: float = 0.0  # probability of a random JPEG re-encoding (quality 30-100)
     blur_prob: float = 0.0  # probability of a random Gaussian blur (sigma 0.1-3)
     threshold: str = field(default="0.5", metadata=_choices("0.5", "eer"))
     schedule: str = field(default="constant", metadata=_choices("constant", "cosine"))
-    weight_decay: float = 0.0  # > 0 switches Adam to AdamW (decoupled weight decay)
+    optimizer: str = field(default="adam", metadata=_choices("adam", "sgd"))
+    weight_decay: float = 0.0  # Adam: > 0 switches to AdamW (decoupled); SGD: L2 penalty
     feature_cache: bool = True  # trainable="fc" without augmentation: backbone runs once
 
     @property
     def augmented(self) -> bool:
-        return bool(any(self.jitter) or self.flip or self.jpeg_prob or self.blur_prob)
+        return bool(any(self.jitter) or self.flip or self.jpeg_prob or self.blur_prob
+                    or self.crop_scale < 1)
 
     @property
     def caches_features(self) -> bool:
@@ -182,6 +213,8 @@ class TrainParams(Params):
                 "jitter must be [brightness, contrast, saturation, hue], each >= 0 and "
                 f"hue <= 0.5; got {self.jitter}"
             )
+        if not 0.05 <= self.crop_scale <= 1.0:
+            raise ParameterError(f"crop_scale must be in [0.05, 1], got {self.crop_scale}")
         for name in ("jpeg_prob", "blur_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ParameterError(f"{name} must be a probability, got {getattr(self, name)}")
@@ -228,3 +261,28 @@ class EvalParams(Params):
             raise ParameterError("eval_dir is required: a folder with real/ and fake/ inside")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ParameterError("batch_size must be >= 1 and num_workers >= 0")
+
+
+NOTEBOOK_PARAMS = (SplitParams, TrainParams, GradCamParams, EvalParams)
+
+
+def load_params(cls: type[Params], params_file: str | None, sets: Mapping[str, str]) -> Params:
+    """Parameters from a YAML file and `key=value` strings (which win), validated.
+
+    Keys that belong to the other notebooks (a chain's file holds them all) are passed
+    over; a key no notebook knows is an error.
+    """
+    import yaml
+
+    from dfutils.paths import resolve
+
+    values: dict[str, Any] = {}
+    if params_file:
+        values.update(yaml.safe_load(resolve(params_file).read_text()) or {})
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    values.update({k: coerce(k, v, defaults.get(k, "")) for k, v in sets.items()})
+    others = {n for c in NOTEBOOK_PARAMS if c is not cls for n in c.names()}
+    values = {k: v for k, v in values.items() if k in defaults or k not in others}
+    return cls.from_mapping({k: coerce(k, v, defaults[k]) if k in defaults else v
+                             for k, v in values.items()})

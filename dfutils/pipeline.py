@@ -18,6 +18,7 @@ import papermill
 import yaml
 
 from dfutils import split as split_step
+from dfutils.params import coerce
 from dfutils.paths import REPO_ROOT, resolve, write_json
 from dfutils.runs import now, read_run, record_step, start_run
 
@@ -42,33 +43,6 @@ def declared_parameters(notebook: str | Path) -> dict[str, Any]:
     """The parameters a notebook declares, with their default values."""
     found = papermill.inspect_notebook(str(resolve(notebook)))
     return {name: ast.literal_eval(p["default"]) for name, p in found.items()}
-
-
-def coerce(name: str, value: Any, default: Any) -> Any:
-    """A command-line string (or a YAML scalar) as the type of the parameter's default."""
-    if isinstance(value, str):
-        if value.lower() in ("none", "null"):
-            return None
-        if isinstance(default, bool):
-            if value.lower() in ("1", "true", "yes"):
-                return True
-            if value.lower() in ("0", "false", "no"):
-                return False
-            raise ChainError(f"parameter {name!r} takes true or false, got {value!r}")
-        try:
-            if isinstance(default, int):
-                return int(value)
-            if isinstance(default, float):
-                return float(value)
-            if isinstance(default, list):
-                return json.loads(value)
-        except ValueError:
-            raise ChainError(f"parameter {name!r} takes a {type(default).__name__} like "
-                             f"{default!r}, got {value!r}") from None
-        return value
-    if isinstance(default, str) and isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)  # threshold: 0.5 in YAML means the rule "0.5"
-    return value
 
 
 def parse_assignments(args: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:

@@ -14,9 +14,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from dfutils import distributed
+from dfutils.data import make_loader
 from dfutils.metrics import binary_metrics, choose_threshold
 from dfutils.model import save_checkpoint, train_mode
 from dfutils.params import TrainParams
+from dfutils.paths import resolve, write_csv, write_json
 
 
 def default_device() -> torch.device:
@@ -48,7 +51,7 @@ class EarlyStopping:
 
 @dataclass
 class Evaluation:
-    loss: float
+    loss: float  # mean BCE
     labels: np.ndarray  # fake = 1
     scores: np.ndarray  # P(fake)
     indices: np.ndarray  # positions in the dataset
@@ -68,11 +71,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     device: torch.device, trainable: str = "all", desc: str = "train"
                     ) -> dict[str, float]:
     """One pass over `loader`; returns mean loss, accuracy at 0.5, images and seconds."""
-    train_mode(model, trainable)
+    train_mode(model.module if hasattr(model, "module") else model, trainable)  # DDP wraps
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False)
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not distributed.is_main())
     for images, labels, _ in bar:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -94,25 +97,37 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
              desc: str = "val") -> Evaluation:
-    """Mean BCE loss and P(fake) for every image in `loader`, in eval mode."""
+    """Mean BCE loss and P(fake) for every image of `loader`'s dataset, in eval mode.
+
+    Under torchrun each rank scores its share; the results are gathered, so every rank
+    returns the metrics of the whole split (each image once, in dataset order).
+    """
     model.eval()
-    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
-    total, labels_out, scores_out, index_out = 0.0, [], [], []
-    for images, labels, indices in tqdm(loader, desc=desc, unit="batch", leave=False):
-        logits = model(images.to(device, non_blocking=True)).squeeze(1).float().cpu()
-        total += loss_fn(logits, labels).item()
-        labels_out.append(labels.numpy())
-        scores_out.append(torch.sigmoid(logits).numpy())
-        index_out.append(indices.numpy())
-    labels = np.concatenate(labels_out) if labels_out else np.zeros(0)
-    return Evaluation(total / max(len(labels), 1), labels.astype(int),
-                      np.concatenate(scores_out) if scores_out else np.zeros(0),
-                      np.concatenate(index_out) if index_out else np.zeros(0, dtype=int))
+    parts = []
+    for images, labels, indices in tqdm(loader, desc=desc, unit="batch", leave=False,
+                                        disable=not distributed.is_main()):
+        logits = model(images.to(device, non_blocking=True)).reshape(-1).float().cpu()
+        losses = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        parts.append((losses.numpy(), labels.numpy(), torch.sigmoid(logits).numpy(),
+                      indices.numpy()))
+    columns = [np.concatenate(c) for c in zip(*parts, strict=True)] if parts else [
+        np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, dtype=int)]
+    losses, labels, scores, indices = distributed.gather_arrays(*columns)
+    # DistributedSampler pads the last round with repeats: keep each image once.
+    indices, first = np.unique(indices, return_index=True)
+    losses, labels, scores = losses[first], labels[first], scores[first]
+    return Evaluation(float(losses.mean()) if len(losses) else math.nan, labels.astype(int),
+                      scores, indices)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam (the seed's) over trainable parameters; AdamW when weight decay is asked for."""
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, name: str = "adam"
+                   ) -> torch.optim.Optimizer:
+    """Over trainable parameters: Adam (the seed's), AdamW when weight decay is asked for, or
+    SGD with Nesterov momentum 0.9 (the usual from-scratch choice)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(trainable, lr=lr, momentum=0.9, nesterov=True,
+                               weight_decay=weight_decay)
     if weight_decay > 0:
         return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     return torch.optim.Adam(trainable, lr=lr)
@@ -148,18 +163,16 @@ def backbone_features(model: nn.Module, loader: DataLoader, device: torch.device
 
 
 def cached_loaders(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
-                   seed: int, device: torch.device) -> tuple[DataLoader, DataLoader]:
+                   params: TrainParams, device: torch.device) -> tuple[DataLoader, DataLoader]:
     """Loaders over backbone features that give the head the batches the image loaders would.
 
-    The train loader is rebuilt with the same batch size and a generator seeded alike, so it
-    draws the same shuffles as `make_loader(..., seed=seed)` over the images.
+    They are made by `make_loader` with the same batch size and seed as the image loaders
+    (the notebook's), so they draw the same shuffles.
     """
-    from dfutils.data import make_loader
-
     train = make_loader(backbone_features(model, train_loader, device, "train features"),
-                        train_loader.batch_size, shuffle=True, seed=seed)
+                        params.batch_size, shuffle=True, seed=params.seed)
     val = make_loader(backbone_features(model, val_loader, device, "val features"),
-                      val_loader.batch_size, shuffle=False, seed=seed)
+                      params.batch_size, shuffle=False, seed=params.seed)
     return train, val
 
 
@@ -170,7 +183,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
 
     Each new best is written to `checkpoint` at once, with its threshold and metrics, so
     Ctrl-C (or a crash) at any point leaves the best model so far on disk. On return the
-    model holds the best weights.
+    model holds the best weights. Under torchrun, only rank 0 writes, validation metrics
+    cover the whole split, and rank 0's early-stopping decision holds for all ranks.
     """
     device = device or default_device()
     model.to(device)
@@ -178,10 +192,14 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
     # compute them once and train the head on them (the results equal the uncached path).
     net, trainable = model, params.trainable
     if params.caches_features:
-        train_loader, val_loader = cached_loaders(model, train_loader, val_loader,
-                                                  params.seed, device)
+        train_loader, val_loader = cached_loaders(model, train_loader, val_loader, params,
+                                                  device)
         net, trainable = model.fc, "all"
-    optimizer = make_optimizer(model, params.lr, params.weight_decay)
+    optimizer = make_optimizer(model, params.lr, params.weight_decay, params.optimizer)
+    rank, size = distributed.world()
+    # Under torchrun, DDP averages the gradients of the ranks' shares of each global batch.
+    trained = net if size == 1 else nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.max_epochs)
                  if params.schedule == "cosine" else None)
     stopper = EarlyStopping(params.patience, params.min_delta)
@@ -190,8 +208,14 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
         for epoch in range(1, params.max_epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
-            train = train_one_epoch(net, train_loader, optimizer, device, trainable,
+            train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, alike on all ranks
+            train = train_one_epoch(trained, train_loader, optimizer, device, trainable,
                                     desc=f"epoch {epoch}/{params.max_epochs}")
+            if size > 1:  # every rank's share of the epoch, summed
+                n, loss, acc = distributed.gather_arrays(
+                    np.array([train["n"]]), np.array([train["loss"] * train["n"]]),
+                    np.array([train["acc"] * train["n"]]))
+                train.update(n=int(n.sum()), loss=loss.sum() / n.sum(), acc=acc.sum() / n.sum())
             val = evaluate(net, val_loader, device)
             if scheduler is not None:
                 scheduler.step()
@@ -210,7 +234,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
             }
             result.history.append(row)
             improved = stopper.step(val.loss)
-            tqdm.write(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc "
+            log = tqdm.write if rank == 0 else (lambda message: None)
+            log(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc "
                        f"{row['train_acc']:.3f}  val loss {val.loss:.4f} acc "
                        f"{row['val_acc']:.3f} auc {row['val_auc']:.4f}  {row['seconds']:.1f}s"
                        + ("  *best" if improved else ""))
@@ -219,12 +244,12 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
                 result.best_epoch, result.threshold, result.best_eval = epoch, threshold, val
                 result.metrics = {**metrics, "val_loss": val.loss, "best_epoch": epoch,
                                   "threshold_rule": params.threshold}
-                if checkpoint is not None:
+                if checkpoint is not None and rank == 0:
                     save_checkpoint(checkpoint, model, params=params.to_dict(),
                                     threshold=threshold, threshold_rule=params.threshold,
                                     metrics=result.metrics, epoch=epoch)
-            if stopper.should_stop:
-                tqdm.write(f"early stop: no better validation loss for {stopper.bad_epochs} "
+            if distributed.broadcast_flag(stopper.should_stop):
+                log(f"early stop: no better validation loss for {stopper.bad_epochs} "
                            f"epochs; keeping epoch {result.best_epoch}")
                 break
     except KeyboardInterrupt:
@@ -232,4 +257,61 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
         tqdm.write(f"interrupted: keeping the best epoch so far ({result.best_epoch or 'none'})")
     if best_state is not None:
         model.load_state_dict(best_state)
+    return result
+
+
+def save_outputs(run_dir: str | os.PathLike, result: FitResult, val_samples: list,
+                 data_dir: str | os.PathLike) -> dict:
+    """history.csv, metrics.json, val_predictions.csv and the figures; returns the figures."""
+    from dfutils import viz
+
+    if not result.history or result.best_eval is None:
+        raise RuntimeError("training stopped before the first epoch finished; nothing to save")
+    out, data_dir = resolve(run_dir), resolve(data_dir)
+    write_csv(out / "history.csv", result.history)
+    write_json(out / "metrics.json", {**result.metrics, "interrupted": result.interrupted,
+                                       "epochs_run": len(result.history)})
+    best, m = result.best_eval, result.metrics
+    write_csv(out / "val_predictions.csv",
+              [{"path": val_samples[i].path.relative_to(data_dir).as_posix(),
+                "label": int(label), "p_fake": float(score)}
+               for i, label, score in zip(best.indices, best.labels, best.scores, strict=True)])
+    figures = {
+        "curves.png": viz.plot_history(result.history, result.best_epoch),
+        "roc.png": viz.plot_roc(best.labels, best.scores),
+        "confusion.png": viz.plot_confusion(m["confusion"], m["threshold"]),
+        "scores.png": viz.plot_score_hist(best.labels, best.scores, m["threshold"]),
+    }
+    for name, fig in figures.items():
+        viz.save_figure(fig, out / name)
+    return figures
+
+
+def train_run(params: TrainParams) -> FitResult:
+    """The 02-train notebook as a function (the `train` command): one process or a torchrun rank.
+
+    Only rank 0 writes: model.pt, history, metrics, predictions, figures and run.json.
+    """
+    from dfutils import runs
+    from dfutils.data import train_val_loaders
+    from dfutils.model import build_model
+
+    runs.seed_everything(params.seed)
+    rank, size = distributed.world()
+    out = resolve(params.run_dir)
+    started = runs.now()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "run.json").is_file():
+            runs.start_run(out, out.name, None)
+    train_loader, val_loader = train_val_loaders(params)
+    model = build_model(params.weights, params.trainable)
+    result = fit(model, train_loader, val_loader, params, checkpoint=out / "model.pt",
+                 device=distributed.device())
+    if rank == 0:
+        save_outputs(out, result, val_loader.dataset.samples, params.data_dir)
+        runs.record_step(out, "02-train", params=params.to_dict(), started=started,
+                         finished=runs.now(), world_size=size,
+                         status="interrupted" if result.interrupted else "done",
+                         metrics=result.metrics, command="python -m dfutils train")
     return result

@@ -1,0 +1,295 @@
+"""make bench: every hot path as a ratio against a baseline measured in the same process.
+
+L, the limit, is a bare ResNet18 forward at 224 px, batch 64, under inference_mode, in the
+best memory format for the device. Each figure is the median of several repeats. Results
+are printed as a table and written to runs/bench/results.json.
+
+    python tests/benchmarks/bench.py [--quick] [--data DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dfutils import data
+from dfutils.gradcam import GradCAM
+from dfutils.inference import score_files
+from dfutils.model import build_model
+from dfutils.params import TrainParams
+from dfutils.paths import REPO_ROOT, write_json
+from dfutils.runs import environment
+from dfutils.split import split
+from dfutils.train import default_device, fit
+
+SHARED = REPO_ROOT.parent / "shared" / "data" / "ffhq-stylegan"
+
+
+def median_rate(work, n_items: int, repeats: int) -> float:
+    """Median items/s of `work()` over `repeats` runs (after one warm-up run)."""
+    work()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        rates.append(n_items / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def limit(device: torch.device, repeats: int) -> tuple[float, str]:
+    """L: bare ResNet18 forward, 224 px, batch 64, inference_mode, best memory format."""
+    model = build_model(None, "all").eval().to(device)
+    x = torch.randn(64, 3, 224, 224, device=device)
+    best = (0.0, "")
+    for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last",
+                                                               torch.channels_last)):
+        m, xi = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+
+        def forward(m=m, xi=xi):
+            with torch.inference_mode():
+                m(xi)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        rate = median_rate(forward, 64, repeats)
+        best = max(best, (rate, name))
+    return best
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system: copy
+        shutil.copy(src, dst)
+
+
+def jpeg_folder(root: Path, n: int) -> Path:
+    """Up to n per class of 256 px JPEGs: the benchmark faces when present, else generated."""
+    rng = np.random.default_rng(0)
+    for label in ("real", "fake"):
+        (root / label).mkdir(parents=True)
+        if SHARED.is_dir():
+            for src in sorted((SHARED / label).iterdir())[:n]:
+                _link(src, root / label / src.name)
+            continue
+        for i in range(n):
+            pixels = rng.integers(0, 256, (32, 32, 3), np.uint8)
+            Image.fromarray(pixels).resize((256, 256), Image.Resampling.BICUBIC).save(
+                root / label / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def train_epoch_rate(data_dir: Path, device: torch.device, **overrides) -> dict:
+    """Images/s of training epochs of `fit` (frozen backbone by default), per epoch."""
+    params = TrainParams.from_mapping({"data_dir": str(data_dir), "weights": None,
+                                       "trainable": "fc", "max_epochs": 3, "patience": 3,
+                                       "num_workers": 2, **overrides})
+    train = data.ManifestDataset(data.read_manifest(data_dir, "train"), data.train_transform(
+        params.image_size, params.jitter, params.jpeg_prob, params.blur_prob, params.flip))
+    val = data.ManifestDataset(data.read_manifest(data_dir, "val"),
+                               data.eval_transform(params.image_size))
+    loaders = (data.make_loader(train, params.batch_size, True, params.num_workers, params.seed),
+               data.make_loader(val, params.batch_size, False, params.num_workers))
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    result = fit(build_model(None, params.trainable), *loaders, params, device=device)
+    return {"total_s": time.perf_counter() - start, "history": result.history,
+            "n_train": len(train)}
+
+
+def naive_epoch_rate(data_dir: Path, repeats: int) -> float:
+    """The plain way: whole model in train mode, one loader worker, PIL (v1) transforms."""
+    from torchvision import transforms as T
+
+    model = build_model(None, "fc")
+    model.train()  # BatchNorm in train mode, as a plain notebook leaves it
+    transform = T.Compose([T.Resize((224, 224)), T.ColorJitter(0.2, 0.2, 0.2),
+                           T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    dataset = data.ManifestDataset(data.read_manifest(data_dir, "train"), transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True, num_workers=1)
+    optimizer = torch.optim.Adam(model.fc.parameters(), lr=1e-4)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def epoch():
+        for images, labels, _ in loader:
+            loss = loss_fn(model(images).squeeze(1), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return median_rate(epoch, len(dataset), max(1, repeats - 2))
+
+
+def gradcam_rates(device: torch.device, repeats: int) -> dict:
+    """Ours vs pytorch-grad-cam on one batch of 32 at 224 px, and ours batched vs one by one."""
+    from pytorch_grad_cam import GradCAM as Reference
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = build_model(None, "all").eval().to(device)
+    x = torch.randn(32, 3, 224, 224, device=device)
+    targets = [BinaryClassifierOutputTarget(1)] * 32
+    with Reference(model=model, target_layers=[model.layer4[-1]]) as reference:
+        theirs_rate = median_rate(lambda: reference(input_tensor=x, targets=targets), 32, repeats)
+        theirs = reference(input_tensor=x, targets=targets)
+    with GradCAM(model) as cam:
+        ours_rate = median_rate(lambda: cam(x, "fake"), 32, repeats)
+        single_rate = median_rate(lambda: [cam(x[i:i + 1], "fake") for i in range(32)], 32,
+                                  max(1, repeats // 2))
+        raw, _, _ = cam.raw(x, "fake")
+    import cv2
+
+    def minmax(a):
+        a = a - a.min()
+        return a / (1e-7 + a.max())
+    ours = np.stack([minmax(cv2.resize(minmax(m), (224, 224))) for m in raw.cpu().numpy()])
+    return {"pytorch_grad_cam": theirs_rate, "ours": ours_rate, "ours_one_by_one": single_rate,
+            "max_abs_difference": float(np.abs(ours - theirs).max())}
+
+
+def split_rates(root: Path, n: int, repeats: int) -> dict:
+    """Our split (threads, full decode, hashing, links) vs a bare single-process PIL decode."""
+    raw = jpeg_folder(root / "raw", n)
+    files = sorted(raw.rglob("*.jpg"))
+
+    def bare():
+        for f in files:
+            with Image.open(f) as image:
+                image.load()
+    runs = iter(range(10_000))
+
+    def ours():  # a new data_dir each time: a re-run over an existing split would do nothing
+        split(raw, root / f"data{next(runs)}")
+    return {"n_files": len(files), "bare_loop": median_rate(bare, len(files), repeats),
+            "split": median_rate(ours, len(files), repeats)}
+
+
+MEMORY_CHILD = """
+import resource, sys, torch
+from dfutils import data
+from dfutils.model import build_model
+from dfutils.params import TrainParams
+from dfutils.train import fit
+d = sys.argv[1]
+p = TrainParams(data_dir=d, weights=None, trainable="fc", image_size=64, batch_size=64,
+                max_epochs=1, num_workers=0, jitter=[0.2, 0.2, 0.2, 0.0])
+tr = data.ManifestDataset(data.read_manifest(d, "train"), data.train_transform(64, p.jitter))
+va = data.ManifestDataset(data.read_manifest(d, "val"), data.eval_transform(64))
+fit(build_model(None, "fc"), data.make_loader(tr, 64, True), data.make_loader(va, 64, False), p)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def memory(root: Path, sizes: tuple[int, int]) -> dict:
+    """Peak RSS (MiB) of one training epoch at two data-set sizes, the larger made by links.
+
+    Links of one file are one content, which the split would fold together; the manifest
+    is written directly instead, listing every link as its own image.
+    """
+    base = sorted(jpeg_folder(root / "base", sizes[0] // 2).rglob("*.jpg"))
+    out = {}
+    for n in sizes:
+        folder = root / f"set_{n}"
+        folder.mkdir()
+        rows = []
+        for i in range(n):
+            src = base[i % len(base)]
+            dest = folder / f"{i:06d}.jpg"
+            _link(src, dest)
+            rows.append({"path": dest.name, "label": src.parent.name,
+                         "split": "val" if i % 5 == 0 else "train", "mask": ""})
+        with open(folder / "manifest.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(folder)],
+                              capture_output=True, text=True, check=True)
+        out[n] = int(done.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss is KiB
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and images")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 5
+    n_per_class = 100 if args.quick else 300
+    device = default_device()
+    results: dict = {"environment": environment(), "device": str(device)}
+    rows = []
+
+    def row(case, value, unit, ratio=None, target=None):
+        rows.append((case, value, unit, ratio, target))
+        results.setdefault("cases", {})[case] = {"value": value, "unit": unit, "ratio": ratio,
+                                                 "target": target}
+        print(f"{case:44s} {value:10.2f} {unit:8s}"
+              + (f"  ratio {ratio:7.2f}" if ratio is not None else "")
+              + (f"  (target {target})" if target else ""), flush=True)
+
+    L, fmt = limit(device, repeats)
+    results["limit_memory_format"] = fmt
+    row(f"L: ResNet18 forward, 224 px, batch 64 ({fmt})", L, "img/s")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        raw = jpeg_folder(tmp / "raw", n_per_class)
+        split(raw, tmp / "data")
+        aug = train_epoch_rate(tmp / "data", device, max_epochs=2)
+        rate = statistics.median(h["images_per_s"] for h in aug["history"])
+        row("train, frozen backbone, with augmentation", rate, "img/s", rate / L, ">= 0.8")
+
+        plain = train_epoch_rate(tmp / "data", device, max_epochs=2, jitter=[0.0] * 4,
+                                 flip=False, feature_cache=False)
+        cached = train_epoch_rate(tmp / "data", device, max_epochs=4, jitter=[0.0] * 4,
+                                  flip=False, feature_cache=True)
+        uncached_s = statistics.median(h["seconds"] for h in plain["history"])
+        cached_s = statistics.median(h["seconds"] for h in cached["history"][1:])
+        row("train, frozen, no augmentation: cached epoch", cached_s * 1000, "ms",
+            uncached_s / cached_s, ">= 100x an uncached epoch")
+
+        naive = naive_epoch_rate(tmp / "data", repeats)
+        row("the seed's naive frozen epoch", naive, "img/s", rate / naive, "ours faster")
+
+        files = sorted((tmp / "raw").rglob("*.jpg"))
+        model = build_model(None, "fc")
+        predict = median_rate(lambda: score_files(model, files, 224, 64, 2, device=device),
+                              len(files), max(1, repeats - 2))
+        row("predict from JPEG files", predict, "img/s", predict / L, ">= 0.85")
+
+        cams = gradcam_rates(device, repeats)
+        row("Grad-CAM, pytorch-grad-cam, batch 32", cams["pytorch_grad_cam"], "img/s")
+        row("Grad-CAM, ours, batch 32", cams["ours"], "img/s",
+            cams["ours"] / cams["pytorch_grad_cam"], ">= 2.5x pytorch-grad-cam")
+        row("Grad-CAM, ours, one image at a time", cams["ours_one_by_one"], "img/s",
+            cams["ours"] / cams["ours_one_by_one"], "batched >= 4x")
+        results["gradcam_max_abs_difference"] = cams["max_abs_difference"]
+        print(f"  Grad-CAM maps: max |ours - pytorch-grad-cam| = {cams['max_abs_difference']:.2e}")
+
+        splits = split_rates(tmp / "split", 500 if args.quick else 1100, max(1, repeats - 2))
+        row(f"split, {splits['n_files']} files", splits["split"], "files/s",
+            splits["split"] / splits["bare_loop"], ">= 1.5x a bare PIL decode loop")
+
+        sizes = (1000, 4000) if args.quick else (2000, 20000)
+        rss = memory(tmp / "memory", sizes)
+        row(f"peak RSS, epoch over {sizes[0]} images", rss[sizes[0]], "MiB")
+        row(f"peak RSS, epoch over {sizes[1]} images", rss[sizes[1]], "MiB",
+            rss[sizes[1]] / rss[sizes[0]], "~1 (no growth)")
+    results["peak_rss_self_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    write_json(REPO_ROOT / "runs" / "bench" / "results.json", results)
+    print(f"written: {REPO_ROOT / 'runs' / 'bench' / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
