@@ -20,7 +20,7 @@ from dfutils.metrics import binary_metrics, calibration_bins, expected_calibrati
 from dfutils.model import load_checkpoint
 from dfutils.paths import resolve, write_json
 from dfutils.split import scan
-from dfutils.train import default_device
+from dfutils.train import default_device, to_device
 
 Perturb = Callable[[Image.Image], Image.Image]
 SWEEPS: dict[str, tuple] = {
@@ -89,12 +89,12 @@ def score_files(model: torch.nn.Module, files: Sequence[Path], image_size: int,
                 ) -> tuple[np.ndarray, list[str]]:
     """P(fake) per file (NaN where unreadable) and the error of each file ("" when scored)."""
     device = device or default_device()
-    model.eval().to(device)
+    model.eval().to(device, memory_format=torch.channels_last)
     loader = DataLoader(FileDataset(files, image_size, perturb), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     scores, errors = np.full(len(files), np.nan), [""] * len(files)
     for images, indices, batch_errors in tqdm(loader, desc=desc, unit="batch", leave=False):
-        p_fake = torch.sigmoid(model(images.to(device)).reshape(-1).float()).cpu().numpy()
+        p_fake = torch.sigmoid(model(to_device(images, device)).reshape(-1).float()).cpu().numpy()
         for i, p, error in zip(indices.tolist(), p_fake, batch_errors, strict=True):
             if error:
                 errors[i] = error

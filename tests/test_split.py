@@ -208,3 +208,12 @@ def test_masks_are_found_and_not_split_as_images(tmp_path, raw):
     assert rows["fake/f000.png"]["mask"] and rows["fake/f001.png"]["mask"]
     assert (tmp_path / "data" / rows["fake/f001.png"]["mask"]).is_file()
     assert report["n_masks"] == 2
+
+
+def test_worker_processes_give_the_same_result_as_one_process(tmp_path):
+    from dfutils.split import inspect_all, scan
+
+    raw = make_raw(tmp_path / "raw", 150, 150, size=8)  # enough files for the process pool
+    (raw / "fake" / "broken.png").write_bytes(b"")
+    candidates, _ = scan(raw)
+    assert inspect_all(raw, candidates, workers=2) == inspect_all(raw, candidates, workers=1)

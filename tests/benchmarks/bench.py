@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # a table, not progress bars
+
 from dfutils import data
 from dfutils.gradcam import GradCAM
 from dfutils.inference import score_files
