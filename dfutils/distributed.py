@@ -28,6 +28,11 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+def quiet_unless_main() -> dict:
+    """tqdm arguments: no progress bars from ranks other than 0 (rank 0 keeps the defaults)."""
+    return {} if is_main() else {"disable": True}
+
+
 def device() -> torch.device:
     """This rank's GPU (LOCAL_RANK) when there are GPUs, else the CPU."""
     if torch.cuda.is_available():

@@ -193,25 +193,26 @@ def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dic
                 ) -> list[dict]:
     """Link (or copy) each image into out/<split>/<label>/, return the manifest rows."""
     rows, taken = [], set()
+    for split in SPLITS:
+        for label in CLASSES:
+            (out / split / label).mkdir(parents=True)
     for info in sorted(images, key=lambda i: (i.label, i.source)):
         split = split_of[info.sha256]
         # Flattening the path below the class folder keeps names from different
         # subfolders apart; a hash suffix settles the rare clash that remains.
-        rel = Path(info.source).relative_to(info.label)
-        name = "__".join(rel.parts)
-        dest = Path(split, info.label, name)
-        if dest.as_posix().lower() in taken:
-            dest = dest.with_name(f"{dest.stem}-{info.sha256[:8]}{dest.suffix}")
-        taken.add(dest.as_posix().lower())
-        (out / dest).parent.mkdir(parents=True, exist_ok=True)
+        name = info.source.split("/", 1)[1].replace("/", "__")
+        dest = f"{split}/{info.label}/{name}"
+        if dest.lower() in taken:
+            stem, dot, suffix = name.rpartition(".")
+            dest = f"{split}/{info.label}/{stem}-{info.sha256[:8]}{dot}{suffix}"
+        taken.add(dest.lower())
         _link_or_copy(raw_dir / info.source, out / dest)
         mask = ""
         if info.mask:
-            mask_dest = Path("masks", split, info.label, f"{dest.stem}.png")
-            (out / mask_dest).parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(raw_dir / info.mask, out / mask_dest)
-            mask = mask_dest.as_posix()
-        rows.append({"path": dest.as_posix(), "label": info.label, "split": split,
+            mask = f"masks/{split}/{info.label}/{Path(dest).stem}.png"
+            (out / mask).parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(raw_dir / info.mask, out / mask)
+        rows.append({"path": dest, "label": info.label, "split": split,
                      "sha256": info.sha256, "width": info.width, "height": info.height,
                      "source": info.source, "mask": mask})
     return rows

@@ -83,7 +83,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not distributed.is_main())
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, **distributed.quiet_unless_main())
     for images, labels, _ in bar:
         images, labels = to_device(images, device), labels.to(device, non_blocking=True)
         logits = model(images).squeeze(1)
@@ -112,7 +112,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
     model.eval()
     parts = []
     for images, labels, indices in tqdm(loader, desc=desc, unit="batch", leave=False,
-                                        disable=not distributed.is_main()):
+                                        **distributed.quiet_unless_main()):
         logits = model(to_device(images, device)).reshape(-1).float().cpu()
         losses = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         parts.append((losses.numpy(), labels.numpy(), torch.sigmoid(logits).numpy(),

@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # a table, not progress bars (before tqdm loads)
+
 import numpy as np
 import torch
 from PIL import Image
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # a table, not progress bars
 
 from dfutils import data
 from dfutils.gradcam import GradCAM
@@ -179,7 +179,7 @@ def split_rates(root: Path, n: int, repeats: int) -> dict:
 
 
 MEMORY_CHILD = """
-import resource, sys, torch
+import sys
 from dfutils import data
 from dfutils.model import build_model
 from dfutils.params import TrainParams
@@ -190,7 +190,8 @@ p = TrainParams(data_dir=d, weights=None, trainable="fc", image_size=64, batch_s
 tr = data.ManifestDataset(data.read_manifest(d, "train"), data.train_transform(64, p.jitter))
 va = data.ManifestDataset(data.read_manifest(d, "val"), data.eval_transform(64))
 fit(build_model(None, "fc"), data.make_loader(tr, 64, True), data.make_loader(va, 64, False), p)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent.
+print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")))
 """
 
 
@@ -218,7 +219,7 @@ def memory(root: Path, sizes: tuple[int, int]) -> dict:
             writer.writerows(rows)
         done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(folder)],
                               capture_output=True, text=True, check=True)
-        out[n] = int(done.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss is KiB
+        out[n] = int(done.stdout.strip().splitlines()[-1]) / 1024  # kB
     return out
 
 
