@@ -179,6 +179,7 @@ class TrainParams(Params):
     jitter: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.2, 0.0])  # b, c, s, hue
     flip: bool = True  # random horizontal flips (the seed's augmentation)
     crop_scale: float = 1.0  # < 1: random resized crops covering this share of the image or more
+    mixup: float = 0.0  # > 0: mixup (Zhang et al. 2018) with Beta(mixup, mixup) weights
     jpeg_prob: float = 0.0  # probability of a random JPEG re-encoding (quality 30-100)
     blur_prob: float = 0.0  # probability of a random Gaussian blur (sigma 0.1-3)
     threshold: str = field(default="0.5", metadata=_choices("0.5", "eer"))
@@ -190,7 +191,7 @@ class TrainParams(Params):
     @property
     def augmented(self) -> bool:
         return bool(any(self.jitter) or self.flip or self.jpeg_prob or self.blur_prob
-                    or self.crop_scale < 1)
+                    or self.crop_scale < 1 or self.mixup > 0)
 
     @property
     def caches_features(self) -> bool:
@@ -213,6 +214,8 @@ class TrainParams(Params):
                 "jitter must be [brightness, contrast, saturation, hue], each >= 0 and "
                 f"hue <= 0.5; got {self.jitter}"
             )
+        if self.mixup < 0:
+            raise ParameterError(f"mixup must be >= 0, got {self.mixup}")
         if not 0.05 <= self.crop_scale <= 1.0:
             raise ParameterError(f"crop_scale must be in [0.05, 1], got {self.crop_scale}")
         for name in ("jpeg_prob", "blur_prob"):

@@ -75,10 +75,23 @@ class FitResult:
     interrupted: bool = False
 
 
+def mix(images: torch.Tensor, labels: torch.Tensor, alpha: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup: each image and label blended with another of the batch, one Beta(alpha, alpha)
+    weight per batch (drawn from torch's seeded generator)."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    order = torch.randperm(len(labels))
+    return (lam * images + (1 - lam) * images[order.to(images.device)],
+            lam * labels + (1 - lam) * labels[order.to(labels.device)])
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    device: torch.device, trainable: str = "all", desc: str = "train"
-                    ) -> dict[str, float]:
-    """One pass over `loader`; returns mean loss, accuracy at 0.5, images and seconds."""
+                    device: torch.device, trainable: str = "all", desc: str = "train",
+                    mixup: float = 0.0) -> dict[str, float]:
+    """One pass over `loader`; returns mean loss, accuracy at 0.5, images and seconds.
+
+    With mixup the targets are blended, and accuracy counts the larger share's label.
+    """
     train_mode(model.module if hasattr(model, "module") else model, trainable)  # DDP wraps
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     total_loss, correct, seen = 0.0, 0, 0
@@ -86,13 +99,15 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, **distributed.quiet_unless_main())
     for images, labels, _ in bar:
         images, labels = to_device(images, device), labels.to(device, non_blocking=True)
+        if mixup > 0:
+            images, labels = mix(images, labels, mixup)
         logits = model(images).squeeze(1)
         loss = loss_fn(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         (loss / len(labels)).backward()
         optimizer.step()
         total_loss += loss.item()
-        correct += ((logits >= 0).float() == labels).sum().item()
+        correct += ((logits >= 0).float() == labels.round()).sum().item()
         seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}",
                         refresh=False)  # the bar redraws at its own pace (mininterval)
@@ -218,7 +233,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
             start = time.perf_counter()
             train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, alike on all ranks
             train = train_one_epoch(trained, train_loader, optimizer, device, trainable,
-                                    desc=f"epoch {epoch}/{params.max_epochs}")
+                                    desc=f"epoch {epoch}/{params.max_epochs}",
+                                    mixup=params.mixup)
             if size > 1:  # every rank's share of the epoch, summed
                 n, loss, acc = distributed.gather_arrays(
                     np.array([train["n"]]), np.array([train["loss"] * train["n"]]),

@@ -165,7 +165,20 @@ def test_the_feature_cache_gives_the_head_the_uncached_path_gives(separable_spli
 
 
 @pytest.mark.parametrize("overrides", [{"trainable": "all"}, {"flip": True},
-                                       {"jitter": [0.1, 0, 0, 0]}, {"feature_cache": False}])
+                                       {"jitter": [0.1, 0, 0, 0]}, {"feature_cache": False},
+                                       {"mixup": 0.4}, {"crop_scale": 0.8}])
 def test_the_feature_cache_is_used_only_when_it_cannot_change_results(overrides):
     base = {"trainable": "fc", "jitter": [0.0] * 4, "flip": False}
     assert not TrainParams.from_mapping({**base, **overrides}).caches_features
+
+
+def test_mixup_blends_images_and_labels_with_the_same_weights():
+    from dfutils.train import mix
+
+    torch.manual_seed(0)
+    labels = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    images = labels.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).clone()  # each image = its label
+    mixed_images, mixed_labels = mix(images, labels, alpha=0.4)
+    torch.testing.assert_close(mixed_images.mean(dim=(1, 2, 3)), mixed_labels)
+    assert not torch.equal(mixed_labels, labels) and 0 <= mixed_labels.min() <= 1
+    assert mixed_labels.sum() == pytest.approx(labels.sum())  # a permutation keeps the mass
