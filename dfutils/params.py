@@ -284,7 +284,7 @@ def load_params(cls: type[Params], params_file: str | None, sets: Mapping[str, s
         values.update(yaml.safe_load(resolve(params_file).read_text()) or {})
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(cls)}
-    values.update({k: coerce(k, v, defaults.get(k, "")) for k, v in sets.items()})
+    values.update(sets)
     others = {n for c in NOTEBOOK_PARAMS if c is not cls for n in c.names()}
     values = {k: v for k, v in values.items() if k in defaults or k not in others}
     return cls.from_mapping({k: coerce(k, v, defaults[k]) if k in defaults else v

@@ -69,16 +69,6 @@ def test_early_stopping_on_a_scripted_loss_sequence():
     assert stopper.best == 0.7
 
 
-def _loaders(data_dir, params):
-    train = data.ManifestDataset(data.read_manifest(data_dir, "train"),
-                                 data.train_transform(params.image_size, params.jitter,
-                                                      flip=params.flip))
-    val = data.ManifestDataset(data.read_manifest(data_dir, "val"),
-                               data.eval_transform(params.image_size))
-    return (data.make_loader(train, params.batch_size, True, seed=params.seed),
-            data.make_loader(val, params.batch_size, False))
-
-
 def _fit(data_dir, tmp_path=None, **overrides):
     params = TrainParams.from_mapping({"data_dir": str(data_dir), "weights": None,
                                        "image_size": 32, "batch_size": 8, "num_workers": 0,
@@ -86,7 +76,7 @@ def _fit(data_dir, tmp_path=None, **overrides):
     torch.manual_seed(params.seed)
     model = build_model(None, params.trainable)
     checkpoint = tmp_path / "model.pt" if tmp_path else None
-    return model, fit(model, *_loaders(data_dir, params), params, checkpoint=checkpoint,
+    return model, fit(model, *data.train_val_loaders(params), params, checkpoint=checkpoint,
                       device=torch.device("cpu"))
 
 
@@ -97,7 +87,9 @@ def test_a_separable_set_is_learned_and_the_best_epoch_is_kept(separable_split, 
     best = min(result.history, key=lambda h: h["val_loss"])
     assert result.best_epoch == best["epoch"]
     # the model returned holds the best epoch's weights: its loss is the best loss
-    _, val_loader = _loaders(separable_split, TrainParams(image_size=32, batch_size=8))
+    _, val_loader = data.train_val_loaders(TrainParams(data_dir=str(separable_split),
+                                                       image_size=32, batch_size=8,
+                                                       num_workers=0))
     assert evaluate(model, val_loader, torch.device("cpu")).loss == pytest.approx(
         best["val_loss"], rel=1e-5)
     assert set(result.history[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc",
@@ -120,7 +112,7 @@ def _fit_model(model, data_dir):
     params = TrainParams.from_mapping({"data_dir": str(data_dir), "weights": None,
                                        "trainable": "fc", "image_size": 32, "batch_size": 8,
                                        "num_workers": 0, "max_epochs": 2, "lr": 1e-2})
-    return model, fit(model, *_loaders(data_dir, params), params, device=torch.device("cpu"))
+    return model, fit(model, *data.train_val_loaders(params), params, device=torch.device("cpu"))
 
 
 def test_the_same_seed_gives_the_same_history_twice(separable_split):

@@ -98,17 +98,12 @@ def train_epoch_rate(data_dir: Path, device: torch.device, **overrides) -> dict:
     params = TrainParams.from_mapping({"data_dir": str(data_dir), "weights": None,
                                        "trainable": "fc", "max_epochs": 3, "patience": 3,
                                        "num_workers": 2, **overrides})
-    train = data.ManifestDataset(data.read_manifest(data_dir, "train"), data.train_transform(
-        params.image_size, params.jitter, params.jpeg_prob, params.blur_prob, params.flip))
-    val = data.ManifestDataset(data.read_manifest(data_dir, "val"),
-                               data.eval_transform(params.image_size))
-    loaders = (data.make_loader(train, params.batch_size, True, params.num_workers, params.seed),
-               data.make_loader(val, params.batch_size, False, params.num_workers))
+    loaders = data.train_val_loaders(params)
     torch.manual_seed(0)
     start = time.perf_counter()
     result = fit(build_model(None, params.trainable), *loaders, params, device=device)
     return {"total_s": time.perf_counter() - start, "history": result.history,
-            "n_train": len(train)}
+            "n_train": len(loaders[0].dataset)}
 
 
 def naive_epoch_rate(data_dir: Path, repeats: int) -> float:
