@@ -104,12 +104,14 @@ def eval_transform(image_size: int) -> v2.Compose:
 
 def train_transform(image_size: int, jitter: Sequence[float] = (0.2, 0.2, 0.2, 0.0),
                     jpeg_prob: float = 0.0, blur_prob: float = 0.0, flip: bool = True,
-                    crop_scale: float = 1.0) -> v2.Compose:
+                    crop_scale: float = 1.0, erasing: float = 0.0) -> v2.Compose:
     """The seed's augmentation (colour jitter, horizontal flip) plus optional JPEG and blur.
 
     Resizing comes first so every later step works on the small image. JPEG re-encoding
     and blur at random strengths are the robustness recipe of Wang et al. (CVPR 2020).
     `crop_scale` < 1 resizes a random crop of at least that share of the image instead.
+    `erasing` is the probability of blanking one rectangle (2-25 % of the image) to the
+    mean colour, after normalisation.
     """
     brightness, contrast, saturation, hue = jitter
     size = (image_size, image_size)
@@ -127,6 +129,8 @@ def train_transform(image_size: int, jitter: Sequence[float] = (0.2, 0.2, 0.2, 0
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if erasing > 0:
+        steps.append(v2.RandomErasing(p=erasing, scale=(0.02, 0.25), value=0))
     return v2.Compose(steps)
 
 
@@ -182,7 +186,7 @@ def train_val_loaders(params) -> tuple[DataLoader, DataLoader]:
     """The training loader (augmented, shuffled) and the validation loader of a TrainParams."""
     train = ManifestDataset(read_manifest(params.data_dir, "train"), train_transform(
         params.image_size, params.jitter, params.jpeg_prob, params.blur_prob, params.flip,
-        params.crop_scale))
+        params.crop_scale, params.erasing))
     val = ManifestDataset(read_manifest(params.data_dir, "val"), eval_transform(params.image_size))
     return (make_loader(train, params.batch_size, True, params.num_workers, params.seed),
             make_loader(val, params.batch_size, False, params.num_workers, params.seed))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,15 +115,17 @@ def train_mode(model: nn.Module, trainable: str) -> None:
         module.eval()
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, params: dict[str, Any],
-                    threshold: float, threshold_rule: str, metrics: dict[str, Any],
-                    epoch: int) -> None:
-    """Weights, the parameters that made them, the decision threshold and metrics; atomic."""
+def save_checkpoint(path: str | os.PathLike, model: nn.Module | Mapping[str, torch.Tensor], *,
+                    params: dict[str, Any], threshold: float, threshold_rule: str,
+                    metrics: dict[str, Any], epoch: int) -> None:
+    """Weights (of a model, or its state dict), the parameters that made them, the decision
+    threshold and metrics; atomic."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "arch": "resnet18-1logit",
-        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_state": {k: v.detach().cpu() for k, v in state.items()},
         "params": params,
         "threshold": float(threshold),
         "threshold_rule": threshold_rule,

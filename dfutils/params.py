@@ -180,6 +180,9 @@ class TrainParams(Params):
     flip: bool = True  # random horizontal flips (the seed's augmentation)
     crop_scale: float = 1.0  # < 1: random resized crops covering this share of the image or more
     mixup: float = 0.0  # > 0: mixup (Zhang et al. 2018) with Beta(mixup, mixup) weights
+    erasing: float = 0.0  # probability of erasing one random rectangle (Zhong et al. 2020)
+    label_smoothing: float = 0.0  # training targets 0/1 become eps/2 and 1 - eps/2
+    ema: float = 0.0  # > 0: validate and keep an average of the weights, this decay per step
     jpeg_prob: float = 0.0  # probability of a random JPEG re-encoding (quality 30-100)
     blur_prob: float = 0.0  # probability of a random Gaussian blur (sigma 0.1-3)
     threshold: str = field(default="0.5", metadata=_choices("0.5", "eer"))
@@ -191,7 +194,7 @@ class TrainParams(Params):
     @property
     def augmented(self) -> bool:
         return bool(any(self.jitter) or self.flip or self.jpeg_prob or self.blur_prob
-                    or self.crop_scale < 1 or self.mixup > 0)
+                    or self.crop_scale < 1 or self.mixup > 0 or self.erasing > 0)
 
     @property
     def caches_features(self) -> bool:
@@ -218,7 +221,10 @@ class TrainParams(Params):
             raise ParameterError(f"mixup must be >= 0, got {self.mixup}")
         if not 0.05 <= self.crop_scale <= 1.0:
             raise ParameterError(f"crop_scale must be in [0.05, 1], got {self.crop_scale}")
-        for name in ("jpeg_prob", "blur_prob"):
+        if not 0.0 <= self.label_smoothing < 1.0 or not 0.0 <= self.ema < 1.0:
+            raise ParameterError("label_smoothing and ema must be in [0, 1), got "
+                                 f"{self.label_smoothing} and {self.ema}")
+        for name in ("jpeg_prob", "blur_prob", "erasing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ParameterError(f"{name} must be a probability, got {getattr(self, name)}")
 

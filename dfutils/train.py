@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -87,10 +88,13 @@ def mix(images: torch.Tensor, labels: torch.Tensor, alpha: float
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     device: torch.device, trainable: str = "all", desc: str = "train",
-                    mixup: float = 0.0) -> dict[str, float]:
+                    mixup: float = 0.0, label_smoothing: float = 0.0,
+                    after_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over `loader`; returns mean loss, accuracy at 0.5, images and seconds.
 
     With mixup the targets are blended, and accuracy counts the larger share's label.
+    Label smoothing moves the targets towards 0.5 (the loss reported is against them);
+    `after_step` runs after every optimiser step (the weight average's update).
     """
     train_mode(model.module if hasattr(model, "module") else model, trainable)  # DDP wraps
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
@@ -102,10 +106,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if mixup > 0:
             images, labels = mix(images, labels, mixup)
         logits = model(images).squeeze(1)
-        loss = loss_fn(logits, labels)
+        loss = loss_fn(logits, labels * (1 - label_smoothing) + label_smoothing / 2)
         optimizer.zero_grad(set_to_none=True)
         (loss / len(labels)).backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total_loss += loss.item()
         correct += ((logits >= 0).float() == labels.round()).sum().item()
         seen += len(labels)
@@ -198,6 +204,16 @@ def cached_loaders(model: nn.Module, train_loader: DataLoader, val_loader: DataL
     return train, val
 
 
+def kept_state(model: nn.Module, net: nn.Module, scorer: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of `model`'s weights in which those of `net` (the model, or its head when
+    features are cached) come from `scorer`: `net` itself or its moving average."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if scorer is not net:
+        prefix = "" if net is model else "fc."
+        state.update({prefix + k: v.detach().clone() for k, v in scorer.state_dict().items()})
+    return state
+
+
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, params: TrainParams,
         checkpoint: str | os.PathLike | None = None, device: torch.device | None = None
         ) -> FitResult:
@@ -207,6 +223,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
     Ctrl-C (or a crash) at any point leaves the best model so far on disk. On return the
     model holds the best weights. Under torchrun, only rank 0 writes, validation metrics
     cover the whole split, and rank 0's early-stopping decision holds for all ranks.
+    With `params.ema` an exponential moving average of the weights (and BatchNorm
+    statistics) is updated after every step, and it is what is validated and kept.
     """
     device = device or default_device()
     model.to(device, memory_format=torch.channels_last)
@@ -222,6 +240,10 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
     # Under torchrun, DDP averages the gradients of the ranks' shares of each global batch.
     trained = net if size == 1 else nn.parallel.DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None)
+    averaged = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(params.ema),
+                              use_buffers=True) if params.ema > 0 else None)
+    scorer = net if averaged is None else averaged.module  # the weights validated and kept
+    update_average = None if averaged is None else (lambda: averaged.update_parameters(net))
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.max_epochs)
                  if params.schedule == "cosine" else None)
     stopper = EarlyStopping(params.patience, params.min_delta)
@@ -234,13 +256,14 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
             train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, alike on all ranks
             train = train_one_epoch(trained, train_loader, optimizer, device, trainable,
                                     desc=f"epoch {epoch}/{params.max_epochs}",
-                                    mixup=params.mixup)
+                                    mixup=params.mixup, label_smoothing=params.label_smoothing,
+                                    after_step=update_average)
             if size > 1:  # every rank's share of the epoch, summed
                 n, loss, acc = distributed.gather_arrays(
                     np.array([train["n"]]), np.array([train["loss"] * train["n"]]),
                     np.array([train["acc"] * train["n"]]))
                 train.update(n=int(n.sum()), loss=loss.sum() / n.sum(), acc=acc.sum() / n.sum())
-            val = evaluate(net, val_loader, device)
+            val = evaluate(scorer, val_loader, device)
             if scheduler is not None:
                 scheduler.step()
             threshold = choose_threshold(params.threshold, val.labels, val.scores)
@@ -262,12 +285,12 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
                 f"{row['train_acc']:.3f}  val loss {val.loss:.4f} acc {row['val_acc']:.3f} "
                 f"auc {row['val_auc']:.4f}  {row['seconds']:.1f}s{'  *best' if improved else ''}")
             if improved:
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = kept_state(model, net, scorer)
                 result.best_epoch, result.threshold, result.best_eval = epoch, threshold, val
                 result.metrics = {**metrics, "val_loss": val.loss, "best_epoch": epoch,
                                   "threshold_rule": params.threshold}
                 if checkpoint is not None and rank == 0:
-                    save_checkpoint(checkpoint, model, params=params.to_dict(),
+                    save_checkpoint(checkpoint, best_state, params=params.to_dict(),
                                     threshold=threshold, threshold_rule=params.threshold,
                                     metrics=result.metrics, epoch=epoch)
             if distributed.broadcast_flag(stopper.should_stop):

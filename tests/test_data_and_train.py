@@ -7,7 +7,7 @@ from PIL import Image
 from dfutils import data
 from dfutils.model import build_model
 from dfutils.params import TrainParams
-from dfutils.train import EarlyStopping, evaluate, fit
+from dfutils.train import EarlyStopping, evaluate, fit, make_optimizer, train_one_epoch
 
 
 def test_labels_come_from_the_manifest_fake_is_one(separable_split):
@@ -53,6 +53,18 @@ def test_transforms_give_normalised_square_tensors(tmp_path, jpeg, blur):
         x = transform(image)
         assert x.shape == (3, 40, 40) and x.dtype == torch.float32
         assert -3 < x.min() < 0 < x.max() < 3
+
+
+def test_random_erasing_blanks_one_rectangle_of_a_training_image(tmp_path):
+    image = data.load_image(write_image(tmp_path / "x.png", seed=0, size=50))
+    assert not (data.eval_transform(40)(image) == 0).all(dim=0).any()
+    torch.manual_seed(0)
+    transform = data.train_transform(40, jitter=(0, 0, 0, 0), flip=False, erasing=1.0)
+    for _ in range(5):
+        blank = (transform(image) == 0).all(dim=0)  # the mean colour, after normalisation
+        rows, cols = blank.any(dim=1).nonzero()[:, 0], blank.any(dim=0).nonzero()[:, 0]
+        assert blank[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # one rectangle
+        assert 0.015 <= blank.float().mean() <= 0.26
 
 
 def test_early_stopping_on_a_scripted_loss_sequence():
@@ -143,11 +155,13 @@ def test_ctrl_c_keeps_the_best_epoch(separable_split, tmp_path, monkeypatch):
     assert read_checkpoint(tmp_path / "model.pt")["epoch"] == 1
 
 
-def test_the_feature_cache_gives_the_head_the_uncached_path_gives(separable_split):
+@pytest.mark.parametrize("ema", [0.0, 0.7])
+def test_the_feature_cache_gives_the_head_the_uncached_path_gives(separable_split, ema):
     results = {}
     for cache in (False, True):
         model, result = _fit(separable_split, trainable="fc", max_epochs=3, patience=3,
-                             lr=1e-2, jitter=[0.0] * 4, flip=False, feature_cache=cache)
+                             lr=1e-2, jitter=[0.0] * 4, flip=False, feature_cache=cache,
+                             ema=ema)
         results[cache] = (model.fc.weight.detach().clone(), result.history)
     assert TrainParams(trainable="fc", jitter=[0.0] * 4, flip=False).caches_features
     torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-4)
@@ -158,7 +172,8 @@ def test_the_feature_cache_gives_the_head_the_uncached_path_gives(separable_spli
 
 @pytest.mark.parametrize("overrides", [{"trainable": "all"}, {"flip": True},
                                        {"jitter": [0.1, 0, 0, 0]}, {"feature_cache": False},
-                                       {"mixup": 0.4}, {"crop_scale": 0.8}])
+                                       {"mixup": 0.4}, {"crop_scale": 0.8},
+                                       {"erasing": 0.5}])
 def test_the_feature_cache_is_used_only_when_it_cannot_change_results(overrides):
     base = {"trainable": "fc", "jitter": [0.0] * 4, "flip": False}
     assert not TrainParams.from_mapping({**base, **overrides}).caches_features
@@ -174,3 +189,64 @@ def test_mixup_blends_images_and_labels_with_the_same_weights():
     torch.testing.assert_close(mixed_images.mean(dim=(1, 2, 3)), mixed_labels)
     assert not torch.equal(mixed_labels, labels) and 0 <= mixed_labels.min() <= 1
     assert mixed_labels.sum() == pytest.approx(labels.sum())  # a permutation keeps the mass
+
+
+class _Bias(torch.nn.Module):
+    """A model that ignores its input: one logit for every image."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images):
+        return self.logit.expand(len(images), 1)
+
+
+@pytest.mark.parametrize("smoothing,p_fake", [(0.0, None), (0.2, 0.9)])
+def test_label_smoothing_caps_the_confidence_training_aims_for(smoothing, p_fake):
+    model = _Bias()
+    batches = [(torch.zeros(4, 3, 2, 2), torch.ones(4), torch.arange(4))] * 50  # all fake
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    for _ in range(10):
+        train_one_epoch(model, batches, optimizer, torch.device("cpu"),
+                        label_smoothing=smoothing)
+    reached = torch.sigmoid(model.logit).item()
+    if p_fake is None:
+        assert reached > 0.99
+    else:  # the smoothed target, 1 - 0.2 / 2, and no further
+        assert reached == pytest.approx(p_fake, abs=1e-3)
+
+
+def test_ema_validates_and_keeps_the_moving_average_of_the_weights(separable_split, tmp_path):
+    from dfutils.model import load_checkpoint
+
+    decay = 0.8
+    settings = {"trainable": "all", "lr": 1e-3, "max_epochs": 1}
+    model, result = _fit(separable_split, tmp_path, ema=decay, **settings)
+    # The same epoch by hand, averaging the weights after every step.
+    params = TrainParams.from_mapping({"data_dir": str(separable_split), "weights": None,
+                                       "image_size": 32, "batch_size": 8, "num_workers": 0,
+                                       "seed": 0, **settings})
+    torch.manual_seed(params.seed)
+    raw = build_model(None, "all").to(memory_format=torch.channels_last)
+    train_loader, val_loader = data.train_val_loaders(params)
+    train_loader.sampler.set_epoch(1)
+    average = {}
+
+    def after_step():
+        for name, value in raw.state_dict().items():
+            if value.is_floating_point():
+                previous = average.get(name, value)
+                average[name] = decay * previous + (1 - decay) * value
+
+    train_one_epoch(raw, train_loader, make_optimizer(raw, params.lr, 0.0), torch.device("cpu"),
+                    after_step=after_step)
+    kept = model.state_dict()
+    for name, value in average.items():  # BatchNorm statistics included
+        torch.testing.assert_close(kept[name], value, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(kept["fc.weight"], raw.fc.weight)  # not the last step's weights
+    # what was validated is what fit returns and what the checkpoint holds
+    assert evaluate(model, val_loader, torch.device("cpu")).loss == pytest.approx(
+        result.metrics["val_loss"], rel=1e-5)
+    saved = load_checkpoint(tmp_path / "model.pt")[0].state_dict()
+    assert all(torch.equal(saved[name], kept[name].cpu()) for name in kept)
