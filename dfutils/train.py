@@ -207,11 +207,12 @@ def cached_loaders(model: nn.Module, train_loader: DataLoader, val_loader: DataL
 def kept_state(model: nn.Module, net: nn.Module, scorer: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of `model`'s weights in which those of `net` (the model, or its head when
     features are cached) come from `scorer`: `net` itself or its moving average."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()
     if scorer is not net:
-        prefix = "" if net is model else "fc."
-        state.update({prefix + k: v.detach().clone() for k, v in scorer.state_dict().items()})
-    return state
+        prefix = next(name for name, module in model.named_modules() if module is net)
+        state.update({f"{prefix}.{k}" if prefix else k: v
+                      for k, v in scorer.state_dict().items()})
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, params: TrainParams,
