@@ -9,7 +9,17 @@ STAMP  := $(VENV)/.setup-done
 
 # Command-line variables (make run-all RUN=exp1 EPOCHS=5 ...) are handed to the runner
 # as they were typed; it knows which are its own and which are notebook parameters.
-ARGS := $(filter-out PYTHON=%,$(MAKEOVERRIDES))
+# Each NAME=VALUE is single-quoted for bash and taken with $(value ...), so spaces, quotes,
+# parentheses, ';' and '$' arrive intact and nothing in a value is executed or expanded.
+# $(call args,EXCEPT,PREFIX): the command-line variables but the Makefile's own and EXCEPT.
+OWN_VARS := PYTHON PY VENV STAMP NPROC QUICK
+quote = '$(subst ','\'',$(1))'
+cli_vars = $(sort $(filter-out $(OWN_VARS) $(1),$(foreach v,$(.VARIABLES),$(if \
+	$(filter command line,$(origin $(v))),$(v)))))
+args = $(foreach v,$(call cli_vars,$(1)),$(call quote,$(2)$(v)=$(value $(v))))
+# Make would also export them to every recipe's environment, expanding each value (and
+# running any $(shell ...) in it) to do so: they reach the runner as arguments only.
+unexport $(call cli_vars)
 
 .PHONY: help setup lab test unit lint check-notebooks split run-all demo train-ddp bench clean
 
@@ -44,25 +54,24 @@ check-notebooks: $(STAMP) ## Notebooks carry no outputs, and each has one `param
 	$(VENV)/bin/nbstripout --verify notebooks/*.ipynb
 	$(PY) -m dfutils check-notebooks notebooks/*.ipynb
 
-split: $(STAMP) ## Run 01-split headlessly (RAW_DIR=dataset_raw DATA_DIR=data VAL_FRACTION= SEED= ...)
-	$(PY) -m dfutils run-all --replace-run RUN=split STEPS=01-split $(ARGS)
+split: $(STAMP) ## Run 01-split headlessly into DATA_DIR, its notebook in DATA_DIR/split-run (RAW_DIR= DATA_DIR= ...)
+	$(PY) -m dfutils run-all --replace-run --beside-data STEPS=01-split $(call args,RUN STEPS)
 
 run-all: $(STAMP) ## Run 01-split, 02-train, 03-gradcam into runs/<RUN> (RUN= PARAMS= OVERWRITE=1 key=value ...)
-	$(PY) -m dfutils run-all $(ARGS)
+	$(PY) -m dfutils run-all $(call args)
 
 demo: $(STAMP) ## Build the demo data set and run the whole chain on it into runs/demo
 	$(PY) -m dfutils demo
-	$(PY) -m dfutils run-all --replace-run RUN=demo PARAMS=notebooks/params/demo.yaml $(ARGS)
+	$(PY) -m dfutils run-all --replace-run RUN=demo PARAMS=notebooks/params/demo.yaml $(call args)
 
 NPROC ?= 2
 train-ddp: $(STAMP) ## Train (02-train's step) with torchrun on NPROC CPU processes (PARAMS= KEY=value ...)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m dfutils train \
-		$(if $(PARAMS),--params $(PARAMS)) \
-		$(foreach a,$(filter-out NPROC=% PARAMS=%,$(ARGS)),--set $(a))
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(call quote,$(value NPROC)) -m dfutils train \
+		$(if $(value PARAMS),--params $(call quote,$(value PARAMS))) $(call args,PARAMS,--set=)
 
 bench: $(STAMP) ## Benchmarks as ratios to a bare forward pass; writes runs/bench/results.json (QUICK=1: shorter)
-	$(PY) tests/benchmarks/bench.py $(if $(QUICK),--quick)
+	$(PY) tests/benchmarks/bench.py $(if $(value QUICK),--quick)
 
 clean: ## Delete generated outputs (split, demo data, runs); never touches dataset_raw/
 	rm -rf data/train data/val data/masks data/manifest.csv data/split_report.json
-	rm -rf data/demo data/demo_raw data/.split-* runs
+	rm -rf data/split-run data/demo data/demo_raw data/.split-* runs

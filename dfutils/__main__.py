@@ -8,15 +8,26 @@ import sys
 from pathlib import Path
 
 from dfutils import pipeline
+from dfutils.params import from_working_dir
+from dfutils.paths import REPO_ROOT
+
+PREDICTION_FIELDS = ["path", "p_fake", "label", "status"]
+
+
+def _here(path: str) -> Path:
+    """A path from the command line: relative to the user's working directory."""
+    return Path(path).expanduser().absolute()
 
 
 def _run_all(args: argparse.Namespace) -> int:
     runner, params = pipeline.parse_assignments(args.assignments)
     steps = runner["steps"].split(",") if runner.get("steps") else None
     run_dir = pipeline.run_all(
-        run=runner.get("run"), params_file=runner.get("params") or None, overrides=params,
+        run=runner.get("run"), params_file=str(_here(runner["params"])) if runner.get(
+            "params") else None, overrides=from_working_dir(params),
         overwrite=runner.get("overwrite", "").lower() in ("1", "true", "yes"), steps=steps,
-        replace_run=args.replace_run, runs_root=args.runs_root)
+        replace_run=args.replace_run, beside_data=args.beside_data,
+        runs_root=_here(args.runs_root) if args.runs_root else REPO_ROOT / "runs")
     print(f"done: {run_dir}/run.json", file=sys.stderr)
     return 0
 
@@ -34,8 +45,8 @@ def _train(args: argparse.Namespace) -> int:
     from dfutils.params import TrainParams, load_params
     from dfutils.train import train_run
 
-    sets = dict(_assignment(s) for s in args.set)
-    params = load_params(TrainParams, args.params, sets)
+    sets = from_working_dir(dict(_assignment(s) for s in args.set))
+    params = load_params(TrainParams, args.params and str(_here(args.params)), sets)
     with distributed.session():
         result = train_run(params)
     return 130 if result.interrupted else 0
@@ -54,52 +65,86 @@ def _threshold_line(checkpoint: dict) -> str:
             f"({rule.get(checkpoint['threshold_rule'], checkpoint['threshold_rule'])})")
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from dfutils.inference import predict
+def _check_outputs(args: argparse.Namespace, inputs: list) -> None:
+    """Refuse, before anything is scored, outputs that could overwrite a user's file."""
+    folders = [_here(p).resolve() for p in args.paths if Path(p).is_dir()]
+    for option, target in (("--out", args.out), ("--cam-dir", args.cam_dir)):
+        if not target:
+            continue
+        where = _here(target).resolve()
+        inside = next((f for f in folders if where == f or f in where.parents), None)
+        empty_dir = option == "--cam-dir" and where.is_dir() and not any(where.iterdir())
+        if inside is not None and not empty_dir:
+            raise ValueError(f"{option} {target} is inside the input folder {inside}: choose a "
+                             "place outside the inputs, so no input is overwritten or read back")
+    if args.out and Path(args.out).exists():
+        with open(args.out, newline="", errors="replace") as f:
+            ours = f.readline().strip() == ",".join(PREDICTION_FIELDS)
+        if not ours:
+            raise ValueError(f"--out {args.out} exists and is not a CSV that predict wrote: "
+                             "choose another file name")
+    if args.cam_dir:
+        taken = [i.name for i in inputs if (Path(args.cam_dir) / _cam_name(i)).exists()]
+        if taken:
+            raise ValueError(f"--cam-dir {args.cam_dir} already holds {_cam_name_of(taken[0])}"
+                             f" (and {len(taken) - 1} more overlays): choose an empty folder")
 
-    rows, checkpoint = predict(args.run, args.paths, args.batch_size, args.num_workers)
+
+def _cam_name_of(name: str) -> str:
+    return f"{name}.cam.png"  # one per input: a.png and a.jpg give a.png.cam.png, a.jpg.cam.png
+
+
+def _cam_name(item) -> str:
+    return _cam_name_of(item.name)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from dfutils.inference import collect_files, predict
+
+    inputs = collect_files(args.paths)
+    _check_outputs(args, inputs)
+    rows, checkpoint = predict(_here(args.run), inputs, args.batch_size, args.num_workers)
     print(_threshold_line(checkpoint), file=sys.stderr)
     for row in rows:
         if row["status"] != "ok":
             print(f"cannot score {row['path']}: {row['status'][len('error: '):]}",
                   file=sys.stderr)
-    fields = ["path", "p_fake", "label", "status"]
     if args.out:
         from dfutils.paths import write_csv
 
-        write_csv(args.out, rows, fields)
+        write_csv(args.out, rows, PREDICTION_FIELDS)
     else:
-        writer = csv.DictWriter(sys.stdout, fieldnames=fields)
+        # A file name that is not UTF-8 goes out as the bytes it has on disk.
+        sys.stdout.reconfigure(errors="surrogateescape")
+        writer = csv.DictWriter(sys.stdout, fieldnames=PREDICTION_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    scored = [r for r in rows if r["status"] == "ok"]
+    scored = [item for item, row in zip(inputs, rows, strict=True) if row["status"] == "ok"]
     if args.cam_dir and scored:
-        _write_cams(checkpoint, [Path(r["path"]) for r in scored], Path(args.cam_dir), args)
+        _write_cams(checkpoint, scored, Path(args.cam_dir), args)
     print(f"{len(scored)} of {len(rows)} files scored", file=sys.stderr)
     return 0 if scored else 1
 
 
-def _write_cams(checkpoint: dict, paths: list[Path], cam_dir: Path,
-                args: argparse.Namespace) -> None:
+def _write_cams(checkpoint: dict, inputs: list, cam_dir: Path, args: argparse.Namespace) -> None:
     import numpy as np
 
     from dfutils import gradcam, viz
     from dfutils.data import load_image
 
-    _, cams = gradcam.explain(checkpoint["model"], paths, checkpoint["params"]["image_size"],
-                              "predicted", args.batch_size, args.layer)
-    used: set[str] = set()
-    for path, cam in zip(paths, cams.maps, strict=True):
-        name = path.stem if path.stem not in used else f"{path.stem}-{len(used)}"
-        used.add(name)
-        viz.save_rgb(cam_dir / f"{name}.png", viz.overlay(np.asarray(load_image(path)), cam))
+    _, cams = gradcam.explain(checkpoint["model"], [i.path for i in inputs],
+                              checkpoint["params"]["image_size"], "predicted", args.batch_size,
+                              args.layer)
+    for item, cam in zip(inputs, cams.maps, strict=True):
+        overlay = viz.overlay(np.asarray(load_image(item.path)), cam)
+        viz.save_rgb(cam_dir / _cam_name(item), overlay, replace=False)
     print(f"Grad-CAM overlays: {cam_dir}", file=sys.stderr)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from dfutils.inference import evaluate_folder
 
-    report, _ = evaluate_folder(args.run, args.data, args.name, args.batch_size,
+    report, _ = evaluate_folder(_here(args.run), _here(args.data), args.name, args.batch_size,
                                 args.num_workers)
     m = report["metrics"]
     print(_threshold_line(report))
@@ -142,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
     run.add_argument("--replace-run", action="store_true",
                      help="replace an existing run folder (used by make split and make demo)")
-    run.add_argument("--runs-root", default="runs", help="folder of run folders (default: runs)")
+    run.add_argument("--runs-root", help="folder of run folders (default: runs/ in the "
+                     "repository)")
+    run.add_argument("--beside-data", action="store_true",
+                     help="put the run folder inside the split's data_dir, as DATA_DIR/RUN "
+                     f"(RUN defaults to {pipeline.SPLIT_RUN}; used by make split)")
     run.set_defaults(func=_run_all)
 
     train = commands.add_parser(
@@ -198,10 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dfutils.model import WeightsUnavailable
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (pipeline.ChainError, ValueError, OSError) as error:
+    except (pipeline.ChainInterrupted, KeyboardInterrupt) as error:
+        print(f"interrupted: {error}" if str(error) else "interrupted", file=sys.stderr)
+        return 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
+    except (pipeline.ChainError, ValueError, OSError, WeightsUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

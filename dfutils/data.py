@@ -9,13 +9,15 @@ from __future__ import annotations
 import csv
 import os
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
@@ -28,7 +30,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageLoadError(OSError):
-    """An image the split accepted can no longer be read."""
+    """A file that cannot be loaded as an image; `reason` says why without the path."""
+
+    def __init__(self, path: object, reason: str):
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -71,18 +77,39 @@ def read_predictions(csv_path: str | os.PathLike, data_dir: str | os.PathLike
                        masks.get(data_dir / r["path"])) for r in rows]
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image as displayed: EXIF orientation applied, any mode (L, RGBA, P, I;16) made RGB."""
+def load_image(source: str | os.PathLike | IO[bytes]) -> Image.Image:
+    """An RGB image as displayed: EXIF orientation applied, any mode (L, RGBA, P, I;16) made RGB.
+
+    The split checks every file with this same function, so what it accepts, training can
+    load. Any failure is an ImageLoadError naming the file: Pillow's decoders and its EXIF
+    parser raise many types (OSError, SyntaxError, struct.error, ...), and one odd file must
+    be reported, not crash a batch. An image over Pillow's pixel limit is refused too (a
+    decompression bomb), not only those over twice the limit.
+    """
+    name = getattr(source, "name", source)
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode == "I;16" or image.mode == "I":
-                # 16-bit grey: scale to 8 bits rather than clipping everything to white.
-                array = np.asarray(image, dtype=np.float32) / 256.0
-                image = Image.fromarray(array.clip(0, 255).astype(np.uint8))
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageLoadError(f"cannot read image {path}: {error}") from error
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                image = ImageOps.exif_transpose(image)
+                if image.mode == "I;16" or image.mode == "I":
+                    # 16-bit grey: scale to 8 bits rather than clipping everything to white.
+                    array = np.asarray(image, dtype=np.float32) / 256.0
+                    image = Image.fromarray(array.clip(0, 255).astype(np.uint8))
+                return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ImageLoadError(name, "not an image (the content is not a format Pillow can "
+                             "read)") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as error:
+        raise ImageLoadError(name, error.strerror or type(error).__name__) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageLoadError(name, f"too many pixels: {error}") from None
+    except MemoryError:
+        raise ImageLoadError(name, "too large to decode in memory") from None
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ImageLoadError(name, f"corrupt or unreadable image ({type(error).__name__}: "
+                             f"{reason})") from error
 
 
 def load_mask(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:

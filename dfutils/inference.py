@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dfutils import LABELS
-from dfutils.data import eval_transform, load_image
+from dfutils.data import ImageLoadError, eval_transform, load_image
 from dfutils.metrics import binary_metrics, calibration_bins, expected_calibration_error
 from dfutils.model import load_checkpoint
-from dfutils.paths import resolve, write_json
+from dfutils.paths import file_problem, is_plain_name, resolve, write_json
 from dfutils.split import scan
 from dfutils.train import default_device, to_device
 
@@ -74,9 +75,8 @@ class FileDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         try:
             image = load_image(self.files[index])
-        except OSError as error:
-            reason = str(error.__cause__ or error).splitlines()[0]
-            return torch.zeros(3, self.image_size, self.image_size), index, reason
+        except ImageLoadError as error:
+            return torch.zeros(3, self.image_size, self.image_size), index, error.reason
         if self.perturb is not None:
             image = self.perturb(image)
         return self.transform(image), index, ""
@@ -103,31 +103,55 @@ def score_files(model: torch.nn.Module, files: Sequence[Path], image_size: int,
     return scores, errors
 
 
-def collect_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files named, and every file below folders named (recursively), in a stable order."""
-    files = []
+@dataclass(frozen=True)
+class Input:
+    path: Path  # as named on the command line, or found below a folder named there
+    name: str  # unique among the inputs: the path below the folder named, or the file name
+    problem: str  # why it cannot be read as a file ("" when it can)
+
+
+def collect_files(paths: Sequence[str | os.PathLike]) -> list[Input]:
+    """Files named, and every file below folders named (recursively), in a stable order.
+
+    A path that does not exist, or is not a regular file (a FIFO, a socket), is kept with
+    its problem, so it gets a row of its own instead of stopping the batch.
+    """
+    found: list[tuple[Path, str]] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file())
-        elif path.is_file():
-            files.append(path)
+            found += [(p, p.relative_to(path).as_posix()) for p in sorted(path.rglob("*"))
+                      if not p.is_dir()]
         else:
-            raise FileNotFoundError(f"{path} does not exist")
-    return files
+            found.append((path, path.name))
+    # The same name under two folders named: give the later ones a suffix no input has.
+    taken, names = {name for _, name in found}, []
+    for i, (_, name) in enumerate(found):
+        if any(name == other for _, other in found[:i]):
+            k = 2
+            while f"{name}~{k}" in taken:
+                k += 1
+            name = f"{name}~{k}"
+            taken.add(name)
+        names.append(name)
+    return [Input(path, name, file_problem(path)) for (path, _), name in zip(found, names,
+                                                                             strict=True)]
 
 
-def predict(run_dir: str | os.PathLike, paths: Sequence[str | os.PathLike],
-            batch_size: int = 32, num_workers: int = 0) -> tuple[list[dict], dict]:
-    """Rows of (path, p_fake, label, status) for every file, and the run's checkpoint."""
+def predict(run_dir: str | os.PathLike, inputs: Sequence[Input], batch_size: int = 32,
+            num_workers: int = 0) -> tuple[list[dict], dict]:
+    """Rows of (path, p_fake, label, status) for every input, and the run's checkpoint."""
     model, checkpoint = load_checkpoint(resolve(run_dir) / "model.pt")
-    files = collect_files(paths)
-    scores, errors = score_files(model, files, checkpoint["params"]["image_size"], batch_size,
-                                 num_workers)
+    readable = [i for i in inputs if not i.problem]
+    scores, errors = score_files(model, [i.path for i in readable],
+                                 checkpoint["params"]["image_size"], batch_size, num_workers)
+    scored = {i.path: (p, e) for i, p, e in zip(readable, scores, errors, strict=True)}
     threshold = checkpoint["threshold"]
-    rows = [{"path": str(f), "p_fake": "" if e else f"{p:.6f}",
-             "label": "" if e else ("fake" if p >= threshold else "real"),
-             "status": f"error: {e}" if e else "ok"}
-            for f, p, e in zip(files, scores, errors, strict=True)]
+    rows = []
+    for item in inputs:
+        p, error = scored.get(item.path, (np.nan, item.problem))
+        rows.append({"path": str(item.path), "p_fake": "" if error else f"{p:.6f}",
+                     "label": "" if error else ("fake" if p >= threshold else "real"),
+                     "status": f"error: {error}" if error else "ok"})
     return rows, {**checkpoint, "model": model}
 
 
@@ -150,8 +174,11 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, nam
     from dfutils import viz
 
     run_dir = resolve(run_dir)
+    name = name or resolve(data_dir).name
+    if not is_plain_name(name):
+        raise ValueError(f"report name {name!r} must be a plain name (letters, digits, '.', "
+                         "'_' or '-'): it becomes a folder under <run>/eval/")
     model, checkpoint = load_checkpoint(run_dir / "model.pt")
-    name = name or Path(data_dir).name
     out = run_dir / "eval" / name
     files, labels, skipped = labelled_files(data_dir)
     image_size, threshold = checkpoint["params"]["image_size"], checkpoint["threshold"]
@@ -162,8 +189,12 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, nam
 
     scores, errors = run(None, "clean")
     ok = np.array([not e for e in errors])
-    if not ok.any():
-        raise ValueError(f"no image under {data_dir} could be read")
+    for label, value in LABELS.items():
+        if not (ok & (labels == value)).any():
+            why = next((f" (first: {f}: {e})" for f, e, y
+                        in zip(files, errors, labels, strict=True) if e and y == value), "")
+            raise ValueError(f"no {label} image under {resolve(data_dir) / label} could be "
+                             f"read{why}: AUC, AP and EER need both classes")
     metrics = binary_metrics(labels[ok], scores[ok], threshold)
     results = {}
     for kind, levels in sweeps.items():

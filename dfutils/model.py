@@ -78,7 +78,8 @@ def build_model(weights: str | os.PathLike | None = None, trainable: str = "fc")
     if weights is not None:
         state = imagenet_state_dict() if weights == "imagenet" else _load_state_file(
             resolve(weights))
-        if state["fc.weight"].shape != model.fc.weight.shape:
+        head = state.get("fc.weight")
+        if head is None or getattr(head, "shape", None) != model.fc.weight.shape:
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
@@ -156,6 +157,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if checkpoint.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} has checkpoint version {checkpoint.get('version')}, "
                               f"this dfutils reads version {CHECKPOINT_VERSION}")
+    missing = [k for k in ("model_state", "params", "threshold", "threshold_rule")
+               if k not in checkpoint]
+    if missing or not isinstance(checkpoint["params"], dict) or (
+            "image_size" not in checkpoint["params"]):
+        raise CheckpointError(
+            f"{path} lacks {', '.join(missing) or 'params.image_size'}: it was not written by "
+            "02-train's save_checkpoint; train again (02-train) or re-save it with "
+            "dfutils.model.save_checkpoint, giving the training parameters")
     return checkpoint
 
 
@@ -163,6 +172,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     """The model of a checkpoint, in eval mode on the CPU, and the checkpoint's contents."""
     checkpoint = read_checkpoint(path)
     model = build_model(weights=None, trainable=checkpoint["params"].get("trainable", "fc"))
-    model.load_state_dict(checkpoint["model_state"])
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).splitlines()[1:2] or str(error).splitlines()[:1]
+        raise CheckpointError(
+            f"the weights in {resolve(path)} do not fit ResNet18 with one logit "
+            f"({' '.join(first).strip()[:200]}): it is not a checkpoint of this project's model"
+        ) from None
     model.eval()
     return model, checkpoint

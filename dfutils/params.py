@@ -9,11 +9,16 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
+import os
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
+
+from dfutils.paths import is_plain_name, resolve
 
 
 class ParameterError(ValueError):
@@ -22,6 +27,13 @@ class ParameterError(ValueError):
 
 def _choices(*values: str) -> dict:
     return {"choices": values}
+
+
+# Metadata of a parameter that names a file or folder: on the command line it is relative to
+# the user's working directory; in notebooks and parameter files, to the repository root.
+PATH = {"path": True}
+# Values of `weights` that are not paths.
+WEIGHT_NAMES = ("imagenet", "none", "null", "")
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
@@ -40,6 +52,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
         return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise ParameterError(f"parameter {name!r} must be a finite number, got {value!r}")
     if annotation is int and isinstance(value, bool):
         raise ParameterError(f"parameter {name!r} must be an integer, got {value!r}")
     if not isinstance(value, annotation):
@@ -147,8 +161,8 @@ class SplitParams(Params):
 
     notebook: ClassVar[str] = "01-split"
 
-    raw_dir: str = "dataset_raw"  # the user's images, read only
-    data_dir: str = "data"  # where the split is written
+    raw_dir: str = field(default="dataset_raw", metadata=PATH)  # the user's images, read only
+    data_dir: str = field(default="data", metadata=PATH)  # where the split is written
     val_fraction: float = 0.2  # validation share of each class
     seed: int = 42  # seeds the (content-hash) ranking that assigns splits
     overwrite: bool = False  # allow replacing a split made with other parameters
@@ -164,9 +178,10 @@ class TrainParams(Params):
 
     notebook: ClassVar[str] = "02-train"
 
-    data_dir: str = "data"
-    run_dir: str = "runs/notebook"
-    weights: str | None = "imagenet"  # "imagenet", a path to a state dict, or None (random)
+    data_dir: str = field(default="data", metadata=PATH)
+    run_dir: str = field(default="runs/notebook", metadata=PATH)
+    # "imagenet", a path to a state dict, or None (random)
+    weights: str | None = field(default="imagenet", metadata=PATH)
     trainable: str = field(default="fc", metadata=_choices("fc", "layer4", "all"))
     image_size: int = 224
     batch_size: int = 32
@@ -235,8 +250,8 @@ class GradCamParams(Params):
 
     notebook: ClassVar[str] = "03-gradcam"
 
-    run_dir: str = "runs/notebook"
-    data_dir: str = "data"
+    run_dir: str = field(default="runs/notebook", metadata=PATH)
+    data_dir: str = field(default="data", metadata=PATH)
     n_images: int = 16
     select: str = field(default="mixed", metadata=_choices("mixed", "random"))
     target: str = field(default="predicted", metadata=_choices("predicted", "fake", "real"))
@@ -259,8 +274,8 @@ class EvalParams(Params):
 
     notebook: ClassVar[str] = "04-evaluate"
 
-    run_dir: str = "runs/notebook"
-    eval_dir: str = ""
+    run_dir: str = field(default="runs/notebook", metadata=PATH)
+    eval_dir: str = field(default="", metadata=PATH)
     name: str = ""
     batch_size: int = 32
     num_workers: int = 2
@@ -270,9 +285,53 @@ class EvalParams(Params):
             raise ParameterError("eval_dir is required: a folder with real/ and fake/ inside")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ParameterError("batch_size must be >= 1 and num_workers >= 0")
+        if self.name and not is_plain_name(self.name):
+            raise ParameterError(f"name must be a plain name (letters, digits, '.', '_', '-'), "
+                                 f"got {self.name!r}: it becomes a folder under run_dir/eval/")
 
 
 NOTEBOOK_PARAMS = (SplitParams, TrainParams, GradCamParams, EvalParams)
+
+
+def read_params_file(params_file: str | os.PathLike) -> dict[str, Any]:
+    """A YAML parameter file as a mapping; anything else is a ParameterError naming the file."""
+    import yaml
+
+    path = resolve(params_file)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParameterError(f"parameter file {path} not found (see notebooks/params/)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ParameterError(f"cannot read parameter file {path}: {error}") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ParameterError(f"parameter file {path} is not valid YAML{line}: "
+                             f"{getattr(error, 'problem', None) or error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ParameterError(f"parameter file {path} must be a mapping of `name: value` lines, "
+                             f"not a {type(values).__name__}")
+    return values
+
+
+def path_names() -> set[str]:
+    """Every parameter that names a file or folder."""
+    return {f.name for cls in NOTEBOOK_PARAMS for f in dataclasses.fields(cls)
+            if f.metadata.get("path")}
+
+
+def from_working_dir(values: Mapping[str, str], cwd: str | os.PathLike | None = None
+                     ) -> dict[str, str]:
+    """Command-line values with the relative paths among them made absolute against the
+    user's working directory, as every command-line tool reads them."""
+    base = Path(cwd or os.getcwd())
+    paths = path_names()
+    return {k: str(base / Path(v).expanduser())
+            if k in paths and v.strip().lower() not in WEIGHT_NAMES else v
+            for k, v in values.items()}
 
 
 def load_params(cls: type[Params], params_file: str | None, sets: Mapping[str, str]) -> Params:
@@ -281,13 +340,9 @@ def load_params(cls: type[Params], params_file: str | None, sets: Mapping[str, s
     Keys that belong to the other notebooks (a chain's file holds them all) are passed
     over; a key no notebook knows is an error.
     """
-    import yaml
-
-    from dfutils.paths import resolve
-
     values: dict[str, Any] = {}
     if params_file:
-        values.update(yaml.safe_load(resolve(params_file).read_text()) or {})
+        values.update(read_params_file(params_file))
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(cls)}
     values.update(sets)

@@ -7,6 +7,8 @@ import csv
 import json
 import math
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# The temporary files atomic_path makes: `.<name>.<8 random characters>.tmp`. A kill
+# (SIGKILL, power loss) can leave one behind; `remove_stale_temps` clears them.
+# A name that becomes one folder (a run, a report): no separators, no leading dot.
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -26,11 +33,44 @@ def resolve(path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+def is_plain_name(name: str) -> bool:
+    """Whether `name` can be one folder's name: letters, digits, '.', '_', '-', no leading dot."""
+    return bool(_PLAIN_NAME.match(name))
 
-    A crash or Ctrl-C mid-write leaves the old file (or none), never half a file.
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as text that any UTF-8 writer accepts: bytes that are not UTF-8 (Linux allows
+    them in names) are shown as backslash escapes such as \\xe9."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def file_problem(path: str | os.PathLike) -> str:
+    """Why `path` cannot be read as a regular file, or "" when it can be.
+
+    Opening a FIFO would block for ever and a device may never end, so they are named and
+    left alone instead of read.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "broken symbolic link" if path.is_symlink() else "does not exist"
+    except OSError as error:
+        return f"cannot be examined: {error.strerror or error}"
+    kinds = ((stat.S_ISREG, ""), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    kind = next((k for test, k in kinds if test(mode)), "of an unknown kind")
+    return kind and f"not a regular file: {kind}"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it becomes `path` in one step.
+
+    A crash or Ctrl-C mid-write leaves the old file (or none), never half a file. With
+    `replace=False` an existing `path` is never overwritten: FileExistsError instead
+    (a hard link, unlike a rename, refuses an existing target atomically).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,9 +80,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted atomic write left under `folder`."""
+    folder = Path(folder)
+    stale = [p for p in folder.rglob(".*.tmp") if _TEMP.match(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def jsonable(value: object) -> object:
@@ -67,8 +119,13 @@ def write_json(path: str | os.PathLike, data: object) -> None:
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict], fields: list[str] | None = None) -> None:
-    """Write dicts as CSV with a header, atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    """Write dicts as UTF-8 CSV with a header, atomically.
+
+    A file name that is not valid UTF-8 is written back as the bytes it has on disk
+    (surrogateescape), so reading the CSV with the same error handler gives the path exactly.
+    """
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                        errors="surrogateescape") as f:
         writer = csv.DictWriter(f, fieldnames=fields or (list(rows[0]) if rows else []))
         writer.writeheader()
         writer.writerows(rows)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -15,12 +14,12 @@ from typing import Any
 
 import nbformat
 import papermill
-import yaml
+from nbclient.exceptions import DeadKernelError
 
 from dfutils import split as split_step
-from dfutils.params import coerce
-from dfutils.paths import REPO_ROOT, resolve, write_json
-from dfutils.runs import now, read_run, record_step, start_run
+from dfutils.params import NOTEBOOK_PARAMS, ParameterError, coerce, read_params_file
+from dfutils.paths import REPO_ROOT, is_plain_name, remove_stale_temps, resolve, write_json
+from dfutils.runs import now, read_run, record_step, start_run, start_step
 
 NOTEBOOKS = {
     "01-split": "notebooks/01-split.ipynb",
@@ -28,15 +27,20 @@ NOTEBOOKS = {
     "03-gradcam": "notebooks/03-gradcam.ipynb",
     "04-evaluate": "notebooks/04-evaluate.ipynb",  # run when EVAL_DIR is given
 }
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Shorthands accepted on the command line (make run-all EPOCHS=5).
 ALIASES = {"epochs": "max_epochs"}
 # Keys the runner owns; everything else is a notebook parameter.
 RUNNER_KEYS = ("run", "params", "overwrite", "steps")
+PARAMS_OF = {cls.notebook: cls for cls in NOTEBOOK_PARAMS}
+SPLIT_RUN = "split-run"  # `make split`'s run folder, inside the split's data_dir
 
 
 class ChainError(RuntimeError):
     """The chain cannot start or a step failed; the message says which and why."""
+
+
+class ChainInterrupted(ChainError):
+    """Ctrl-C (or SIGINT) stopped a step; run.json says which steps are complete."""
 
 
 def declared_parameters(notebook: str | Path) -> dict[str, Any]:
@@ -85,7 +89,7 @@ def step_metrics(step: str, params: Mapping[str, Any]) -> dict | None:
 def _file_sets(params_file: str | None, key: str) -> bool:
     if not params_file or not resolve(params_file).is_file():
         return False
-    return bool((yaml.safe_load(resolve(params_file).read_text()) or {}).get(key))
+    return bool(read_params_file(params_file).get(key))
 
 
 def check_raw_data(raw_dir: str) -> None:
@@ -97,15 +101,14 @@ def check_raw_data(raw_dir: str) -> None:
                          "demo data set.") from None
 
 
-def plan(params_file: str | None, overrides: Mapping[str, Any], steps: Sequence[str],
-         run_dir: str, overwrite: bool) -> dict[str, dict[str, Any]]:
-    """The parameters each step receives: file values, then command-line values, checked."""
+def _values(params_file: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """File values, then command-line values, every name known to some notebook."""
     values: dict[str, Any] = {}
     if params_file:
-        path = resolve(params_file)
-        if not path.is_file():
-            raise ChainError(f"parameter file {path} not found (see notebooks/params/)")
-        values.update(yaml.safe_load(path.read_text()) or {})
+        try:
+            values.update(read_params_file(params_file))
+        except ParameterError as error:
+            raise ChainError(str(error)) from None
     values.update(overrides)
     declared = {step: declared_parameters(NOTEBOOKS[step]) for step in NOTEBOOKS}
     known = {name for params in declared.values() for name in params}
@@ -115,72 +118,142 @@ def plan(params_file: str | None, overrides: Mapping[str, Any], steps: Sequence[
                          f"declare: {', '.join(sorted(known))}")
     if "run_dir" in values:
         raise ChainError("run_dir is set by the runner: use RUN=<name> for runs/<name>")
-    values["run_dir"] = run_dir
+    return values
+
+
+def plan(params_file: str | None, overrides: Mapping[str, Any], steps: Sequence[str],
+         run_dir: str, overwrite: bool) -> dict[str, dict[str, Any]]:
+    """The parameters each step receives: file values, then command-line values, checked.
+
+    Every step's values are validated by its parameter class here, before anything runs
+    or any file changes, so a bad value never costs an existing run.
+    """
+    values = {**_values(params_file, overrides), "run_dir": run_dir}
     if overwrite:
         values.setdefault("overwrite", True)
-    return {step: {name: coerce(name, values[name], default)
-                   for name, default in declared[step].items() if name in values}
-            for step in steps}
+    per_step = {}
+    for step in steps:
+        declared = declared_parameters(NOTEBOOKS[step])
+        try:
+            given = {name: coerce(name, values[name], default)
+                     for name, default in declared.items() if name in values}
+            PARAMS_OF[step].from_mapping({**declared, **given})
+        except ParameterError as error:
+            raise ChainError(f"{step}: {error}") from None
+        per_step[step] = given
+    return per_step
+
+
+def _later_steps(step: str) -> list[str]:
+    order = list(NOTEBOOKS)
+    return order[order.index(step) + 1:]
+
+
+def _run_step(run_dir: Path, step: str, params: dict[str, Any]) -> None:
+    """Execute one notebook into run_dir and record it; steps after it become stale."""
+    notebook, output = resolve(NOTEBOOKS[step]), run_dir / f"{step}.ipynb"
+    effective = {**declared_parameters(notebook), **params}
+    recorded = read_run(run_dir).get("steps", {})
+    for later in _later_steps(step):  # made from what this step is about to replace
+        if (recorded.get(later) or {}).get("status") == "done":
+            record_step(run_dir, later, status="stale", stale_because=f"{step} was run again")
+    start_step(run_dir, step, notebook=NOTEBOOKS[step], params=effective)
+    print(f"== {step}: {output}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+
+    def failed(status: str, message: str, **fields: Any) -> None:
+        record_step(run_dir, step, status=status, finished=now(),
+                    seconds=round(time.perf_counter() - t0, 2), **fields)
+        remove_stale_temps(run_dir)
+        error = ChainInterrupted if status == "interrupted" else ChainError
+        raise error(f"{step} {message}; the partly executed notebook is {output}")
+
+    try:
+        papermill.execute_notebook(notebook, output, parameters=params,
+                                   kernel_name="python3", cwd=notebook.parent,
+                                   progress_bar=False, log_output=True)
+    except papermill.PapermillExecutionError as error:
+        failed("failed", f"failed in cell [{error.exec_count}]: {error.ename}: {error.evalue}",
+               error={"cell": error.exec_count, "type": error.ename, "message": error.evalue})
+    except DeadKernelError as error:
+        failed("failed", "failed: the notebook's kernel died (out of memory? try a smaller "
+               "batch_size or image_size)", error={"type": "DeadKernelError",
+                                                   "message": str(error)})
+    except KeyboardInterrupt:
+        failed("interrupted", "was interrupted")
+    record_step(run_dir, step, status="done", finished=now(),
+                seconds=round(time.perf_counter() - t0, 2), metrics=step_metrics(step, effective))
 
 
 def run_all(run: str | None = None, params_file: str | None = None,
             overrides: Mapping[str, Any] | None = None, overwrite: bool = False,
             steps: Sequence[str] | None = None, replace_run: bool = False,
-            runs_root: str | Path = "runs") -> Path:
-    """Run the chosen steps into <runs_root>/<run>/ and record everything in run.json."""
-    run = run or time.strftime("%Y%m%d-%H%M%S")
-    if not RUN_NAME.match(run):
+            runs_root: str | Path = "runs", beside_data: bool = False) -> Path:
+    """Run the chosen steps into <runs_root>/<run>/ and record everything in run.json.
+
+    `beside_data` puts the run folder inside the split's data_dir instead, named SPLIT_RUN
+    unless `run` is given (`make split`).
+    Replacing a whole run (OVERWRITE=1 with 01-split and 02-train) keeps the old run aside
+    until the new chain succeeds; if it fails, the old run is put back and the failed
+    attempt is kept under <run>.failed-<time>.
+    """
+    overrides = overrides or {}
+    run = run or (SPLIT_RUN if beside_data else time.strftime("%Y%m%d-%H%M%S"))
+    if not is_plain_name(run):
         raise ChainError(f"RUN={run!r}: use letters, digits, '.', '_' or '-' (a folder name)")
     if not steps:  # the chain, and 04-evaluate when there is something to evaluate
-        evaluate = "eval_dir" in (overrides or {}) or _file_sets(params_file, "eval_dir")
+        evaluate = "eval_dir" in overrides or _file_sets(params_file, "eval_dir")
         steps = [s for s in NOTEBOOKS if s != "04-evaluate" or evaluate]
     steps = list(steps)
     for step in steps:
         if step not in NOTEBOOKS:
             raise ChainError(f"unknown step {step!r}; steps are {', '.join(NOTEBOOKS)}")
+    if beside_data:
+        data_dir = _values(params_file, overrides).get(
+            "data_dir", declared_parameters(NOTEBOOKS["01-split"])["data_dir"])
+        runs_root = resolve(str(data_dir))
     run_dir = resolve(runs_root) / run
     shown = run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir
-    per_step = plan(params_file, overrides or {}, steps, shown.as_posix(), overwrite)
+    per_step = plan(params_file, overrides, steps, shown.as_posix(), overwrite)
     if "01-split" in steps:
         raw = per_step["01-split"].get("raw_dir",
                                        declared_parameters(NOTEBOOKS["01-split"])["raw_dir"])
         check_raw_data(raw)
+    aside = None
     if run_dir.exists() and any(run_dir.iterdir()):
         if not (overwrite or replace_run):
             raise ChainError(f"run folder {run_dir} already exists: choose another RUN=<name> "
                              "or pass OVERWRITE=1 to replace it")
+        if not (run_dir / "run.json").is_file():
+            raise ChainError(f"{run_dir} holds files but no run.json, so it is not a run this "
+                             "tool made and will not be replaced: choose another RUN=<name>")
         if {"01-split", "02-train"} <= set(steps):
-            shutil.rmtree(run_dir)
+            aside = run_dir.with_name(f".{run}.previous-{os.getpid()}")
+            os.replace(run_dir, aside)
         # else: re-running some steps of an existing run (e.g. STEPS=03-gradcam) keeps the
-        # other steps' files and records.
+        # other steps' files and records; later steps are marked stale as each step starts.
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(run_dir)
     if not (run_dir / "run.json").is_file():
         start_run(run_dir, run, params_file)
     # Headless, every progress-bar refresh becomes a log line: refresh every 15 s at most.
     os.environ.setdefault("TQDM_MININTERVAL", "15")
-    for step in steps:
-        notebook, output = resolve(NOTEBOOKS[step]), run_dir / f"{step}.ipynb"
-        effective = {**declared_parameters(notebook), **per_step[step]}
-        started, t0 = now(), time.perf_counter()
-        record_step(run_dir, step, notebook=NOTEBOOKS[step], params=effective, started=started,
-                    status="running")
-        print(f"== {step}: {output}", file=sys.stderr, flush=True)
-        try:
-            papermill.execute_notebook(notebook, output, parameters=per_step[step],
-                                       kernel_name="python3", cwd=notebook.parent,
-                                       progress_bar=False, log_output=True)
-        except papermill.PapermillExecutionError as error:
-            record_step(run_dir, step, status="failed", finished=now(),
-                        seconds=time.perf_counter() - t0,
-                        error={"cell": error.exec_count, "type": error.ename,
-                               "message": error.evalue})
-            raise ChainError(
-                f"{step} failed in cell [{error.exec_count}]: {error.ename}: {error.evalue}\n"
-                f"the partly executed notebook is {output}"
-            ) from None
-        record_step(run_dir, step, status="done", finished=now(),
-                    seconds=round(time.perf_counter() - t0, 2),
-                    metrics=step_metrics(step, effective))
+    try:
+        for step in steps:
+            _run_step(run_dir, step, per_step[step])
+    except (ChainError, KeyboardInterrupt) as error:  # Ctrl-C between steps too
+        kind = ChainInterrupted if isinstance(error, KeyboardInterrupt | ChainInterrupted) else (
+            ChainError)
+        message = str(error) or "interrupted"
+        if aside is not None:
+            failed = run_dir.with_name(f"{run}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(run_dir, failed)
+            os.replace(aside, run_dir)
+            message = (message.replace(str(run_dir), str(failed))
+                       + f"\nthe previous run is unchanged in {run_dir}")
+        raise kind(message) from None
+    if aside is not None:
+        shutil.rmtree(aside)
     summarise(run_dir)
     return run_dir
 
@@ -189,8 +262,9 @@ def summarise(run_dir: Path) -> dict:
     """The headline numbers of a run, gathered from its steps into run.json's `summary`."""
     record = read_run(run_dir)
     steps = record.get("steps", {})
-    train = (steps.get("02-train") or {}).get("metrics") or {}
-    cam = (steps.get("03-gradcam") or {}).get("metrics") or {}
+    current = {name: s for name, s in steps.items() if s.get("status") == "done"}
+    train = (current.get("02-train") or {}).get("metrics") or {}
+    cam = (current.get("03-gradcam") or {}).get("metrics") or {}
     summary = {
         "val_auc": train.get("auc"),
         "val_accuracy": train.get("accuracy"),

@@ -68,7 +68,10 @@ def environment() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": versions,
+        # The instruction set torch's CPU kernels use (AVX2, AVX512, ...): the same seed gives
+        # different numbers across CPU generations, and this says why.
         "cpu": {"name": _cpu_name(), "cores": os.cpu_count(),
+                "capability": torch.backends.cpu.get_cpu_capability(),
                 "torch_threads": torch.get_num_threads()},
         "gpu": gpus,
         "cuda": torch.version.cuda if gpus else None,
@@ -85,6 +88,14 @@ def start_run(run_dir: Path, name: str, params_file: str | None) -> dict:
     """Create run.json for a new run: who, where, with what."""
     record = {"run": name, "created": now(), "params_file": params_file, "git": git_state(),
               "environment": environment(), "steps": {}}
+    write_json(run_dir / "run.json", record)
+    return record
+
+
+def start_step(run_dir: Path, step: str, **fields: object) -> dict:
+    """A fresh entry for a step that starts now: nothing of an earlier run of it survives."""
+    record = read_run(run_dir)
+    record.setdefault("steps", {})[step] = {**fields, "started": now(), "status": "running"}
     write_json(run_dir / "run.json", record)
     return record
 

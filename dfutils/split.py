@@ -16,25 +16,29 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from dfutils import CLASSES
-from dfutils.paths import resolve, write_json
+from dfutils.data import ImageLoadError, load_image
+from dfutils.paths import display_path, file_problem, resolve, write_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 MANIFEST_FIELDS = ("path", "label", "split", "sha256", "width", "height", "source", "mask")
 SPLITS = ("train", "val")
-ORIENTATION_TAG = 0x0112  # EXIF
 # What the split owns inside data_dir; nothing else there is touched (data/ also holds
-# README.md and the demo data set).
+# README.md and the demo data set). Of these, the folders may hold only files the manifest
+# lists: anything else in them is the user's, and the split refuses to replace it.
 OWNED = ("train", "val", "masks", "split_report.json", "manifest.csv")
-_TMP, _OLD = ".split-tmp", ".split-old"
+OWNED_FOLDERS = ("train", "val", "masks")
+# Folders the split builds in (and moves the old split into) carry this file, so a later
+# run can tell its own leftovers of a killed run from anything else.
+_PARTIAL = ".dfutils-split-partial"
 
 
 class SplitError(ValueError):
@@ -80,10 +84,18 @@ def scan(raw_dir: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
                 f"class folder {class_dir} is missing: put your {label} images in it "
                 "(subfolders are fine)"
             )
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+        for path in sorted(class_dir.rglob("*")):
+            if path.is_dir():
+                continue
             rel = path.relative_to(raw_dir)
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append({"path": rel.as_posix(), "reason":
+            shown, problem = display_path(rel), file_problem(path)
+            if problem:
+                skipped.append({"path": shown, "reason": problem})
+            elif shown != rel.as_posix():
+                skipped.append({"path": shown, "reason": "the file name is not valid UTF-8 "
+                                "(the manifest and report are UTF-8 text): rename the file"})
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append({"path": shown, "reason":
                                 f"unsupported file type {path.suffix or '(no extension)'!r}; "
                                 "use .jpg, .jpeg or .png"})
             elif not is_mask(rel):
@@ -96,20 +108,18 @@ def scan(raw_dir: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
 
 
 def inspect_image(raw_dir: Path, rel: Path, label: str) -> ImageInfo:
-    """Hash and fully decode one file; raise ValueError with the reason it is unusable."""
-    data = (raw_dir / rel).read_bytes()
+    """Hash one file and load it exactly as training will; raise ValueError with the reason
+    it is unusable."""
+    try:
+        data = (raw_dir / rel).read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot be read: {error.strerror or error}") from None
     if not data:
         raise ValueError("empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decodes every pixel: truncated and corrupt data fail here
-            width, height = image.size
-            if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):
-                width, height = height, width  # a quarter turn: report the size as displayed
-    except UnidentifiedImageError:
-        raise ValueError("not an image (the content is not a format Pillow can read)") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"corrupt or truncated image: {error}") from None
+        width, height = load_image(io.BytesIO(data)).size  # as displayed (EXIF applied)
+    except ImageLoadError as error:
+        raise ValueError(error.reason) from None
     return ImageInfo(rel.as_posix(), label, hashlib.sha256(data).hexdigest(), width, height,
                      find_mask(raw_dir, rel))
 
@@ -222,8 +232,11 @@ def fingerprint(raw_dir: Path, candidates: list[tuple[Path, str]], skipped: list
     """A cheap identity of the raw folder's files (names, sizes, modification times)."""
     digest = hashlib.sha256()
     for rel in sorted([c[0].as_posix() for c in candidates] + [s["path"] for s in skipped]):
-        stat = (raw_dir / rel).stat()
-        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        try:
+            stat = (raw_dir / rel).stat()
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:  # a broken link, or a name shown with escapes: its name alone
+            digest.update(f"{rel}\n".encode())
     return digest.hexdigest()
 
 
@@ -232,7 +245,56 @@ def read_report(data_dir: Path) -> dict | None:
     report, manifest = data_dir / "split_report.json", data_dir / "manifest.csv"
     if not (report.is_file() and manifest.is_file()):
         return None
-    return json.loads(report.read_text())
+    try:
+        found = json.loads(report.read_text())
+    except (ValueError, OSError):
+        return None
+    ours = isinstance(found, dict) and {"params", "fingerprint", "counts"} <= set(found)
+    return found if ours else None
+
+
+def check_replaceable(data_dir: Path, report: dict | None) -> None:
+    """Refuse, before anything changes, to replace what the split did not write itself.
+
+    A split's folders may hold only the files its manifest lists. Anything else in the way
+    (a user's notes in train/, a manifest.csv of their own) is an error naming it.
+    """
+    present = [name for name in OWNED if os.path.lexists(data_dir / name)]
+    if not present:
+        return
+    advice = (f"move it out of {data_dir} or choose another data_dir: the split replaces "
+              "only files it wrote")
+    if report is None:
+        raise SplitError(f"{data_dir / present[0]} is in the way and was not written by a split "
+                         f"(there is no split_report.json and manifest.csv of one): {advice}")
+    with open(data_dir / "manifest.csv", newline="") as f:
+        written = {value for row in csv.DictReader(f) for value in (row["path"], row["mask"])
+                   if value}
+    for name in OWNED_FOLDERS:
+        folder = data_dir / name
+        if not os.path.lexists(folder):
+            continue
+        if folder.is_symlink() or not folder.is_dir():
+            raise SplitError(f"{folder} is not a folder the split made: {advice}")
+        for path in sorted(folder.rglob("*")):
+            if path.is_dir() and not path.is_symlink():
+                continue
+            if path.relative_to(data_dir).as_posix() not in written:
+                raise SplitError(f"{path} was not written by the split (the manifest does not "
+                                 f"list it): {advice}")
+
+
+def _new_partial(data_dir: Path, prefix: str) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=data_dir))
+    (folder / _PARTIAL).touch()
+    return folder
+
+
+def remove_leftovers(data_dir: Path) -> None:
+    """Delete the build folders a killed split left behind (and only those)."""
+    for folder in data_dir.glob(".split-*"):
+        if folder.is_dir() and not folder.is_symlink() and (folder / _PARTIAL).is_file():
+            shutil.rmtree(folder)
 
 
 def _swap_in(built: Path, data_dir: Path) -> None:
@@ -241,11 +303,9 @@ def _swap_in(built: Path, data_dir: Path) -> None:
     The manifest goes out first and comes in last: a split without a manifest is treated
     as absent, so an interruption between the renames is never mistaken for a split.
     """
-    old = data_dir / _OLD
-    shutil.rmtree(old, ignore_errors=True)
-    old.mkdir()
+    old = _new_partial(data_dir, ".split-old-")
     for name in reversed(OWNED):
-        if (data_dir / name).exists():
+        if os.path.lexists(data_dir / name):
             os.replace(data_dir / name, old / name)
     for name in OWNED:
         if (built / name).exists():
@@ -259,8 +319,10 @@ def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLik
     """Split raw_dir/{real,fake} into data_dir/{train,val}/{real,fake}; return the report.
 
     Same files and parameters: nothing is rewritten. Other parameters over an existing
-    split: refused unless `overwrite`. The new split is built beside the old one and
-    swapped in, so an interrupted run leaves the old split or the new one, not a mixture.
+    split: refused unless `overwrite`. Files in data_dir that the split did not write are
+    never deleted: their presence is an error, found before anything changes. The new split
+    is built beside the old one and swapped in, so an interrupted run leaves the old split
+    or the new one, not a mixture.
     """
     raw_dir, data_dir = resolve(raw_dir).resolve(), resolve(data_dir).resolve()
     if data_dir == raw_dir or raw_dir in data_dir.parents or data_dir in raw_dir.parents:
@@ -279,6 +341,7 @@ def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLik
                 f"this one asks for {params}. Pass overwrite=True (OVERWRITE=1 with make) "
                 "to replace it, or choose another data_dir"
             )
+    check_replaceable(data_dir, existing)
 
     images, rejected = inspect_all(raw_dir, candidates)
     split_of, duplicates, conflicts = assign(images, val_fraction, seed)
@@ -286,9 +349,8 @@ def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLik
     kept = [i for i in images if i.sha256 not in conflicted]
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    built = data_dir / _TMP
-    shutil.rmtree(built, ignore_errors=True)
-    built.mkdir()
+    remove_leftovers(data_dir)
+    built = _new_partial(data_dir, ".split-tmp-")
     try:
         rows = materialise(raw_dir, built, kept, split_of)
         report = {
@@ -304,7 +366,7 @@ def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLik
             "conflicts": conflicts,
         }
         write_json(built / "split_report.json", report)
-        with open(built / "manifest.csv", "w", newline="") as f:
+        with open(built / "manifest.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
             writer.writeheader()
             writer.writerows(rows)

@@ -20,7 +20,7 @@ from dfutils.data import make_loader
 from dfutils.metrics import binary_metrics, choose_threshold
 from dfutils.model import save_checkpoint, train_mode
 from dfutils.params import TrainParams
-from dfutils.paths import resolve, write_csv, write_json
+from dfutils.paths import remove_stale_temps, resolve, write_csv, write_json
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -348,6 +348,7 @@ def train_run(params: TrainParams) -> FitResult:
     started = runs.now()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)  # of a killed earlier run
         if not (out / "run.json").is_file():
             runs.start_run(out, out.name, None)
     train_loader, val_loader = train_val_loaders(params)

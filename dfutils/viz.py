@@ -27,9 +27,9 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> None:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
 
 
-def save_rgb(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write an RGB uint8 array as PNG, atomically."""
-    with atomic_path(path) as tmp:
+def save_rgb(path: str | os.PathLike, image: np.ndarray, replace: bool = True) -> None:
+    """Write an RGB uint8 array as PNG, atomically; `replace=False` never overwrites a file."""
+    with atomic_path(path, replace) as tmp:
         Image.fromarray(image, mode="RGB").save(tmp, format="PNG")
 
 

@@ -55,3 +55,18 @@ def separable_split(tmp_path_factory) -> Path:
     make_raw(root / "raw", 24, 24, separable=True)
     split(root / "raw", root / "data", seed=0)
     return root / "data"
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A run folder holding a randomly initialised 32 px model, as 02-train saves it."""
+    import torch
+
+    from dfutils.model import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(None, "all").eval()
+    run = tmp_path / "run"
+    save_checkpoint(run / "model.pt", model, params={"image_size": 32, "trainable": "all"},
+                    threshold=0.5, threshold_rule="0.5", metrics={}, epoch=1)
+    return run

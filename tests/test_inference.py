@@ -13,18 +13,7 @@ from PIL import Image
 from dfutils import inference
 from dfutils.__main__ import main
 from dfutils.data import eval_transform, load_image
-from dfutils.model import build_model, save_checkpoint
 from dfutils.paths import REPO_ROOT
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    torch.manual_seed(0)
-    model = build_model(None, "all").eval()
-    run = tmp_path / "run"
-    save_checkpoint(run / "model.pt", model, params={"image_size": 32, "trainable": "all"},
-                    threshold=0.5, threshold_rule="0.5", metrics={}, epoch=1)
-    return run
 
 
 @pytest.fixture
@@ -80,7 +69,7 @@ def test_predicted_values_are_the_models_sigmoid_under_eval_preprocessing(run_di
         expected = torch.sigmoid(model(x)).item()
     assert float(_rows(out.read_text())[str(mixed_folder / "a.png")]["p_fake"]) == pytest.approx(
         expected, abs=1e-6)
-    assert (cams / "a.png").is_file()
+    assert (cams / "a.png.cam.png").is_file()
 
 
 def test_jpeg_sweep_really_re_encodes_and_other_levels_behave():
