@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import signal
 import sys
 from pathlib import Path
 
@@ -250,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     from dfutils.model import WeightsUnavailable
 
     args = build_parser().parse_args(argv)
+    # SIGTERM (kill, a job scheduler's time limit) stops a run the way Ctrl-C does, so the
+    # run records what is complete instead of dying mid-step.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return args.func(args)
     except (pipeline.ChainInterrupted, KeyboardInterrupt) as error:

@@ -92,13 +92,17 @@ def _file_sets(params_file: str | None, key: str) -> bool:
     return bool(read_params_file(params_file).get(key))
 
 
-def check_raw_data(raw_dir: str) -> None:
-    """Stop before any notebook runs when there are no images to split."""
+def check_split(params: Mapping[str, Any]) -> None:
+    """Stop before any notebook runs when the split would refuse (no images to split, an
+    existing split made otherwise, a file of the user's in the way)."""
     try:
-        split_step.scan(resolve(raw_dir))
-    except split_step.SplitError as error:
+        split_step.preflight(params["raw_dir"], params["data_dir"], params["val_fraction"],
+                             params["seed"], params["overwrite"])
+    except split_step.NoImagesError as error:
         raise ChainError(f"{error}\nNo data yet? `make demo` runs the whole chain on a built-in "
                          "demo data set.") from None
+    except split_step.SplitError as error:
+        raise ChainError(str(error)) from None
 
 
 def _values(params_file: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,9 +173,12 @@ def _run_step(run_dir: Path, step: str, params: dict[str, Any]) -> None:
         raise error(f"{step} {message}; the partly executed notebook is {output}")
 
     try:
+        # The kernel runs in its own session, so Ctrl-C reaches only this process; stopping
+        # the kernel at once (not gracefully) keeps it from writing on after the interruption.
         papermill.execute_notebook(notebook, output, parameters=params,
                                    kernel_name="python3", cwd=notebook.parent,
-                                   progress_bar=False, log_output=True)
+                                   progress_bar=False, log_output=True,
+                                   shutdown_kernel="immediate")
     except papermill.PapermillExecutionError as error:
         failed("failed", f"failed in cell [{error.exec_count}]: {error.ename}: {error.evalue}",
                error={"cell": error.exec_count, "type": error.ename, "message": error.evalue})
@@ -216,9 +223,7 @@ def run_all(run: str | None = None, params_file: str | None = None,
     shown = run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir
     per_step = plan(params_file, overrides, steps, shown.as_posix(), overwrite)
     if "01-split" in steps:
-        raw = per_step["01-split"].get("raw_dir",
-                                       declared_parameters(NOTEBOOKS["01-split"])["raw_dir"])
-        check_raw_data(raw)
+        check_split({**declared_parameters(NOTEBOOKS["01-split"]), **per_step["01-split"]})
     aside = None
     if run_dir.exists() and any(run_dir.iterdir()):
         if not (overwrite or replace_run):
@@ -251,6 +256,8 @@ def run_all(run: str | None = None, params_file: str | None = None,
             os.replace(aside, run_dir)
             message = (message.replace(str(run_dir), str(failed))
                        + f"\nthe previous run is unchanged in {run_dir}")
+        else:
+            summarise(run_dir)  # the headline numbers of the steps that are still current
         raise kind(message) from None
     if aside is not None:
         shutil.rmtree(aside)
@@ -273,7 +280,7 @@ def summarise(run_dir: Path) -> dict:
         "deletion_auc_random": (cam.get("deletion") or {}).get("auc_random"),
         "pointing_cam": (cam.get("localization") or {}).get("pointing_cam"),
         "pointing_random": (cam.get("localization") or {}).get("pointing_random"),
-        "seconds": round(sum(s.get("seconds", 0) for s in steps.values()), 1),
+        "seconds": round(sum(s.get("seconds", 0) for s in current.values()), 1),
     }
     write_json(run_dir / "run.json", {**record, "summary": summary})
     return summary

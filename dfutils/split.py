@@ -45,6 +45,10 @@ class SplitError(ValueError):
     """The raw folder cannot be split as asked; the message says why and what to do."""
 
 
+class NoImagesError(SplitError):
+    """The raw folder, a class folder, or the images in it are missing."""
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     source: str  # path relative to raw_dir, POSIX separators
@@ -72,7 +76,7 @@ def find_mask(raw_dir: Path, rel: Path) -> str:
 def scan(raw_dir: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
     """Candidate images (path relative to raw_dir, label) and skipped files with reasons."""
     if not raw_dir.is_dir():
-        raise SplitError(
+        raise NoImagesError(
             f"raw folder {raw_dir} does not exist: create {raw_dir}/real and {raw_dir}/fake "
             "and put your images there (or run `make demo` to try the built-in demo data)"
         )
@@ -80,7 +84,7 @@ def scan(raw_dir: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
     for label in CLASSES:
         class_dir = raw_dir / label
         if not class_dir.is_dir():
-            raise SplitError(
+            raise NoImagesError(
                 f"class folder {class_dir} is missing: put your {label} images in it "
                 "(subfolders are fine)"
             )
@@ -101,7 +105,7 @@ def scan(raw_dir: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
             elif not is_mask(rel):
                 candidates.append((rel, label))
         if not any(label == lab for _, lab in candidates):
-            raise SplitError(
+            raise NoImagesError(
                 f"class folder {class_dir} holds no .jpg/.jpeg/.png images: add at least two"
             )
     return candidates, skipped
@@ -314,6 +318,43 @@ def _swap_in(built: Path, data_dir: Path) -> None:
     shutil.rmtree(built)
 
 
+@dataclass(frozen=True)
+class SplitPlan:
+    raw_dir: Path  # absolute
+    data_dir: Path  # absolute
+    candidates: list[tuple[Path, str]]
+    skipped: list[dict]
+    params: dict
+    fingerprint: str
+    current: dict | None  # the report on disk, when that split is already the answer
+
+
+def preflight(raw_dir: str | os.PathLike, data_dir: str | os.PathLike, val_fraction: float,
+              seed: int, overwrite: bool) -> SplitPlan:
+    """Every check the split makes before it reads an image or changes a file: the folders,
+    the parameters against an existing split, and anything of the user's in the way."""
+    raw_dir, data_dir = resolve(raw_dir).resolve(), resolve(data_dir).resolve()
+    if data_dir == raw_dir or raw_dir in data_dir.parents or data_dir in raw_dir.parents:
+        raise SplitError(f"data_dir {data_dir} and raw_dir {raw_dir} must not contain each other")
+    candidates, skipped = scan(raw_dir)
+    params = {"raw_dir": str(raw_dir), "val_fraction": val_fraction, "seed": seed}
+    stamp = fingerprint(raw_dir, candidates, skipped)
+    existing = read_report(data_dir)
+    current = None
+    if existing is not None:
+        if existing.get("params") == params and existing.get("fingerprint") == stamp:
+            current = existing
+        elif existing.get("params") != params and not overwrite:
+            raise SplitError(
+                f"{data_dir} already holds a split made with {existing.get('params')}; "
+                f"this one asks for {params}. Pass overwrite=True (OVERWRITE=1 with make) "
+                "to replace it, or choose another data_dir"
+            )
+    if current is None:
+        check_replaceable(data_dir, existing)
+    return SplitPlan(raw_dir, data_dir, candidates, skipped, params, stamp, current)
+
+
 def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLike = "data",
           val_fraction: float = 0.2, seed: int = 42, overwrite: bool = False) -> dict:
     """Split raw_dir/{real,fake} into data_dir/{train,val}/{real,fake}; return the report.
@@ -324,25 +365,10 @@ def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLik
     is built beside the old one and swapped in, so an interrupted run leaves the old split
     or the new one, not a mixture.
     """
-    raw_dir, data_dir = resolve(raw_dir).resolve(), resolve(data_dir).resolve()
-    if data_dir == raw_dir or raw_dir in data_dir.parents or data_dir in raw_dir.parents:
-        raise SplitError(f"data_dir {data_dir} and raw_dir {raw_dir} must not contain each other")
-    candidates, skipped = scan(raw_dir)
-    params = {"raw_dir": str(raw_dir), "val_fraction": val_fraction, "seed": seed}
-    stamp = fingerprint(raw_dir, candidates, skipped)
-
-    existing = read_report(data_dir)
-    if existing is not None:
-        if existing.get("params") == params and existing.get("fingerprint") == stamp:
-            return existing  # same files, same parameters: the split on disk is the answer
-        if existing.get("params") != params and not overwrite:
-            raise SplitError(
-                f"{data_dir} already holds a split made with {existing.get('params')}; "
-                f"this one asks for {params}. Pass overwrite=True (OVERWRITE=1 with make) "
-                "to replace it, or choose another data_dir"
-            )
-    check_replaceable(data_dir, existing)
-
+    plan = preflight(raw_dir, data_dir, val_fraction, seed, overwrite)
+    if plan.current is not None:
+        return plan.current  # same files, same parameters: the split on disk is the answer
+    raw_dir, data_dir, candidates = plan.raw_dir, plan.data_dir, plan.candidates
     images, rejected = inspect_all(raw_dir, candidates)
     split_of, duplicates, conflicts = assign(images, val_fraction, seed)
     conflicted = {c["sha256"] for c in conflicts}
@@ -354,14 +380,14 @@ def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLik
     try:
         rows = materialise(raw_dir, built, kept, split_of)
         report = {
-            "params": params,
-            "fingerprint": stamp,
+            "params": plan.params,
+            "fingerprint": plan.fingerprint,
             "counts": {s: {c: sum(r["split"] == s and r["label"] == c for r in rows)
                            for c in CLASSES} for s in SPLITS},
             "n_images": len(rows),
             "n_masks": sum(bool(r["mask"]) for r in rows),
             "rejected": rejected,
-            "skipped": skipped,
+            "skipped": plan.skipped,
             "duplicates": duplicates,
             "conflicts": conflicts,
         }

@@ -95,6 +95,19 @@ def test_overwrite_keeps_a_users_file_inside_an_existing_split(tmp_path, where):
     assert json.loads((data / "split_report.json").read_text())["params"]["seed"] == 2
 
 
+def test_the_runner_refuses_a_blocked_split_before_any_notebook_runs(
+        tmp_path, notebooks_that, capsys):  # 13.1
+    raw = make_raw(tmp_path / "raw", 4, 4)
+    (tmp_path / "p" / "train").mkdir(parents=True)
+    (tmp_path / "p" / "train" / "notes.txt").write_text("keep")
+    calls = notebooks_that()
+    assert main(["run-all", "--replace-run", "--beside-data", f"RAW_DIR={raw}",
+                 f"DATA_DIR={tmp_path / 'p'}", "STEPS=01-split"]) == 2
+    assert "train is in the way" in one_line_error(capsys.readouterr().err)
+    assert calls == [] and sorted(p.name for p in (tmp_path / "p").iterdir()) == ["train"]
+    assert (tmp_path / "p" / "train" / "notes.txt").read_text() == "keep"
+
+
 def test_only_the_splits_own_leftovers_of_a_killed_run_are_removed(tmp_path):  # 13.1
     raw = make_raw(tmp_path / "raw", 4, 4)
     data = tmp_path / "data"
@@ -168,7 +181,8 @@ def fake_run(runs: Path, name: str = "good", steps: tuple = ("01-split", "02-tra
     (run / "gradcam").mkdir()
     (run / "gradcam" / "grid.png").write_bytes(b"png")
     record = {"run": name, "steps": {s: {"status": "done", "started": "2026-01-01T00:00:00",
-                                         "finished": "2026-01-01T00:01:00"} for s in steps}}
+                                         "finished": "2026-01-01T00:01:00",
+                                         "metrics": {"auc": 0.9}} for s in steps}}
     (run / "run.json").write_text(json.dumps(record))
     return run
 
@@ -222,11 +236,14 @@ def test_an_interrupted_step_leaves_a_run_json_that_says_what_is_current(
     leftover = run / ".model.pt.a1b2c3d4.tmp"  # what a SIGKILL mid-write leaves
     leftover.write_bytes(b"")
     (run / "notes.tmp").write_text("the user's")
+    assert pipeline.summarise(run)["val_auc"] == 0.9
     notebooks_that(fail={"02-train": KeyboardInterrupt()})
     with pytest.raises(pipeline.ChainInterrupted, match="02-train was interrupted"):
         pipeline.run_all("good", SMOKE, {}, steps=["02-train", "03-gradcam"], replace_run=True,
                          runs_root=runs)
-    steps = json.loads((run / "run.json").read_text())["steps"]
+    record = json.loads((run / "run.json").read_text())
+    steps = record["steps"]
+    assert record["summary"]["val_auc"] is None  # the trained model is not current any more
     assert steps["02-train"]["status"] == "interrupted"
     assert steps["02-train"]["started"] <= steps["02-train"]["finished"]
     assert steps["01-split"]["status"] == "done"
