@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from dfutils import pipeline
-from dfutils.params import from_working_dir
+from dfutils.model import threshold_text
+from dfutils.params import CamLayer, choices, from_working_dir
 from dfutils.paths import REPO_ROOT
 
 PREDICTION_FIELDS = ["path", "p_fake", "label", "status"]
@@ -23,12 +24,15 @@ def _here(path: str) -> Path:
 def _run_all(args: argparse.Namespace) -> int:
     runner, params = pipeline.parse_assignments(args.assignments)
     steps = runner["steps"].split(",") if runner.get("steps") else None
+
+    def flag(key: str) -> bool:
+        return runner.get(key, "").lower() in ("1", "true", "yes")
     run_dir = pipeline.run_all(
         run=runner.get("run"), params_file=str(_here(runner["params"])) if runner.get(
-            "params") else None, overrides=from_working_dir(params),
-        overwrite=runner.get("overwrite", "").lower() in ("1", "true", "yes"), steps=steps,
-        replace_run=args.replace_run, beside_data=args.beside_data,
-        runs_root=_here(args.runs_root) if args.runs_root else REPO_ROOT / "runs")
+            "params") else None, overrides=from_working_dir(params), overwrite=flag("overwrite"),
+        steps=steps, replace_run=args.replace_run, beside_data=args.beside_data,
+        runs_root=_here(args.runs_root) if args.runs_root else REPO_ROOT / "runs",
+        resume=flag("resume"))
     print(f"done: {run_dir}/run.json", file=sys.stderr)
     return 0
 
@@ -42,14 +46,26 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dfutils import distributed
+    from dfutils import distributed, runs
     from dfutils.params import TrainParams, load_params
+    from dfutils.paths import resolve
     from dfutils.train import train_run
 
     sets = from_working_dir(dict(_assignment(s) for s in args.set))
+    if args.resume:
+        sets["resume"] = "true"
     params = load_params(TrainParams, args.params and str(_here(args.params)), sets)
-    with distributed.session():
-        result = train_run(params)
+    started = runs.now()
+    with distributed.session() as (rank, size):
+        result, _ = train_run(params)
+    if rank == 0:
+        out = resolve(params.run_dir)
+        if not (out / "run.json").is_file():
+            runs.start_run(out, out.name, args.params)
+        runs.record_step(out, "02-train", params=params.to_dict(), started=started,
+                         finished=runs.now(), world_size=size,
+                         status="interrupted" if result.interrupted else "done",
+                         metrics=result.metrics, command="python -m dfutils train")
     return 130 if result.interrupted else 0
 
 
@@ -58,12 +74,6 @@ def _assignment(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise ValueError(f"--set takes key=value, got {text!r}")
     return pipeline.ALIASES.get(key.lower(), key.lower()), value
-
-
-def _threshold_line(checkpoint: dict) -> str:
-    rule = {"0.5": "fixed 0.5", "eer": "EER point of the validation split"}
-    return (f"threshold: P(fake) >= {checkpoint['threshold']:.4f} "
-            f"({rule.get(checkpoint['threshold_rule'], checkpoint['threshold_rule'])})")
 
 
 def _check_outputs(args: argparse.Namespace, inputs: list) -> None:
@@ -105,7 +115,7 @@ def _predict(args: argparse.Namespace) -> int:
     inputs = collect_files(args.paths)
     _check_outputs(args, inputs)
     rows, checkpoint = predict(_here(args.run), inputs, args.batch_size, args.num_workers)
-    print(_threshold_line(checkpoint), file=sys.stderr)
+    print(threshold_text(checkpoint.threshold, checkpoint.threshold_rule), file=sys.stderr)
     for row in rows:
         if row["status"] != "ok":
             print(f"cannot score {row['path']}: {row['status'][len('error: '):]}",
@@ -127,18 +137,12 @@ def _predict(args: argparse.Namespace) -> int:
     return 0 if scored else 1
 
 
-def _write_cams(checkpoint: dict, inputs: list, cam_dir: Path, args: argparse.Namespace) -> None:
-    import numpy as np
+def _write_cams(checkpoint, inputs: list, cam_dir: Path, args: argparse.Namespace) -> None:
+    from dfutils.gradcam import write_overlays
 
-    from dfutils import gradcam, viz
-    from dfutils.data import load_image
-
-    _, cams = gradcam.explain(checkpoint["model"], [i.path for i in inputs],
-                              checkpoint["params"]["image_size"], "predicted", args.batch_size,
-                              args.layer)
-    for item, cam in zip(inputs, cams.maps, strict=True):
-        overlay = viz.overlay(np.asarray(load_image(item.path)), cam)
-        viz.save_rgb(cam_dir / _cam_name(item), overlay, replace=False)
+    write_overlays(checkpoint.model, [i.path for i in inputs],
+                   [cam_dir / _cam_name(i) for i in inputs], checkpoint.image_size,
+                   layer=args.layer, batch_size=args.batch_size, replace=False)
     print(f"Grad-CAM overlays: {cam_dir}", file=sys.stderr)
 
 
@@ -148,7 +152,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     report, _ = evaluate_folder(_here(args.run), _here(args.data), args.name, args.batch_size,
                                 args.num_workers)
     m = report["metrics"]
-    print(_threshold_line(report))
+    print(threshold_text(report["threshold"], report["threshold_rule"]))
     print(f"{report['n_images']} images: accuracy {m['accuracy']:.4f}  AUC {m['auc']:.4f}  "
           f"AP {m['ap']:.4f}  EER {m['eer']:.4f}  ECE {report['calibration']['ece']:.4f}")
     print(f"confusion (rows: true real, fake; columns: predicted real, fake): {m['confusion']}")
@@ -162,10 +166,17 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _check_notebooks(args: argparse.Namespace) -> int:
-    problems = pipeline.check_notebooks(args.notebooks)
+    problems = pipeline.check_notebooks(args.notebooks, fix=args.fix)
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    from dfutils.params import reference
+
+    print(reference(), end="")
+    return 0
 
 
 def _loader_options(parser: argparse.ArgumentParser) -> None:
@@ -183,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the notebook chain with papermill into runs/<RUN>/. Settings and "
         "parameters are KEY=VALUE words, as with make: RUN=<name> (default: a time stamp), "
         "PARAMS=<yaml> (papermill -f), OVERWRITE=1 (replace the run folder and let 01-split "
-        "rebuild the split), STEPS=01-split,02-train (a subset); any other KEY=VALUE is a "
+        "rebuild the split), STEPS=01-split,02-train (a subset), RESUME=1 (continue an "
+        "interrupted run with the parameters it recorded); any other KEY=VALUE is a "
         "notebook parameter (case-insensitive, EPOCHS = max_epochs) and wins over PARAMS.")
     run.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
     run.add_argument("--replace-run", action="store_true",
@@ -205,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "passed over)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="a parameter, winning over the file (repeatable)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its run_dir/last.pt, with the "
+                       "same parameters, to the history it would have had")
     train.set_defaults(func=_train)
 
     predict = commands.add_parser(
@@ -217,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     predict.add_argument("--out", help="CSV file to write (default: standard output)")
     predict.add_argument("--cam-dir", help="also write Grad-CAM overlays to this folder")
-    predict.add_argument("--layer", default="layer4", help="Grad-CAM layer (default: layer4)")
+    predict.add_argument("--layer", default="layer4", choices=choices(CamLayer),
+                         help="Grad-CAM layer (default: layer4)")
     _loader_options(predict)
     predict.set_defaults(func=_predict)
 
@@ -240,10 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     demo.set_defaults(func=_demo)
 
-    check = commands.add_parser("check-notebooks",
-                                help="check each notebook's parameters cell")
+    check = commands.add_parser(
+        "check-notebooks", help="check each notebook's parameters cell against dfutils.params",
+        description="Each notebook's first code cell must be its `parameters` cell, with the "
+        "names, order, defaults and comments of its class in dfutils/params.py, the one place "
+        "where parameters are defined.")
     check.add_argument("notebooks", nargs="+")
+    check.add_argument("--fix", action="store_true",
+                       help="rewrite a parameters cell that differs from its class")
     check.set_defaults(func=_check_notebooks)
+
+    reference = commands.add_parser(
+        "params", help="print every notebook parameter: default, allowed values, help",
+        description="The parameter reference, as Markdown tables generated from "
+        "dfutils/params.py (the README's tables are this output).")
+    reference.set_defaults(func=_params)
     return parser
 
 

@@ -132,7 +132,8 @@ def eval_transform(image_size: int) -> v2.Compose:
 def train_transform(image_size: int, jitter: Sequence[float] = (0.2, 0.2, 0.2, 0.0),
                     jpeg_prob: float = 0.0, blur_prob: float = 0.0, flip: bool = True,
                     crop_scale: float = 1.0, erasing: float = 0.0) -> v2.Compose:
-    """The seed's augmentation (colour jitter, horizontal flip) plus optional JPEG and blur.
+    """The original recipe's augmentation (colour jitter, horizontal flip) plus optional JPEG and
+    blur.
 
     Resizing comes first so every later step works on the small image. JPEG re-encoding
     and blur at random strengths are the robustness recipe of Wang et al. (CVPR 2020).

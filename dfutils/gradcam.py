@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +26,13 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from dfutils.data import eval_transform, load_image
+from dfutils.params import CamLayer, CamTarget, GradCamParams, Selection, choices
 
-TARGETS = ("predicted", "fake", "real")
+TARGETS = choices(CamTarget)
+# Each ResNet stage's total stride: the explained layer's grid is the input size over it.
+STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+OUT_DIR = "gradcam"  # in the run folder: overlays, grid.png, deletion.png, cam_metrics.json
+METRICS = f"{OUT_DIR}/cam_metrics.json"
 
 
 @dataclass
@@ -35,7 +40,7 @@ class CamResult:
     maps: np.ndarray  # (N, H, W) float32 in [0, 1], at the input's size
     p_fake: np.ndarray  # (N,) P(fake)
     explained: np.ndarray  # (N,) 1 where the map explains "fake", 0 where it explains "real"
-    grid: tuple[int, int] = (7, 7)  # the target layer's resolution, before upsampling
+    grid: tuple[int, int]  # the target layer's resolution, before upsampling
 
 
 def _signs(logits: torch.Tensor, target: str) -> torch.Tensor:
@@ -135,15 +140,15 @@ def random_maps(n: int, size: tuple[int, int], grid: tuple[int, int],
     return F.interpolate(noise, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
 
 
-def layer_grid(size: tuple[int, int], stride: int = 32) -> tuple[int, int]:
-    """A ResNet layer's resolution for an input size (layer4's total stride is 32)."""
-    return math.ceil(size[0] / stride), math.ceil(size[1] / stride)
+def layer_grid(size: tuple[int, int], layer: CamLayer = "layer4") -> tuple[int, int]:
+    """The resolution of a ResNet layer's output for an input size."""
+    return math.ceil(size[0] / STRIDES[layer]), math.ceil(size[1] / STRIDES[layer])
 
 
-def target_layer(model: nn.Module, name: str = "layer4") -> nn.Module:
-    """The last block of a ResNet stage: "layer4" (the default, coarsest) to "layer1"."""
-    if name not in ("layer1", "layer2", "layer3", "layer4"):
-        raise ValueError(f"layer must be layer1 to layer4, got {name!r}")
+def target_layer(model: nn.Module, name: CamLayer = "layer4") -> nn.Module:
+    """The last block of a ResNet stage (layer4, the coarsest, is the default)."""
+    if name not in choices(CamLayer):
+        raise ValueError(f"layer must be one of {', '.join(choices(CamLayer))}, got {name!r}")
     return getattr(model, name)[-1]
 
 
@@ -176,19 +181,19 @@ def _p_class(model: nn.Module, images: torch.Tensor, explained: np.ndarray) -> n
 def deletion_score(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
                    explained: np.ndarray,
                    fractions: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
-                   fill: str = "mean", n_random: int = 3, seed: int = 0,
-                   grid: tuple[int, int] | None = None) -> dict:
+                   fill: str = "mean", n_random: int = 3, seed: int = 0, *,
+                   grid: tuple[int, int]) -> dict:
     """How fast P(explained class) falls as the top-k% pixels by CAM are removed, vs random.
 
     A faithful map points at the evidence, so removing its top pixels should lower the
     probability faster than removing the top pixels of a random map of the same smoothness.
     The area under each curve (over the fractions, normalised to [0, 1]) is reported;
-    lower is more faithful. `grid` is the CAM layer's resolution (default: layer4's).
+    lower is more faithful. `grid` is the explained layer's resolution (CamResult.grid).
     """
     model.eval()
     size = tuple(images.shape[-2:])
     generator = torch.Generator().manual_seed(seed)
-    randoms = [random_maps(len(images), size, grid or layer_grid(size), generator)
+    randoms = [random_maps(len(images), size, grid, generator)
                for _ in range(n_random)]
     cam_curve, random_curve = [], []
     for fraction in fractions:
@@ -209,12 +214,12 @@ def deletion_score(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
 
 
 def localization(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                 iou_threshold: float = 0.5, n_random: int = 10, seed: int = 0,
-                 grid: tuple[int, int] | None = None) -> dict:
+                 iou_threshold: float = 0.5, n_random: int = 10, seed: int = 0, *,
+                 grid: tuple[int, int]) -> dict:
     """Pointing game (is the map's maximum inside the mask) and IoU of map >= threshold, vs random.
 
     `maps` and `masks` pair up; each mask is boolean at its map's size. Random maps are
-    drawn on `grid` (the CAM layer's resolution; default layer4's) and upsampled alike.
+    drawn on `grid` (the explained layer's resolution) and upsampled alike.
     """
     def scores(candidates: Sequence[np.ndarray]) -> tuple[float, float]:
         hits, ious = [], []
@@ -231,7 +236,7 @@ def localization(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
     pointing, iou = scores(maps)
     random_scores = []
     for _ in range(n_random):
-        randoms = [random_maps(1, m.shape, grid or layer_grid(m.shape), generator)[0]
+        randoms = [random_maps(1, m.shape, grid, generator)[0]
                    for m in maps]
         random_scores.append(scores(randoms))
     return {
@@ -244,7 +249,7 @@ def localization(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
     }
 
 
-def select_images(labels: np.ndarray, scores: np.ndarray, n: int, mode: str = "mixed",
+def select_images(labels: np.ndarray, scores: np.ndarray, n: int, mode: Selection = "mixed",
                   threshold: float = 0.5, seed: int = 0) -> list[int]:
     """Which validation images to show.
 
@@ -256,8 +261,8 @@ def select_images(labels: np.ndarray, scores: np.ndarray, n: int, mode: str = "m
     n = min(n, len(labels))
     if mode == "random":
         return sorted(np.random.default_rng(seed).choice(len(labels), n, replace=False).tolist())
-    if mode != "mixed":
-        raise ValueError(f"select must be 'mixed' or 'random', got {mode!r}")
+    if mode not in choices(Selection):
+        raise ValueError(f"select must be one of {', '.join(choices(Selection))}, got {mode!r}")
     predicted = (scores >= threshold).astype(int)
     confidence = np.abs(scores - threshold)
     groups = [sorted(np.flatnonzero((labels == cls) & ((predicted == cls) == correct)),
@@ -272,7 +277,7 @@ def select_images(labels: np.ndarray, scores: np.ndarray, n: int, mode: str = "m
 
 
 def explain(model: nn.Module, paths: Sequence[str | Path], image_size: int,
-            target: str = "predicted", batch_size: int = 16, layer: str = "layer4"
+            target: CamTarget = "predicted", batch_size: int = 16, layer: CamLayer = "layer4"
             ) -> tuple[torch.Tensor, CamResult]:
     """Grad-CAM for image files, in batches: the model inputs and the maps at image_size."""
     transform = eval_transform(image_size)
@@ -283,9 +288,97 @@ def explain(model: nn.Module, paths: Sequence[str | Path], image_size: int,
         for start in tqdm(range(0, len(inputs), batch_size), desc="grad-cam", unit="batch",
                           leave=False):
             parts.append(cam(inputs[start:start + batch_size], target))
+    grid = layer_grid((image_size, image_size), layer)
     if not parts:
         empty = np.zeros(0)
         return inputs, CamResult(np.zeros((0, image_size, image_size), np.float32), empty, empty,
-                                 layer_grid((image_size, image_size)))
+                                 grid)
     return inputs, CamResult(*(np.concatenate([getattr(p, f) for p in parts])
-                               for f in ("maps", "p_fake", "explained")), parts[0].grid)
+                               for f in ("maps", "p_fake", "explained")), grid)
+
+
+def write_overlays(model: nn.Module, paths: Sequence[Path], outputs: Sequence[Path],
+                   image_size: int, target: CamTarget = "predicted", layer: CamLayer = "layer4",
+                   alpha: float = 0.5, batch_size: int = 16, replace: bool = True
+                   ) -> tuple[CamResult, list[np.ndarray]]:
+    """Grad-CAM of each image file overlaid on it and written as PNG to its output path
+    (`replace=False`: an existing file is never overwritten); the maps and the overlays."""
+    from dfutils import viz
+
+    _, cams = explain(model, paths, image_size, target, batch_size, layer)
+    overlays = []
+    for path, output, cam in zip(paths, outputs, cams.maps, strict=True):
+        overlays.append(viz.overlay(np.asarray(load_image(path)), cam, alpha))
+        viz.save_rgb(output, overlays[-1], replace)
+    return cams, overlays
+
+
+@dataclass
+class CamReport:
+    """What 03-gradcam shows: the overlays of the chosen images, their grid, and the checks."""
+
+    checkpoint: object  # model.Checkpoint
+    n_predictions: int
+    overlays: list[np.ndarray]
+    titles: list[str]
+    deletion: dict
+    localization: dict
+    metrics: dict  # as written to cam_metrics.json
+    figures: dict = field(default_factory=dict)  # "grid.png", "deletion.png"
+
+
+def gradcam_run(params: GradCamParams) -> CamReport:
+    """The 03-gradcam step: overlays of chosen validation images, their grid, the deletion
+    check, and localization against ground-truth masks where the split has them; everything
+    written to <run>/gradcam/."""
+    from dfutils import viz
+    from dfutils.data import load_mask, read_predictions
+    from dfutils.model import CHECKPOINT_FILE, load_checkpoint
+    from dfutils.paths import resolve, write_json
+    from dfutils.runs import seed_everything
+    from dfutils.train import PREDICTIONS
+
+    seed_everything(params.seed)
+    run = resolve(params.run_dir)
+    out = run / OUT_DIR
+    checkpoint = load_checkpoint(run / CHECKPOINT_FILE)
+    model, size, threshold = checkpoint.model, checkpoint.image_size, checkpoint.threshold
+    predictions = read_predictions(run / PREDICTIONS, params.data_dir)
+    labels = np.array([p.label for p in predictions])
+    scores = np.array([p.p_fake for p in predictions])
+
+    chosen = select_images(labels, scores, params.n_images, params.select, threshold,
+                           params.seed)
+    paths = [predictions[i].path for i in chosen]
+    cams, overlays = write_overlays(model, paths, [out / f"{p.stem}.png" for p in paths], size,
+                                    params.target, params.layer, params.alpha,
+                                    params.batch_size)
+    titles = [f"true {'fake' if labels[i] else 'real'} · P(fake) {p:.2f}"
+              for i, p in zip(chosen, cams.p_fake, strict=True)]
+    grid = viz.image_grid(overlays, titles, ncols=4)
+    grid.suptitle(f"Grad-CAM ({params.target}) on {params.layer}[-1], {params.select} "
+                  "selection", y=1.01)
+
+    eval_index = select_images(labels, scores, params.n_eval, "random", threshold, params.seed)
+    eval_inputs, eval_cams = explain(model, [predictions[i].path for i in eval_index], size,
+                                     params.target, params.batch_size, params.layer)
+    deletion = deletion_score(model, eval_inputs, eval_cams.maps, eval_cams.explained,
+                              seed=params.seed, grid=eval_cams.grid)
+
+    with_mask = [i for i, p in enumerate(predictions) if p.mask is not None][:params.n_eval]
+    located: dict = {"n": 0}
+    if with_mask:
+        _, mask_cams = explain(model, [predictions[i].path for i in with_mask], size, "fake",
+                               params.batch_size, params.layer)
+        masks = [load_mask(predictions[i].mask, (size, size)) for i in with_mask]
+        located = localization(list(mask_cams.maps), masks, seed=params.seed,
+                               grid=mask_cams.grid)
+    metrics = {"layer": params.layer, "target": params.target, "select": params.select,
+               "n_images": len(chosen), "n_eval": len(eval_index), "deletion": deletion,
+               "localization": located}
+    figures = {"grid.png": grid, "deletion.png": viz.plot_deletion(deletion)}
+    for name, fig in figures.items():
+        viz.save_figure(fig, out / name)
+    write_json(run / METRICS, metrics)
+    return CamReport(checkpoint, len(predictions), overlays, titles, deletion, located,
+                     metrics, figures)

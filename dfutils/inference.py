@@ -17,11 +17,14 @@ from tqdm import tqdm
 
 from dfutils import LABELS
 from dfutils.data import ImageLoadError, eval_transform, load_image
+from dfutils.distributed import device as default_device
 from dfutils.metrics import binary_metrics, calibration_bins, expected_calibration_error
-from dfutils.model import load_checkpoint
+from dfutils.model import CHECKPOINT_FILE, Checkpoint, load_checkpoint
 from dfutils.paths import file_problem, is_plain_name, resolve, write_json
 from dfutils.split import scan
-from dfutils.train import default_device, to_device
+from dfutils.train import to_device
+
+REPORT = "report.json"  # in eval_folder(run_dir, name), with the figures
 
 Perturb = Callable[[Image.Image], Image.Image]
 SWEEPS: dict[str, tuple] = {
@@ -138,21 +141,20 @@ def collect_files(paths: Sequence[str | os.PathLike]) -> list[Input]:
 
 
 def predict(run_dir: str | os.PathLike, inputs: Sequence[Input], batch_size: int = 32,
-            num_workers: int = 0) -> tuple[list[dict], dict]:
+            num_workers: int = 0) -> tuple[list[dict], Checkpoint]:
     """Rows of (path, p_fake, label, status) for every input, and the run's checkpoint."""
-    model, checkpoint = load_checkpoint(resolve(run_dir) / "model.pt")
+    checkpoint = load_checkpoint(resolve(run_dir) / CHECKPOINT_FILE)
     readable = [i for i in inputs if not i.problem]
-    scores, errors = score_files(model, [i.path for i in readable],
-                                 checkpoint["params"]["image_size"], batch_size, num_workers)
+    scores, errors = score_files(checkpoint.model, [i.path for i in readable],
+                                 checkpoint.image_size, batch_size, num_workers)
     scored = {i.path: (p, e) for i, p, e in zip(readable, scores, errors, strict=True)}
-    threshold = checkpoint["threshold"]
     rows = []
     for item in inputs:
         p, error = scored.get(item.path, (np.nan, item.problem))
         rows.append({"path": str(item.path), "p_fake": "" if error else f"{p:.6f}",
-                     "label": "" if error else ("fake" if p >= threshold else "real"),
+                     "label": "" if error else ("fake" if p >= checkpoint.threshold else "real"),
                      "status": f"error: {error}" if error else "ok"})
-    return rows, {**checkpoint, "model": model}
+    return rows, checkpoint
 
 
 def labelled_files(data_dir: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[dict]]:
@@ -161,6 +163,11 @@ def labelled_files(data_dir: str | os.PathLike) -> tuple[list[Path], np.ndarray,
     candidates, skipped = scan(root)
     return ([root / rel for rel, _ in candidates],
             np.array([LABELS[label] for _, label in candidates]), skipped)
+
+
+def eval_folder(run_dir: str | os.PathLike, name: str) -> Path:
+    """Where `evaluate` writes the report called `name` of a run."""
+    return resolve(run_dir) / "eval" / name
 
 
 def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, name: str = "",
@@ -178,14 +185,14 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, nam
     if not is_plain_name(name):
         raise ValueError(f"report name {name!r} must be a plain name (letters, digits, '.', "
                          "'_' or '-'): it becomes a folder under <run>/eval/")
-    model, checkpoint = load_checkpoint(run_dir / "model.pt")
-    out = run_dir / "eval" / name
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    out = eval_folder(run_dir, name)
     files, labels, skipped = labelled_files(data_dir)
-    image_size, threshold = checkpoint["params"]["image_size"], checkpoint["threshold"]
+    threshold = checkpoint.threshold
 
     def run(perturb: Perturb | None, desc: str) -> tuple[np.ndarray, list[str]]:
-        return score_files(model, files, image_size, batch_size, num_workers, perturb,
-                           desc=desc)
+        return score_files(checkpoint.model, files, checkpoint.image_size, batch_size,
+                           num_workers, perturb, desc=desc)
 
     scores, errors = run(None, "clean")
     ok = np.array([not e for e in errors])
@@ -208,7 +215,7 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, nam
                                   "accuracy": m["accuracy"], "eer": m["eer"]})
     report = {
         "run": str(run_dir), "data": str(resolve(data_dir)), "name": name,
-        "threshold": threshold, "threshold_rule": checkpoint["threshold_rule"],
+        "threshold": threshold, "threshold_rule": checkpoint.threshold_rule,
         "n_images": int(ok.sum()),
         "unreadable": [{"path": str(f), "reason": e} for f, e in zip(files, errors, strict=True)
                        if e],
@@ -226,5 +233,5 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, nam
     }
     for file, fig in figures.items():
         viz.save_figure(fig, out / file)
-    write_json(out / "report.json", report)
+    write_json(out / REPORT, report)
     return report, figures

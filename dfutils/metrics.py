@@ -10,6 +10,8 @@ import math
 import numpy as np
 from sklearn import metrics as skm
 
+from dfutils.params import ThresholdRule, choices
+
 
 def _both_classes(labels: np.ndarray) -> bool:
     return len(np.unique(labels)) == 2
@@ -31,14 +33,15 @@ def eer(labels, scores) -> tuple[float, float]:
     return float((fpr[i] + fnr[i]) / 2), float(min(thresholds[i], 1.0))
 
 
-def choose_threshold(rule: str, labels, scores) -> float:
+def choose_threshold(rule: ThresholdRule, labels, scores) -> float:
     """The decision threshold on P(fake): 0.5, or the validation EER threshold."""
     if rule == "0.5":
         return 0.5
     if rule == "eer":
         _, threshold = eer(labels, scores)
         return 0.5 if math.isnan(threshold) else threshold
-    raise ValueError(f"threshold rule must be '0.5' or 'eer', got {rule!r}")
+    raise ValueError(f"threshold rule must be one of {', '.join(choices(ThresholdRule))}, "
+                     f"got {rule!r}")
 
 
 def binary_metrics(labels, scores, threshold: float = 0.5) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,14 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
+from dfutils.params import ParameterError, Trainable, TrainParams
 from dfutils.paths import atomic_path, resolve
 
-TRAINABLE = {"fc": ("fc",), "layer4": ("layer4", "fc"), "all": None}
+# The top-level children each `trainable` value trains (None: all of them).
+TRAINABLE: dict[str, tuple[str, ...] | None] = {"fc": ("fc",), "layer4": ("layer4", "fc"),
+                                               "all": None}
+
+CHECKPOINT_FILE = "model.pt"  # a run's best checkpoint: runs/<run>/model.pt
 CHECKPOINT_FORMAT = "dfutils.checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -66,7 +72,8 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_model(weights: str | os.PathLike | None = None, trainable: str = "fc") -> nn.Module:
+def build_model(weights: str | os.PathLike | None = None, trainable: Trainable = "fc"
+                ) -> nn.Module:
     """ResNet18 whose `fc` gives one logit; `weights` is "imagenet", a file, or None.
 
     A backbone state dict with ImageNet's 1000-way head loads everything but the head,
@@ -138,7 +145,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module | Mapping[str, tor
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's contents, read with weights_only=True; anything else is refused."""
+    """A checkpoint file's raw contents, read with weights_only=True; anything that is not a
+    complete dfutils checkpoint is refused. Only this module reads its keys."""
     path = resolve(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: train a model first (02-train)")
@@ -168,17 +176,49 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a checkpoint, in eval mode on the CPU, and the checkpoint's contents."""
-    checkpoint = read_checkpoint(path)
-    model = build_model(weights=None, trainable=checkpoint["params"].get("trainable", "fc"))
+@dataclass
+class Checkpoint:
+    """A trained run's best model, on the CPU in eval mode, and what made it."""
+
+    model: nn.Module
+    params: TrainParams  # the training parameters (defaults for any an older file lacks)
+    threshold: float  # decision threshold on P(fake)
+    threshold_rule: str  # how it was chosen: "0.5" or "eer"
+    epoch: int
+    metrics: dict[str, Any]
+    path: Path
+
+    @property
+    def image_size(self) -> int:
+        return self.params.image_size
+
+
+def threshold_text(threshold: float, rule: str) -> str:
+    """The decision rule in words: `threshold: P(fake) >= 0.5000 (fixed 0.5)`."""
+    how = {"0.5": "fixed 0.5", "eer": "EER point of the validation split"}.get(rule, rule)
+    return f"threshold: P(fake) >= {threshold:.4f} ({how})"
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """The checkpoint at `path` (a model.pt), its model built and loaded."""
+    path = resolve(path)
+    raw = read_checkpoint(path)
     try:
-        model.load_state_dict(checkpoint["model_state"])
+        params = TrainParams.from_mapping(raw["params"])
+    except ParameterError as error:
+        raise CheckpointError(
+            f"{path} holds training parameters this dfutils does not accept ({error}); "
+            "re-save it with dfutils.model.save_checkpoint, giving TrainParams(...).to_dict()"
+        ) from None
+    model = build_model(weights=None, trainable=params.trainable)
+    try:
+        model.load_state_dict(raw["model_state"])
     except (RuntimeError, TypeError, AttributeError) as error:
         first = str(error).splitlines()[1:2] or str(error).splitlines()[:1]
         raise CheckpointError(
-            f"the weights in {resolve(path)} do not fit ResNet18 with one logit "
+            f"the weights in {path} do not fit ResNet18 with one logit "
             f"({' '.join(first).strip()[:200]}): it is not a checkpoint of this project's model"
         ) from None
     model.eval()
-    return model, checkpoint
+    return Checkpoint(model, params, float(raw["threshold"]), str(raw["threshold_rule"]),
+                      int(raw.get("epoch", 0)), dict(raw.get("metrics") or {}), path)

@@ -1,7 +1,12 @@
-"""Validated parameters: one frozen dataclass per notebook, mirroring its `parameters` cell.
+"""Parameters: one frozen dataclass per notebook, the one place where each parameter's name,
+type, default, allowed values and help are written.
 
-Papermill only warns about a parameter the notebook does not declare; here an unknown or
-wrong-typed value is an error that names it (as nanoGPT's configurator does).
+The notebooks' `parameters` cells are checked against these classes (`make check-notebooks`),
+the README's tables are generated from them (`python -m dfutils params`), and one coercion
+path (`Params.coerce`) turns command-line strings and YAML values into them for
+`make run-all`, `python -m dfutils train` and the notebooks alike. Papermill only warns about
+a parameter a notebook does not declare; here an unknown or wrong-typed value is an error
+that names it (as nanoGPT's configurator does).
 """
 
 from __future__ import annotations
@@ -11,29 +16,47 @@ import dataclasses
 import json
 import math
 import os
+import textwrap
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from dfutils.paths import is_plain_name, resolve
+
+# The options with a fixed set of values: the dataclasses, the modules that act on them and
+# the command line's `choices` all use these.
+Trainable = Literal["fc", "layer4", "all"]
+CamLayer = Literal["layer4", "layer3", "layer2"]
+CamTarget = Literal["predicted", "fake", "real"]
+Selection = Literal["mixed", "random"]
+ThresholdRule = Literal["0.5", "eer"]
+Schedule = Literal["constant", "cosine"]
+OptimizerName = Literal["adam", "sgd"]
+
+# Values of `weights` that are not paths.
+WEIGHT_NAMES = ("imagenet", "none", "null", "")
+_PLAIN = (bool, int, float, str, type(None))
 
 
 class ParameterError(ValueError):
     """A parameter is unknown, of the wrong type or out of range."""
 
 
-def _choices(*values: str) -> dict:
-    return {"choices": values}
+def choices(kind: Any) -> tuple[str, ...]:
+    """The allowed values of a Literal option, e.g. choices(Trainable); () for other types."""
+    return typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
 
 
-# Metadata of a parameter that names a file or folder: on the command line it is relative to
-# the user's working directory; in notebooks and parameter files, to the repository root.
-PATH = {"path": True}
-# Values of `weights` that are not paths.
-WEIGHT_NAMES = ("imagenet", "none", "null", "")
+def param(default: Any, help: str, path: bool = False) -> Any:
+    """A parameter's default and one-line help; `path`: it names a file or folder (on the
+    command line relative to the working directory, elsewhere to the repository root)."""
+    metadata = {"help": help, "path": path}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
@@ -45,6 +68,12 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
             return None
         (inner,) = [t for t in options if t is not type(None)]
         return _check_type(name, value, inner)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed or not isinstance(value, str):
+            raise ParameterError(f"parameter {name!r} must be one of "
+                                 f"{', '.join(map(repr, allowed))}; got {value!r}")
+        return value
     if origin is list:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list | tuple):
@@ -64,6 +93,39 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """A command-line string or a YAML value as the parameter's type; values that are already
+    of it pass through. The one coercion path; `_check_type` then validates."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if isinstance(value, str) and value.lower() in ("none", "null"):
+            return None
+        (inner,) = [t for t in typing.get_args(annotation) if t is not type(None)]
+        return None if value is None else _coerce(name, value, inner)
+    if origin is Literal:
+        # `threshold: 0.5` in YAML is the rule "0.5": a choice written like a number.
+        return str(value) if isinstance(value, int | float) and not isinstance(
+            value, bool) and str(value) in typing.get_args(annotation) else value
+    if not isinstance(value, str) or annotation is str:
+        return value
+    try:
+        if annotation is bool:
+            if value.lower() in ("1", "true", "yes"):
+                return True
+            if value.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError
+        if annotation in (int, float):
+            return annotation(value)
+        if origin is list:
+            return json.loads(value)
+    except ValueError:
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(
+            annotation, "a JSON list like [0.2, 0.2, 0.2, 0.0]")
+        raise ParameterError(f"parameter {name!r} takes {kind}, got {value!r}") from None
+    return value
+
+
 @dataclass(frozen=True)
 class Params:
     """Base: construction from a mapping or a notebook namespace, with validation."""
@@ -73,14 +135,8 @@ class Params:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = _check_type(f.name, getattr(self, f.name), hints[f.name])
-            object.__setattr__(self, f.name, value)
-            choices = f.metadata.get("choices")
-            if choices and value not in choices:
-                raise ParameterError(
-                    f"parameter {f.name!r} must be one of {', '.join(map(repr, choices))}; "
-                    f"got {value!r}"
-                )
+            object.__setattr__(self, f.name, _check_type(f.name, getattr(self, f.name),
+                                                         hints[f.name]))
         self.check()
 
     def check(self) -> None:
@@ -91,8 +147,20 @@ class Params:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def coerce(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Strings (command line) and YAML values as each known parameter's type; names this
+        class does not have pass through unchanged (from_mapping refuses them)."""
+        hints = typing.get_type_hints(cls)
+        return {k: _coerce(k, v, hints[k]) if k in hints else v for k, v in values.items()}
+
+    @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Params:
-        """Build from a dict (a YAML file, a command line); unknown keys are an error."""
+        """Build from a dict of typed values; unknown keys are an error."""
         unknown = sorted(set(values) - set(cls.names()))
         if unknown:
             raise ParameterError(
@@ -103,56 +171,87 @@ class Params:
 
     @classmethod
     def from_namespace(cls, namespace: Mapping[str, Any]) -> Params:
-        """Build from a notebook's globals after its parameters cell (and papermill's).
+        """Build from a notebook's globals, in the cell after its parameters cell.
 
-        Papermill injects `-p`/`-f` values as a cell of assignments headed `# Parameters`;
-        any name it assigned that this notebook does not declare is refused.
+        Papermill assigns its values in a cell after the parameters cell; a name the notebook
+        does not declare becomes a new global there. Python keeps globals in the order they
+        were first assigned, so such names are the plain values that come after the last
+        declared parameter and before the first thing this cell imports; they are refused.
         """
-        injected = injected_parameter_names(namespace.get("In", []))
+        names = list(namespace)
+        last = max(names.index(n) for n in cls.names() if n in namespace)
+        unknown = []
+        for name in names[last + 1:]:
+            if name.startswith("_"):
+                continue  # IPython's own (_i2, _oh, ...)
+            value = namespace[name]
+            if not isinstance(value, (*_PLAIN, list, dict)):
+                break  # this cell's first import: what follows is the notebook's own
+            unknown.append(name)
         values = {name: namespace[name] for name in cls.names() if name in namespace}
-        return cls.from_mapping({**values, **{k: namespace.get(k) for k in injected}})
+        return cls.from_mapping(cls.coerce({**values, **{k: namespace[k] for k in unknown}}))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def coerce(name: str, value: Any, default: Any) -> Any:
-    """A command-line string (or a YAML scalar) as the type of the parameter's default."""
+def comment(f: dataclasses.Field, annotation: Any) -> str:
+    """The comment a notebook's parameters cell carries for a field: its help, and the
+    allowed values of an option."""
+    return " ".join(_comment_parts(f, annotation))
+
+
+def _comment_parts(f: dataclasses.Field, annotation: Any) -> list[str]:
+    options = choices(annotation)
+    return [f.metadata["help"]] + ([f"(one of {', '.join(map(json.dumps, options))})"]
+                                   if options else [])
+
+
+def literal(value: Any) -> str:
+    """A default as Python source, strings in double quotes (as the notebooks write them)."""
     if isinstance(value, str):
-        if value.lower() in ("none", "null"):
-            return None
-        if isinstance(default, bool):
-            if value.lower() in ("1", "true", "yes"):
-                return True
-            if value.lower() in ("0", "false", "no"):
-                return False
-            raise ParameterError(f"parameter {name!r} takes true or false, got {value!r}")
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(literal, value)) + "]"
+    return repr(value)
+
+
+def parameters_cell(cls: type[Params], width: int = 100) -> str:
+    """The `parameters` cell a notebook must have: `name = default  # help`, one per
+    parameter, long comments continued on comment lines (which papermill ignores)."""
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        head = f"{f.name} = {literal(cls.defaults()[f.name])}  # "
+        text = [line for part in _comment_parts(f, hints[f.name])
+                for line in textwrap.wrap(part, width - len(head))]
+        lines.append(head + text[0])
+        lines += [" " * (len(head) - 2) + "# " + more for more in text[1:]]
+    return "\n".join(lines)
+
+
+def read_parameters_cell(source: str) -> list[tuple[str, Any, str]]:
+    """(name, value, comment) of each `name = value  # comment` line of a parameters cell,
+    comment lines that follow joined to the comment; ValueError on any other statement."""
+    lines = source.splitlines()
+    found = []
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            raise ValueError(f"line {node.lineno} is not `name = value`")
         try:
-            if isinstance(default, int):
-                return int(value)
-            if isinstance(default, float):
-                return float(value)
-            if isinstance(default, list):
-                return json.loads(value)
+            value = ast.literal_eval(node.value)
         except ValueError:
-            raise ParameterError(f"parameter {name!r} takes a {type(default).__name__} like "
-                             f"{default!r}, got {value!r}") from None
-        return value
-    if isinstance(default, str) and isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)  # threshold: 0.5 in YAML means the rule "0.5"
-    return value
-
-
-def injected_parameter_names(history: list[str]) -> set[str]:
-    """Names assigned by papermill's injected-parameters cell, from the kernel's input history."""
-    names: set[str] = set()
-    for source in history:
-        if not source.lstrip().startswith("# Parameters"):
-            continue
-        for node in ast.parse(source).body:
-            if isinstance(node, ast.Assign):
-                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-    return names
+            raise ValueError(f"{node.targets[0].id!r} is not a plain value (derive values in "
+                             "the next cell)") from None
+        _, _, text = lines[node.lineno - 1].partition("#")
+        parts = [text.strip()]
+        for more in lines[node.lineno:]:
+            if not more.lstrip().startswith("#"):
+                break
+            parts.append(more.lstrip()[1:].strip())
+        found.append((node.targets[0].id, value, " ".join(p for p in parts if p)))
+    return found
 
 
 @dataclass(frozen=True)
@@ -161,11 +260,14 @@ class SplitParams(Params):
 
     notebook: ClassVar[str] = "01-split"
 
-    raw_dir: str = field(default="dataset_raw", metadata=PATH)  # the user's images, read only
-    data_dir: str = field(default="data", metadata=PATH)  # where the split is written
-    val_fraction: float = 0.2  # validation share of each class
-    seed: int = 42  # seeds the (content-hash) ranking that assigns splits
-    overwrite: bool = False  # allow replacing a split made with other parameters
+    raw_dir: str = param("dataset_raw", "the user's images: raw_dir/real and raw_dir/fake "
+                         "(read only)", path=True)
+    data_dir: str = param("data", "where train/, val/, manifest.csv and split_report.json are "
+                          "written", path=True)
+    val_fraction: float = param(0.2, "validation share of each class")
+    seed: int = param(42, "seeds the content-hash ranking that assigns each image to a split")
+    overwrite: bool = param(False, "replace an existing split that was made with other "
+                            "parameters")
 
     def check(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -178,33 +280,48 @@ class TrainParams(Params):
 
     notebook: ClassVar[str] = "02-train"
 
-    data_dir: str = field(default="data", metadata=PATH)
-    run_dir: str = field(default="runs/notebook", metadata=PATH)
-    # "imagenet", a path to a state dict, or None (random)
-    weights: str | None = field(default="imagenet", metadata=PATH)
-    trainable: str = field(default="fc", metadata=_choices("fc", "layer4", "all"))
-    image_size: int = 224
-    batch_size: int = 32
-    max_epochs: int = 20
-    lr: float = 1e-4
-    patience: int = 3  # epochs without a better validation loss before stopping
-    min_delta: float = 0.0  # how much lower a validation loss must be to count as better
-    seed: int = 42
-    num_workers: int = 2
-    jitter: list[float] = field(default_factory=lambda: [0.2, 0.2, 0.2, 0.0])  # b, c, s, hue
-    flip: bool = True  # random horizontal flips (the seed's augmentation)
-    crop_scale: float = 1.0  # < 1: random resized crops covering this share of the image or more
-    mixup: float = 0.0  # > 0: mixup (Zhang et al. 2018) with Beta(mixup, mixup) weights
-    erasing: float = 0.0  # probability of erasing one random rectangle (Zhong et al. 2020)
-    label_smoothing: float = 0.0  # training targets 0/1 become eps/2 and 1 - eps/2
-    ema: float = 0.0  # > 0: validate and keep an average of the weights, this decay per step
-    jpeg_prob: float = 0.0  # probability of a random JPEG re-encoding (quality 30-100)
-    blur_prob: float = 0.0  # probability of a random Gaussian blur (sigma 0.1-3)
-    threshold: str = field(default="0.5", metadata=_choices("0.5", "eer"))
-    schedule: str = field(default="constant", metadata=_choices("constant", "cosine"))
-    optimizer: str = field(default="adam", metadata=_choices("adam", "sgd"))
-    weight_decay: float = 0.0  # Adam: > 0 switches to AdamW (decoupled); SGD: L2 penalty
-    feature_cache: bool = True  # trainable="fc" without augmentation: backbone runs once
+    data_dir: str = param("data", "a split made by 01-split", path=True)
+    run_dir: str = param("runs/notebook", "where the model, history, metrics and figures go",
+                         path=True)
+    weights: str | None = param("imagenet", '"imagenet" (torchvision\'s cache), a state-dict '
+                                "path, or None (random init)", path=True)
+    trainable: Trainable = param("fc", "what trains: the head alone on a frozen backbone (the "
+                                 "original recipe), layer4 and the head, or everything")
+    image_size: int = param(224, "images are resized to image_size x image_size")
+    batch_size: int = param(32, "images per optimisation step")
+    max_epochs: int = param(20, "upper bound; early stopping usually ends sooner")
+    lr: float = param(1e-4, "learning rate")
+    patience: int = param(3, "epochs without a better validation loss before stopping")
+    min_delta: float = param(0.0, "how much lower a validation loss must be to count as better")
+    seed: int = param(42, "seeds initialisation, shuffling and augmentation")
+    num_workers: int = param(2, "DataLoader worker processes (0: load in this process)")
+    jitter: list[float] = param([0.2, 0.2, 0.2, 0.0], "ColorJitter brightness, contrast, "
+                                "saturation, hue")
+    flip: bool = param(True, "random horizontal flips")
+    crop_scale: float = param(1.0, "< 1: random resized crops covering at least this share of "
+                              "the image")
+    mixup: float = param(0.0, "> 0: mixup of images and labels, weights drawn from "
+                         "Beta(mixup, mixup)")
+    erasing: float = param(0.0, "probability of erasing one random rectangle of a training "
+                           "image")
+    label_smoothing: float = param(0.0, "> 0: training targets 0/1 become eps/2 and 1 - eps/2")
+    ema: float = param(0.0, "> 0: validate and keep a moving average of the weights (decay "
+                       "per step)")
+    jpeg_prob: float = param(0.0, "probability of a random JPEG re-encoding (quality 30-100) "
+                             "per image")
+    blur_prob: float = param(0.0, "probability of a random Gaussian blur (sigma 0.1-3) per "
+                             "image")
+    threshold: ThresholdRule = param("0.5", "decision threshold on P(fake): fixed 0.5, or the "
+                                     "validation EER point")
+    schedule: Schedule = param("constant", "learning rate: constant (the original recipe) or "
+                               "cosine decay to zero")
+    optimizer: OptimizerName = param("adam", "Adam (the original recipe) or SGD with Nesterov "
+                                     "momentum 0.9")
+    weight_decay: float = param(0.0, "Adam: > 0 uses AdamW (decoupled); SGD: L2 penalty")
+    feature_cache: bool = param(True, 'trainable "fc" without augmentation: run the frozen '
+                                "backbone once")
+    resume: bool = param(False, "continue an interrupted run from run_dir/last.pt, to the "
+                         "history it would have had")
 
     @property
     def augmented(self) -> bool:
@@ -250,16 +367,20 @@ class GradCamParams(Params):
 
     notebook: ClassVar[str] = "03-gradcam"
 
-    run_dir: str = field(default="runs/notebook", metadata=PATH)
-    data_dir: str = field(default="data", metadata=PATH)
-    n_images: int = 16
-    select: str = field(default="mixed", metadata=_choices("mixed", "random"))
-    target: str = field(default="predicted", metadata=_choices("predicted", "fake", "real"))
-    alpha: float = 0.5
-    seed: int = 42
-    batch_size: int = 16
-    n_eval: int = 128  # validation images scored for deletion and localization
-    layer: str = field(default="layer4", metadata=_choices("layer4", "layer3", "layer2"))
+    run_dir: str = param("runs/notebook", "a run of 02-train: reads model.pt and "
+                         "val_predictions.csv", path=True)
+    data_dir: str = param("data", "the split the run was trained on", path=True)
+    n_images: int = param(16, "overlays to write and show")
+    select: Selection = param("mixed", "which images: the most confident right and wrong of "
+                              "each class, or a random sample")
+    target: CamTarget = param("predicted", "the class explained: the predicted one, or always "
+                              "fake, or always real")
+    alpha: float = param(0.5, "heatmap weight in the overlay")
+    seed: int = param(42, "seeds the random selection and the random baseline maps")
+    batch_size: int = param(16, "images per Grad-CAM batch")
+    n_eval: int = param(128, "validation images scored for deletion and localization")
+    layer: CamLayer = param("layer4", "explained layer (its last block); layer4 is the "
+                            "original recipe's")
 
     def check(self) -> None:
         if min(self.n_images, self.batch_size, self.n_eval) < 1:
@@ -274,11 +395,11 @@ class EvalParams(Params):
 
     notebook: ClassVar[str] = "04-evaluate"
 
-    run_dir: str = field(default="runs/notebook", metadata=PATH)
-    eval_dir: str = field(default="", metadata=PATH)
-    name: str = ""
-    batch_size: int = 32
-    num_workers: int = 2
+    run_dir: str = param("runs/notebook", "a trained run (model.pt)", path=True)
+    eval_dir: str = param("", "a labelled folder: eval_dir/real and eval_dir/fake", path=True)
+    name: str = param("", "report name under run_dir/eval/; empty: the folder's name")
+    batch_size: int = param(32, "images per forward pass")
+    num_workers: int = param(2, "image-loading processes (0: load in this process)")
 
     def check(self) -> None:
         if not self.eval_dir:
@@ -317,6 +438,15 @@ def read_params_file(params_file: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
+def parameters_of(notebook: str) -> type[Params]:
+    """The parameter class of a notebook ("02-train" or a path to it)."""
+    stem = Path(notebook).stem
+    for cls in NOTEBOOK_PARAMS:
+        if cls.notebook == stem:
+            return cls
+    raise KeyError(f"no parameters are defined for notebook {notebook!r}")
+
+
 def path_names() -> set[str]:
     """Every parameter that names a file or folder."""
     return {f.name for cls in NOTEBOOK_PARAMS for f in dataclasses.fields(cls)
@@ -334,7 +464,7 @@ def from_working_dir(values: Mapping[str, str], cwd: str | os.PathLike | None = 
             for k, v in values.items()}
 
 
-def load_params(cls: type[Params], params_file: str | None, sets: Mapping[str, str]) -> Params:
+def load_params(cls: type[Params], params_file: str | None, sets: Mapping[str, Any]) -> Params:
     """Parameters from a YAML file and `key=value` strings (which win), validated.
 
     Keys that belong to the other notebooks (a chain's file holds them all) are passed
@@ -343,10 +473,22 @@ def load_params(cls: type[Params], params_file: str | None, sets: Mapping[str, s
     values: dict[str, Any] = {}
     if params_file:
         values.update(read_params_file(params_file))
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cls)}
     values.update(sets)
     others = {n for c in NOTEBOOK_PARAMS if c is not cls for n in c.names()}
-    values = {k: v for k, v in values.items() if k in defaults or k not in others}
-    return cls.from_mapping({k: coerce(k, v, defaults[k]) if k in defaults else v
-                             for k, v in values.items()})
+    return cls.from_mapping(cls.coerce({k: v for k, v in values.items()
+                                        if k in cls.names() or k not in others}))
+
+
+def reference() -> str:
+    """Every parameter of every notebook as Markdown tables: the README's reference."""
+    hints = {cls: typing.get_type_hints(cls) for cls in NOTEBOOK_PARAMS}
+    parts = []
+    for cls in NOTEBOOK_PARAMS:
+        rows = [f"**`{cls.notebook}`** ({cls.__doc__.split(': ', 1)[1].rstrip('.')})", "",
+                "| parameter | default | what it does |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = cls.defaults()[f.name]
+            rows.append(f"| `{f.name}` | `{literal(default)}` | "
+                        f"{comment(f, hints[cls][f.name]).replace('|', '/')} |")
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts) + "\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import shutil
@@ -17,7 +16,14 @@ import papermill
 from nbclient.exceptions import DeadKernelError
 
 from dfutils import split as split_step
-from dfutils.params import NOTEBOOK_PARAMS, ParameterError, coerce, read_params_file
+from dfutils.params import (
+    NOTEBOOK_PARAMS,
+    ParameterError,
+    parameters_cell,
+    parameters_of,
+    read_parameters_cell,
+    read_params_file,
+)
 from dfutils.paths import REPO_ROOT, is_plain_name, remove_stale_temps, resolve, write_json
 from dfutils.runs import now, read_run, record_step, start_run, start_step
 
@@ -30,8 +36,7 @@ NOTEBOOKS = {
 # Shorthands accepted on the command line (make run-all EPOCHS=5).
 ALIASES = {"epochs": "max_epochs"}
 # Keys the runner owns; everything else is a notebook parameter.
-RUNNER_KEYS = ("run", "params", "overwrite", "steps")
-PARAMS_OF = {cls.notebook: cls for cls in NOTEBOOK_PARAMS}
+RUNNER_KEYS = ("run", "params", "overwrite", "steps", "resume")
 SPLIT_RUN = "split-run"  # `make split`'s run folder, inside the split's data_dir
 
 
@@ -41,12 +46,6 @@ class ChainError(RuntimeError):
 
 class ChainInterrupted(ChainError):
     """Ctrl-C (or SIGINT) stopped a step; run.json says which steps are complete."""
-
-
-def declared_parameters(notebook: str | Path) -> dict[str, Any]:
-    """The parameters a notebook declares, with their default values."""
-    found = papermill.inspect_notebook(str(resolve(notebook)))
-    return {name: ast.literal_eval(p["default"]) for name, p in found.items()}
 
 
 def parse_assignments(args: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -69,20 +68,22 @@ def _split_metrics(report: dict) -> dict:
 
 
 def step_metrics(step: str, params: Mapping[str, Any]) -> dict | None:
-    """What a finished step wrote that run.json summarises."""
+    """What a finished step wrote that run.json summarises (each file named by its module)."""
+    from dfutils import gradcam, inference, train
+
     if step == "01-split":
         report = split_step.read_report(resolve(params["data_dir"]))
         return _split_metrics(report) if report else None
+    run_dir = resolve(params["run_dir"])
     if step == "04-evaluate":
-        name = params.get("name") or Path(params["eval_dir"]).name
-        file = resolve(params["run_dir"]) / "eval" / name / "report.json"
+        name = params.get("name") or resolve(params["eval_dir"]).name
+        file = inference.eval_folder(run_dir, name) / inference.REPORT
         if not file.is_file():
             return None
         report = json.loads(file.read_text())
         return {"name": name, **{k: report["metrics"][k] for k in ("accuracy", "auc", "ap", "eer")},
                 "ece": report["calibration"]["ece"]}
-    path = {"02-train": "metrics.json", "03-gradcam": "gradcam/cam_metrics.json"}[step]
-    file = resolve(params["run_dir"]) / path
+    file = run_dir / {"02-train": train.METRICS, "03-gradcam": gradcam.METRICS}[step]
     return json.loads(file.read_text()) if file.is_file() else None
 
 
@@ -114,8 +115,7 @@ def _values(params_file: str | None, overrides: Mapping[str, Any]) -> dict[str, 
         except ParameterError as error:
             raise ChainError(str(error)) from None
     values.update(overrides)
-    declared = {step: declared_parameters(NOTEBOOKS[step]) for step in NOTEBOOKS}
-    known = {name for params in declared.values() for name in params}
+    known = {name for cls in NOTEBOOK_PARAMS for name in cls.names()}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ChainError(f"unknown parameter {', '.join(map(repr, unknown))}; the notebooks "
@@ -127,9 +127,9 @@ def _values(params_file: str | None, overrides: Mapping[str, Any]) -> dict[str, 
 
 def plan(params_file: str | None, overrides: Mapping[str, Any], steps: Sequence[str],
          run_dir: str, overwrite: bool) -> dict[str, dict[str, Any]]:
-    """The parameters each step receives: file values, then command-line values, checked.
+    """Every parameter of each step: defaults, then file values, then command-line values.
 
-    Every step's values are validated by its parameter class here, before anything runs
+    Each step's values are validated by its parameter class here, before anything runs
     or any file changes, so a bad value never costs an existing run.
     """
     values = {**_values(params_file, overrides), "run_dir": run_dir}
@@ -137,14 +137,12 @@ def plan(params_file: str | None, overrides: Mapping[str, Any], steps: Sequence[
         values.setdefault("overwrite", True)
     per_step = {}
     for step in steps:
-        declared = declared_parameters(NOTEBOOKS[step])
+        cls = parameters_of(step)
         try:
-            given = {name: coerce(name, values[name], default)
-                     for name, default in declared.items() if name in values}
-            PARAMS_OF[step].from_mapping({**declared, **given})
+            per_step[step] = cls.from_mapping(cls.coerce(
+                {k: v for k, v in values.items() if k in cls.names()})).to_dict()
         except ParameterError as error:
             raise ChainError(f"{step}: {error}") from None
-        per_step[step] = given
     return per_step
 
 
@@ -156,12 +154,11 @@ def _later_steps(step: str) -> list[str]:
 def _run_step(run_dir: Path, step: str, params: dict[str, Any]) -> None:
     """Execute one notebook into run_dir and record it; steps after it become stale."""
     notebook, output = resolve(NOTEBOOKS[step]), run_dir / f"{step}.ipynb"
-    effective = {**declared_parameters(notebook), **params}
     recorded = read_run(run_dir).get("steps", {})
     for later in _later_steps(step):  # made from what this step is about to replace
         if (recorded.get(later) or {}).get("status") == "done":
             record_step(run_dir, later, status="stale", stale_because=f"{step} was run again")
-    start_step(run_dir, step, notebook=NOTEBOOKS[step], params=effective)
+    start_step(run_dir, step, notebook=NOTEBOOKS[step], params=params)
     print(f"== {step}: {output}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
 
@@ -189,20 +186,50 @@ def _run_step(run_dir: Path, step: str, params: dict[str, Any]) -> None:
     except KeyboardInterrupt:
         failed("interrupted", "was interrupted")
     record_step(run_dir, step, status="done", finished=now(),
-                seconds=round(time.perf_counter() - t0, 2), metrics=step_metrics(step, effective))
+                seconds=round(time.perf_counter() - t0, 2), metrics=step_metrics(step, params))
+
+
+RESUMABLE = ("pending", "running", "interrupted", "failed", "stale")
+
+
+def resume_steps(run_dir: Path, steps: Sequence[str] | None = None
+                 ) -> dict[str, dict[str, Any]]:
+    """The steps of a run still to do, each with the parameters it recorded: those not
+    `done` (interrupted, failed, pending or stale), in chain order. An interrupted 02-train
+    continues from its last completed epoch (last.pt)."""
+    from dfutils.train import LAST
+
+    record = read_run(run_dir)
+    if not record:
+        raise ChainError(f"{run_dir} has no run.json: there is no run to resume")
+    todo = {}
+    for step in steps or NOTEBOOKS:
+        entry = record.get("steps", {}).get(step)
+        if entry is None or entry.get("status") not in RESUMABLE:
+            continue
+        if "params" not in entry:
+            raise ChainError(f"{run_dir}/run.json records no parameters for {step}: run it "
+                             "again with OVERWRITE=1 instead")
+        params = dict(entry["params"])
+        if step == "02-train":
+            params["resume"] = (resolve(params["run_dir"]) / LAST).is_file()
+        todo[step] = params
+    return todo
 
 
 def run_all(run: str | None = None, params_file: str | None = None,
             overrides: Mapping[str, Any] | None = None, overwrite: bool = False,
             steps: Sequence[str] | None = None, replace_run: bool = False,
-            runs_root: str | Path = "runs", beside_data: bool = False) -> Path:
+            runs_root: str | Path = "runs", beside_data: bool = False,
+            resume: bool = False) -> Path:
     """Run the chosen steps into <runs_root>/<run>/ and record everything in run.json.
 
     `beside_data` puts the run folder inside the split's data_dir instead, named SPLIT_RUN
     unless `run` is given (`make split`).
     Replacing a whole run (OVERWRITE=1 with 01-split and 02-train) keeps the old run aside
     until the new chain succeeds; if it fails, the old run is put back and the failed
-    attempt is kept under <run>.failed-<time>.
+    attempt is kept under <run>.failed-<time>. `resume` continues an interrupted run with
+    the parameters it recorded (see `resume_steps`).
     """
     overrides = overrides or {}
     run = run or (SPLIT_RUN if beside_data else time.strftime("%Y%m%d-%H%M%S"))
@@ -216,16 +243,25 @@ def run_all(run: str | None = None, params_file: str | None = None,
         if step not in NOTEBOOKS:
             raise ChainError(f"unknown step {step!r}; steps are {', '.join(NOTEBOOKS)}")
     if beside_data:
-        data_dir = _values(params_file, overrides).get(
-            "data_dir", declared_parameters(NOTEBOOKS["01-split"])["data_dir"])
+        data_dir = _values(params_file, overrides).get("data_dir",
+                                                       parameters_of("01-split")().data_dir)
         runs_root = resolve(str(data_dir))
     run_dir = resolve(runs_root) / run
-    shown = run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir
-    per_step = plan(params_file, overrides, steps, shown.as_posix(), overwrite)
+    if resume:
+        if params_file or overrides or overwrite:
+            raise ChainError("RESUME=1 continues a run with the parameters it recorded: give "
+                             "only RUN=<name> (and STEPS=), nothing else")
+        per_step = resume_steps(run_dir, steps)
+        steps = list(per_step)
+        if not steps:
+            raise ChainError(f"{run_dir}: every step is done and current; nothing to resume")
+    else:
+        shown = run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir
+        per_step = plan(params_file, overrides, steps, shown.as_posix(), overwrite)
     if "01-split" in steps:
-        check_split({**declared_parameters(NOTEBOOKS["01-split"]), **per_step["01-split"]})
+        check_split(per_step["01-split"])
     aside = None
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not (overwrite or replace_run):
             raise ChainError(f"run folder {run_dir} already exists: choose another RUN=<name> "
                              "or pass OVERWRITE=1 to replace it")
@@ -243,6 +279,10 @@ def run_all(run: str | None = None, params_file: str | None = None,
         start_run(run_dir, run, params_file)
     # Headless, every progress-bar refresh becomes a log line: refresh every 15 s at most.
     os.environ.setdefault("TQDM_MININTERVAL", "15")
+    for step in steps:  # recorded before any runs, so RESUME=1 knows the whole plan
+        if read_run(run_dir).get("steps", {}).get(step, {}).get("status") != "done":
+            record_step(run_dir, step, status="pending", params=per_step[step],
+                        notebook=NOTEBOOKS[step])
     try:
         for step in steps:
             _run_step(run_dir, step, per_step[step])
@@ -286,9 +326,10 @@ def summarise(run_dir: Path) -> dict:
     return summary
 
 
-def check_notebooks(paths: Sequence[str | Path]) -> list[str]:
-    """Problems with notebooks' parameters cells: exactly one, the first code cell, plain values
-    each with a comment."""
+def check_notebooks(paths: Sequence[str | Path], fix: bool = False) -> list[str]:
+    """Problems with notebooks' parameters cells: exactly one, the first code cell, and the
+    same names, order, defaults and comments as the notebook's parameter class. `fix`
+    rewrites a cell that differs from the class (the class is the one source)."""
     problems = []
     for path in paths:
         nb = nbformat.read(str(path), as_version=4)
@@ -298,22 +339,39 @@ def check_notebooks(paths: Sequence[str | Path]) -> list[str]:
             problems.append(f"{path}: needs exactly one cell tagged 'parameters', as its first "
                             f"code cell (found at code cells {tagged})")
             continue
-        source = code[0].source
-        seen_by_papermill = set(papermill.inspect_notebook(str(path)))
-        for node in ast.parse(source).body:
-            if not (isinstance(node, ast.Assign) and len(node.targets) == 1
-                    and isinstance(node.targets[0], ast.Name)):
-                problems.append(f"{path}: parameters cell line {node.lineno} is not "
-                                "`name = value`")
-                continue
-            try:
-                ast.literal_eval(node.value)
-            except ValueError:
-                problems.append(f"{path}: parameter {node.targets[0].id!r} is not a plain value "
-                                "(derive values in the next cell)")
-            if "#" not in source.splitlines()[node.lineno - 1]:
-                problems.append(f"{path}: parameter {node.targets[0].id!r} has no comment")
-            if node.targets[0].id not in seen_by_papermill:
-                problems.append(f"{path}: papermill cannot parse parameter "
-                                f"{node.targets[0].id!r} (an '=' in its comment?)")
+        cls = parameters_of(str(path))
+        expected = read_parameters_cell(parameters_cell(cls))
+        try:
+            found = read_parameters_cell(code[0].source)
+        except ValueError as error:
+            found, problem = [], f"{path}: parameters cell: {error}"
+        else:
+            problem = _cell_difference(path, cls, found, expected)
+        if problem and fix:
+            code[0].source = parameters_cell(cls)
+            nbformat.write(nb, str(path))
+            found, problem = expected, ""
+        if problem:
+            problems.append(problem + " (python -m dfutils check-notebooks --fix writes the "
+                            f"cell from {cls.__name__})")
+            continue
+        unparsed = {name for name, _, _ in found} - set(papermill.inspect_notebook(str(path)))
+        problems += [f"{path}: papermill cannot parse parameter {name!r}" for name in unparsed]
     return problems
+
+
+def _cell_difference(path: str | Path, cls: type, found: list, expected: list) -> str:
+    """The first way a parameters cell differs from its class, or ""."""
+    names, wanted = [f[0] for f in found], [e[0] for e in expected]
+    missing, extra = [n for n in wanted if n not in names], [n for n in names if n not in wanted]
+    if missing or extra:
+        return (f"{path}: parameters cell and {cls.__name__} differ: missing "
+                f"{missing or 'none'}, extra {extra or 'none'}")
+    if names != wanted:
+        return f"{path}: parameters are not in {cls.__name__}'s order {wanted}"
+    for (name, value, text), (_, default, help_text) in zip(found, expected, strict=True):
+        if value != default or type(value) is not type(default):
+            return f"{path}: {name} = {value!r} but {cls.__name__}'s default is {default!r}"
+        if text != help_text:
+            return f"{path}: the comment of {name} is not {cls.__name__}'s help {help_text!r}"
+    return ""

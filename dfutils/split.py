@@ -139,8 +139,8 @@ def inspect_all(raw_dir: Path, candidates: list[tuple[Path, str]],
                 workers: int | None = None) -> tuple[list[ImageInfo], list[dict]]:
     """Inspect every candidate, in worker processes when there are many.
 
-    Decoding is the cost. Threads barely help (measured 0.9x a plain loop on 2 cores: the
-    per-image Python work holds the GIL); processes given chunks of files do (1.2-1.3x).
+    Decoding is the cost. Threads barely help (the per-image Python work holds the GIL);
+    processes given chunks of files do (`make bench` measures the split; see the README).
     """
     one = functools.partial(_inspect_or_reason, raw_dir)
     workers = workers or min(8, os.cpu_count() or 1)

@@ -22,9 +22,11 @@ COLORMAP = cv2.COLORMAP_JET  # blue = no evidence, red = strongest
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> None:
-    """Write a figure as PNG, atomically (the figure stays open for the notebook to show)."""
+    """Write a figure as PNG, atomically, and close it in pyplot: a notebook then shows it
+    where it calls `display(fig)`, not again at the end of the cell that made it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    plt.close(fig)
 
 
 def save_rgb(path: str | os.PathLike, image: np.ndarray, replace: bool = True) -> None:
@@ -178,6 +180,12 @@ def markdown_table(rows: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def counts_table(counts: dict[str, dict[str, int]]) -> str:
+    """A split's images per split and class (the split report's `counts`) as Markdown."""
+    return markdown_table([{"split": split, **by_class, "total": sum(by_class.values())}
+                           for split, by_class in counts.items()])
 
 
 def plot_sweeps(sweeps: dict[str, list[dict]]) -> Figure:

@@ -70,3 +70,25 @@ def run_dir(tmp_path: Path) -> Path:
     save_checkpoint(run / "model.pt", model, params={"image_size": 32, "trainable": "all"},
                     threshold=0.5, threshold_rule="0.5", metrics={}, epoch=1)
     return run
+
+
+@pytest.fixture
+def notebooks_that(monkeypatch):
+    """Replace papermill's execution: `notebooks_that(fail={step: exception})`; the calls
+    made are recorded as (step, parameters)."""
+    from dfutils import pipeline
+
+    calls = []
+
+    def install(fail: dict | None = None):
+        calls.clear()
+
+        def execute(notebook, output, parameters, **kwargs):
+            step = Path(notebook).stem
+            calls.append((step, parameters))
+            if step in (fail or {}):
+                raise fail[step]
+            Path(output).write_text("{}")
+        monkeypatch.setattr(pipeline.papermill, "execute_notebook", execute)
+        return calls
+    return install

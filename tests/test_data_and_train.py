@@ -248,5 +248,72 @@ def test_ema_validates_and_keeps_the_moving_average_of_the_weights(separable_spl
     # what was validated is what fit returns and what the checkpoint holds
     assert evaluate(model, val_loader, torch.device("cpu")).loss == pytest.approx(
         result.metrics["val_loss"], rel=1e-5)
-    saved = load_checkpoint(tmp_path / "model.pt")[0].state_dict()
+    saved = load_checkpoint(tmp_path / "model.pt").model.state_dict()
     assert all(torch.equal(saved[name], kept[name].cpu()) for name in kept)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resumed_run_has_the_history_of_an_uninterrupted_one(separable_split, tmp_path,
+                                                               monkeypatch, num_workers):
+    import dfutils.train as T
+
+    settings = {"data_dir": str(separable_split), "weights": None, "trainable": "all",
+                "image_size": 32, "batch_size": 8, "max_epochs": 4, "patience": 4,
+                "lr": 3e-3, "num_workers": num_workers, "seed": 3, "schedule": "cosine",
+                "ema": 0.5, "mixup": 0.2, "jitter": [0.3, 0.3, 0.3, 0.05], "erasing": 0.3}
+
+    def run(name: str, **extra):
+        params = TrainParams.from_mapping({**settings, "run_dir": str(tmp_path / name), **extra})
+        return T.train_run(params)[0]
+
+    whole = run("whole")
+    real, calls = T.train_one_epoch, {"n": 0}
+
+    def interrupt_third_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "train_one_epoch", interrupt_third_epoch)
+    cut = run("cut")
+    assert cut.interrupted and len(cut.history) == 2 and (tmp_path / "cut" / T.LAST).is_file()
+    monkeypatch.setattr(T, "train_one_epoch", real)
+    resumed = run("cut", resume=True)
+
+    def strip(history):
+        return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")}
+                for row in history]
+    assert strip(resumed.history) == strip(whole.history) and len(whole.history) == 4
+    assert resumed.metrics == whole.metrics
+    weights = [torch.load(tmp_path / n / "model.pt", weights_only=True)["model_state"]
+               for n in ("whole", "cut")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not (tmp_path / "cut" / T.LAST).exists()  # finished: nothing left to resume
+
+
+def test_resume_refuses_other_parameters_and_a_run_without_state(separable_split, tmp_path):
+    from dfutils.model import CheckpointError
+    from dfutils.train import LAST, train_run
+
+    base = {"data_dir": str(separable_split), "weights": None, "trainable": "all",
+            "image_size": 32, "batch_size": 8, "max_epochs": 1, "num_workers": 0,
+            "run_dir": str(tmp_path / "r")}
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train_run(TrainParams.from_mapping({**base, "resume": True}))
+    import dfutils.train as T
+
+    real = T.train_loop
+
+    def stop_after_saving(*args, **kwargs):  # a run killed after its first epoch
+        result = real(*args, **kwargs)
+        result.interrupted = True
+        return result
+    T.train_loop = stop_after_saving
+    try:
+        train_run(TrainParams.from_mapping(base))
+    finally:
+        T.train_loop = real
+    assert (tmp_path / "r" / LAST).is_file()
+    with pytest.raises(ValueError, match="other values of lr"):
+        train_run(TrainParams.from_mapping({**base, "resume": True, "lr": 0.5}))

@@ -130,7 +130,8 @@ def test_deletion_puts_cam_ahead_of_random_when_the_evidence_is_known():
     with GradCAM(model, model.layer4[0]) as cam:
         result = cam(images, "predicted")
     assert (result.p_fake > 0.5).all()
-    score = deletion_score(model, images, result.maps, result.explained, fill="mean")
+    score = deletion_score(model, images, result.maps, result.explained, fill="mean",
+                           grid=result.grid)
     assert score["auc_cam"] < score["auc_random"]
     assert score["cam"][0] == score["random"][0]  # nothing removed: same start
 
@@ -140,7 +141,7 @@ def test_localization_scores_a_map_inside_the_mask_above_random():
     mask[8:20, 8:20] = True
     cam = np.zeros((32, 32), np.float32)
     cam[10:18, 10:18] = 1.0
-    result = localization([cam] * 5, [mask] * 5, n_random=20)
+    result = localization([cam] * 5, [mask] * 5, n_random=20, grid=(4, 4))
     assert result["pointing_cam"] == 1.0 and result["iou_cam"] == pytest.approx(64 / 144)
     assert result["pointing_random"] < 0.6 and result["iou_random"] < result["iou_cam"]
 

@@ -63,7 +63,7 @@ def test_predicted_values_are_the_models_sigmoid_under_eval_preprocessing(run_di
           "--cam-dir", str(cams), "--num-workers", "0"])
     from dfutils.model import load_checkpoint
 
-    model, _ = load_checkpoint(run_dir / "model.pt")
+    model = load_checkpoint(run_dir / "model.pt").model
     x = eval_transform(32)(load_image(mixed_folder / "a.png")).unsqueeze(0)
     with torch.no_grad():
         expected = torch.sigmoid(model(x)).item()

@@ -7,6 +7,7 @@ import torch
 
 from dfutils import model as M
 from dfutils.metrics import binary_metrics, choose_threshold, eer, expected_calibration_error
+from dfutils.params import TrainParams
 
 
 @pytest.mark.parametrize("trainable,trained", [("fc", {"fc"}), ("layer4", {"layer4", "fc"}),
@@ -63,13 +64,13 @@ def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
     torch.manual_seed(0)
     net = M.build_model(None, "all").eval()
     path = _save(tmp_path, net)
-    loaded, checkpoint = M.load_checkpoint(path)
+    checkpoint = M.load_checkpoint(path)
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(net(x), loaded(x))
-    assert (checkpoint["threshold"], checkpoint["threshold_rule"], checkpoint["epoch"]) == (
-        0.4, "eer", 3)
-    assert checkpoint["metrics"] == {"auc": 0.9}
+        assert torch.equal(net(x), checkpoint.model(x))
+    assert (checkpoint.threshold, checkpoint.threshold_rule, checkpoint.epoch) == (0.4, "eer", 3)
+    assert checkpoint.metrics == {"auc": 0.9}
+    assert isinstance(checkpoint.params, TrainParams)
     assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file
 
 

@@ -110,3 +110,50 @@ def test_missing_raw_images_point_to_the_demo(tmp_path):
                            str(tmp_path), f"RAW_DIR={tmp_path / 'none'}"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "make demo" in done.stderr
+
+
+def test_resume_runs_only_what_is_not_done_with_the_recorded_parameters(tmp_path,
+                                                                      notebooks_that):
+    from conftest import make_raw as raw_images
+
+    raw = raw_images(tmp_path / "raw", 4, 4)
+    runs = tmp_path / "runs"
+    notebooks_that(fail={"02-train": KeyboardInterrupt()})
+    with pytest.raises(pipeline.ChainInterrupted):
+        pipeline.run_all("r", SMOKE, {"raw_dir": str(raw), "lr": "0.01"}, runs_root=runs)
+    steps = json.loads((runs / "r" / "run.json").read_text())["steps"]
+    assert [steps[s]["status"] for s in ("01-split", "02-train", "03-gradcam")] == [
+        "done", "interrupted", "pending"]
+    (runs / "r" / "last.pt").write_bytes(b"state")  # what 02-train leaves after an epoch
+    calls = notebooks_that()
+    with pytest.raises(pipeline.ChainError, match="give only RUN"):
+        pipeline.run_all("r", None, {"lr": "0.1"}, runs_root=runs, resume=True)
+    pipeline.run_all("r", runs_root=runs, resume=True)
+    assert [step for step, _ in calls] == ["02-train", "03-gradcam"]
+    train = calls[0][1]
+    assert train["resume"] is True and train["lr"] == 0.01 and train["max_epochs"] == 2
+    assert {k: v for k, v in train.items() if k != "resume"} == {
+        k: v for k, v in steps["02-train"]["params"].items() if k != "resume"}
+    with pytest.raises(pipeline.ChainError, match="nothing to resume"):
+        pipeline.run_all("r", runs_root=runs, resume=True)
+
+
+def test_the_demo_gives_what_the_readme_says(tmp_path):
+    """`make demo`'s chain, checked against the bounds the README promises on any CPU (the
+    same seed gives different numbers on another CPU generation, so not the exact figures)."""
+    import re
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    found = re.search(r"on any CPU, expect validation AUC >= ([0-9.]+) and accuracy >= "
+                      r"([0-9.]+)", readme)
+    assert found, "the README states what make demo gives on any CPU"
+    auc_min, accuracy_min = map(float, found.groups())
+    raw = build_demo(tmp_path / "demo_raw")  # the data set `make demo` builds
+    run = pipeline.run_all("demo", "notebooks/params/demo.yaml",
+                           {"raw_dir": str(raw), "data_dir": str(tmp_path / "demo")},
+                           runs_root=tmp_path / "runs")
+    summary = json.loads((run / "run.json").read_text())["summary"]
+    assert summary["val_auc"] >= auc_min and summary["val_accuracy"] >= accuracy_min
+    assert 1 <= summary["best_epoch"] <= 16
+    for key in ("deletion_auc_cam", "deletion_auc_random", "pointing_cam", "pointing_random"):
+        assert 0 <= summary[key] <= 1

@@ -1,9 +1,23 @@
+"""Parameters are defined once, in dfutils.params: every other place is checked against it."""
+
+import types
+
+import nbformat
 import pytest
 
-from dfutils.params import GradCamParams, ParameterError, SplitParams, TrainParams
+from dfutils import gradcam, model, params, pipeline
+from dfutils.params import (
+    NOTEBOOK_PARAMS,
+    GradCamParams,
+    ParameterError,
+    SplitParams,
+    TrainParams,
+    load_params,
+)
+from dfutils.paths import REPO_ROOT
 
 
-def test_defaults_are_the_seed_recipe():
+def test_defaults_are_the_original_recipe():
     p = TrainParams()
     assert (p.weights, p.trainable, p.image_size, p.lr, p.batch_size) == ("imagenet", "fc", 224,
                                                                          1e-4, 32)
@@ -14,8 +28,8 @@ def test_defaults_are_the_seed_recipe():
     (TrainParams, {"lr": "fast"}, "'lr' must be float"),
     (TrainParams, {"max_epochs": 2.5}, "'max_epochs' must be int"),
     (TrainParams, {"max_epochs": True}, "'max_epochs' must be an integer"),
-    (TrainParams, {"trainable": "head"}, "'trainable' must be one of"),
-    (TrainParams, {"threshold": 0.5}, "'threshold' must be str"),
+    (TrainParams, {"trainable": "head"}, "'trainable' must be one of 'fc', 'layer4', 'all'"),
+    (TrainParams, {"threshold": 0.5}, "'threshold' must be one of"),  # typed: no coercion
     (TrainParams, {"jitter": [0.1, 0.1]}, "jitter must be"),
     (TrainParams, {"jpeg_prob": 1.5}, "jpeg_prob must be a probability"),
     (TrainParams, {"erasing": 2}, "erasing must be a probability"),
@@ -23,6 +37,7 @@ def test_defaults_are_the_seed_recipe():
     (TrainParams, {"label_smoothing": -0.1}, "label_smoothing and ema must be in"),
     (SplitParams, {"val_fraction": 1.0}, "val_fraction must be between 0 and 1"),
     (GradCamParams, {"target": "both"}, "'target' must be one of"),
+    (GradCamParams, {"layer": "layer1"}, "'layer' must be one of"),
     (GradCamParams, {"alpha": 2}, "alpha must be between 0 and 1"),
 ])
 def test_bad_values_are_refused_by_name(cls, values, message):
@@ -35,14 +50,103 @@ def test_ints_widen_to_floats_and_none_weights_are_allowed():
     assert p.lr == 1.0 and isinstance(p.lr, float) and p.weights is None
 
 
-def test_namespace_rejects_names_papermill_injected_that_the_notebook_lacks():
-    namespace = {"raw_dir": "x", "seed": 1, "helper": object(),
-                 "In": ["raw_dir = 'x'  # comment", "# Parameters\nseed = 1\nsed = 2\n"]}
+@pytest.mark.parametrize("name,given,expected", [
+    ("lr", "3e-4", 3e-4), ("max_epochs", "5", 5), ("flip", "false", False),
+    ("flip", "YES", True), ("weights", "None", None), ("weights", "null", None),
+    ("weights", "w.pth", "w.pth"), ("jitter", "[0.1, 0, 0, 0]", [0.1, 0.0, 0.0, 0.0]),
+    ("threshold", 0.5, "0.5"), ("threshold", "eer", "eer"), ("lr", 1, 1.0),
+    ("data_dir", "none", "none"),  # only a parameter that may be None becomes None
+])
+def test_one_coercion_path_for_strings_and_yaml_values(name, given, expected):
+    value = TrainParams.from_mapping(TrainParams.coerce({name: given})).to_dict()[name]
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("name,given,message", [
+    ("flip", "maybe", "takes true or false"), ("max_epochs", "2.5", "takes an integer"),
+    ("lr", "fast", "takes a number"), ("jitter", "[0.1,", "takes a JSON list"),
+])
+def test_coercion_errors_name_the_parameter(name, given, message):
+    with pytest.raises(ParameterError, match=f"'{name}' {message}"):
+        TrainParams.coerce({name: given})
+
+
+def test_load_params_passes_other_notebooks_keys_over_and_refuses_unknown_ones(tmp_path):
+    file = tmp_path / "p.yaml"
+    file.write_text("lr: 0.01\nn_images: 4\nthreshold: 0.5\n")
+    p = load_params(TrainParams, str(file), {"max_epochs": "3", "lr": "0.02"})
+    assert (p.lr, p.max_epochs, p.threshold) == (0.02, 3, "0.5")
+    with pytest.raises(ParameterError, match="unknown parameter 'epoch'"):
+        load_params(TrainParams, None, {"epoch": "3"})
+
+
+def _namespace(*items):
+    """A notebook's globals in the order they were assigned."""
+    return dict(items)
+
+
+def test_namespace_refuses_a_value_papermill_injected_for_an_unknown_name():
+    ns = _namespace(("In", []), ("_ih", []), ("raw_dir", "x"), ("data_dir", "d"),
+                    ("val_fraction", 0.2), ("seed", 1), ("overwrite", False),
+                    ("sed", 2), ("_i3", "..."), ("np", types.ModuleType("numpy")))
     with pytest.raises(ParameterError, match="unknown parameter 'sed'"):
-        SplitParams.from_namespace(namespace)
+        SplitParams.from_namespace(ns)
 
 
-def test_namespace_takes_declared_values_and_ignores_other_globals():
-    namespace = {"raw_dir": "x", "seed": 7, "np": object(), "In": ["raw_dir = 'x'"]}
-    p = SplitParams.from_namespace(namespace)
+def test_namespace_ignores_what_the_notebook_defined_after_its_imports():
+    ns = _namespace(("raw_dir", "x"), ("seed", 7), ("np", types.ModuleType("numpy")),
+                    ("label", 1), ("rows", [1, 2]))  # a re-run in JupyterLab: later cells' names
+    p = SplitParams.from_namespace(ns)
     assert (p.raw_dir, p.seed, p.data_dir) == ("x", 7, "data")
+
+
+def test_namespace_coerces_like_the_runner():
+    ns = _namespace(("threshold", 0.5), ("lr", 1), ("np", types.ModuleType("numpy")))
+    p = TrainParams.from_namespace(ns)
+    assert (p.threshold, p.lr) == ("0.5", 1.0)
+
+
+@pytest.mark.parametrize("cls", NOTEBOOK_PARAMS)
+def test_each_notebooks_parameters_cell_is_its_class(cls):
+    notebook = REPO_ROOT / "notebooks" / f"{cls.notebook}.ipynb"
+    assert pipeline.check_notebooks([notebook]) == []
+    cell = next(c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code")
+    assert [(n, v) for n, v, _ in params.read_parameters_cell(cell.source)] == list(
+        cls.defaults().items())
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda s: s.replace("seed = 42", "seed = 43"), "seed = 43 but SplitParams's default is 42"),
+    (lambda s: s.replace("val_fraction = 0.2", "val_fraction = 0.25"), "val_fraction"),
+    (lambda s: s + '\nextra = 1  # not in the class', "extra ['extra']"),
+    (lambda s: "\n".join(x for x in s.splitlines() if not x.startswith("seed")),
+     "missing ['seed']"),
+    (lambda s: s.replace("validation share", "share"), "the comment of val_fraction"),
+])
+def test_check_notebooks_finds_a_drift_from_the_class_and_fix_repairs_it(tmp_path, change,
+                                                                        message):
+    notebook = tmp_path / "01-split.ipynb"
+    nb = nbformat.read(REPO_ROOT / "notebooks/01-split.ipynb", as_version=4)
+    nb.cells[1].source = change(nb.cells[1].source)
+    nbformat.write(nb, notebook)
+    (problem,) = pipeline.check_notebooks([notebook])
+    assert message in problem
+    assert pipeline.check_notebooks([notebook], fix=True) == []
+    assert pipeline.check_notebooks([notebook]) == []
+
+
+def test_the_readme_parameter_tables_are_generated_from_the_classes():
+    readme = (REPO_ROOT / "README.md").read_text()
+    begin, end = "<!-- parameters: python -m dfutils params -->\n", "<!-- end of parameters -->"
+    assert begin in readme and end in readme
+    assert readme.split(begin, 1)[1].split(end, 1)[0].strip() == params.reference().strip()
+
+
+def test_every_option_is_the_same_set_everywhere():
+    assert tuple(model.TRAINABLE) == params.choices(params.Trainable)
+    assert params.choices(params.CamTarget) == gradcam.TARGETS
+    assert set(params.choices(params.CamLayer)) <= set(gradcam.STRIDES)
+    parser = __import__("dfutils.__main__", fromlist=["build_parser"]).build_parser()
+    predict = parser._subparsers._group_actions[0].choices["predict"]
+    layer = next(a for a in predict._actions if a.dest == "layer")
+    assert tuple(layer.choices) == params.choices(params.CamLayer)

@@ -211,24 +211,6 @@ def test_a_folder_without_run_json_is_never_replaced(tmp_path):  # 13.3
     assert (runs / "mine" / "thesis.tex").read_text() == "x"
 
 
-@pytest.fixture
-def notebooks_that(monkeypatch):
-    """Replace papermill's execution: `notebooks_that(fail={step: exception})`; the calls
-    made are recorded as (step, parameters)."""
-    calls = []
-
-    def install(fail: dict | None = None):
-        def execute(notebook, output, parameters, **kwargs):
-            step = Path(notebook).stem
-            calls.append((step, parameters))
-            if step in (fail or {}):
-                raise fail[step]
-            Path(output).write_text("{}")
-        monkeypatch.setattr(pipeline.papermill, "execute_notebook", execute)
-        return calls
-    return install
-
-
 def test_an_interrupted_step_leaves_a_run_json_that_says_what_is_current(
         tmp_path, notebooks_that):  # 13.4
     runs = tmp_path / "runs"

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from dfutils import data
+from dfutils.distributed import device as default_device
 from dfutils.gradcam import GradCAM
 from dfutils.inference import score_files
 from dfutils.model import build_model
@@ -35,7 +36,7 @@ from dfutils.params import TrainParams
 from dfutils.paths import REPO_ROOT, write_json
 from dfutils.runs import environment
 from dfutils.split import split
-from dfutils.train import default_device, fit
+from dfutils.train import fit
 
 SHARED = REPO_ROOT.parent / "shared" / "data" / "ffhq-stylegan"
 
@@ -275,7 +276,7 @@ def main() -> None:
             uncached_s / cached_s, ">= 100x an uncached epoch")
 
         naive = naive_epoch_rate(tmp / "data", repeats)
-        row("the seed's naive frozen epoch", naive, "img/s", rate / naive, "ours faster")
+        row("the original recipe's naive frozen epoch", naive, "img/s", rate / naive, "ours faster")
 
         files = sorted((tmp / "raw").rglob("*.jpg"))
         model = build_model(None, "fc")
