@@ -25,7 +25,7 @@ from dfutils.metrics import binary_metrics, choose_threshold
 from dfutils.model import (
     CHECKPOINT_FILE,
     CheckpointError,
-    read_checkpoint,
+    load_checkpoint,
     save_checkpoint,
     train_mode,
 )
@@ -445,7 +445,7 @@ def restore(last: str | os.PathLike | None, checkpoint: str | os.PathLike | None
     if best is not None:
         result.best_eval = Evaluation(best["loss"], best["labels"].numpy(),
                                       best["scores"].numpy(), best["indices"].numpy())
-    best_state = (read_checkpoint(checkpoint)["model_state"]
+    best_state = (load_checkpoint(checkpoint).model.state_dict()
                   if checkpoint is not None and result.best_epoch else None)
     if train_loader.num_workers > 0:
         for epoch in tqdm(range(1, state["epoch"] + 1), desc="replaying data loading",

@@ -100,8 +100,8 @@ def test_evaluate_writes_the_report_and_leaves_the_images_untouched(run_dir, tmp
     assert sum(b["n"] for b in report["calibration"]["bins"]) == 12
 
 
-@pytest.mark.parametrize("command", ["run-all", "predict", "evaluate", "demo",
-                                     "check-notebooks"])
+@pytest.mark.parametrize("command", ["run-all", "train", "predict", "evaluate", "demo",
+                                     "check-notebooks", "params"])
 def test_every_command_has_help(command):
     done = subprocess.run([sys.executable, "-m", "dfutils", command, "--help"],
                           capture_output=True, text=True, timeout=120)

@@ -157,3 +157,20 @@ def test_the_demo_gives_what_the_readme_says(tmp_path):
     assert 1 <= summary["best_epoch"] <= 16
     for key in ("deletion_auc_cam", "deletion_auc_random", "pointing_cam", "pointing_random"):
         assert 0 <= summary[key] <= 1
+
+
+def test_summarise_counts_only_the_steps_that_are_done_and_current(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    steps = {"01-split": {"status": "done", "seconds": 2.0, "metrics": {"n_images": 8}},
+             "02-train": {"status": "done", "seconds": 10.0,
+                          "metrics": {"auc": 0.8, "accuracy": 0.7, "best_epoch": 3}},
+             "03-gradcam": {"status": "stale", "seconds": 5.0, "metrics": {
+                 "deletion": {"auc_cam": 0.2, "auc_random": 0.4},
+                 "localization": {"pointing_cam": 0.9, "pointing_random": 0.1}}}}
+    (run / "run.json").write_text(json.dumps({"steps": steps}))
+    summary = pipeline.summarise(run)
+    assert (summary["val_auc"], summary["val_accuracy"], summary["best_epoch"]) == (0.8, 0.7, 3)
+    assert summary["deletion_auc_cam"] is None and summary["pointing_cam"] is None
+    assert summary["seconds"] == 12.0
+    assert json.loads((run / "run.json").read_text())["summary"] == summary
