@@ -135,19 +135,23 @@ def test_the_same_seed_gives_the_same_history_twice(separable_split):
     assert strip[0] == strip[1]
 
 
-def test_ctrl_c_keeps_the_best_epoch(separable_split, tmp_path, monkeypatch):
+def interrupt_epoch(monkeypatch, n: int) -> None:
+    """Ctrl-C at the start of the n-th epoch that train_one_epoch is asked for."""
     import dfutils.train as T
 
-    calls = {"n": 0}
-    real = T.train_one_epoch
+    real, calls = T.train_one_epoch, {"n": 0}
 
-    def interrupt_second_epoch(*args, **kwargs):
+    def interrupting(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
+    monkeypatch.setattr(T, "train_one_epoch", interrupting)
 
-    monkeypatch.setattr(T, "train_one_epoch", interrupt_second_epoch)
+
+def test_ctrl_c_keeps_the_best_epoch(separable_split, tmp_path, monkeypatch):
+
+    interrupt_epoch(monkeypatch, 2)
     _, result = _fit(separable_split, tmp_path, trainable="fc", max_epochs=5)
     assert result.interrupted and result.best_epoch == 1 and len(result.history) == 1
     from dfutils.model import read_checkpoint
@@ -267,18 +271,10 @@ def test_a_resumed_run_has_the_history_of_an_uninterrupted_one(separable_split, 
         return T.train_run(params)[0]
 
     whole = run("whole")
-    real, calls = T.train_one_epoch, {"n": 0}
-
-    def interrupt_third_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(T, "train_one_epoch", interrupt_third_epoch)
+    interrupt_epoch(monkeypatch, 3)
     cut = run("cut")
     assert cut.interrupted and len(cut.history) == 2 and (tmp_path / "cut" / T.LAST).is_file()
-    monkeypatch.setattr(T, "train_one_epoch", real)
+    monkeypatch.undo()
     resumed = run("cut", resume=True)
 
     def strip(history):
