@@ -32,7 +32,7 @@ def _run_all(args: argparse.Namespace) -> int:
             "params") else None, overrides=from_working_dir(params), overwrite=flag("overwrite"),
         steps=steps, replace_run=args.replace_run, beside_data=args.beside_data,
         runs_root=_here(args.runs_root) if args.runs_root else REPO_ROOT / "runs",
-        resume=flag("resume"))
+        resume=flag("resume"), faces=flag("faces"))
     print(f"done: {run_dir}/run.json", file=sys.stderr)
     return 0
 
@@ -195,16 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
         "parameters are KEY=VALUE words, as with make: RUN=<name> (default: a time stamp), "
         "PARAMS=<yaml> (papermill -f), OVERWRITE=1 (replace the run folder and let 01-split "
         "rebuild the split), STEPS=01-split,02-train (a subset), RESUME=1 (continue an "
-        "interrupted run with the parameters it recorded); any other KEY=VALUE is a "
-        "notebook parameter (case-insensitive, EPOCHS = max_epochs) and wins over PARAMS.")
+        "interrupted run with the parameters it recorded), FACES=1 (first crop the faces of "
+        "the photos and clips in RAW_DIR with 00-faces, and split those by clip); any other "
+        "KEY=VALUE is a notebook parameter (case-insensitive, EPOCHS = max_epochs) and wins "
+        "over PARAMS.")
     run.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
     run.add_argument("--replace-run", action="store_true",
                      help="replace an existing run folder (used by make split and make demo)")
     run.add_argument("--runs-root", help="folder of run folders (default: runs/ in the "
                      "repository)")
     run.add_argument("--beside-data", action="store_true",
-                     help="put the run folder inside the split's data_dir, as DATA_DIR/RUN "
-                     f"(RUN defaults to {pipeline.SPLIT_RUN}; used by make split)")
+                     help="put the run folder inside the first step's output folder: "
+                     "FACES_DIR/faces-run for STEPS=00-faces, DATA_DIR/split-run for "
+                     "STEPS=01-split (make faces, make split)")
     run.set_defaults(func=_run_all)
 
     train = commands.add_parser(

@@ -35,6 +35,7 @@ Selection = Literal["mixed", "random"]
 ThresholdRule = Literal["0.5", "eer"]
 Schedule = Literal["constant", "cosine"]
 OptimizerName = Literal["adam", "sgd"]
+GroupBy = Literal["file", "folder"]
 
 # Values of `weights` that are not paths.
 WEIGHT_NAMES = ("imagenet", "none", "null", "")
@@ -255,6 +256,35 @@ def read_parameters_cell(source: str) -> list[tuple[str, Any, str]]:
 
 
 @dataclass(frozen=True)
+class FacesParams(Params):
+    """00-faces: crop the faces of the photos and clips in raw_dir/{real,fake}."""
+
+    notebook: ClassVar[str] = "00-faces"
+
+    raw_dir: str = param("dataset_raw", "photos and/or video clips: raw_dir/real and "
+                         "raw_dir/fake, any depth (read only)", path=True)
+    faces_dir: str = param("data/faces", "where the crops, faces.csv and faces_report.json "
+                           "are written (same real/fake layout)", path=True)
+    frames_per_video: int = param(32, "frames sampled from each clip, evenly spaced")
+    face_margin: float = param(1.3, "the square crop is this many times the face (its box "
+                               "and landmarks together)")
+    face_size: int = param(256, "crops are resized to face_size x face_size")
+    upsample: int = param(0, "times the detector upsamples each frame: 1 or 2 find smaller "
+                          "faces, slower")
+    min_score: float = param(0.0, "detector score a face needs (dlib's adjust_threshold)")
+    align: bool = param(False, "turn each crop so the eyes are level (5-point model)")
+    overwrite: bool = param(False, "replace faces made with other parameters")
+
+    def check(self) -> None:
+        if self.frames_per_video < 1 or self.face_size < 32 or self.upsample < 0:
+            raise ParameterError("frames_per_video must be >= 1, face_size >= 32 and "
+                                 "upsample >= 0")
+        if self.face_margin < 1.0:
+            raise ParameterError(f"face_margin must be >= 1 (the crop holds the whole face), "
+                                 f"got {self.face_margin}")
+
+
+@dataclass(frozen=True)
 class SplitParams(Params):
     """01-split: turn dataset_raw/{real,fake} into data/{train,val}/{real,fake}."""
 
@@ -268,6 +298,8 @@ class SplitParams(Params):
     seed: int = param(42, "seeds the content-hash ranking that assigns each image to a split")
     overwrite: bool = param(False, "replace an existing split that was made with other "
                             "parameters")
+    group_by: GroupBy = param("file", "what stays in one split: an image and its exact "
+                              "duplicates, or every image of a folder (a clip's frames)")
 
     def check(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -411,7 +443,7 @@ class EvalParams(Params):
                                  f"got {self.name!r}: it becomes a folder under run_dir/eval/")
 
 
-NOTEBOOK_PARAMS = (SplitParams, TrainParams, GradCamParams, EvalParams)
+NOTEBOOK_PARAMS = (FacesParams, SplitParams, TrainParams, GradCamParams, EvalParams)
 
 
 def read_params_file(params_file: str | os.PathLike) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from dfutils.paths import REPO_ROOT, is_plain_name, remove_stale_temps, resolve,
 from dfutils.runs import now, read_run, record_step, start_run, start_step
 
 NOTEBOOKS = {
+    "00-faces": "notebooks/00-faces.ipynb",  # run when FACES=1 is given
     "01-split": "notebooks/01-split.ipynb",
     "02-train": "notebooks/02-train.ipynb",
     "03-gradcam": "notebooks/03-gradcam.ipynb",
@@ -36,8 +37,11 @@ NOTEBOOKS = {
 # Shorthands accepted on the command line (make run-all EPOCHS=5).
 ALIASES = {"epochs": "max_epochs"}
 # Keys the runner owns; everything else is a notebook parameter.
-RUNNER_KEYS = ("run", "params", "overwrite", "steps", "resume")
-SPLIT_RUN = "split-run"  # `make split`'s run folder, inside the split's data_dir
+RUNNER_KEYS = ("run", "params", "overwrite", "steps", "resume", "faces")
+# `make faces` and `make split` keep their run folder beside their output (--beside-data):
+# step -> (the parameter naming the output folder, the run folder's name in it)
+BESIDE = {"00-faces": ("faces_dir", "faces-run"), "01-split": ("data_dir", "split-run")}
+SPLIT_RUN = BESIDE["01-split"][1]
 
 
 class ChainError(RuntimeError):
@@ -64,13 +68,18 @@ def _split_metrics(report: dict) -> dict:
     return {"counts": report["counts"], "n_images": report["n_images"],
             "n_masks": report.get("n_masks", 0), "n_rejected": len(report["rejected"]),
             "n_skipped": len(report["skipped"]), "n_duplicate_groups": len(report["duplicates"]),
+            "group_counts": report.get("group_counts"),
             "n_conflicts": len(report["conflicts"])}
 
 
 def step_metrics(step: str, params: Mapping[str, Any]) -> dict | None:
     """What a finished step wrote that run.json summarises (each file named by its module)."""
-    from dfutils import gradcam, inference, train
+    from dfutils import faces, gradcam, inference, train
 
+    if step == "00-faces":
+        report = faces.read_report(resolve(params["faces_dir"]))
+        return {k: report[k] for k in ("n_sources", "n_crops", "frames_read", "faces_found")
+                } | {"n_unreadable": len(report["unreadable"])} if report else None
     if step == "01-split":
         report = split_step.read_report(resolve(params["data_dir"]))
         return _split_metrics(report) if report else None
@@ -98,7 +107,7 @@ def check_split(params: Mapping[str, Any]) -> None:
     existing split made otherwise, a file of the user's in the way)."""
     try:
         split_step.preflight(params["raw_dir"], params["data_dir"], params["val_fraction"],
-                             params["seed"], params["overwrite"])
+                             params["seed"], params["overwrite"], params["group_by"])
     except split_step.NoImagesError as error:
         raise ChainError(f"{error}\nNo data yet? `make demo` runs the whole chain on a built-in "
                          "demo data set.") from None
@@ -144,6 +153,17 @@ def plan(params_file: str | None, overrides: Mapping[str, Any], steps: Sequence[
         except ParameterError as error:
             raise ChainError(f"{step}: {error}") from None
     return per_step
+
+
+def faces_first(per_step: dict[str, dict[str, Any]], overrides: Mapping[str, Any],
+                params_file: str | None) -> None:
+    """With FACES=1 the split reads the faces step's output, grouped by folder (one clip,
+    one group) unless group_by was set."""
+    if "00-faces" in per_step and "01-split" in per_step:
+        split = per_step["01-split"]
+        split["raw_dir"] = per_step["00-faces"]["faces_dir"]
+        if "group_by" not in overrides and not _file_sets(params_file, "group_by"):
+            split["group_by"] = "folder"
 
 
 def _later_steps(step: str) -> list[str]:
@@ -221,31 +241,34 @@ def run_all(run: str | None = None, params_file: str | None = None,
             overrides: Mapping[str, Any] | None = None, overwrite: bool = False,
             steps: Sequence[str] | None = None, replace_run: bool = False,
             runs_root: str | Path = "runs", beside_data: bool = False,
-            resume: bool = False) -> Path:
+            resume: bool = False, faces: bool = False) -> Path:
     """Run the chosen steps into <runs_root>/<run>/ and record everything in run.json.
 
-    `beside_data` puts the run folder inside the split's data_dir instead, named SPLIT_RUN
-    unless `run` is given (`make split`).
+    `beside_data` puts the run folder inside the output folder of the first step instead
+    (`make faces`, `make split`; see BESIDE).
     Replacing a whole run (OVERWRITE=1 with 01-split and 02-train) keeps the old run aside
     until the new chain succeeds; if it fails, the old run is put back and the failed
     attempt is kept under <run>.failed-<time>. `resume` continues an interrupted run with
     the parameters it recorded (see `resume_steps`).
     """
     overrides = overrides or {}
-    run = run or (SPLIT_RUN if beside_data else time.strftime("%Y%m%d-%H%M%S"))
+    if beside_data and (not steps or steps[0] not in BESIDE):
+        raise ChainError(f"--beside-data needs STEPS starting with {' or '.join(BESIDE)}")
+    run = run or (BESIDE[steps[0]][1] if beside_data else time.strftime("%Y%m%d-%H%M%S"))
     if not is_plain_name(run):
         raise ChainError(f"RUN={run!r}: use letters, digits, '.', '_' or '-' (a folder name)")
-    if not steps:  # the chain, and 04-evaluate when there is something to evaluate
+    if not steps:  # the chain, 00-faces with FACES=1, 04-evaluate when given something
         evaluate = "eval_dir" in overrides or _file_sets(params_file, "eval_dir")
-        steps = [s for s in NOTEBOOKS if s != "04-evaluate" or evaluate]
+        steps = [s for s in NOTEBOOKS
+                 if (s != "04-evaluate" or evaluate) and (s != "00-faces" or faces)]
     steps = list(steps)
     for step in steps:
         if step not in NOTEBOOKS:
             raise ChainError(f"unknown step {step!r}; steps are {', '.join(NOTEBOOKS)}")
     if beside_data:
-        data_dir = _values(params_file, overrides).get("data_dir",
-                                                       parameters_of("01-split")().data_dir)
-        runs_root = resolve(str(data_dir))
+        key = BESIDE[steps[0]][0]
+        output = _values(params_file, overrides).get(key, getattr(parameters_of(steps[0])(), key))
+        runs_root = resolve(str(output))
     run_dir = resolve(runs_root) / run
     if resume:
         if params_file or overrides or overwrite:
@@ -258,7 +281,8 @@ def run_all(run: str | None = None, params_file: str | None = None,
     else:
         shown = run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir
         per_step = plan(params_file, overrides, steps, shown.as_posix(), overwrite)
-    if "01-split" in steps:
+        faces_first(per_step, overrides, params_file)
+    if "01-split" in steps and "00-faces" not in steps:  # else its input does not exist yet
         check_split(per_step["01-split"])
     aside = None
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:

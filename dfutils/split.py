@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import posixpath
 import shutil
 import tempfile
 from collections import defaultdict
@@ -26,15 +27,18 @@ from tqdm import tqdm
 
 from dfutils import CLASSES
 from dfutils.data import ImageLoadError, load_image
+from dfutils.params import GroupBy
 from dfutils.paths import display_path, file_problem, resolve, write_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-MANIFEST_FIELDS = ("path", "label", "split", "sha256", "width", "height", "source", "mask")
+MANIFEST_FIELDS = ("path", "label", "split", "sha256", "width", "height", "source", "mask",
+                   "group")
+FACES = "faces.csv"  # the landmarks of the split's images, when raw_dir came from 00-faces
 SPLITS = ("train", "val")
 # What the split owns inside data_dir; nothing else there is touched (data/ also holds
 # README.md and the demo data set). Of these, the folders may hold only files the manifest
 # lists: anything else in them is the user's, and the split refuses to replace it.
-OWNED = ("train", "val", "masks", "split_report.json", "manifest.csv")
+OWNED = ("train", "val", "masks", "split_report.json", "manifest.csv", FACES)
 OWNED_FOLDERS = ("train", "val", "masks")
 # Folders the split builds in (and moves the old split into) carry this file, so a later
 # run can tell its own leftovers of a killed run from anything else.
@@ -165,33 +169,66 @@ def n_val(n: int, val_fraction: float) -> int:
     return min(n - 1, max(1, math.floor(n * val_fraction + 0.5)))
 
 
-def assign(images: list[ImageInfo], val_fraction: float, seed: int
-           ) -> tuple[dict[str, str], list[dict], list[dict]]:
-    """Split by content: {sha256: split}, duplicate groups and label conflicts."""
-    groups: dict[str, list[ImageInfo]] = defaultdict(list)
+def groups(images: list[ImageInfo], group_by: GroupBy) -> dict[str, str]:
+    """The group of each image (by source path): what must stay in one split.
+
+    "file": an image and its exact duplicates (named by their content hash). "folder": every
+    image in one folder, which is what the faces step writes for a clip; folders that share
+    an exact duplicate are joined, so no content straddles the split (named by the first
+    folder).
+    """
+    if group_by == "file":
+        return {i.source: i.sha256 for i in images}
+    parent: dict[str, str] = {}
+
+    def root(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+    for info in images:  # a folder and a content it holds are one component
+        first, second = root(posixpath.dirname(info.source)), root("sha:" + info.sha256)
+        parent[max(first, second)] = min(first, second)  # "sha:" sorts after folder names
+    return {i.source: root(posixpath.dirname(i.source)) for i in images}
+
+
+def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: GroupBy = "file"
+           ) -> tuple[dict[str, str], dict[str, str], list[dict], list[dict]]:
+    """Split by group: {source: split}, {source: group}, duplicate sets and label conflicts.
+
+    Each class's groups are ranked by a seeded hash of their name, the lowest going to
+    validation: stratified, independent of file order, and adding one group moves at most
+    one other of its class.
+    """
+    by_content: dict[str, list[ImageInfo]] = defaultdict(list)
     for info in images:
-        groups[info.sha256].append(info)
+        by_content[info.sha256].append(info)
     conflicts = [{"sha256": sha, "paths": sorted(i.source for i in members)}
-                 for sha, members in groups.items() if len({i.label for i in members}) > 1]
+                 for sha, members in by_content.items() if len({i.label for i in members}) > 1]
     conflicted = {c["sha256"] for c in conflicts}
-    split_of: dict[str, str] = {}
+    kept = [i for i in images if i.sha256 not in conflicted]
+    group_of = groups(kept, group_by)
+    label_of = {group_of[i.source]: i.label for i in kept}
+    split_of_group: dict[str, str] = {}
     for label in CLASSES:
-        shas = sorted((sha for sha, members in groups.items()
-                       if sha not in conflicted and members[0].label == label),
-                      key=lambda sha: rank_key(sha, seed))
-        if len(shas) < 2:
+        names = sorted((g for g, lab in label_of.items() if lab == label),
+                       key=lambda g: rank_key(g, seed))
+        if len(names) < 2:
+            unit = "distinct image(s)" if group_by == "file" else "folder(s) of images"
             raise SplitError(
-                f"class {label!r} has {len(shas)} usable distinct image(s) after removing "
-                "unreadable files, duplicates and label conflicts; it needs at least two "
-                "(one for train, one for val): add images or fix the ones in the report"
+                f"class {label!r} has {len(names)} usable {unit} after removing unreadable "
+                "files, duplicates and label conflicts; it needs at least two (one for train, "
+                "one for val): add images or fix the ones in the report"
             )
-        k = n_val(len(shas), val_fraction)
-        split_of.update({sha: "val" if i < k else "train" for i, sha in enumerate(shas)})
-    duplicates = [{"sha256": sha, "label": members[0].label, "split": split_of[sha],
+        k = n_val(len(names), val_fraction)
+        split_of_group.update({g: "val" if i < k else "train" for i, g in enumerate(names)})
+    split_of = {i.source: split_of_group[group_of[i.source]] for i in kept}
+    duplicates = [{"sha256": sha, "label": members[0].label,
+                   "split": split_of[members[0].source],
                    "paths": sorted(i.source for i in members)}
-                  for sha, members in sorted(groups.items())
+                  for sha, members in sorted(by_content.items())
                   if len(members) > 1 and sha not in conflicted]
-    return split_of, duplicates, conflicts
+    return split_of, group_of, duplicates, conflicts
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -203,15 +240,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dict[str, str]
-                ) -> list[dict]:
+def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dict[str, str],
+                group_of: dict[str, str]) -> list[dict]:
     """Link (or copy) each image into out/<split>/<label>/, return the manifest rows."""
     rows, taken = [], set()
     for split in SPLITS:
         for label in CLASSES:
             (out / split / label).mkdir(parents=True)
     for info in sorted(images, key=lambda i: (i.label, i.source)):
-        split = split_of[info.sha256]
+        split = split_of[info.source]
         # Flattening the path below the class folder keeps names from different
         # subfolders apart; a hash suffix settles the rare clash that remains.
         name = info.source.split("/", 1)[1].replace("/", "__")
@@ -228,7 +265,7 @@ def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dic
             _link_or_copy(raw_dir / info.mask, out / mask)
         rows.append({"path": dest, "label": info.label, "split": split,
                      "sha256": info.sha256, "width": info.width, "height": info.height,
-                     "source": info.source, "mask": mask})
+                     "source": info.source, "mask": mask, "group": group_of[info.source]})
     return rows
 
 
@@ -318,6 +355,25 @@ def _swap_in(built: Path, data_dir: Path) -> None:
     shutil.rmtree(built)
 
 
+def carry_faces(raw_dir: Path, out: Path, rows: list[dict]) -> dict | None:
+    """When raw_dir is the output of the faces step, write out/faces.csv (its rows for the
+    split's images, each pointing at the image's path in data_dir) and return the faces
+    step's parameters; else None."""
+    from dfutils import faces
+
+    report = faces.read_report(raw_dir)
+    if report is None:
+        return None
+    with open(raw_dir / faces.CSV, newline="") as f:
+        table = {row["path"]: row for row in csv.DictReader(f)}
+    with open(out / FACES, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=faces.FIELDS)
+        writer.writeheader()
+        writer.writerows({**table[r["source"]], "path": r["path"]}
+                         for r in rows if r["source"] in table)
+    return report["params"]
+
+
 @dataclass(frozen=True)
 class SplitPlan:
     raw_dir: Path  # absolute
@@ -330,14 +386,20 @@ class SplitPlan:
 
 
 def preflight(raw_dir: str | os.PathLike, data_dir: str | os.PathLike, val_fraction: float,
-              seed: int, overwrite: bool) -> SplitPlan:
+              seed: int, overwrite: bool, group_by: GroupBy = "file") -> SplitPlan:
     """Every check the split makes before it reads an image or changes a file: the folders,
     the parameters against an existing split, and anything of the user's in the way."""
     raw_dir, data_dir = resolve(raw_dir).resolve(), resolve(data_dir).resolve()
-    if data_dir == raw_dir or raw_dir in data_dir.parents or data_dir in raw_dir.parents:
-        raise SplitError(f"data_dir {data_dir} and raw_dir {raw_dir} must not contain each other")
+    # raw_dir may sit in data_dir (data/faces, data/demo_raw) but not in what the split
+    # replaces, and data_dir must not be inside raw_dir, where the split would read itself.
+    if (data_dir == raw_dir or raw_dir in data_dir.parents
+            or any(data_dir / name in (raw_dir, *raw_dir.parents) for name in OWNED)):
+        raise SplitError(f"data_dir {data_dir} and raw_dir {raw_dir} overlap: put the split "
+                         "outside raw_dir, and raw_dir outside data_dir/train, val and masks")
     candidates, skipped = scan(raw_dir)
     params = {"raw_dir": str(raw_dir), "val_fraction": val_fraction, "seed": seed}
+    if group_by != "file":  # a split made before group_by existed grouped by file
+        params["group_by"] = group_by
     stamp = fingerprint(raw_dir, candidates, skipped)
     existing = read_report(data_dir)
     current = None
@@ -356,21 +418,23 @@ def preflight(raw_dir: str | os.PathLike, data_dir: str | os.PathLike, val_fract
 
 
 def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLike = "data",
-          val_fraction: float = 0.2, seed: int = 42, overwrite: bool = False) -> dict:
+          val_fraction: float = 0.2, seed: int = 42, overwrite: bool = False,
+          group_by: GroupBy = "file") -> dict:
     """Split raw_dir/{real,fake} into data_dir/{train,val}/{real,fake}; return the report.
 
     Same files and parameters: nothing is rewritten. Other parameters over an existing
     split: refused unless `overwrite`. Files in data_dir that the split did not write are
     never deleted: their presence is an error, found before anything changes. The new split
     is built beside the old one and swapped in, so an interrupted run leaves the old split
-    or the new one, not a mixture.
+    or the new one, not a mixture. When raw_dir is a faces step's output, its landmarks
+    and parameters come along (data_dir/faces.csv, the report's `faces`).
     """
-    plan = preflight(raw_dir, data_dir, val_fraction, seed, overwrite)
+    plan = preflight(raw_dir, data_dir, val_fraction, seed, overwrite, group_by)
     if plan.current is not None:
         return plan.current  # same files, same parameters: the split on disk is the answer
     raw_dir, data_dir, candidates = plan.raw_dir, plan.data_dir, plan.candidates
     images, rejected = inspect_all(raw_dir, candidates)
-    split_of, duplicates, conflicts = assign(images, val_fraction, seed)
+    split_of, group_of, duplicates, conflicts = assign(images, val_fraction, seed, group_by)
     conflicted = {c["sha256"] for c in conflicts}
     kept = [i for i in images if i.sha256 not in conflicted]
 
@@ -378,18 +442,23 @@ def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLik
     remove_leftovers(data_dir)
     built = _new_partial(data_dir, ".split-tmp-")
     try:
-        rows = materialise(raw_dir, built, kept, split_of)
+        rows = materialise(raw_dir, built, kept, split_of, group_of)
+        faces = carry_faces(raw_dir, built, rows)
         report = {
             "params": plan.params,
             "fingerprint": plan.fingerprint,
             "counts": {s: {c: sum(r["split"] == s and r["label"] == c for r in rows)
                            for c in CLASSES} for s in SPLITS},
+            "group_counts": {s: {c: len({r["group"] for r in rows
+                                         if r["split"] == s and r["label"] == c})
+                                 for c in CLASSES} for s in SPLITS},
             "n_images": len(rows),
             "n_masks": sum(bool(r["mask"]) for r in rows),
             "rejected": rejected,
             "skipped": plan.skipped,
             "duplicates": duplicates,
             "conflicts": conflicts,
+            "faces": faces,  # the faces step's parameters, or None
         }
         write_json(built / "split_report.json", report)
         with open(built / "manifest.csv", "w", newline="", encoding="utf-8") as f:

@@ -35,6 +35,14 @@ def save_rgb(path: str | os.PathLike, image: np.ndarray, replace: bool = True) -
         Image.fromarray(image, mode="RGB").save(tmp, format="PNG")
 
 
+def draw_points(image: np.ndarray, points: np.ndarray, radius: int = 2) -> np.ndarray:
+    """A copy of an RGB image with landmark points drawn on it in green."""
+    out = np.ascontiguousarray(image).copy()
+    for x, y in np.round(points).astype(int):
+        cv2.circle(out, (int(x), int(y)), radius, (0, 255, 0), -1)
+    return out
+
+
 def colorize(cam: np.ndarray) -> np.ndarray:
     """A [0, 1] map as an RGB uint8 heatmap (the project's only BGR -> RGB conversion)."""
     heat = cv2.applyColorMap(np.uint8(np.clip(cam, 0, 1) * 255), COLORMAP)

@@ -1,0 +1,393 @@
+"""The faces step: raw_dir/{real,fake} (photos and video clips) -> faces_dir/{real,fake} crops.
+
+Every detector in this field first samples frames, finds the face and crops it with a
+margin, and only then classifies; this module does that. Frames come from OpenCV's bundled
+FFmpeg, walked with grab() and decoded with retrieve() only where chosen (frame-exact, and
+cheaper than seeking). Faces come from dlib's HOG detector and its 68-point landmark model
+(shipped by the face-recognition-models package; trained on iBUG 300-W, whose terms exclude
+commercial use). raw_dir is only read. Like the split, the output is built aside and swapped
+in, and faces_dir may hold only what this step wrote.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from dfutils import CLASSES
+from dfutils.data import ImageLoadError, load_image
+from dfutils.params import FacesParams
+from dfutils.paths import display_path, file_problem, resolve, write_json
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+CSV = "faces.csv"  # one row per crop
+REPORT = "faces_report.json"  # per source: frames read, faces found, or why it was skipped
+OWNED = ("real", "fake", CSV, REPORT)
+FIELDS = ("path", "label", "source", "frame", "box", "score", "landmarks")
+_PARTIAL = ".dfutils-faces-partial"
+
+
+class FacesError(ValueError):
+    """The faces step cannot run as asked; the message says why and what to do."""
+
+
+def model_file(name: str) -> Path:
+    """A dlib model file shipped by face-recognition-models (found without importing it:
+    its __init__ needs pkg_resources, which current setuptools no longer has)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise FacesError("the face models are not installed: run `make setup` (it installs "
+                         "face-recognition-models and dlib-bin from requirements.txt)")
+    return Path(spec.submodule_search_locations[0]) / "models" / name
+
+
+@dataclass(frozen=True)
+class Face:
+    crop: np.ndarray  # face_size x face_size RGB
+    box: tuple[int, int, int, int]  # detector box in source pixels: left, top, right, bottom
+    score: float  # detector confidence
+    landmarks: np.ndarray  # (68, 2) in crop pixels
+
+
+class FaceFinder:
+    """dlib's HOG detector with the 68-point landmarks (and the 5-point model to align)."""
+
+    def __init__(self, params: FacesParams):
+        import dlib  # heavy, and not needed by the rest of the package
+
+        self.params = params
+        self.detector = dlib.get_frontal_face_detector()
+        self.landmarks68 = dlib.shape_predictor(str(model_file(
+            "shape_predictor_68_face_landmarks.dat")))
+        self.landmarks5 = (dlib.shape_predictor(str(model_file(
+            "shape_predictor_5_face_landmarks.dat"))) if params.align else None)
+
+    def __call__(self, rgb: np.ndarray) -> Face | None:
+        """The most confident face of an RGB frame (the largest on a tie), cropped; or None."""
+        rects, scores, _ = self.detector.run(rgb, self.params.upsample, self.params.min_score)
+        if not rects:
+            return None
+        best = max(range(len(rects)), key=lambda i: (scores[i], rects[i].area()))
+        rect = rects[best]
+        points = np.array([(p.x, p.y) for p in self.landmarks68(rgb, rect).parts()], np.float64)
+        eyes = None
+        if self.landmarks5 is not None:  # points 0-1 and 2-3 are the corners of each eye
+            five = np.array([(p.x, p.y) for p in self.landmarks5(rgb, rect).parts()], np.float64)
+            eyes = (five[0:2].mean(axis=0), five[2:4].mean(axis=0))
+        box = (rect.left(), rect.top(), rect.right(), rect.bottom())
+        # dlib's box is tight (the chin often lies below it): frame the box and the
+        # landmarks together, so the crop holds every landmark.
+        extent = (min(box[0], points[:, 0].min()), min(box[1], points[:, 1].min()),
+                  max(box[2], points[:, 0].max()), max(box[3], points[:, 1].max()))
+        matrix = crop_matrix(extent, self.params.face_margin, self.params.face_size, eyes)
+        crop = cv2.warpAffine(rgb, matrix, (self.params.face_size,) * 2, flags=cv2.INTER_AREA,
+                              borderMode=cv2.BORDER_CONSTANT)
+        return Face(crop, box, float(scores[best]), points @ matrix[:, :2].T + matrix[:, 2])
+
+
+def crop_matrix(box: tuple[float, float, float, float], margin: float, size: int,
+                eyes: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The 2x3 affine map from source pixels to a size x size crop: a square `margin` times
+    the box's larger side around its centre, turned so the eyes are level when given.
+
+    One map for both cases keeps the crop and its landmarks in step; pixels outside the
+    frame come out black.
+    """
+    left, top, right, bottom = box
+    centre = ((left + right) / 2, (top + bottom) / 2)
+    side = margin * max(right - left, bottom - top, 1)
+    angle = 0.0
+    if eyes is not None:
+        (lx, ly), (rx, ry) = sorted(eyes, key=lambda e: e[0])
+        angle = float(np.degrees(np.arctan2(ry - ly, rx - lx)))
+    matrix = cv2.getRotationMatrix2D(centre, angle, size / side)
+    matrix[:, 2] += np.array([size / 2, size / 2]) - centre
+    return matrix
+
+
+def sample_indices(n_frames: int, k: int) -> list[int]:
+    """k frame indices evenly spaced over a clip, first and last included; every frame once
+    when the clip has k or fewer."""
+    if n_frames <= k:
+        return list(range(n_frames))
+    return sorted({int(round(i)) for i in np.linspace(0, n_frames - 1, k)})
+
+
+def read_frames(path: Path, k: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, RGB frame) for k evenly spaced frames of a clip; FacesError if unreadable.
+
+    The frame count comes from the container; a truncated clip ends early, and yields
+    the chosen frames it has.
+    """
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened():
+            raise FacesError("not a video OpenCV can open (empty, corrupt or another format)")
+        n_frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        if n_frames <= 0:
+            raise FacesError("the clip has no frames")
+        wanted = sample_indices(n_frames, k)
+        last, index = wanted[-1], 0
+        chosen = set(wanted)
+        while index <= last and capture.grab():
+            if index in chosen:
+                ok, frame = capture.retrieve()
+                if ok:
+                    yield index, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            index += 1
+    finally:
+        capture.release()
+
+
+def scan(raw_dir: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
+    """Photos and clips under raw_dir/{real,fake} (path relative to raw_dir, label), and the
+    files skipped with their reason."""
+    if not raw_dir.is_dir():
+        raise FacesError(f"raw folder {raw_dir} does not exist: create {raw_dir}/real and "
+                         f"{raw_dir}/fake and put your photos or clips there")
+    sources, skipped = [], []
+    for label in CLASSES:
+        if not (raw_dir / label).is_dir():
+            raise FacesError(f"class folder {raw_dir / label} is missing: put your {label} "
+                             "photos or clips in it (subfolders are fine)")
+        for path in sorted((raw_dir / label).rglob("*")):
+            if path.is_dir():
+                continue
+            rel = path.relative_to(raw_dir)
+            shown, problem = display_path(rel), file_problem(path)
+            kind = path.suffix.lower()
+            if problem:
+                skipped.append({"source": shown, "reason": problem})
+            elif shown != rel.as_posix():
+                skipped.append({"source": shown, "reason": "the file name is not valid UTF-8: "
+                                "rename the file"})
+            elif kind not in VIDEO_SUFFIXES | IMAGE_SUFFIXES:
+                skipped.append({"source": shown, "reason": f"unsupported file type "
+                                f"{path.suffix or '(no extension)'!r}; use a photo "
+                                f"({', '.join(sorted(IMAGE_SUFFIXES))}) or a clip "
+                                f"({', '.join(sorted(VIDEO_SUFFIXES))})"})
+            else:
+                sources.append((rel, label))
+    taken: dict[Path, Path] = {}  # crops are named by the path without its suffix
+    for rel, label in list(sources):
+        first = taken.setdefault(rel.with_suffix(""), rel)
+        if first != rel:
+            sources.remove((rel, label))
+            skipped.append({"source": rel.as_posix(), "reason": f"{first.as_posix()} has the "
+                            "same name without its suffix, and the crops are named by it: "
+                            "rename one"})
+    return sources, skipped
+
+
+_FINDER: FaceFinder | None = None  # one per worker process: dlib's models do not pickle
+
+
+def _finder(params: FacesParams) -> FaceFinder:
+    global _FINDER
+    if _FINDER is None or _FINDER.params != params:
+        _FINDER = FaceFinder(params)
+    return _FINDER
+
+
+def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: tuple[Path, str]
+                   ) -> tuple[list[dict], dict]:
+    """Crop the faces of one photo or clip into `out`; its faces.csv rows and report entry.
+
+    A clip's crops go to <label>/<path without suffix>/<frame:06d>.png (one folder per clip,
+    the group the split keeps together), a photo's to <label>/<path without suffix>.png.
+    """
+    rel, label = item
+    path, stem = raw_dir / rel, rel.with_suffix("")
+    video = path.suffix.lower() in VIDEO_SUFFIXES
+    entry: dict = {"source": rel.as_posix(), "label": label, "kind": "video" if video else "photo"}
+    try:
+        if video:
+            frames = list(read_frames(path, params.frames_per_video))
+        else:
+            frames = [(0, np.asarray(load_image(path)))]
+    except (FacesError, ImageLoadError) as error:
+        return [], {**entry, "reason": getattr(error, "reason", None) or str(error)}
+    finder, rows = _finder(params), []
+    for index, rgb in frames:
+        face = finder(rgb)
+        if face is None:
+            continue
+        crop = Path(label, *stem.parts[1:], f"{index:06d}.png") if video else Path(
+            label, *stem.parts[1:]).with_suffix(".png")
+        (out / crop).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out / crop), cv2.cvtColor(face.crop, cv2.COLOR_RGB2BGR))
+        rows.append({"path": crop.as_posix(), "label": label, "source": rel.as_posix(),
+                     "frame": index, "box": json.dumps(face.box), "score": round(face.score, 4),
+                     "landmarks": json.dumps(np.round(face.landmarks, 2).tolist())})
+    entry.update(frames_read=len(frames), faces_found=len(rows))
+    if not frames:
+        entry["reason"] = "no frame could be decoded (truncated or corrupt clip)"
+    return rows, entry
+
+
+def fingerprint(raw_dir: Path, sources: list[tuple[Path, str]]) -> str:
+    """A cheap identity of the inputs (names, sizes, modification times)."""
+    digest = hashlib.sha256()
+    for rel, _ in sources:
+        stat = (raw_dir / rel).stat()
+        digest.update(f"{rel.as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def read_report(faces_dir: Path) -> dict | None:
+    """The report of a complete faces step in faces_dir, or None."""
+    if not ((faces_dir / REPORT).is_file() and (faces_dir / CSV).is_file()):
+        return None
+    try:
+        report = json.loads((faces_dir / REPORT).read_text())
+    except (ValueError, OSError):
+        return None
+    return report if isinstance(report, dict) and "params" in report else None
+
+
+def check_replaceable(faces_dir: Path, report: dict | None) -> None:
+    """Refuse, before anything changes, to replace what this step did not write."""
+    present = [n for n in OWNED if os.path.lexists(faces_dir / n)]
+    if not present:
+        return
+    advice = (f"move it out of {faces_dir} or choose another faces_dir: the faces step "
+              "replaces only files it wrote")
+    if report is None:
+        raise FacesError(f"{faces_dir / present[0]} is in the way and was not written by the "
+                         f"faces step: {advice}")
+    with open(faces_dir / CSV, newline="") as f:
+        written = {row["path"] for row in csv.DictReader(f)}
+    for label in CLASSES:
+        for path in sorted((faces_dir / label).rglob("*")) if (faces_dir / label).is_dir() else []:
+            if not path.is_dir() and path.relative_to(faces_dir).as_posix() not in written:
+                raise FacesError(f"{path} was not written by the faces step: {advice}")
+
+
+def extract_faces(params: FacesParams, workers: int | None = None) -> dict:
+    """Run the faces step; return its report. Same inputs and parameters: nothing is redone.
+
+    Sources are spread over worker processes (one source at a time each); a source that
+    cannot be read, or a frame without a face, is counted in the report, never fatal.
+    """
+    raw_dir, faces_dir = resolve(params.raw_dir).resolve(), resolve(params.faces_dir).resolve()
+    if faces_dir == raw_dir or raw_dir in faces_dir.parents or faces_dir in raw_dir.parents:
+        raise FacesError(f"faces_dir {faces_dir} and raw_dir {raw_dir} must not contain each "
+                         "other")
+    sources, skipped = scan(raw_dir)
+    settings = {k: v for k, v in params.to_dict().items() if k not in ("faces_dir", "overwrite")}
+    settings["raw_dir"] = str(raw_dir)
+    stamp = fingerprint(raw_dir, sources)
+    existing = read_report(faces_dir)
+    if existing is not None:
+        if existing["params"] == settings and existing.get("fingerprint") == stamp:
+            return existing
+        if existing["params"] != settings and not params.overwrite:
+            raise FacesError(f"{faces_dir} already holds faces made with {existing['params']}; "
+                             "pass overwrite=True (OVERWRITE=1) to replace them, or choose "
+                             "another faces_dir")
+    check_replaceable(faces_dir, existing)
+    model_file("shape_predictor_68_face_landmarks.dat")  # a missing install fails here, once
+
+    faces_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in faces_dir.glob(".faces-*"):
+        if leftover.is_dir() and (leftover / _PARTIAL).is_file():
+            shutil.rmtree(leftover)
+    built = Path(tempfile.mkdtemp(prefix=".faces-tmp-", dir=faces_dir))
+    (built / _PARTIAL).touch()
+    try:
+        one = functools.partial(extract_source, raw_dir, built, params)
+        workers = workers or min(len(sources), os.cpu_count() or 1) or 1
+        bar = functools.partial(tqdm, total=len(sources), desc="faces", unit="source")
+        if workers == 1:
+            results = list(bar(map(one, sources)))
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                results = list(bar(pool.map(one, sources)))
+        rows = [row for source_rows, _ in results for row in source_rows]
+        entries = [entry for _, entry in results]
+        report = {
+            "params": settings, "fingerprint": stamp,
+            "n_sources": len(sources), "n_crops": len(rows),
+            "frames_read": sum(e.get("frames_read", 0) for e in entries),
+            "faces_found": sum(e.get("faces_found", 0) for e in entries),
+            "sources": entries,
+            "unreadable": [e for e in entries if "reason" in e],
+            "skipped": skipped,
+        }
+        with open(built / CSV, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        write_json(built / REPORT, report)
+        old = Path(tempfile.mkdtemp(prefix=".faces-old-", dir=faces_dir))
+        (old / _PARTIAL).touch()
+        for name in (REPORT, CSV, *CLASSES):  # the report out first, in last
+            if os.path.lexists(faces_dir / name):
+                os.replace(faces_dir / name, old / name)
+        for name in (*CLASSES, CSV, REPORT):
+            if os.path.lexists(built / name):
+                os.replace(built / name, faces_dir / name)
+        shutil.rmtree(old)
+    finally:
+        shutil.rmtree(built, ignore_errors=True)
+    return report
+
+
+def read_faces(faces_dir: str | os.PathLike) -> dict[str, dict]:
+    """faces.csv by crop path: label, source, frame, box, score, landmarks (68 x 2)."""
+    with open(resolve(faces_dir) / CSV, newline="") as f:
+        return {row["path"]: {**row, "frame": int(row["frame"]), "score": float(row["score"]),
+                              "box": json.loads(row["box"]),
+                              "landmarks": np.array(json.loads(row["landmarks"]))}
+                for row in csv.DictReader(f)}
+
+
+def summary_rows(report: dict) -> list[dict]:
+    """Per class: sources, frames read, faces found and the share of frames with a face."""
+    rows = []
+    for label in CLASSES:
+        entries = [e for e in report["sources"] if e["label"] == label]
+        frames = sum(e.get("frames_read", 0) for e in entries)
+        found = sum(e.get("faces_found", 0) for e in entries)
+        rows.append({"class": label, "sources": len(entries), "frames read": frames,
+                     "faces found": found, "found": f"{found / frames:.1%}" if frames else "-"})
+    return rows
+
+
+def problem_rows(report: dict) -> list[dict]:
+    """Sources that could not be read, gave no face, or were skipped, with the reason."""
+    rows = [{"source": e["source"], "why": e["reason"]} for e in report["unreadable"]]
+    rows += [{"source": e["source"], "why": "no face in any frame read"}
+             for e in report["sources"] if "reason" not in e and e["faces_found"] == 0]
+    return rows + [{"source": e["source"], "why": e["reason"]} for e in report["skipped"]]
+
+
+def sample_crops(faces_dir: str | os.PathLike, n: int, seed: int = 0
+                 ) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """(crop, landmarks, title) for n random crops of faces_dir, both classes in turn."""
+    faces_dir = resolve(faces_dir)
+    table = read_faces(faces_dir)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in CLASSES:
+        paths = sorted(p for p, row in table.items() if row["label"] == label)
+        chosen += [paths[i] for i in rng.choice(len(paths), min(n // 2, len(paths)),
+                                                replace=False)]
+    return [(np.asarray(load_image(faces_dir / p)), table[p]["landmarks"],
+             f"{table[p]['label']} · frame {table[p]['frame']}\n{Path(p).parent.name[:24]}")
+            for p in chosen]

@@ -1,0 +1,226 @@
+"""The faces step on clips and photos made here from scikit-image's astronaut photo, moved and
+scaled across frames so the face box of every frame is known (nothing from ../shared)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+from conftest import tree_digest
+
+from dfutils import faces
+from dfutils.params import FacesParams
+from dfutils.split import split
+
+# The astronaut's face as dlib finds it, inside the crop of the photo we move around.
+PATCH = skimage.data.astronaut()[40:240, 120:330]
+FACE = np.array([179 - 120, 83 - 40, 266 - 120, 170 - 40], float)  # left, top, right, bottom
+CANVAS = (300, 360)  # height, width
+
+
+def frame_of(k: int, face: bool = True, shade: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Frame k (RGB) and the face box in it: the patch scaled by 1.2 + 0.02 k, moved right
+    and down by (10 + 6 k, 8 + 3 k), on a background of grey `shade`."""
+    canvas = np.full((*CANVAS, 3), shade, np.uint8)
+    scale, dx, dy = 1.2 + 0.02 * k, 10 + 6 * k, 8 + 3 * k
+    if face:
+        patch = cv2.resize(PATCH, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        h, w = min(patch.shape[0], CANVAS[0] - dy), min(patch.shape[1], CANVAS[1] - dx)
+        canvas[dy:dy + h, dx:dx + w] = patch[:h, :w]
+    else:  # the sky of the photo: texture, no face
+        canvas[:] = cv2.resize(skimage.data.astronaut()[:120, 400:], CANVAS[::-1])
+    return canvas, FACE * scale + [dx, dy, dx, dy]
+
+
+def write_clip(path: Path, n: int, face: bool = True, shade: int = 40) -> list[np.ndarray]:
+    """An mp4v clip of n frames; returns the boxes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, CANVAS[::-1])
+    boxes = []
+    for k in range(n):
+        frame, box = frame_of(k, face, shade)
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        boxes.append(box)
+    writer.release()
+    return boxes
+
+
+def iou(a, b) -> float:
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / area
+
+
+PARAMS = {"frames_per_video": 5, "face_size": 64}
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    """Clips and photos of both classes, and every kind of bad input."""
+    root = tmp_path_factory.mktemp("faces") / "raw"
+    write_clip(root / "real" / "clip_a.mp4", 12)
+    write_clip(root / "real" / "sub" / "clip_b.MP4", 9, shade=60)
+    write_clip(root / "fake" / "clip_c.mp4", 12, shade=80)
+    write_clip(root / "fake" / "short.avi", 3, shade=100)  # shorter than frames_per_video
+    write_clip(root / "fake" / "one.mp4", 1, shade=120)
+    write_clip(root / "real" / "noface.mp4", 6, face=False)
+    cv2.imwrite(str(root / "real" / "photo.jpg"), cv2.cvtColor(frame_of(2)[0], cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(root / "fake" / "sky.png"),
+                cv2.cvtColor(frame_of(0, face=False)[0], cv2.COLOR_RGB2BGR))
+    (root / "fake" / "empty.mp4").write_bytes(b"")
+    (root / "fake" / "text.mp4").write_text("not a video")
+    whole = root / "real" / "clip_a.mp4"
+    (root / "fake" / "truncated.mp4").write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 3])
+    (root / "real" / "notes.txt").write_text("a note")
+    return root
+
+
+@pytest.fixture(scope="module")
+def extracted(raw, tmp_path_factory):
+    before = tree_digest(raw)
+    out = tmp_path_factory.mktemp("faces_out") / "faces"
+    report = faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(out), **PARAMS))
+    assert tree_digest(raw) == before  # raw_dir is only read
+    return out, report
+
+
+@pytest.mark.parametrize("n,k,expected", [(12, 5, [0, 3, 6, 8, 11]), (3, 5, [0, 1, 2]),
+                                          (1, 32, [0]), (100, 2, [0, 99]), (5, 5, [0, 1, 2, 3, 4])])
+def test_frames_are_evenly_spaced_first_and_last_included(n, k, expected):
+    assert faces.sample_indices(n, k) == expected
+
+
+def test_the_chosen_frames_are_decoded_exactly(raw):
+    clip = raw / "real" / "clip_a.mp4"
+    capture, full = cv2.VideoCapture(str(clip)), []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        full.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    chosen = list(faces.read_frames(clip, 5))
+    assert [i for i, _ in chosen] == faces.sample_indices(len(full), 5)
+    for index, frame in chosen:
+        assert np.array_equal(frame, full[index])
+
+
+def test_each_crop_holds_the_face_where_it_is(extracted, raw):
+    out, _ = extracted
+    table = faces.read_faces(out)
+    rows = [r for r in table.values() if r["source"] == "real/clip_a.mp4"]
+    assert [r["frame"] for r in rows] == faces.sample_indices(12, 5)
+    for row in rows:
+        assert iou(row["box"], frame_of(row["frame"])[1]) > 0.5
+        crop = cv2.imread(str(out / row["path"]))
+        assert crop.shape == (64, 64, 3)
+        assert (row["landmarks"] >= 0).all() and (row["landmarks"] < 64).all()
+        # the face box, mapped into the crop, is centred with the margin around it
+        assert row["landmarks"][:, 0].mean() == pytest.approx(32, abs=8)
+
+
+def test_outputs_follow_the_layout_and_bad_inputs_are_reported_by_name(extracted):
+    out, report = extracted
+    crops = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert "real/clip_a/000000.png" in crops and "real/sub/clip_b/000008.png" in crops
+    assert "real/photo.png" in crops and "fake/one/000000.png" in crops
+    assert sorted(p.name for p in (out / "fake" / "short").iterdir()) == [
+        "000000.png", "000001.png", "000002.png"]
+    by_source = {e["source"]: e for e in report["sources"]}
+    assert by_source["real/noface.mp4"]["faces_found"] == 0
+    assert by_source["real/noface.mp4"]["frames_read"] == 5
+    assert by_source["fake/sky.png"]["faces_found"] == 0
+    unreadable = {e["source"]: e["reason"] for e in report["unreadable"]}
+    assert set(unreadable) >= {"fake/empty.mp4", "fake/text.mp4", "fake/truncated.mp4"}
+    assert {s["source"] for s in report["skipped"]} == {"real/notes.txt"}
+    problems = {r["source"] for r in faces.problem_rows(report)}
+    assert problems == {"fake/empty.mp4", "fake/text.mp4", "fake/truncated.mp4",
+                        "real/noface.mp4", "fake/sky.png", "real/notes.txt"}
+    with open(out / faces.CSV, newline="") as f:
+        assert len(list(csv.DictReader(f))) == report["n_crops"] == len(crops)
+
+
+def test_a_second_run_changes_nothing_and_other_parameters_need_overwrite(extracted, raw):
+    out, report = extracted
+    before = tree_digest(out)
+    assert faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(out), **PARAMS)) == (
+        report)
+    assert tree_digest(out) == before
+    with pytest.raises(faces.FacesError, match="overwrite"):
+        faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(out),
+                                        frames_per_video=3, face_size=64))
+
+
+def test_a_users_file_in_faces_dir_is_never_replaced(raw, tmp_path):
+    out = tmp_path / "faces"
+    (out / "real").mkdir(parents=True)
+    (out / "real" / "mine.png").write_bytes(b"keep")
+    with pytest.raises(faces.FacesError, match="in the way"):
+        faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(out), **PARAMS))
+    assert (out / "real" / "mine.png").read_bytes() == b"keep"
+
+
+def test_aligned_crops_have_level_eyes(raw, tmp_path):
+    out = tmp_path / "aligned"
+    faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(out), align=True, **PARAMS))
+    row = faces.read_faces(out)["real/photo.png"]
+    eyes = row["landmarks"][36:42].mean(axis=0), row["landmarks"][42:48].mean(axis=0)
+    assert abs(eyes[0][1] - eyes[1][1]) < 1.5  # level to a pixel or so
+
+
+def test_the_split_keeps_a_clip_in_one_split_and_carries_the_landmarks(extracted, tmp_path):
+    out, _ = extracted
+    report = split(out, tmp_path / "data", val_fraction=0.3, group_by="folder", seed=0)
+    with open(tmp_path / "data" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    splits_of: dict[str, set] = {}
+    for row in rows:
+        splits_of.setdefault(row["group"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in splits_of.values())
+    assert splits_of.keys() >= {"real/clip_a", "real/sub/clip_b", "fake/clip_c"}
+    assert report["faces"]["frames_per_video"] == 5
+    with open(tmp_path / "data" / "faces.csv", newline="") as f:
+        carried = {r["path"]: r for r in csv.DictReader(f)}
+    assert set(carried) == {r["path"] for r in rows}
+    assert len(json.loads(next(iter(carried.values()))["landmarks"])) == 68
+
+
+def test_adding_a_folder_moves_at_most_one_other(tmp_path):
+    from conftest import write_image
+
+    root = tmp_path / "raw"
+    for label in ("real", "fake"):
+        for g in range(10):
+            for i in range(3):
+                write_image(root / label / f"g{g}" / f"{i}.png", seed=hash((label, g, i)) % 10**6)
+    split(root, tmp_path / "a", group_by="folder", seed=1)
+    for i in range(3):
+        write_image(root / "real" / "g_new" / f"{i}.png", seed=777 + i)
+    split(root, tmp_path / "b", group_by="folder", seed=1)
+
+    def groups(data):
+        with open(data / "manifest.csv", newline="") as f:
+            return {r["group"]: r["split"] for r in csv.DictReader(f)}
+    before, after = groups(tmp_path / "a"), groups(tmp_path / "b")
+    moved = [g for g in before if before[g] != after[g]]
+    assert len(moved) <= 1
+
+
+@pytest.mark.notebooks
+def test_the_faces_notebook_runs(raw, tmp_path):
+    import papermill
+
+    from dfutils.paths import REPO_ROOT
+
+    papermill.execute_notebook(REPO_ROOT / "notebooks/00-faces.ipynb", tmp_path / "o.ipynb",
+                               parameters={"raw_dir": str(raw), "faces_dir": str(tmp_path / "f"),
+                                           **PARAMS},
+                               kernel_name="python3", cwd=REPO_ROOT / "notebooks",
+                               progress_bar=False)
+    executed = json.loads((tmp_path / "o.ipynb").read_text())
+    assert "real/noface.mp4" in json.dumps(executed["cells"][-1]["outputs"])
+    assert (tmp_path / "f" / faces.REPORT).is_file()
