@@ -25,11 +25,13 @@ CANVAS = (300, 360)  # height, width
 
 def frame_of(k: int, face: bool = True, shade: int = 40) -> tuple[np.ndarray, np.ndarray]:
     """Frame k (RGB) and the face box in it: the patch scaled by 1.2 + 0.02 k, moved right
-    and down by (10 + 6 k, 8 + 3 k), on a background of grey `shade`."""
+    and down by (10 + 6 k, 8 + 3 k), on a background of grey `shade` (which also tints the
+    photo a little, so no two clips share a frame)."""
     canvas = np.full((*CANVAS, 3), shade, np.uint8)
     scale, dx, dy = 1.2 + 0.02 * k, 10 + 6 * k, 8 + 3 * k
     if face:
-        patch = cv2.resize(PATCH, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        tinted = np.clip(PATCH.astype(int) + (shade - 40) // 4, 0, 255).astype(np.uint8)
+        patch = cv2.resize(tinted, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         h, w = min(patch.shape[0], CANVAS[0] - dy), min(patch.shape[1], CANVAS[1] - dx)
         canvas[dy:dy + h, dx:dx + w] = patch[:h, :w]
     else:  # the sky of the photo: texture, no face
