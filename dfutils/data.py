@@ -42,6 +42,7 @@ class Sample:
     path: Path  # absolute
     label: int  # fake = 1, real = 0
     mask: Path | None  # ground-truth mask of a fake image, if known
+    group: str = ""  # what the split kept together: a clip's frames share one
 
 
 def read_manifest(data_dir: str | os.PathLike, split: str | None = None) -> list[Sample]:
@@ -55,7 +56,8 @@ def read_manifest(data_dir: str | os.PathLike, split: str | None = None) -> list
     with open(manifest, newline="") as f:
         rows = [r for r in csv.DictReader(f) if split is None or r["split"] == split]
     return [Sample(data_dir / r["path"], LABELS[r["label"]],
-                   data_dir / r["mask"] if r.get("mask") else None) for r in rows]
+                   data_dir / r["mask"] if r.get("mask") else None, r.get("group") or r["path"])
+            for r in rows]
 
 
 @dataclass(frozen=True)

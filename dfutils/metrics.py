@@ -64,6 +64,31 @@ def binary_metrics(labels, scores, threshold: float = 0.5) -> dict:
     }
 
 
+def by_group(groups, labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One entry per group (a video, when a group is a clip's frames): its name, its label
+    and its P(fake), the mean of its members' (as video-level scores are usually made)."""
+    groups, labels = np.asarray(groups), np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=float)
+    names, inverse = np.unique(groups, return_inverse=True)
+    counts = np.bincount(inverse)
+    mean = np.bincount(inverse, weights=scores) / counts
+    label = np.bincount(inverse, weights=labels) / counts
+    if not np.all((label == 0) | (label == 1)):
+        raise ValueError("a group holds both real and fake images")
+    return names, label.astype(int), mean
+
+
+def grouped(groups) -> bool:
+    """Whether any group holds more than one image (else video-level equals frame-level)."""
+    return groups is not None and len(np.unique(np.asarray(groups))) < len(groups)
+
+
+def video_metrics(groups, labels, scores, threshold: float = 0.5) -> dict:
+    """binary_metrics over groups, each scored by its mean P(fake)."""
+    _, label, mean = by_group(groups, labels, scores)
+    return binary_metrics(label, mean, threshold)
+
+
 def calibration_bins(labels, scores, n_bins: int = 15) -> list[dict]:
     """Per equal-width bin of P(fake): its range, image count, mean P(fake), fraction fake."""
     labels, scores = np.asarray(labels, dtype=float), np.asarray(scores, dtype=float)

@@ -338,6 +338,7 @@ def summarise(run_dir: Path) -> dict:
     cam = (current.get("03-gradcam") or {}).get("metrics") or {}
     summary = {
         "val_auc": train.get("auc"),
+        "val_video_auc": (train.get("video") or {}).get("auc"),
         "val_accuracy": train.get("accuracy"),
         "best_epoch": train.get("best_epoch"),
         "deletion_auc_cam": (cam.get("deletion") or {}).get("auc_cam"),

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dfutils import distributed
 from dfutils.data import make_loader
-from dfutils.metrics import binary_metrics, choose_threshold
+from dfutils.metrics import binary_metrics, choose_threshold, grouped, video_metrics
 from dfutils.model import (
     CHECKPOINT_FILE,
     CheckpointError,
@@ -264,14 +264,19 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
     """
     device = device or distributed.device()
     model.to(device, memory_format=torch.channels_last)
+    samples = getattr(val_loader.dataset, "samples", None)
+    groups = np.array([s.group for s in samples]) if samples else None
     if params.caches_features:
-        return fit_head(model, train_loader, val_loader, params, checkpoint, device, last)
-    return train_loop(model, model, train_loader, val_loader, params, checkpoint, device, last)
+        return fit_head(model, train_loader, val_loader, params, checkpoint, device, last,
+                        groups)
+    return train_loop(model, model, train_loader, val_loader, params, checkpoint, device, last,
+                      groups)
 
 
 def fit_head(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
              params: TrainParams, checkpoint: str | os.PathLike | None, device: torch.device,
-             last: str | os.PathLike | None = None) -> FitResult:
+             last: str | os.PathLike | None = None, groups: np.ndarray | None = None
+             ) -> FitResult:
     """A frozen backbone without augmentation computes the same features every epoch: compute
     them once and train the head on them. The feature loaders come from `make_loader` with
     the image loaders' batch size and seed, so they draw the same shuffles, and the results
@@ -279,15 +284,17 @@ def fit_head(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     features = [make_loader(backbone_features(model, loader, device, f"{name} features"),
                             params.batch_size, shuffle=name == "train", seed=params.seed)
                 for name, loader in (("train", train_loader), ("val", val_loader))]
-    return train_loop(model, model.fc, *features, params, checkpoint, device, last)
+    return train_loop(model, model.fc, *features, params, checkpoint, device, last, groups)
 
 
 def train_loop(model: nn.Module, net: nn.Module, train_loader: DataLoader,
                val_loader: DataLoader, params: TrainParams,
                checkpoint: str | os.PathLike | None, device: torch.device,
-               last: str | os.PathLike | None = None) -> FitResult:
+               last: str | os.PathLike | None = None, groups: np.ndarray | None = None
+               ) -> FitResult:
     """The epochs of `fit`: `net` (the model, or its head) learns from `train_loader`; the
-    whole `model` is what is checkpointed."""
+    whole `model` is what is checkpointed. `groups` (per validation image, in dataset order)
+    adds video-level metrics when a group holds several images."""
     rank, size = distributed.world()
     optimization = Optimization.build(net, params)
     validated = optimization.validated(net)
@@ -323,6 +330,9 @@ def train_loop(model: nn.Module, net: nn.Module, train_loader: DataLoader,
                 optimization.scheduler.step()
             threshold = choose_threshold(params.threshold, val.labels, val.scores)
             metrics = binary_metrics(val.labels, val.scores, threshold)
+            if grouped(groups):
+                metrics["video"] = video_metrics(groups[val.indices], val.labels, val.scores,
+                                                 threshold)
             row = {
                 "epoch": epoch,
                 "train_loss": train["loss"],
@@ -330,6 +340,7 @@ def train_loop(model: nn.Module, net: nn.Module, train_loader: DataLoader,
                 "val_loss": val.loss,
                 "val_acc": metrics["accuracy"],
                 "val_auc": metrics["auc"],
+                **({"val_video_auc": metrics["video"]["auc"]} if "video" in metrics else {}),
                 "lr": lr,
                 "seconds": time.perf_counter() - start,
                 "images_per_s": train["n"] / train["seconds"] if train["seconds"] else math.nan,
@@ -472,11 +483,12 @@ def save_outputs(run_dir: str | os.PathLike, result: FitResult, val_samples: lis
     best, m = result.best_eval, result.metrics
     write_csv(out / PREDICTIONS,
               [{"path": val_samples[i].path.relative_to(data_dir).as_posix(),
-                "label": int(label), "p_fake": float(score)}
+                "label": int(label), "p_fake": float(score), "group": val_samples[i].group}
                for i, label, score in zip(best.indices, best.labels, best.scores, strict=True)])
+    groups = [val_samples[i].group for i in best.indices]
     figures = dict(zip(FIGURES, (
         viz.plot_history(result.history, result.best_epoch),
-        viz.plot_roc(best.labels, best.scores),
+        viz.plot_roc(best.labels, best.scores, groups=groups),
         viz.plot_confusion(m["confusion"], m["threshold"]),
         viz.plot_score_hist(best.labels, best.scores, m["threshold"])), strict=True))
     for name, fig in figures.items():

@@ -98,8 +98,9 @@ def plot_history(history: Sequence[dict], best_epoch: int | None = None) -> Figu
     """Loss, accuracy and validation AUC per epoch; the kept epoch marked."""
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    aucs = ("val_auc", "val_video_auc") if "val_video_auc" in history[0] else ("val_auc",)
     for ax, keys, title in zip(axes, (("train_loss", "val_loss"), ("train_acc", "val_acc"),
-                                      ("val_auc",)), ("loss (BCE)", "accuracy", "validation AUC"),
+                                      aucs), ("loss (BCE)", "accuracy", "validation AUC"),
                                strict=True):
         for key in keys:
             ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
@@ -112,12 +113,20 @@ def plot_history(history: Sequence[dict], best_epoch: int | None = None) -> Figu
     return fig
 
 
-def plot_roc(labels, scores, title: str = "ROC (validation)") -> Figure:
-    """ROC curve of P(fake) with the AUC in the legend."""
+def plot_roc(labels, scores, title: str = "ROC (validation)", groups=None) -> Figure:
+    """ROC curve of P(fake) with the AUC in the legend; with `groups` (a clip's frames share
+    one), the video-level curve too (each video scored by its frames' mean P(fake))."""
+    from dfutils.metrics import by_group, grouped
+
     fig, ax = plt.subplots(figsize=(4, 4))
-    if len(np.unique(labels)) == 2:
-        fpr, tpr, _ = roc_curve(labels, scores)
-        ax.plot(fpr, tpr, label=f"AUC = {roc_auc_score(labels, scores):.3f}")
+    curves = [("", labels, scores)]
+    if grouped(groups):
+        _, video_labels, video_scores = by_group(groups, labels, scores)
+        curves = [("frames, ", labels, scores), ("videos, ", video_labels, video_scores)]
+    for name, y, p in curves:
+        if len(np.unique(y)) == 2:
+            fpr, tpr, _ = roc_curve(y, p)
+            ax.plot(fpr, tpr, label=f"{name}AUC = {roc_auc_score(y, p):.3f}")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="chance")
     ax.set_xlabel("false positive rate (real called fake)")
     ax.set_ylabel("true positive rate (fake caught)")

@@ -126,3 +126,23 @@ def test_ece_is_zero_when_calibrated_and_matches_a_hand_computation():
     # bins of width 1/15: {0.1, 0.1} with 1 fake -> |0.5 - 0.1| ; {0.9} with 0 fakes -> 0.9
     value = expected_calibration_error([1, 0, 0], [0.1, 0.1, 0.9])
     assert value == pytest.approx((2 * 0.4 + 1 * 0.9) / 3)
+
+
+def test_video_level_metrics_score_each_group_by_its_mean():
+    from dfutils.metrics import by_group, grouped, video_metrics
+
+    groups = ["a", "a", "b", "b", "b", "c", "d", "d"]
+    labels = [0, 0, 0, 0, 0, 1, 1, 1]
+    scores = [0.1, 0.5, 0.9, 0.2, 0.1, 0.35, 0.8, 0.6]
+    names, label, mean = by_group(groups, labels, scores)
+    assert names.tolist() == ["a", "b", "c", "d"] and label.tolist() == [0, 0, 1, 1]
+    assert mean == pytest.approx([0.3, 0.4, 0.35, 0.7])
+    video = video_metrics(groups, labels, scores)
+    # by hand: fakes score 0.35 and 0.7, reals 0.3 and 0.4; of the 4 (fake, real) pairs the
+    # fake is above in 3 (all but 0.35 < 0.4): AUC = 3 / 4. Frame level: 0.35 beats 3 reals,
+    # 0.8 and 0.6 beat 4 each: 11 / 15.
+    assert video["auc"] == pytest.approx(3 / 4) and video["n"] == 4
+    assert binary_metrics(labels, scores)["auc"] == pytest.approx(11 / 15)
+    assert grouped(groups) and not grouped(["a", "b"]) and not grouped(None)
+    with pytest.raises(ValueError, match="both real and fake"):
+        by_group(["a", "a"], [0, 1], [0.1, 0.2])
