@@ -125,9 +125,10 @@ def train_mode(model: nn.Module, trainable: str) -> None:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module | Mapping[str, torch.Tensor], *,
                     params: dict[str, Any], threshold: float, threshold_rule: str,
-                    metrics: dict[str, Any], epoch: int) -> None:
+                    metrics: dict[str, Any], epoch: int, faces: dict | None = None) -> None:
     """Weights (of a model, or its state dict), the parameters that made them, the decision
-    threshold and metrics; atomic."""
+    threshold and metrics, and the faces step's parameters when the training images were
+    face crops (so that predict crops new inputs the same way); atomic."""
     state = model.state_dict() if isinstance(model, nn.Module) else model
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
@@ -139,6 +140,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module | Mapping[str, tor
         "threshold_rule": threshold_rule,
         "metrics": metrics,
         "epoch": int(epoch),
+        "faces": faces,
     }
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
@@ -187,6 +189,7 @@ class Checkpoint:
     epoch: int
     metrics: dict[str, Any]
     path: Path
+    faces: dict | None = None  # the faces step's parameters, when trained on its crops
 
     @property
     def image_size(self) -> int:
@@ -221,4 +224,5 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         ) from None
     model.eval()
     return Checkpoint(model, params, float(raw["threshold"]), str(raw["threshold_rule"]),
-                      int(raw.get("epoch", 0)), dict(raw.get("metrics") or {}), path)
+                      int(raw.get("epoch", 0)), dict(raw.get("metrics") or {}), path,
+                      raw.get("faces"))

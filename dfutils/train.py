@@ -251,7 +251,7 @@ def kept_state(model: nn.Module, net: nn.Module, validated: nn.Module
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, params: TrainParams,
         checkpoint: str | os.PathLike | None = None, device: torch.device | None = None,
-        last: str | os.PathLike | None = None) -> FitResult:
+        last: str | os.PathLike | None = None, faces: dict | None = None) -> FitResult:
     """Train until validation loss stops improving; keep (and save) the best epoch's weights.
 
     Each new best is written to `checkpoint` at once, with its threshold and metrics, so
@@ -261,6 +261,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
     cover the whole split, and rank 0's early-stopping decision holds for all ranks.
     With `params.ema` an exponential moving average of the weights (and BatchNorm
     statistics) is updated after every step, and it is what is validated and kept.
+    `faces` (the faces step's parameters, when the images are its crops) goes into the
+    checkpoint.
     """
     device = device or distributed.device()
     model.to(device, memory_format=torch.channels_last)
@@ -268,15 +270,15 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
     groups = np.array([s.group for s in samples]) if samples else None
     if params.caches_features:
         return fit_head(model, train_loader, val_loader, params, checkpoint, device, last,
-                        groups)
+                        groups, faces)
     return train_loop(model, model, train_loader, val_loader, params, checkpoint, device, last,
-                      groups)
+                      groups, faces)
 
 
 def fit_head(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
              params: TrainParams, checkpoint: str | os.PathLike | None, device: torch.device,
-             last: str | os.PathLike | None = None, groups: np.ndarray | None = None
-             ) -> FitResult:
+             last: str | os.PathLike | None = None, groups: np.ndarray | None = None,
+             faces: dict | None = None) -> FitResult:
     """A frozen backbone without augmentation computes the same features every epoch: compute
     them once and train the head on them. The feature loaders come from `make_loader` with
     the image loaders' batch size and seed, so they draw the same shuffles, and the results
@@ -284,14 +286,15 @@ def fit_head(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     features = [make_loader(backbone_features(model, loader, device, f"{name} features"),
                             params.batch_size, shuffle=name == "train", seed=params.seed)
                 for name, loader in (("train", train_loader), ("val", val_loader))]
-    return train_loop(model, model.fc, *features, params, checkpoint, device, last, groups)
+    return train_loop(model, model.fc, *features, params, checkpoint, device, last, groups,
+                      faces)
 
 
 def train_loop(model: nn.Module, net: nn.Module, train_loader: DataLoader,
                val_loader: DataLoader, params: TrainParams,
                checkpoint: str | os.PathLike | None, device: torch.device,
-               last: str | os.PathLike | None = None, groups: np.ndarray | None = None
-               ) -> FitResult:
+               last: str | os.PathLike | None = None, groups: np.ndarray | None = None,
+               faces: dict | None = None) -> FitResult:
     """The epochs of `fit`: `net` (the model, or its head) learns from `train_loader`; the
     whole `model` is what is checkpointed. `groups` (per validation image, in dataset order)
     adds video-level metrics when a group holds several images."""
@@ -358,7 +361,7 @@ def train_loop(model: nn.Module, net: nn.Module, train_loader: DataLoader,
                 if checkpoint is not None and rank == 0:
                     save_checkpoint(checkpoint, best_state, params=params.to_dict(),
                                     threshold=threshold, threshold_rule=params.threshold,
-                                    metrics=result.metrics, epoch=epoch)
+                                    metrics=result.metrics, epoch=epoch, faces=faces)
             if last is not None and rank == 0:
                 save_last(last, epoch, model, optimization, stopper, result, params)
             if distributed.broadcast_flag(stopper.should_stop):
@@ -506,6 +509,7 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
     from dfutils import runs
     from dfutils.data import train_val_loaders
     from dfutils.model import build_model
+    from dfutils.split import read_report
 
     runs.seed_everything(params.seed)
     rank, _ = distributed.world()
@@ -524,8 +528,9 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
         tqdm.write(f"weights: {params.weights}; trainable: {params.trainable} ({n_trained:,} of "
                    f"{sum(p.numel() for p in model.parameters()):,} parameters); "
                    f"device: {distributed.device()}; outputs: {out}")
+    faces = (read_report(resolve(params.data_dir)) or {}).get("faces")
     result = fit(model, train_loader, val_loader, params, checkpoint=out / CHECKPOINT_FILE,
-                 device=distributed.device(), last=out / LAST)
+                 device=distributed.device(), last=out / LAST, faces=faces)
     figures = {}
     if rank == 0:
         figures = save_outputs(out, result, val_loader.dataset.samples, params.data_dir)
