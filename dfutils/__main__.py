@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +15,9 @@ from dfutils.params import CamLayer, choices, from_working_dir
 from dfutils.paths import REPO_ROOT
 
 PREDICTION_FIELDS = ["path", "p_fake", "label", "status"]
+# With face cropping (a run trained on the faces step's crops): frames and faces per input.
+FACE_FIELDS = ["path", "p_fake", "label", "n_frames", "n_faces", "status"]
+FRAME_FIELDS = ["path", "frame", "p_fake", "box"]
 
 
 def _here(path: str) -> Path:
@@ -79,7 +83,8 @@ def _assignment(text: str) -> tuple[str, str]:
 def _check_outputs(args: argparse.Namespace, inputs: list) -> None:
     """Refuse, before anything is scored, outputs that could overwrite a user's file."""
     folders = [_here(p).resolve() for p in args.paths if Path(p).is_dir()]
-    for option, target in (("--out", args.out), ("--cam-dir", args.cam_dir)):
+    for option, target in (("--out", args.out), ("--cam-dir", args.cam_dir),
+                           ("--frames-out", args.frames_out)):
         if not target:
             continue
         where = _here(target).resolve()
@@ -88,14 +93,18 @@ def _check_outputs(args: argparse.Namespace, inputs: list) -> None:
         if inside is not None and not empty_dir:
             raise ValueError(f"{option} {target} is inside the input folder {inside}: choose a "
                              "place outside the inputs, so no input is overwritten or read back")
-    if args.out and Path(args.out).exists():
-        with open(args.out, newline="", errors="replace") as f:
-            ours = f.readline().strip() == ",".join(PREDICTION_FIELDS)
-        if not ours:
-            raise ValueError(f"--out {args.out} exists and is not a CSV that predict wrote: "
-                             "choose another file name")
+    for option, target, headers in (("--out", args.out, (PREDICTION_FIELDS, FACE_FIELDS)),
+                                    ("--frames-out", args.frames_out, (FRAME_FIELDS,))):
+        if target and Path(target).exists():
+            with open(target, newline="", errors="replace") as f:
+                header = f.readline().strip()
+            if header not in {",".join(fields) for fields in headers}:
+                raise ValueError(f"{option} {target} exists and is not a CSV that predict "
+                                 "wrote: choose another file name")
     if args.cam_dir:
-        taken = [i.name for i in inputs if (Path(args.cam_dir) / _cam_name(i)).exists()]
+        cam_dir = Path(args.cam_dir)  # any overlay of an input (per crop: <name>.<frame>...)
+        taken = [i.name for i in inputs if (cam_dir / _cam_name(i)).exists()
+                 or any(cam_dir.glob(f"{glob.escape(i.name)}.*.cam.png"))]
         if taken:
             raise ValueError(f"--cam-dir {args.cam_dir} already holds {_cam_name_of(taken[0])}"
                              f" (and {len(taken) - 1} more overlays): choose an empty folder")
@@ -110,28 +119,43 @@ def _cam_name(item) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from dfutils.inference import collect_files, predict
+    from dfutils.inference import collect_files, predict, predict_faces
+    from dfutils.model import CHECKPOINT_FILE, load_checkpoint
+    from dfutils.paths import write_csv
 
     inputs = collect_files(args.paths)
     _check_outputs(args, inputs)
-    rows, checkpoint = predict(_here(args.run), inputs, args.batch_size, args.num_workers)
+    checkpoint = load_checkpoint(_here(args.run) / CHECKPOINT_FILE)
+    with_faces = checkpoint.faces is not None and not args.no_faces
+    if args.frames_out and not with_faces:
+        raise ValueError("--frames-out needs a run trained on face crops (FACES=1), without "
+                         "--no-faces")
     print(threshold_text(checkpoint.threshold, checkpoint.threshold_rule), file=sys.stderr)
+    if with_faces:
+        print(f"cropping faces as the training images were: {checkpoint.faces}",
+              file=sys.stderr)
+        cam_dir = Path(args.cam_dir) if args.cam_dir else None
+        rows, frames = predict_faces(checkpoint, inputs, args.batch_size, cam_dir, args.layer)
+        fields = FACE_FIELDS
+        if args.frames_out:
+            write_csv(args.frames_out, frames, FRAME_FIELDS)
+    else:
+        rows, _ = predict(checkpoint, inputs, args.batch_size, args.num_workers)
+        fields = PREDICTION_FIELDS
     for row in rows:
         if row["status"] != "ok":
             print(f"cannot score {row['path']}: {row['status'][len('error: '):]}",
                   file=sys.stderr)
     if args.out:
-        from dfutils.paths import write_csv
-
-        write_csv(args.out, rows, PREDICTION_FIELDS)
+        write_csv(args.out, rows, fields)
     else:
         # A file name that is not UTF-8 goes out as the bytes it has on disk.
         sys.stdout.reconfigure(errors="surrogateescape")
-        writer = csv.DictWriter(sys.stdout, fieldnames=PREDICTION_FIELDS)
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     scored = [item for item, row in zip(inputs, rows, strict=True) if row["status"] == "ok"]
-    if args.cam_dir and scored:
+    if args.cam_dir and scored and not with_faces:  # (with faces: written per crop above)
         _write_cams(checkpoint, scored, Path(args.cam_dir), args)
     print(f"{len(scored)} of {len(rows)} files scored", file=sys.stderr)
     return 0 if scored else 1
@@ -150,11 +174,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dfutils.inference import evaluate_folder
 
     report, _ = evaluate_folder(_here(args.run), _here(args.data), args.name, args.batch_size,
-                                args.num_workers)
+                                args.num_workers, faces=not args.no_faces)
     m = report["metrics"]
     print(threshold_text(report["threshold"], report["threshold_rule"]))
     print(f"{report['n_images']} images: accuracy {m['accuracy']:.4f}  AUC {m['auc']:.4f}  "
           f"AP {m['ap']:.4f}  EER {m['eer']:.4f}  ECE {report['calibration']['ece']:.4f}")
+    if "video" in m:
+        v = m["video"]
+        print(f"{v['n']} videos (mean P(fake) of their frames): accuracy {v['accuracy']:.4f}  "
+              f"AUC {v['auc']:.4f}  AP {v['ap']:.4f}  EER {v['eer']:.4f}")
     print(f"confusion (rows: true real, fake; columns: predicted real, fake): {m['confusion']}")
     for kind, levels in report["sweeps"].items():
         print(f"AUC under {kind:9s} " + "  ".join(f"{r['level']}: {r['auc']:.4f}"
@@ -228,13 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict", help="score image files and folders with a trained run",
         description="Writes CSV (path, p_fake, label, status) with one row per file. "
-        "Labels use the decision threshold stored in the run's checkpoint. Unreadable files "
-        "get an error status (and a line on stderr) and do not stop the batch; the exit "
-        "status is non-zero only if no file could be scored.")
+        "When the run was trained on face crops (FACES=1), photos and video clips are "
+        "cropped the same way first: frames sampled, the face found and cropped, each crop "
+        "scored, and a file's P(fake) is the mean over its crops (columns path, p_fake, "
+        "label, n_frames, n_faces, status). Labels use the decision threshold stored in the "
+        "run's checkpoint. Unreadable files get an error status (and a line on stderr) and "
+        "do not stop the batch; the exit status is non-zero only if no file could be scored.")
     predict.add_argument("--run", required=True, help="run folder holding model.pt")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     predict.add_argument("--out", help="CSV file to write (default: standard output)")
     predict.add_argument("--cam-dir", help="also write Grad-CAM overlays to this folder")
+    predict.add_argument("--no-faces", action="store_true",
+                         help="score the files as they are, even when the run was trained "
+                         "on face crops (FACES=1)")
+    predict.add_argument("--frames-out", help="with face cropping: also write one row per "
+                         "frame scored (path, frame, p_fake, box) to this CSV")
     predict.add_argument("--layer", default="layer4", choices=choices(CamLayer),
                          help="Grad-CAM layer (default: layer4)")
     _loader_options(predict)
@@ -242,13 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate", help="evaluate a trained run on a labelled folder (DIR/real, DIR/fake)",
-        description="Accuracy at the run's threshold, ROC-AUC, AP, EER, confusion matrix; "
+        description="Accuracy at the run's threshold, ROC-AUC, AP, EER, confusion matrix "
+        "(and the same per video, each scored by its frames' mean P(fake), when the folder "
+        "holds clips, or one subfolder of images per clip; a run trained on face crops crops "
+        "the folder's photos and clips the same way first); "
         "AUC under JPEG re-compression (quality 100-30), Gaussian blur (sigma 0-3) and "
         "downscaling (1, 1/2, 1/4); calibration (ECE, 15 bins, reliability diagram). Writes "
         "<run>/eval/<name>/report.json and PNGs.")
     evaluate.add_argument("--run", required=True, help="run folder holding model.pt")
     evaluate.add_argument("--data", required=True, help="folder with real/ and fake/ inside")
     evaluate.add_argument("--name", default="", help="report name (default: the folder's name)")
+    evaluate.add_argument("--no-faces", action="store_true",
+                          help="score the images as they are, even when the run was trained "
+                          "on face crops (FACES=1)")
     _loader_options(evaluate)
     evaluate.set_defaults(func=_evaluate)
 

@@ -204,6 +204,23 @@ def _finder(params: FacesParams) -> FaceFinder:
     return _FINDER
 
 
+def faces_of(path: Path, finder: FaceFinder, frames_per_video: int
+             ) -> tuple[list[tuple[int, Face]], int]:
+    """The faces of one photo or clip as (frame index, face), and the frames read (a photo
+    is frame 0). FacesError or ImageLoadError when the file cannot be read."""
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        frames = read_frames(path, frames_per_video)
+    else:
+        frames = iter([(0, np.asarray(load_image(path)))])
+    found, n_frames = [], 0
+    for index, rgb in frames:
+        n_frames += 1
+        face = finder(rgb)
+        if face is not None:
+            found.append((index, face))
+    return found, n_frames
+
+
 def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: tuple[Path, str]
                    ) -> tuple[list[dict], dict]:
     """Crop the faces of one photo or clip into `out`; its faces.csv rows and report entry.
@@ -212,32 +229,30 @@ def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: tuple[Pa
     the group the split keeps together), a photo's to <label>/<path without suffix>.png.
     """
     rel, label = item
-    path, stem = raw_dir / rel, rel.with_suffix("")
-    video = path.suffix.lower() in VIDEO_SUFFIXES
+    video = rel.suffix.lower() in VIDEO_SUFFIXES
     entry: dict = {"source": rel.as_posix(), "label": label, "kind": "video" if video else "photo"}
     try:
-        if video:
-            frames = list(read_frames(path, params.frames_per_video))
-        else:
-            frames = [(0, np.asarray(load_image(path)))]
+        found, n_frames = faces_of(raw_dir / rel, _finder(params), params.frames_per_video)
     except (FacesError, ImageLoadError) as error:
         return [], {**entry, "reason": getattr(error, "reason", None) or str(error)}
-    finder, rows = _finder(params), []
-    for index, rgb in frames:
-        face = finder(rgb)
-        if face is None:
-            continue
-        crop = Path(label, *stem.parts[1:], f"{index:06d}.png") if video else Path(
-            label, *stem.parts[1:]).with_suffix(".png")
+    stem, rows = Path(label, *rel.with_suffix("").parts[1:]), []
+    for index, face in found:
+        crop = stem / f"{index:06d}.png" if video else stem.with_suffix(".png")
         (out / crop).parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(out / crop), cv2.cvtColor(face.crop, cv2.COLOR_RGB2BGR))
         rows.append({"path": crop.as_posix(), "label": label, "source": rel.as_posix(),
                      "frame": index, "box": json.dumps(face.box), "score": round(face.score, 4),
                      "landmarks": json.dumps(np.round(face.landmarks, 2).tolist())})
-    entry.update(frames_read=len(frames), faces_found=len(rows))
-    if not frames:
+    entry.update(frames_read=n_frames, faces_found=len(rows))
+    if not n_frames:
         entry["reason"] = "no frame could be decoded (truncated or corrupt clip)"
     return rows, entry
+
+
+def params_of(settings: dict) -> FacesParams:
+    """The FacesParams a faces report (or a checkpoint) recorded."""
+    return FacesParams.from_mapping({k: v for k, v in settings.items()
+                                     if k in FacesParams.names()})
 
 
 def fingerprint(raw_dir: Path, sources: list[tuple[Path, str]]) -> str:

@@ -276,12 +276,19 @@ def select_images(labels: np.ndarray, scores: np.ndarray, n: int, mode: Selectio
     return chosen
 
 
-def explain(model: nn.Module, paths: Sequence[str | Path], image_size: int,
+def _rgb(image: str | Path | np.ndarray) -> np.ndarray:
+    """An image file loaded as training loads it, or an RGB array (a face crop) as it is."""
+    return image if isinstance(image, np.ndarray) else np.asarray(load_image(image))
+
+
+def explain(model: nn.Module, paths: Sequence[str | Path | np.ndarray], image_size: int,
             target: CamTarget = "predicted", batch_size: int = 16, layer: CamLayer = "layer4"
             ) -> tuple[torch.Tensor, CamResult]:
-    """Grad-CAM for image files, in batches: the model inputs and the maps at image_size."""
+    """Grad-CAM for image files (or RGB arrays), in batches: the model inputs and the maps
+    at image_size."""
     transform = eval_transform(image_size)
-    inputs = torch.stack([transform(load_image(p)) for p in paths]) if paths else torch.zeros(
+    inputs = torch.stack([transform(p if isinstance(p, np.ndarray) else load_image(p))
+                          for p in paths]) if paths else torch.zeros(
         (0, 3, image_size, image_size))
     parts = []
     with GradCAM(model, target_layer(model, layer)) as cam:
@@ -297,18 +304,19 @@ def explain(model: nn.Module, paths: Sequence[str | Path], image_size: int,
                                for f in ("maps", "p_fake", "explained")), grid)
 
 
-def write_overlays(model: nn.Module, paths: Sequence[Path], outputs: Sequence[Path],
+def write_overlays(model: nn.Module, paths: Sequence[Path | np.ndarray], outputs: Sequence[Path],
                    image_size: int, target: CamTarget = "predicted", layer: CamLayer = "layer4",
                    alpha: float = 0.5, batch_size: int = 16, replace: bool = True
                    ) -> tuple[CamResult, list[np.ndarray]]:
-    """Grad-CAM of each image file overlaid on it and written as PNG to its output path
-    (`replace=False`: an existing file is never overwritten); the maps and the overlays."""
+    """Grad-CAM of each image file (or RGB array) overlaid on it and written as PNG to its
+    output path (`replace=False`: an existing file is never overwritten); the maps and the
+    overlays."""
     from dfutils import viz
 
     _, cams = explain(model, paths, image_size, target, batch_size, layer)
     overlays = []
     for path, output, cam in zip(paths, outputs, cams.maps, strict=True):
-        overlays.append(viz.overlay(np.asarray(load_image(path)), cam, alpha))
+        overlays.append(viz.overlay(_rgb(path), cam, alpha))
         viz.save_rgb(output, overlays[-1], replace)
     return cams, overlays
 

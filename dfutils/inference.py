@@ -18,7 +18,13 @@ from tqdm import tqdm
 from dfutils import LABELS
 from dfutils.data import ImageLoadError, eval_transform, load_image
 from dfutils.distributed import device as default_device
-from dfutils.metrics import binary_metrics, calibration_bins, expected_calibration_error
+from dfutils.metrics import (
+    binary_metrics,
+    calibration_bins,
+    expected_calibration_error,
+    grouped,
+    video_metrics,
+)
 from dfutils.model import CHECKPOINT_FILE, Checkpoint, load_checkpoint
 from dfutils.paths import file_problem, is_plain_name, resolve, write_json
 from dfutils.split import scan
@@ -140,10 +146,12 @@ def collect_files(paths: Sequence[str | os.PathLike]) -> list[Input]:
                                                                              strict=True)]
 
 
-def predict(run_dir: str | os.PathLike, inputs: Sequence[Input], batch_size: int = 32,
+def predict(run: str | os.PathLike | Checkpoint, inputs: Sequence[Input], batch_size: int = 32,
             num_workers: int = 0) -> tuple[list[dict], Checkpoint]:
-    """Rows of (path, p_fake, label, status) for every input, and the run's checkpoint."""
-    checkpoint = load_checkpoint(resolve(run_dir) / CHECKPOINT_FILE)
+    """Rows of (path, p_fake, label, status) for every input, scored as they are, and the
+    checkpoint used (`run`: a run folder or a loaded checkpoint)."""
+    checkpoint = run if isinstance(run, Checkpoint) else load_checkpoint(
+        resolve(run) / CHECKPOINT_FILE)
     readable = [i for i in inputs if not i.problem]
     scores, errors = score_files(checkpoint.model, [i.path for i in readable],
                                  checkpoint.image_size, batch_size, num_workers)
@@ -155,6 +163,63 @@ def predict(run_dir: str | os.PathLike, inputs: Sequence[Input], batch_size: int
                      "label": "" if error else ("fake" if p >= checkpoint.threshold else "real"),
                      "status": f"error: {error}" if error else "ok"})
     return rows, checkpoint
+
+
+@torch.inference_mode()
+def score_arrays(model: torch.nn.Module, images: Sequence[np.ndarray], image_size: int,
+                 batch_size: int = 32, device: torch.device | None = None) -> np.ndarray:
+    """P(fake) of RGB arrays (face crops), under the evaluation transform."""
+    device = device or default_device()
+    model.eval().to(device, memory_format=torch.channels_last)
+    transform, scores = eval_transform(image_size), []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([transform(image) for image in images[start:start + batch_size]])
+        scores.append(torch.sigmoid(model(to_device(batch, device)).reshape(-1).float()).cpu())
+    return torch.cat(scores).numpy() if scores else np.zeros(0)
+
+
+def predict_faces(checkpoint: Checkpoint, inputs: Sequence[Input], batch_size: int = 32,
+                  cam_dir: Path | None = None, layer: str = "layer4"
+                  ) -> tuple[list[dict], list[dict]]:
+    """Photos and clips scored the way the run's training images were made: frames sampled,
+    the face found and cropped with the recorded parameters, each crop scored; an input's
+    P(fake) is the mean over its crops. One row per input, and one per frame scored. With
+    `cam_dir`, each crop's Grad-CAM overlay is written there as <name>.<frame>.cam.png
+    (never over an existing file)."""
+    from dfutils.faces import FaceFinder, FacesError, faces_of, params_of
+
+    params = params_of(checkpoint.faces)
+    finder = FaceFinder(params)
+    rows, frames = [], []
+    for item in tqdm(inputs, desc="faces", unit="file"):
+        row = {"path": str(item.path), "p_fake": "", "label": "", "n_frames": 0, "n_faces": 0}
+        if item.problem:
+            rows.append({**row, "status": f"error: {item.problem}"})
+            continue
+        try:
+            found, row["n_frames"] = faces_of(item.path, finder, params.frames_per_video)
+        except (FacesError, ImageLoadError) as error:
+            rows.append({**row, "status": f"error: {getattr(error, 'reason', None) or error}"})
+            continue
+        if not found:
+            rows.append({**row, "status": "error: no face found in the frames read"})
+            continue
+        scores = score_arrays(checkpoint.model, [face.crop for _, face in found],
+                              checkpoint.image_size, batch_size)
+        p = float(scores.mean())
+        rows.append({**row, "p_fake": f"{p:.6f}", "n_faces": len(found), "status": "ok",
+                     "label": "fake" if p >= checkpoint.threshold else "real"})
+        frames += [{"path": str(item.path), "frame": index, "p_fake": f"{score:.6f}",
+                    "box": list(face.box)}
+                   for (index, face), score in zip(found, scores, strict=True)]
+        if cam_dir is not None:
+            from dfutils.gradcam import write_overlays
+
+            write_overlays(checkpoint.model, [face.crop for _, face in found],
+                           [cam_dir / f"{item.name}.{index:06d}.cam.png" for index, _ in found],
+                           checkpoint.image_size, layer=layer, batch_size=batch_size,
+                           replace=False)
+    return rows, frames
 
 
 def labelled_files(data_dir: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[dict]]:
@@ -170,13 +235,36 @@ def eval_folder(run_dir: str | os.PathLike, name: str) -> Path:
     return resolve(run_dir) / "eval" / name
 
 
+def face_crops(checkpoint: Checkpoint, data_dir: str | os.PathLike, out: Path
+               ) -> tuple[list[Path], np.ndarray, list[str], list[dict]]:
+    """Crop the faces of a labelled folder of photos and clips into `out` the way the run's
+    training images were made: the crops, their labels, their source (a clip's crops share
+    one) and what was skipped or unreadable."""
+    import dataclasses
+
+    from dfutils import faces
+
+    params = dataclasses.replace(faces.params_of(checkpoint.faces), overwrite=True,
+                                 raw_dir=str(resolve(data_dir)), faces_dir=str(out))
+    report = faces.extract_faces(params)
+    table = faces.read_faces(out)
+    return ([out / path for path in table], np.array([LABELS[r["label"]] for r in table.values()]),
+            [r["source"] for r in table.values()],
+            [{"path": e["source"], "reason": e["reason"]}
+             for e in report["skipped"] + report["unreadable"]])
+
+
 def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, name: str = "",
                     batch_size: int = 32, num_workers: int = 0,
-                    sweeps: dict[str, Sequence] = SWEEPS) -> tuple[dict, dict]:
+                    sweeps: dict[str, Sequence] = SWEEPS, faces: bool = True
+                    ) -> tuple[dict, dict]:
     """Metrics at the run's threshold, robustness sweeps and calibration on a labelled folder.
 
     Writes runs/<run>/eval/<name>/report.json and figures; returns the report and figures.
-    The source images are only read: every perturbation happens in memory.
+    The source images are only read: every perturbation happens in memory. When the run was
+    trained on face crops (and `faces`), the folder's photos and clips are cropped the same
+    way first (into the report's folder, faces/), and the report adds video-level metrics;
+    so it does for a folder of images in one subfolder per clip.
     """
     from dfutils import viz
 
@@ -187,7 +275,13 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, nam
                          "'_' or '-'): it becomes a folder under <run>/eval/")
     checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
     out = eval_folder(run_dir, name)
-    files, labels, skipped = labelled_files(data_dir)
+    if checkpoint.faces is not None and faces:
+        files, labels, groups, skipped = face_crops(checkpoint, data_dir, out / "faces")
+    else:
+        files, labels, skipped = labelled_files(data_dir)
+        root = resolve(data_dir)  # a subfolder below the class folder is a clip's frames
+        groups = [f.parent.relative_to(root).as_posix()
+                  if len(f.relative_to(root).parts) > 2 else str(f) for f in files]
     threshold = checkpoint.threshold
 
     def run(perturb: Perturb | None, desc: str) -> tuple[np.ndarray, list[str]]:
@@ -203,6 +297,9 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, nam
             raise ValueError(f"no {label} image under {resolve(data_dir) / label} could be "
                              f"read{why}: AUC, AP and EER need both classes")
     metrics = binary_metrics(labels[ok], scores[ok], threshold)
+    groups = np.asarray(groups)[ok]
+    if grouped(groups):
+        metrics["video"] = video_metrics(groups, labels[ok], scores[ok], threshold)
     results = {}
     for kind, levels in sweeps.items():
         results[kind] = []
@@ -226,7 +323,7 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, nam
         "sweeps": results,
     }
     figures = {
-        "roc.png": viz.plot_roc(labels[ok], scores[ok], title=f"ROC ({name})"),
+        "roc.png": viz.plot_roc(labels[ok], scores[ok], title=f"ROC ({name})", groups=groups),
         "confusion.png": viz.plot_confusion(metrics["confusion"], threshold),
         "robustness.png": viz.plot_sweeps(results),
         "reliability.png": viz.plot_reliability(report["calibration"]),

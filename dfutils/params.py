@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import textwrap
 import types
 import typing
@@ -300,10 +301,18 @@ class SplitParams(Params):
                             "parameters")
     group_by: GroupBy = param("file", "what stays in one split: an image and its exact "
                               "duplicates, or every image of a folder (a clip's frames)")
+    group_pattern: str = param("", "a regular expression: images whose paths below the class "
+                               "folder give the same match (its first group) stay in one "
+                               "split, real and fake alike (pairs of one scene)")
 
     def check(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ParameterError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        try:
+            re.compile(self.group_pattern)
+        except re.error as error:
+            raise ParameterError(f"group_pattern {self.group_pattern!r} is not a regular "
+                                 f"expression: {error}") from None
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,8 @@ def check_split(params: Mapping[str, Any]) -> None:
     existing split made otherwise, a file of the user's in the way)."""
     try:
         split_step.preflight(params["raw_dir"], params["data_dir"], params["val_fraction"],
-                             params["seed"], params["overwrite"], params["group_by"])
+                             params["seed"], params["overwrite"], params["group_by"],
+                             params["group_pattern"])
     except split_step.NoImagesError as error:
         raise ChainError(f"{error}\nNo data yet? `make demo` runs the whole chain on a built-in "
                          "demo data set.") from None

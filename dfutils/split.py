@@ -16,6 +16,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -32,7 +33,7 @@ from dfutils.paths import display_path, file_problem, resolve, write_json
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 MANIFEST_FIELDS = ("path", "label", "split", "sha256", "width", "height", "source", "mask",
-                   "group")
+                   "group", "video")
 FACES = "faces.csv"  # the landmarks of the split's images, when raw_dir came from 00-faces
 SPLITS = ("train", "val")
 # What the split owns inside data_dir; nothing else there is touched (data/ also holds
@@ -169,15 +170,17 @@ def n_val(n: int, val_fraction: float) -> int:
     return min(n - 1, max(1, math.floor(n * val_fraction + 0.5)))
 
 
-def groups(images: list[ImageInfo], group_by: GroupBy) -> dict[str, str]:
+def groups(images: list[ImageInfo], group_by: GroupBy, pattern: str = "") -> dict[str, str]:
     """The group of each image (by source path): what must stay in one split.
 
     "file": an image and its exact duplicates (named by their content hash). "folder": every
     image in one folder, which is what the faces step writes for a clip; folders that share
-    an exact duplicate are joined, so no content straddles the split (named by the first
-    folder).
+    an exact duplicate are joined, so no content straddles the split. `pattern` (a regular
+    expression) also joins the images whose paths below the class folder give the same
+    match (its first group, if it has one), real and fake alike: a real clip and its
+    face-swapped twin of the same scene, say.
     """
-    if group_by == "file":
+    if group_by == "file" and not pattern:
         return {i.source: i.sha256 for i in images}
     parent: dict[str, str] = {}
 
@@ -186,19 +189,31 @@ def groups(images: list[ImageInfo], group_by: GroupBy) -> dict[str, str]:
             parent[node] = parent[parent[node]]
             node = parent[node]
         return node
-    for info in images:  # a folder and a content it holds are one component
-        first, second = root(posixpath.dirname(info.source)), root("sha:" + info.sha256)
-        parent[max(first, second)] = min(first, second)  # "sha:" sorts after folder names
-    return {i.source: root(posixpath.dirname(i.source)) for i in images}
+
+    def join(a: str, b: str) -> None:
+        first, second = root(a), root(b)
+        parent[max(first, second)] = min(first, second)
+
+    def own(info: ImageInfo) -> str:
+        return posixpath.dirname(info.source) if group_by == "folder" else info.sha256
+
+    for info in images:
+        join(own(info), "sha:" + info.sha256)  # one content never straddles the split
+        found = re.search(pattern, info.source.split("/", 1)[1]) if pattern else None
+        if found:
+            join(own(info), "pattern:" + (found.group(1) if found.groups() else found.group(0)))
+    return {i.source: root(own(i)) for i in images}
 
 
-def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: GroupBy = "file"
-           ) -> tuple[dict[str, str], dict[str, str], list[dict], list[dict]]:
+def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: GroupBy = "file",
+           pattern: str = "") -> tuple[dict[str, str], dict[str, str], list[dict], list[dict]]:
     """Split by group: {source: split}, {source: group}, duplicate sets and label conflicts.
 
     Each class's groups are ranked by a seeded hash of their name, the lowest going to
     validation: stratified, independent of file order, and adding one group moves at most
-    one other of its class.
+    one other of its class. When `pattern` makes groups that hold both classes, all groups
+    are ranked together and each goes to validation while every class it holds is short of
+    its validation share.
     """
     by_content: dict[str, list[ImageInfo]] = defaultdict(list)
     for info in images:
@@ -207,21 +222,31 @@ def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: Gr
                  for sha, members in by_content.items() if len({i.label for i in members}) > 1]
     conflicted = {c["sha256"] for c in conflicts}
     kept = [i for i in images if i.sha256 not in conflicted]
-    group_of = groups(kept, group_by)
-    label_of = {group_of[i.source]: i.label for i in kept}
-    split_of_group: dict[str, str] = {}
+    group_of = groups(kept, group_by, pattern)
+    labels_of: dict[str, set[str]] = defaultdict(set)
+    for info in kept:
+        labels_of[group_of[info.source]].add(info.label)
+    ranked = sorted(labels_of, key=lambda g: rank_key(g, seed))
+    wanted = {}
     for label in CLASSES:
-        names = sorted((g for g, lab in label_of.items() if lab == label),
-                       key=lambda g: rank_key(g, seed))
-        if len(names) < 2:
-            unit = "distinct image(s)" if group_by == "file" else "folder(s) of images"
+        n = sum(label in labs for labs in labels_of.values())
+        if n < 2:
+            unit = "distinct image(s)" if group_by == "file" and not pattern else "group(s)"
             raise SplitError(
-                f"class {label!r} has {len(names)} usable {unit} after removing unreadable "
+                f"class {label!r} has {n} usable {unit} after removing unreadable "
                 "files, duplicates and label conflicts; it needs at least two (one for train, "
                 "one for val): add images or fix the ones in the report"
             )
-        k = n_val(len(names), val_fraction)
-        split_of_group.update({g: "val" if i < k else "train" for i, g in enumerate(names)})
+        wanted[label] = n_val(n, val_fraction)
+    split_of_group: dict[str, str] = {}
+    taken = dict.fromkeys(CLASSES, 0)
+    for name in ranked:  # with one class per group, this is each class's ranking alone
+        if all(taken[label] < wanted[label] for label in labels_of[name]):
+            split_of_group[name] = "val"
+            for label in labels_of[name]:
+                taken[label] += 1
+        else:
+            split_of_group[name] = "train"
     split_of = {i.source: split_of_group[group_of[i.source]] for i in kept}
     duplicates = [{"sha256": sha, "label": members[0].label,
                    "split": split_of[members[0].source],
@@ -241,8 +266,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dict[str, str],
-                group_of: dict[str, str]) -> list[dict]:
-    """Link (or copy) each image into out/<split>/<label>/, return the manifest rows."""
+                group_of: dict[str, str], group_by: GroupBy = "file") -> list[dict]:
+    """Link (or copy) each image into out/<split>/<label>/, return the manifest rows.
+
+    `group` is what the split kept together; `video` is what video-level metrics score as
+    one: the folder an image is in when grouping by folder (a clip's frames), else itself.
+    """
     rows, taken = [], set()
     for split in SPLITS:
         for label in CLASSES:
@@ -265,7 +294,9 @@ def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dic
             _link_or_copy(raw_dir / info.mask, out / mask)
         rows.append({"path": dest, "label": info.label, "split": split,
                      "sha256": info.sha256, "width": info.width, "height": info.height,
-                     "source": info.source, "mask": mask, "group": group_of[info.source]})
+                     "source": info.source, "mask": mask, "group": group_of[info.source],
+                     "video": posixpath.dirname(info.source) if group_by == "folder"
+                     else info.source})
     return rows
 
 
@@ -386,7 +417,8 @@ class SplitPlan:
 
 
 def preflight(raw_dir: str | os.PathLike, data_dir: str | os.PathLike, val_fraction: float,
-              seed: int, overwrite: bool, group_by: GroupBy = "file") -> SplitPlan:
+              seed: int, overwrite: bool, group_by: GroupBy = "file",
+              group_pattern: str = "") -> SplitPlan:
     """Every check the split makes before it reads an image or changes a file: the folders,
     the parameters against an existing split, and anything of the user's in the way."""
     raw_dir, data_dir = resolve(raw_dir).resolve(), resolve(data_dir).resolve()
@@ -400,6 +432,8 @@ def preflight(raw_dir: str | os.PathLike, data_dir: str | os.PathLike, val_fract
     params = {"raw_dir": str(raw_dir), "val_fraction": val_fraction, "seed": seed}
     if group_by != "file":  # a split made before group_by existed grouped by file
         params["group_by"] = group_by
+    if group_pattern:
+        params["group_pattern"] = group_pattern
     stamp = fingerprint(raw_dir, candidates, skipped)
     existing = read_report(data_dir)
     current = None
@@ -419,7 +453,7 @@ def preflight(raw_dir: str | os.PathLike, data_dir: str | os.PathLike, val_fract
 
 def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLike = "data",
           val_fraction: float = 0.2, seed: int = 42, overwrite: bool = False,
-          group_by: GroupBy = "file") -> dict:
+          group_by: GroupBy = "file", group_pattern: str = "") -> dict:
     """Split raw_dir/{real,fake} into data_dir/{train,val}/{real,fake}; return the report.
 
     Same files and parameters: nothing is rewritten. Other parameters over an existing
@@ -429,12 +463,13 @@ def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLik
     or the new one, not a mixture. When raw_dir is a faces step's output, its landmarks
     and parameters come along (data_dir/faces.csv, the report's `faces`).
     """
-    plan = preflight(raw_dir, data_dir, val_fraction, seed, overwrite, group_by)
+    plan = preflight(raw_dir, data_dir, val_fraction, seed, overwrite, group_by, group_pattern)
     if plan.current is not None:
         return plan.current  # same files, same parameters: the split on disk is the answer
     raw_dir, data_dir, candidates = plan.raw_dir, plan.data_dir, plan.candidates
     images, rejected = inspect_all(raw_dir, candidates)
-    split_of, group_of, duplicates, conflicts = assign(images, val_fraction, seed, group_by)
+    split_of, group_of, duplicates, conflicts = assign(images, val_fraction, seed, group_by,
+                                                       group_pattern)
     conflicted = {c["sha256"] for c in conflicts}
     kept = [i for i in images if i.sha256 not in conflicted]
 
@@ -442,7 +477,7 @@ def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLik
     remove_leftovers(data_dir)
     built = _new_partial(data_dir, ".split-tmp-")
     try:
-        rows = materialise(raw_dir, built, kept, split_of, group_of)
+        rows = materialise(raw_dir, built, kept, split_of, group_of, group_by)
         faces = carry_faces(raw_dir, built, rows)
         report = {
             "params": plan.params,

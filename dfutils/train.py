@@ -267,7 +267,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
     device = device or distributed.device()
     model.to(device, memory_format=torch.channels_last)
     samples = getattr(val_loader.dataset, "samples", None)
-    groups = np.array([s.group for s in samples]) if samples else None
+    groups = np.array([s.video for s in samples]) if samples else None
     if params.caches_features:
         return fit_head(model, train_loader, val_loader, params, checkpoint, device, last,
                         groups, faces)
@@ -486,9 +486,9 @@ def save_outputs(run_dir: str | os.PathLike, result: FitResult, val_samples: lis
     best, m = result.best_eval, result.metrics
     write_csv(out / PREDICTIONS,
               [{"path": val_samples[i].path.relative_to(data_dir).as_posix(),
-                "label": int(label), "p_fake": float(score), "group": val_samples[i].group}
+                "label": int(label), "p_fake": float(score), "video": val_samples[i].video}
                for i, label, score in zip(best.indices, best.labels, best.scores, strict=True)])
-    groups = [val_samples[i].group for i in best.indices]
+    groups = [val_samples[i].video for i in best.indices]
     figures = dict(zip(FIGURES, (
         viz.plot_history(result.history, result.best_epoch),
         viz.plot_roc(best.labels, best.scores, groups=groups),

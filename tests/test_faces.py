@@ -226,3 +226,87 @@ def test_the_faces_notebook_runs(raw, tmp_path):
     executed = json.loads((tmp_path / "o.ipynb").read_text())
     assert "real/noface.mp4" in json.dumps(executed["cells"][-1]["outputs"])
     assert (tmp_path / "f" / faces.REPORT).is_file()
+
+
+@pytest.fixture(scope="module")
+def face_run(raw, tmp_path_factory) -> Path:
+    """A run whose (random, 32 px) model was 'trained' on crops made with PARAMS."""
+    import torch
+
+    from dfutils.model import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("face_run") / "run"
+    recorded = {k: v for k, v in FacesParams(raw_dir=str(raw), **PARAMS).to_dict().items()
+                if k not in ("faces_dir", "overwrite")}
+    save_checkpoint(run / "model.pt", build_model(None, "all").eval(),
+                    params={"image_size": 32, "trainable": "all"}, threshold=0.5,
+                    threshold_rule="0.5", metrics={}, epoch=1, faces=recorded)
+    return run
+
+
+def test_predict_crops_clips_and_photos_the_way_training_did(face_run, raw, tmp_path):
+    from dfutils.__main__ import main
+
+    inputs = [raw / "real" / "clip_a.mp4", raw / "real" / "photo.jpg",
+              raw / "real" / "noface.mp4", raw / "fake" / "text.mp4"]
+    out, frames, cams = tmp_path / "p.csv", tmp_path / "frames.csv", tmp_path / "cams"
+    assert main(["predict", "--run", str(face_run), *map(str, inputs), "--out", str(out),
+                 "--frames-out", str(frames), "--cam-dir", str(cams)]) == 0
+    assert sorted(p.name for p in cams.iterdir())[:2] == ["clip_a.mp4.000000.cam.png",
+                                                          "clip_a.mp4.000003.cam.png"]
+    assert len(list(cams.iterdir())) == 5 + 1  # one per crop: the clip's five, the photo
+    with open(out, newline="") as f:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    assert list(rows) == ["clip_a.mp4", "photo.jpg", "noface.mp4", "text.mp4"]  # one each
+    clip = rows["clip_a.mp4"]
+    assert (clip["status"], clip["n_frames"], clip["n_faces"]) == ("ok", "5", "5")
+    assert (rows["photo.jpg"]["n_frames"], rows["photo.jpg"]["n_faces"]) == ("1", "1")
+    assert rows["noface.mp4"]["status"] == "error: no face found in the frames read"
+    assert rows["noface.mp4"]["n_frames"] == "5"
+    assert rows["text.mp4"]["status"].startswith("error: not a video")
+    with open(frames, newline="") as f:
+        per_frame = [r for r in csv.DictReader(f) if r["path"].endswith("clip_a.mp4")]
+    assert [int(r["frame"]) for r in per_frame] == faces.sample_indices(12, 5)
+    assert float(clip["p_fake"]) == pytest.approx(
+        np.mean([float(r["p_fake"]) for r in per_frame]), abs=1e-5)
+
+
+def test_predict_without_faces_scores_files_as_they_are(face_run, raw, capsys):
+    from dfutils.__main__ import main
+
+    assert main(["predict", "--run", str(face_run), str(raw / "real" / "photo.jpg"),
+                 "--no-faces"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "path,p_fake,label,status"
+
+
+def test_evaluate_crops_a_folder_of_clips_and_reports_videos(face_run, raw):
+    from dfutils.inference import evaluate_folder
+
+    before = tree_digest(raw)
+    report, _ = evaluate_folder(face_run, raw, "clips", batch_size=8, sweeps={"jpeg": (100,)})
+    assert tree_digest(raw) == before
+    video = report["metrics"]["video"]
+    # clips and photos with a face: clip_a, clip_b, photo (real); clip_c, short, one (fake)
+    assert video["n"] == 6 and report["n_images"] == 5 + 5 + 1 + 5 + 3 + 1
+    assert {u["path"] for u in report["skipped"]} >= {"fake/text.mp4", "real/notes.txt"}
+
+
+@pytest.mark.notebooks
+def test_the_chain_with_faces_reports_frame_and_video_level_metrics(raw, tmp_path):
+    from dfutils import pipeline
+
+    run = pipeline.run_all("f", "notebooks/params/smoke.yaml",
+                           {"raw_dir": str(raw), "faces_dir": str(tmp_path / "faces"),
+                            "data_dir": str(tmp_path / "data"), **PARAMS},
+                           runs_root=tmp_path / "runs", faces=True)
+    record = json.loads((run / "run.json").read_text())
+    assert [record["steps"][s]["status"] for s in pipeline.NOTEBOOKS if s in record["steps"]] == [
+        "done"] * 4
+    assert record["steps"]["01-split"]["params"]["raw_dir"] == str(tmp_path / "faces")
+    assert record["steps"]["01-split"]["params"]["group_by"] == "folder"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["video"]["n"] == 2  # one clip of each class in validation
+    assert record["summary"]["val_video_auc"] == metrics["video"]["auc"]
+    with open(run / "val_predictions.csv", newline="") as f:
+        assert len({r["video"] for r in csv.DictReader(f)}) == 2

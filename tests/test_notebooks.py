@@ -120,7 +120,8 @@ def test_resume_runs_only_what_is_not_done_with_the_recorded_parameters(tmp_path
     runs = tmp_path / "runs"
     notebooks_that(fail={"02-train": KeyboardInterrupt()})
     with pytest.raises(pipeline.ChainInterrupted):
-        pipeline.run_all("r", SMOKE, {"raw_dir": str(raw), "lr": "0.01"}, runs_root=runs)
+        pipeline.run_all("r", SMOKE, {"raw_dir": str(raw), "data_dir": str(tmp_path / "data"),
+                                      "lr": "0.01"}, runs_root=runs)
     steps = json.loads((runs / "r" / "run.json").read_text())["steps"]
     assert [steps[s]["status"] for s in ("01-split", "02-train", "03-gradcam")] == [
         "done", "interrupted", "pending"]
@@ -144,8 +145,8 @@ def test_the_demo_gives_what_the_readme_says(tmp_path):
     import re
 
     readme = (REPO_ROOT / "README.md").read_text()
-    found = re.search(r"on any CPU, expect validation AUC >= ([0-9.]+) and accuracy >= "
-                      r"([0-9.]+)", readme)
+    found = re.search(r"on any CPU, expect validation AUC >= ([0-9.]+) and accuracy\s+>= "
+                      r"([0-9.]+)", readme, re.IGNORECASE)
     assert found, "the README states what make demo gives on any CPU"
     auc_min, accuracy_min = map(float, found.groups())
     raw = build_demo(tmp_path / "demo_raw")  # the data set `make demo` builds

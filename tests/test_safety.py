@@ -253,7 +253,7 @@ def test_a_dead_kernel_is_one_line_naming_the_step(tmp_path, notebooks_that, cap
     raw = make_raw(tmp_path / "raw", 4, 4)
     notebooks_that(fail={"01-split": DeadKernelError("Kernel died")})
     assert main(["run-all", "--runs-root", str(tmp_path / "runs"), f"RAW_DIR={raw}",
-                 "STEPS=01-split"]) == 2
+                 f"DATA_DIR={tmp_path / 'data'}", "STEPS=01-split"]) == 2
     assert "01-split failed: the notebook's kernel died" in one_line_error(
         capsys.readouterr().err.split("\n", 1)[1])  # after the "== 01-split" line
 
@@ -262,7 +262,8 @@ def test_ctrl_c_in_run_all_and_train_exits_130_in_one_line(tmp_path, notebooks_t
                                                            monkeypatch, separable_split):  # 13.9
     raw = make_raw(tmp_path / "raw", 4, 4)
     notebooks_that(fail={"01-split": KeyboardInterrupt()})
-    assert main(["run-all", "--runs-root", str(tmp_path / "runs"), f"RAW_DIR={raw}"]) == 130
+    assert main(["run-all", "--runs-root", str(tmp_path / "runs"), f"RAW_DIR={raw}",
+                 f"DATA_DIR={tmp_path / 'data'}"]) == 130
     assert one_line_error(capsys.readouterr().err).startswith("interrupted: 01-split")
 
     import dfutils.train

@@ -217,3 +217,36 @@ def test_worker_processes_give_the_same_result_as_one_process(tmp_path):
     (raw / "fake" / "broken.png").write_bytes(b"")
     candidates, _ = scan(raw)
     assert inspect_all(raw, candidates, workers=2) == inspect_all(raw, candidates, workers=1)
+
+
+def _scene_splits(data_dir: Path) -> dict[str, set]:
+    found: dict[str, set] = {}
+    for row in manifest(data_dir):
+        found.setdefault(row["source"].split("/")[1].split("_")[0], set()).add(row["split"])
+    return found
+
+
+def test_a_group_pattern_keeps_both_clips_of_a_scene_in_one_split(tmp_path):
+    root = tmp_path / "raw"
+    for scene in range(12):  # a real clip and its face-swapped twin per scene
+        for label, side in (("real", "left"), ("fake", "right")):
+            for i in range(2):
+                write_image(root / label / f"s{scene}_{side}" / f"{i}.png",
+                            seed=scene * 10 + i + (5000 if label == "fake" else 0))
+    report = split(root, tmp_path / "paired", group_by="folder", group_pattern=r"^(s\d+)_",
+                   seed=0)
+    assert all(len(s) == 1 for s in _scene_splits(tmp_path / "paired").values())
+    assert report["group_counts"]["val"] == {"real": 2, "fake": 2}  # 12 scenes, 20 %
+    assert report["params"]["group_pattern"] == r"^(s\d+)_"
+    rows = manifest(tmp_path / "paired")  # the video is the clip, not the pair of clips
+    assert all(r["video"] == r["source"].rsplit("/", 1)[0] for r in rows)
+    assert len({r["video"] for r in rows}) == 24 and len({r["group"] for r in rows}) == 12
+    split(root, tmp_path / "apart", group_by="folder", seed=0)  # the leak it prevents
+    assert any(len(s) == 2 for s in _scene_splits(tmp_path / "apart").values())
+
+
+def test_a_group_pattern_must_be_a_regular_expression():
+    from dfutils.params import ParameterError, SplitParams
+
+    with pytest.raises(ParameterError, match="not a regular expression"):
+        SplitParams(group_pattern="(unclosed")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # a table, not progress bars (before tqdm loads)
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -182,6 +183,56 @@ def split_rates(root: Path, n: int, repeats: int) -> dict:
             "split": median_rate(ours, len(files), repeats)}
 
 
+CLIPS = REPO_ROOT.parent / "shared" / "data" / "deepfacelive"
+
+
+def clip_folder(root: Path, n: int) -> Path:
+    """Up to n clips per class: the benchmark clips when present, else clips of a face photo
+    that scikit-image ships, moved across 60 frames."""
+    import skimage.data
+
+    for label in ("real", "fake"):
+        (root / label).mkdir(parents=True)
+        if CLIPS.is_dir():
+            for clip in sorted((CLIPS / label).glob("*.mp4"))[:n]:
+                (root / label / clip.name).symlink_to(clip)
+            continue
+        patch = skimage.data.astronaut()[40:240, 120:330]
+        for i in range(n):
+            writer = cv2.VideoWriter(str(root / label / f"{i}.mp4"),
+                                     cv2.VideoWriter_fourcc(*"mp4v"), 25, (480, 360))
+            for k in range(60):
+                frame = np.full((360, 480, 3), 30 + 10 * i, np.uint8)
+                frame[20 + k:220 + k, 40 + 2 * k:250 + 2 * k] = patch
+                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            writer.release()
+    return root
+
+
+def faces_rates(root: Path, n_clips: int, repeats: int) -> dict:
+    """The faces step in frames/s, in 1 and 2 processes, against its parts measured alone:
+    decoding the chosen frames (grab/retrieve), and detecting + landmarking decoded frames."""
+    from dfutils import faces
+    from dfutils.params import FacesParams
+
+    raw = clip_folder(root / "clips", n_clips)
+    clips = sorted(raw.rglob("*.mp4"))
+    params = FacesParams(raw_dir=str(raw), faces_dir=str(root / "f"))
+    frames = [f for clip in clips for _, f in faces.read_frames(clip, params.frames_per_video)]
+    finder = faces.FaceFinder(params)
+    runs = iter(range(10_000))
+
+    def step(workers: int) -> None:  # a new faces_dir each time: a re-run would do nothing
+        faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(root / f"f{next(runs)}")),
+                            workers=workers)
+    return {"n_frames": len(frames),
+            "decode": median_rate(lambda: [list(faces.read_frames(c, params.frames_per_video))
+                                           for c in clips], len(frames), repeats),
+            "detect": median_rate(lambda: [finder(f) for f in frames], len(frames), repeats),
+            "step_1": median_rate(lambda: step(1), len(frames), repeats),
+            "step_2": median_rate(lambda: step(2), len(frames), repeats)}
+
+
 MEMORY_CHILD = """
 import sys
 from dfutils import data
@@ -253,6 +304,17 @@ def main() -> None:
     row(f"split, {splits['n_files']} files (bare PIL decode loop: "
         f"{splits['bare_loop']:.0f}/s)", splits["split"], "files/s",
         splits["split"] / splits["bare_loop"], ">= 1.5x the bare loop")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rates = faces_rates(Path(tmp), 3 if args.quick else 8, repeats)
+    slower = min(rates["decode"], rates["detect"])
+    row(f"faces: decode chosen frames alone ({rates['n_frames']} frames)", rates["decode"],
+        "frames/s")
+    row("faces: detect + landmark decoded frames alone", rates["detect"], "frames/s")
+    row("faces step, 1 process", rates["step_1"], "frames/s", rates["step_1"] / slower,
+        ">= 0.8 of the slower part")
+    row("faces step, 2 processes", rates["step_2"], "frames/s",
+        rates["step_2"] / rates["step_1"], "near 2x one process")
 
     L, fmt = limit(device, repeats)
     results["limit_memory_format"] = fmt
