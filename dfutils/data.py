@@ -43,6 +43,7 @@ class Sample:
     label: int  # fake = 1, real = 0
     mask: Path | None  # ground-truth mask of a fake image, if known
     video: str = ""  # the clip it comes from (video-level metrics score each clip as one)
+    group: str = ""  # what the split kept together (a clip, or the clips of one scene)
 
 
 def read_manifest(data_dir: str | os.PathLike, split: str | None = None) -> list[Sample]:
@@ -56,7 +57,8 @@ def read_manifest(data_dir: str | os.PathLike, split: str | None = None) -> list
     with open(manifest, newline="") as f:
         rows = [r for r in csv.DictReader(f) if split is None or r["split"] == split]
     return [Sample(data_dir / r["path"], LABELS[r["label"]],
-                   data_dir / r["mask"] if r.get("mask") else None, r.get("video") or r["path"])
+                   data_dir / r["mask"] if r.get("mask") else None, r.get("video") or r["path"],
+                   r.get("group") or r["path"])
             for r in rows]
 
 

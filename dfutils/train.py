@@ -486,7 +486,8 @@ def save_outputs(run_dir: str | os.PathLike, result: FitResult, val_samples: lis
     best, m = result.best_eval, result.metrics
     write_csv(out / PREDICTIONS,
               [{"path": val_samples[i].path.relative_to(data_dir).as_posix(),
-                "label": int(label), "p_fake": float(score), "video": val_samples[i].video}
+                "label": int(label), "p_fake": float(score), "group": val_samples[i].group,
+                "video": val_samples[i].video}
                for i, label, score in zip(best.indices, best.labels, best.scores, strict=True)])
     groups = [val_samples[i].video for i in best.indices]
     figures = dict(zip(FIGURES, (

@@ -309,4 +309,5 @@ def test_the_chain_with_faces_reports_frame_and_video_level_metrics(raw, tmp_pat
     assert metrics["video"]["n"] == 2  # one clip of each class in validation
     assert record["summary"]["val_video_auc"] == metrics["video"]["auc"]
     with open(run / "val_predictions.csv", newline="") as f:
-        assert len({r["video"] for r in csv.DictReader(f)}) == 2
+        rows = list(csv.DictReader(f))
+    assert len({r["video"] for r in rows}) == 2 and all(r["group"] == r["video"] for r in rows)
