@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +30,16 @@ from tqdm import tqdm
 from dfutils import CLASSES
 from dfutils.data import ImageLoadError, load_image
 from dfutils.params import FacesParams
-from dfutils.paths import display_path, file_problem, resolve, write_json
+from dfutils.paths import (
+    display_path,
+    file_problem,
+    first_unlisted,
+    new_partial,
+    remove_partials,
+    resolve,
+    swap_in,
+    write_json,
+)
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -39,7 +47,6 @@ CSV = "faces.csv"  # one row per crop
 REPORT = "faces_report.json"  # per source: frames read, faces found, or why it was skipped
 OWNED = ("real", "fake", CSV, REPORT)
 FIELDS = ("path", "label", "source", "frame", "box", "score", "landmarks")
-_PARTIAL = ".dfutils-faces-partial"
 
 
 class FacesError(ValueError):
@@ -287,10 +294,9 @@ def check_replaceable(faces_dir: Path, report: dict | None) -> None:
                          f"faces step: {advice}")
     with open(faces_dir / CSV, newline="") as f:
         written = {row["path"] for row in csv.DictReader(f)}
-    for label in CLASSES:
-        for path in sorted((faces_dir / label).rglob("*")) if (faces_dir / label).is_dir() else []:
-            if not path.is_dir() and path.relative_to(faces_dir).as_posix() not in written:
-                raise FacesError(f"{path} was not written by the faces step: {advice}")
+    intruder = first_unlisted(faces_dir, CLASSES, written)
+    if intruder is not None:
+        raise FacesError(f"{intruder} was not written by the faces step: {advice}")
 
 
 def extract_faces(params: FacesParams, workers: int | None = None) -> dict:
@@ -319,11 +325,8 @@ def extract_faces(params: FacesParams, workers: int | None = None) -> dict:
     model_file("shape_predictor_68_face_landmarks.dat")  # a missing install fails here, once
 
     faces_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in faces_dir.glob(".faces-*"):
-        if leftover.is_dir() and (leftover / _PARTIAL).is_file():
-            shutil.rmtree(leftover)
-    built = Path(tempfile.mkdtemp(prefix=".faces-tmp-", dir=faces_dir))
-    (built / _PARTIAL).touch()
+    remove_partials(faces_dir, ".faces-")
+    built = new_partial(faces_dir, ".faces-tmp-")
     try:
         one = functools.partial(extract_source, raw_dir, built, params)
         workers = workers or min(len(sources), os.cpu_count() or 1) or 1
@@ -349,17 +352,10 @@ def extract_faces(params: FacesParams, workers: int | None = None) -> dict:
             writer.writeheader()
             writer.writerows(rows)
         write_json(built / REPORT, report)
-        old = Path(tempfile.mkdtemp(prefix=".faces-old-", dir=faces_dir))
-        (old / _PARTIAL).touch()
-        for name in (REPORT, CSV, *CLASSES):  # the report out first, in last
-            if os.path.lexists(faces_dir / name):
-                os.replace(faces_dir / name, old / name)
-        for name in (*CLASSES, CSV, REPORT):
-            if os.path.lexists(built / name):
-                os.replace(built / name, faces_dir / name)
-        shutil.rmtree(old)
-    finally:
+    except BaseException:  # Ctrl-C included: drop the half-built crops, keep the old ones
         shutil.rmtree(built, ignore_errors=True)
+        raise
+    swap_in(built, faces_dir, OWNED, ".faces-old-")  # the report last: then it is complete
     return report
 
 

@@ -18,7 +18,6 @@ import os
 import posixpath
 import re
 import shutil
-import tempfile
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +28,16 @@ from tqdm import tqdm
 from dfutils import CLASSES
 from dfutils.data import ImageLoadError, load_image
 from dfutils.params import GroupBy
-from dfutils.paths import display_path, file_problem, resolve, write_json
+from dfutils.paths import (
+    display_path,
+    file_problem,
+    first_unlisted,
+    new_partial,
+    remove_partials,
+    resolve,
+    swap_in,
+    write_json,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 MANIFEST_FIELDS = ("path", "label", "split", "sha256", "width", "height", "source", "mask",
@@ -39,11 +47,8 @@ SPLITS = ("train", "val")
 # What the split owns inside data_dir; nothing else there is touched (data/ also holds
 # README.md and the demo data set). Of these, the folders may hold only files the manifest
 # lists: anything else in them is the user's, and the split refuses to replace it.
-OWNED = ("train", "val", "masks", "split_report.json", "manifest.csv", FACES)
+OWNED = ("train", "val", "masks", FACES, "split_report.json", "manifest.csv")
 OWNED_FOLDERS = ("train", "val", "masks")
-# Folders the split builds in (and moves the old split into) carry this file, so a later
-# run can tell its own leftovers of a killed run from anything else.
-_PARTIAL = ".dfutils-split-partial"
 
 
 class SplitError(ValueError):
@@ -342,48 +347,10 @@ def check_replaceable(data_dir: Path, report: dict | None) -> None:
     with open(data_dir / "manifest.csv", newline="") as f:
         written = {value for row in csv.DictReader(f) for value in (row["path"], row["mask"])
                    if value}
-    for name in OWNED_FOLDERS:
-        folder = data_dir / name
-        if not os.path.lexists(folder):
-            continue
-        if folder.is_symlink() or not folder.is_dir():
-            raise SplitError(f"{folder} is not a folder the split made: {advice}")
-        for path in sorted(folder.rglob("*")):
-            if path.is_dir() and not path.is_symlink():
-                continue
-            if path.relative_to(data_dir).as_posix() not in written:
-                raise SplitError(f"{path} was not written by the split (the manifest does not "
-                                 f"list it): {advice}")
-
-
-def _new_partial(data_dir: Path, prefix: str) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=data_dir))
-    (folder / _PARTIAL).touch()
-    return folder
-
-
-def remove_leftovers(data_dir: Path) -> None:
-    """Delete the build folders a killed split left behind (and only those)."""
-    for folder in data_dir.glob(".split-*"):
-        if folder.is_dir() and not folder.is_symlink() and (folder / _PARTIAL).is_file():
-            shutil.rmtree(folder)
-
-
-def _swap_in(built: Path, data_dir: Path) -> None:
-    """Replace the split's own entries in data_dir with those in `built`.
-
-    The manifest goes out first and comes in last: a split without a manifest is treated
-    as absent, so an interruption between the renames is never mistaken for a split.
-    """
-    old = _new_partial(data_dir, ".split-old-")
-    for name in reversed(OWNED):
-        if os.path.lexists(data_dir / name):
-            os.replace(data_dir / name, old / name)
-    for name in OWNED:
-        if (built / name).exists():
-            os.replace(built / name, data_dir / name)
-    shutil.rmtree(old)
-    shutil.rmtree(built)
+    intruder = first_unlisted(data_dir, OWNED_FOLDERS, written)
+    if intruder is not None:
+        raise SplitError(f"{intruder} was not written by the split (the manifest does not "
+                         f"list it): {advice}")
 
 
 def carry_faces(raw_dir: Path, out: Path, rows: list[dict]) -> dict | None:
@@ -474,8 +441,8 @@ def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLik
     kept = [i for i in images if i.sha256 not in conflicted]
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(data_dir)
-    built = _new_partial(data_dir, ".split-tmp-")
+    remove_partials(data_dir, ".split-")
+    built = new_partial(data_dir, ".split-tmp-")
     try:
         rows = materialise(raw_dir, built, kept, split_of, group_of, group_by)
         faces = carry_faces(raw_dir, built, rows)
@@ -503,5 +470,5 @@ def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLik
     except BaseException:  # Ctrl-C included: drop the half-built split, keep the old one
         shutil.rmtree(built, ignore_errors=True)
         raise
-    _swap_in(built, data_dir)
+    swap_in(built, data_dir, OWNED, ".split-old-")  # the manifest last: then it is complete
     return report

@@ -115,7 +115,7 @@ def test_only_the_splits_own_leftovers_of_a_killed_run_are_removed(tmp_path):  #
     for folder in (ours, users):
         (folder / "train").mkdir(parents=True)
         (folder / "train" / "x.png").write_text("x")
-    (ours / ".dfutils-split-partial").touch()
+    (ours / ".dfutils-partial").touch()  # the marker paths.new_partial writes
     split(raw, data)
     assert not ours.exists() and (users / "train" / "x.png").read_text() == "x"
 
