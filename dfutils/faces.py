@@ -31,13 +31,12 @@ from dfutils import CLASSES
 from dfutils.data import ImageLoadError, load_image
 from dfutils.params import FacesParams
 from dfutils.paths import (
-    display_path,
-    file_problem,
     first_unlisted,
     new_partial,
     remove_partials,
     resolve,
     swap_in,
+    walk_files,
     write_json,
 )
 
@@ -172,22 +171,12 @@ def scan(raw_dir: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
         if not (raw_dir / label).is_dir():
             raise FacesError(f"class folder {raw_dir / label} is missing: put your {label} "
                              "photos or clips in it (subfolders are fine)")
-        for path in sorted((raw_dir / label).rglob("*")):
-            if path.is_dir():
-                continue
-            rel = path.relative_to(raw_dir)
-            shown, problem = display_path(rel), file_problem(path)
-            kind = path.suffix.lower()
+        kinds = (f"a photo ({', '.join(sorted(IMAGE_SUFFIXES))}) or a clip "
+                 f"({', '.join(sorted(VIDEO_SUFFIXES))})")
+        for rel, shown, problem in walk_files(raw_dir, raw_dir / label,
+                                              VIDEO_SUFFIXES | IMAGE_SUFFIXES, kinds):
             if problem:
                 skipped.append({"source": shown, "reason": problem})
-            elif shown != rel.as_posix():
-                skipped.append({"source": shown, "reason": "the file name is not valid UTF-8: "
-                                "rename the file"})
-            elif kind not in VIDEO_SUFFIXES | IMAGE_SUFFIXES:
-                skipped.append({"source": shown, "reason": f"unsupported file type "
-                                f"{path.suffix or '(no extension)'!r}; use a photo "
-                                f"({', '.join(sorted(IMAGE_SUFFIXES))}) or a clip "
-                                f"({', '.join(sorted(VIDEO_SUFFIXES))})"})
             else:
                 sources.append((rel, label))
     taken: dict[Path, Path] = {}  # crops are named by the path without its suffix

@@ -65,6 +65,24 @@ def file_problem(path: str | os.PathLike) -> str:
     return kind and f"not a regular file: {kind}"
 
 
+def walk_files(root: Path, folder: Path, suffixes: set[str], kinds: str
+               ) -> Iterator[tuple[Path, str, str]]:
+    """Every file below `folder`, sorted, as (path relative to `root`, that path as text,
+    why it is skipped or ""): not a regular file, a name that is not UTF-8, or a suffix
+    (any letter case) outside `suffixes`, which `kinds` names for the user."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir():
+            continue
+        rel = path.relative_to(root)
+        shown, problem = display_path(rel), file_problem(path)
+        if not problem and shown != rel.as_posix():
+            problem = ("the file name is not valid UTF-8 (reports and manifests are UTF-8 "
+                       "text): rename the file")
+        if not problem and path.suffix.lower() not in suffixes:
+            problem = f"unsupported file type {path.suffix or '(no extension)'!r}; use {kinds}"
+        yield rel, shown, problem
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it becomes `path` in one step.

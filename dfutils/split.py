@@ -29,13 +29,12 @@ from dfutils import CLASSES
 from dfutils.data import ImageLoadError, load_image
 from dfutils.params import GroupBy
 from dfutils.paths import (
-    display_path,
-    file_problem,
     first_unlisted,
     new_partial,
     remove_partials,
     resolve,
     swap_in,
+    walk_files,
     write_json,
 )
 
@@ -98,20 +97,10 @@ def scan(raw_dir: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
                 f"class folder {class_dir} is missing: put your {label} images in it "
                 "(subfolders are fine)"
             )
-        for path in sorted(class_dir.rglob("*")):
-            if path.is_dir():
-                continue
-            rel = path.relative_to(raw_dir)
-            shown, problem = display_path(rel), file_problem(path)
+        for rel, shown, problem in walk_files(raw_dir, class_dir, IMAGE_SUFFIXES,
+                                              ".jpg, .jpeg or .png"):
             if problem:
                 skipped.append({"path": shown, "reason": problem})
-            elif shown != rel.as_posix():
-                skipped.append({"path": shown, "reason": "the file name is not valid UTF-8 "
-                                "(the manifest and report are UTF-8 text): rename the file"})
-            elif path.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append({"path": shown, "reason":
-                                f"unsupported file type {path.suffix or '(no extension)'!r}; "
-                                "use .jpg, .jpeg or .png"})
             elif not is_mask(rel):
                 candidates.append((rel, label))
         if not any(label == lab for _, lab in candidates):
