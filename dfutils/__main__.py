@@ -103,19 +103,15 @@ def _check_outputs(args: argparse.Namespace, inputs: list) -> None:
                                  "wrote: choose another file name")
     if args.cam_dir:
         cam_dir = Path(args.cam_dir)  # any overlay of an input (per crop: <name>.<frame>...)
-        taken = [i.name for i in inputs if (cam_dir / _cam_name(i)).exists()
+        taken = [i.name for i in inputs if (cam_dir / _cam_name(i.name)).exists()
                  or any(cam_dir.glob(f"{glob.escape(i.name)}.*.cam.png"))]
         if taken:
-            raise ValueError(f"--cam-dir {args.cam_dir} already holds {_cam_name_of(taken[0])}"
+            raise ValueError(f"--cam-dir {args.cam_dir} already holds {_cam_name(taken[0])}"
                              f" (and {len(taken) - 1} more overlays): choose an empty folder")
 
 
-def _cam_name_of(name: str) -> str:
+def _cam_name(name: str) -> str:
     return f"{name}.cam.png"  # one per input: a.png and a.jpg give a.png.cam.png, a.jpg.cam.png
-
-
-def _cam_name(item) -> str:
-    return _cam_name_of(item.name)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -165,7 +161,7 @@ def _write_cams(checkpoint, inputs: list, cam_dir: Path, args: argparse.Namespac
     from dfutils.gradcam import write_overlays
 
     write_overlays(checkpoint.model, [i.path for i in inputs],
-                   [cam_dir / _cam_name(i) for i in inputs], checkpoint.image_size,
+                   [cam_dir / _cam_name(i.name) for i in inputs], checkpoint.image_size,
                    layer=args.layer, batch_size=args.batch_size, replace=False)
     print(f"Grad-CAM overlays: {cam_dir}", file=sys.stderr)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -31,6 +30,7 @@ from dfutils import CLASSES
 from dfutils.data import ImageLoadError, load_image
 from dfutils.params import FacesParams
 from dfutils.paths import (
+    fingerprint,
     first_unlisted,
     new_partial,
     remove_partials,
@@ -251,15 +251,6 @@ def params_of(settings: dict) -> FacesParams:
                                      if k in FacesParams.names()})
 
 
-def fingerprint(raw_dir: Path, sources: list[tuple[Path, str]]) -> str:
-    """A cheap identity of the inputs (names, sizes, modification times)."""
-    digest = hashlib.sha256()
-    for rel, _ in sources:
-        stat = (raw_dir / rel).stat()
-        digest.update(f"{rel.as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def read_report(faces_dir: Path) -> dict | None:
     """The report of a complete faces step in faces_dir, or None."""
     if not ((faces_dir / REPORT).is_file() and (faces_dir / CSV).is_file()):
@@ -301,7 +292,7 @@ def extract_faces(params: FacesParams, workers: int | None = None) -> dict:
     sources, skipped = scan(raw_dir)
     settings = {k: v for k, v in params.to_dict().items() if k not in ("faces_dir", "overwrite")}
     settings["raw_dir"] = str(raw_dir)
-    stamp = fingerprint(raw_dir, sources)
+    stamp = fingerprint(raw_dir, [rel.as_posix() for rel, _ in sources])
     existing = read_report(faces_dir)
     if existing is not None:
         if existing["params"] == settings and existing.get("fingerprint") == stamp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 # dfutils is installed editable (`make setup`), so the package sits in the repository.
@@ -63,6 +64,19 @@ def file_problem(path: str | os.PathLike) -> str:
              (stat.S_ISBLK, "a block device"))
     kind = next((k for test, k in kinds if test(mode)), "of an unknown kind")
     return kind and f"not a regular file: {kind}"
+
+
+def fingerprint(root: Path, paths: Iterable[str]) -> str:
+    """A cheap identity of files below `root` (names, sizes, modification times): a step
+    whose inputs and parameters are unchanged need not run again."""
+    digest = hashlib.sha256()
+    for rel in sorted(paths):
+        try:
+            stat = (root / rel).stat()
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:  # a broken link, or a name shown with escapes: its name alone
+            digest.update(f"{rel}\n".encode())
+    return digest.hexdigest()
 
 
 def walk_files(root: Path, folder: Path, suffixes: set[str], kinds: str

@@ -29,6 +29,7 @@ from dfutils import CLASSES
 from dfutils.data import ImageLoadError, load_image
 from dfutils.params import GroupBy
 from dfutils.paths import (
+    fingerprint,
     first_unlisted,
     new_partial,
     remove_partials,
@@ -294,18 +295,6 @@ def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dic
     return rows
 
 
-def fingerprint(raw_dir: Path, candidates: list[tuple[Path, str]], skipped: list[dict]) -> str:
-    """A cheap identity of the raw folder's files (names, sizes, modification times)."""
-    digest = hashlib.sha256()
-    for rel in sorted([c[0].as_posix() for c in candidates] + [s["path"] for s in skipped]):
-        try:
-            stat = (raw_dir / rel).stat()
-            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        except OSError:  # a broken link, or a name shown with escapes: its name alone
-            digest.update(f"{rel}\n".encode())
-    return digest.hexdigest()
-
-
 def read_report(data_dir: Path) -> dict | None:
     """The report of the split in data_dir, or None when there is no complete split."""
     report, manifest = data_dir / "split_report.json", data_dir / "manifest.csv"
@@ -390,7 +379,8 @@ def preflight(raw_dir: str | os.PathLike, data_dir: str | os.PathLike, val_fract
         params["group_by"] = group_by
     if group_pattern:
         params["group_pattern"] = group_pattern
-    stamp = fingerprint(raw_dir, candidates, skipped)
+    stamp = fingerprint(raw_dir, [rel.as_posix() for rel, _ in candidates]
+                        + [s["path"] for s in skipped])
     existing = read_report(data_dir)
     current = None
     if existing is not None:
