@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.setup-done
 # Each NAME=VALUE is single-quoted for bash and taken with $(value ...), so spaces, quotes,
 # parentheses, ';' and '$' arrive intact and nothing in a value is executed or expanded.
 # $(call args,EXCEPT,PREFIX): the command-line variables but the Makefile's own and EXCEPT.
-OWN_VARS := PYTHON PY VENV STAMP NPROC QUICK
+OWN_VARS := PYTHON PY VENV STAMP NPROC QUICK LAB_DIR
 quote = '$(subst ','\'',$(1))'
 cli_vars = $(sort $(filter-out $(OWN_VARS) $(1),$(foreach v,$(.VARIABLES),$(if \
 	$(filter command line,$(origin $(v))),$(v)))))
@@ -21,7 +21,7 @@ args = $(foreach v,$(call cli_vars,$(1)),$(call quote,$(2)$(v)=$(value $(v))))
 # running any $(shell ...) in it) to do so: they reach the runner as arguments only.
 unexport $(call cli_vars)
 
-.PHONY: help setup lab test unit lint check-notebooks faces split run-all demo train-ddp bench clean
+.PHONY: help setup lab browser-deps test unit lint check-notebooks faces split run-all demo train-ddp bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,24 +34,33 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP) ## Create .venv, install the pinned packages and dfutils, register the kernel and nbstripout
-	@$(PY) -m ipykernel install --sys-prefix --name dfutils --display-name "Python (dfutils)" >/dev/null
-	@if git rev-parse --git-dir >/dev/null 2>&1; then $(VENV)/bin/nbstripout --install; fi
+	@$(PY) -m dfutils install-kernel >/dev/null
+	@# The filter strips outputs on `git add`, and the kernel details JupyterLab saves.
+	@if git rev-parse --git-dir >/dev/null 2>&1; then $(VENV)/bin/nbstripout --install && \
+		git config filter.nbstripout.extrakeys metadata.language_info; fi
 	@echo "setup done: $(VENV) ready, kernel 'Python (dfutils)' registered, nbstripout filter installed"
 
-lab: $(STAMP) ## Open JupyterLab on notebooks/ with the project's kernel
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+LAB_DIR ?= notebooks
+lab: $(STAMP) ## Open JupyterLab on notebooks/ (LAB_DIR=...), on this machine only, with a token
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=$(call quote,$(value LAB_DIR)) --ServerApp.ip=127.0.0.1 \
+		--ContentsManager.post_save_hook=dfutils.pipeline.refresh_git_stat \
+		$(if $(filter 0,$(shell id -u)),--allow-root)
+
+# Debian's chromium and its chromedriver, for the browser tests (no driver can be downloaded).
+browser-deps: ## Install chromium and chromium-driver with apt-get when missing (as root; CI does)
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "chromium and chromedriver are installed"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
 
 test: lint check-notebooks ## Lint, check notebooks, then run unit tests and notebook smoke tests
 	$(PY) -m pytest
 
-unit: $(STAMP) ## Unit tests only (skips the slower notebook and torchrun tests)
-	$(PY) -m pytest -m "not notebooks and not distributed"
+unit: $(STAMP) ## Unit tests only (skips the slower notebook, torchrun and browser tests)
+	$(PY) -m pytest -m "not notebooks and not distributed and not browser"
 
 lint: $(STAMP) ## Ruff over the package, tests and notebooks
 	$(VENV)/bin/ruff check dfutils tests notebooks
 
-check-notebooks: $(STAMP) ## Notebooks carry no outputs, and each has one `parameters` cell, its first code cell
-	$(VENV)/bin/nbstripout --verify notebooks/*.ipynb
+check-notebooks: $(STAMP) ## What a commit of the notebooks would carry has no outputs; each has one `parameters` cell, its first code cell
 	$(PY) -m dfutils check-notebooks notebooks/*.ipynb
 
 faces: $(STAMP) ## Run 00-faces headlessly into FACES_DIR, its notebook in FACES_DIR/faces-run (RAW_DIR= FACES_DIR= ...)

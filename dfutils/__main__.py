@@ -298,14 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     check = commands.add_parser(
-        "check-notebooks", help="check each notebook's parameters cell against dfutils.params",
-        description="Each notebook's first code cell must be its `parameters` cell, with the "
-        "names, order, defaults and comments of its class in dfutils/params.py, the one place "
-        "where parameters are defined.")
+        "check-notebooks", help="check what a commit of each notebook would carry, and its "
+        "parameters cell against dfutils.params",
+        description="What `git add` would stage of each notebook (the file through the "
+        "nbstripout filter `make setup` installs), and what is staged now, must carry no "
+        "outputs or execution counts and name the project's kernel; outputs JupyterLab saves "
+        "in the working file are fine. Each notebook's first code cell must be its "
+        "`parameters` cell, with the names, order, defaults and comments of its class in "
+        "dfutils/params.py, the one place where parameters are defined.")
     check.add_argument("notebooks", nargs="+")
     check.add_argument("--fix", action="store_true",
                        help="rewrite a parameters cell that differs from its class")
     check.set_defaults(func=_check_notebooks)
+
+    kernel = commands.add_parser(
+        "install-kernel", help=f"register this Python as the notebooks' kernel "
+        f"({pipeline.KERNEL['display_name']}), inside its environment")
+    kernel.set_defaults(func=lambda args: print(f"kernel installed: {pipeline.install_kernel()}")
+                        or 0)
 
     reference = commands.add_parser(
         "params", help="print every notebook parameter: default, allowed values, help",

@@ -191,7 +191,7 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-                seed: int = 0) -> DataLoader:
+                seed: int = 0, collate_fn=None) -> DataLoader:
     """A DataLoader seeded for repeatable order and augmentation, pinned when CUDA is present.
 
     `batch_size` is the global batch. The order comes from a DistributedSampler in every
@@ -211,7 +211,14 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         persistent_workers=num_workers > 0,
         worker_init_fn=_seed_worker,
         generator=generator,
+        collate_fn=collate_fn,
     )
+
+
+def val_loader(params) -> DataLoader:
+    """The validation loader of a TrainParams: the split's val images, not augmented."""
+    val = ManifestDataset(read_manifest(params.data_dir, "val"), eval_transform(params.image_size))
+    return make_loader(val, params.batch_size, False, params.num_workers, params.seed)
 
 
 def train_val_loaders(params) -> tuple[DataLoader, DataLoader]:
@@ -219,6 +226,5 @@ def train_val_loaders(params) -> tuple[DataLoader, DataLoader]:
     train = ManifestDataset(read_manifest(params.data_dir, "train"), train_transform(
         params.image_size, params.jitter, params.jpeg_prob, params.blur_prob, params.flip,
         params.crop_scale, params.erasing))
-    val = ManifestDataset(read_manifest(params.data_dir, "val"), eval_transform(params.image_size))
     return (make_loader(train, params.batch_size, True, params.num_workers, params.seed),
-            make_loader(val, params.batch_size, False, params.num_workers, params.seed))
+            val_loader(params))

@@ -19,9 +19,9 @@ import cv2
 import numpy as np
 import skimage.data
 from PIL import Image
-from tqdm import tqdm
 
 from dfutils.paths import resolve
+from dfutils.progress import tqdm
 
 # Photographs that ship inside scikit-image (no download needed); grey ones are made RGB.
 SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina",

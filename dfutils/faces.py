@@ -24,7 +24,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from dfutils import CLASSES
 from dfutils.data import ImageLoadError, load_image
@@ -39,6 +38,7 @@ from dfutils.paths import (
     walk_files,
     write_json,
 )
+from dfutils.progress import tqdm
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -83,14 +83,25 @@ class FaceFinder:
         self.landmarks5 = (dlib.shape_predictor(str(model_file(
             "shape_predictor_5_face_landmarks.dat"))) if params.align else None)
 
-    def __call__(self, rgb: np.ndarray) -> Face | None:
-        """The most confident face of an RGB frame (the largest on a tie), cropped; or None."""
-        rects, scores, _ = self.detector.run(rgb, self.params.upsample, self.params.min_score)
+    def detect(self, rgb: np.ndarray, upsample: int | None = None
+               ) -> tuple[object, float, np.ndarray] | None:
+        """The most confident face of an RGB image (the largest on a tie) as dlib's box, its
+        score and the 68 landmarks in the image's pixels; or None."""
+        upsample = self.params.upsample if upsample is None else upsample
+        rects, scores, _ = self.detector.run(rgb, upsample, self.params.min_score)
         if not rects:
             return None
         best = max(range(len(rects)), key=lambda i: (scores[i], rects[i].area()))
         rect = rects[best]
         points = np.array([(p.x, p.y) for p in self.landmarks68(rgb, rect).parts()], np.float64)
+        return rect, float(scores[best]), points
+
+    def __call__(self, rgb: np.ndarray) -> Face | None:
+        """The most confident face of an RGB frame, cropped; or None."""
+        found = self.detect(rgb)
+        if found is None:
+            return None
+        rect, score, points = found
         eyes = None
         if self.landmarks5 is not None:  # points 0-1 and 2-3 are the corners of each eye
             five = np.array([(p.x, p.y) for p in self.landmarks5(rgb, rect).parts()], np.float64)
@@ -103,7 +114,7 @@ class FaceFinder:
         matrix = crop_matrix(extent, self.params.face_margin, self.params.face_size, eyes)
         crop = cv2.warpAffine(rgb, matrix, (self.params.face_size,) * 2, flags=cv2.INTER_AREA,
                               borderMode=cv2.BORDER_CONSTANT)
-        return Face(crop, box, float(scores[best]), points @ matrix[:, :2].T + matrix[:, 2])
+        return Face(crop, box, score, points @ matrix[:, :2].T + matrix[:, 2])
 
 
 def crop_matrix(box: tuple[float, float, float, float], margin: float, size: int,

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
 from dfutils.data import eval_transform, load_image
 from dfutils.params import CamLayer, CamTarget, GradCamParams, Selection, choices
+from dfutils.progress import tqdm
 
 TARGETS = choices(CamTarget)
 # Each ResNet stage's total stride: the explained layer's grid is the input size over it.
@@ -321,6 +321,49 @@ def write_overlays(model: nn.Module, paths: Sequence[Path | np.ndarray], outputs
     return cams, overlays
 
 
+SELF_BLENDS_SHOWN = 4  # self-blend overlays in the grid (and gradcam/self-blend-NN.png)
+
+
+@dataclass
+class BlendMaps:
+    """Grad-CAM (for fake) of the validation self-blends, with their masks."""
+
+    images: list[np.ndarray]  # RGB, as blended
+    masks: list[np.ndarray]  # boolean at the model's input size: where the blend has weight
+    maps: np.ndarray  # (N, size, size)
+    p_fake: np.ndarray
+    grid: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def shown(self, n: int) -> tuple:
+        return self.images[:n], self.masks[:n], list(self.maps[:n]), list(self.p_fake[:n])
+
+    def localization(self, seed: int) -> dict:
+        return localization(list(self.maps), self.masks, seed=seed, grid=self.grid)
+
+
+def self_blend_maps(model: nn.Module, params: GradCamParams, size: int
+                    ) -> tuple[BlendMaps, dict]:
+    """Grad-CAM for fake on the fixed validation self-blends of the split's first n_eval
+    validation reals that have a face (dfutils.sbi; the same for every run on the split),
+    whatever the run trained on; and the landmark counts. None found: an empty BlendMaps."""
+    import cv2
+
+    from dfutils import sbi
+
+    blends, found = sbi.validation_blends(params.data_dir, limit=params.n_eval)
+    n = len(blends.samples)
+    images, masks = [], []
+    for i in range(n, 2 * n):
+        image, _, mask = blends.image(i)
+        images.append(image)
+        masks.append(cv2.resize(mask, (size, size), interpolation=cv2.INTER_LINEAR) > 0)
+    _, cams = explain(model, images, size, "fake", params.batch_size, params.layer)
+    return BlendMaps(images, masks, cams.maps, cams.p_fake, cams.grid), found
+
+
 @dataclass
 class CamReport:
     """What 03-gradcam shows: the overlays of the chosen images, their grid, and the checks."""
@@ -363,9 +406,6 @@ def gradcam_run(params: GradCamParams) -> CamReport:
                                     params.batch_size)
     titles = [f"true {'fake' if labels[i] else 'real'} · P(fake) {p:.2f}"
               for i, p in zip(chosen, cams.p_fake, strict=True)]
-    grid = viz.image_grid(overlays, titles, ncols=4)
-    grid.suptitle(f"Grad-CAM ({params.target}) on {params.layer}[-1], {params.select} "
-                  "selection", y=1.01)
 
     eval_index = select_images(labels, scores, params.n_eval, "random", threshold, params.seed)
     eval_inputs, eval_cams = explain(model, [predictions[i].path for i in eval_index], size,
@@ -381,9 +421,19 @@ def gradcam_run(params: GradCamParams) -> CamReport:
         masks = [load_mask(predictions[i].mask, (size, size)) for i in with_mask]
         located = localization(list(mask_cams.maps), masks, seed=params.seed,
                                grid=mask_cams.grid)
+    blends, found = self_blend_maps(model, params, size)
+    shown = min(SELF_BLENDS_SHOWN, len(blends))
+    for i, (image, mask, cam, p) in enumerate(zip(*blends.shown(shown), strict=True)):
+        overlays.append(viz.outline(viz.overlay(image, cam, params.alpha), mask))
+        titles.append(f"self-blend · P(fake) {p:.2f}")
+        viz.save_rgb(out / f"self-blend-{i:02d}.png", overlays[-1])
+    grid = viz.image_grid(overlays, titles, ncols=4, title=(
+        f"Grad-CAM ({params.target}; on self-blends: fake, mask outlined) on "
+        f"{params.layer}[-1], {params.select} selection"))
     metrics = {"layer": params.layer, "target": params.target, "select": params.select,
                "n_images": len(chosen), "n_eval": len(eval_index), "deletion": deletion,
-               "localization": located}
+               "localization": located,
+               "self_blends": {"faces": found, "localization": blends.localization(params.seed)}}
     figures = {"grid.png": grid, "deletion.png": viz.plot_deletion(deletion)}
     for name, fig in figures.items():
         viz.save_figure(fig, out / name)

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from dfutils import LABELS
 from dfutils.data import ImageLoadError, eval_transform, load_image
@@ -27,6 +26,7 @@ from dfutils.metrics import (
 )
 from dfutils.model import CHECKPOINT_FILE, Checkpoint, load_checkpoint
 from dfutils.paths import file_problem, is_plain_name, resolve, write_json
+from dfutils.progress import tqdm
 from dfutils.split import scan
 from dfutils.train import to_device
 
@@ -289,7 +289,8 @@ def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, nam
                            num_workers, perturb, desc=desc)
 
     scores, errors = run(None, "clean")
-    ok = np.array([not e for e in errors])
+    ok = np.array([not e for e in errors], dtype=bool)  # typed: no crop at all is possible
+    labels = np.asarray(labels, dtype=int)
     for label, value in LABELS.items():
         if not (ok & (labels == value)).any():
             why = next((f" (first: {f}: {e})" for f, e, y

@@ -37,6 +37,8 @@ ThresholdRule = Literal["0.5", "eer"]
 Schedule = Literal["constant", "cosine"]
 OptimizerName = Literal["adam", "sgd"]
 GroupBy = Literal["file", "folder"]
+Fakes = Literal["data", "sbi"]
+Monitor = Literal["auto", "val_loss", "val_auc", "sbi_loss", "sbi_auc"]
 
 # Values of `weights` that are not paths.
 WEIGHT_NAMES = ("imagenet", "none", "null", "")
@@ -363,6 +365,11 @@ class TrainParams(Params):
                                 "backbone once")
     resume: bool = param(False, "continue an interrupted run from run_dir/last.pt, to the "
                          "history it would have had")
+    fakes: Fakes = param("data", 'the training fakes: the split\'s fake images, or "sbi": a '
+                         "self-blend of each real face, made on the fly (real fakes then only "
+                         "validate)")
+    monitor: Monitor = param("auto", "what early stopping and the kept epoch follow: auto is "
+                             'sbi_loss with fakes="sbi", else val_loss')
 
     @property
     def augmented(self) -> bool:
@@ -371,8 +378,17 @@ class TrainParams(Params):
 
     @property
     def caches_features(self) -> bool:
-        """Whether fit trains the head on backbone features computed once (same result)."""
-        return self.feature_cache and self.trainable == "fc" and not self.augmented
+        """Whether fit trains the head on backbone features computed once (same result).
+        Never with self-blends: each epoch's blends are new, so its features are too."""
+        return (self.feature_cache and self.trainable == "fc" and not self.augmented
+                and self.fakes == "data")
+
+    @property
+    def monitored(self) -> str:
+        """The history column early stopping follows (lower is better for losses)."""
+        if self.monitor == "auto":
+            return "sbi_loss" if self.fakes == "sbi" else "val_loss"
+        return self.monitor
 
     def check(self) -> None:
         for name in ("image_size", "batch_size", "max_epochs"):
@@ -400,6 +416,9 @@ class TrainParams(Params):
         for name in ("jpeg_prob", "blur_prob", "erasing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ParameterError(f"{name} must be a probability, got {getattr(self, name)}")
+        if self.monitor.startswith("sbi_") and self.fakes != "sbi":
+            raise ParameterError(f"monitor={self.monitor!r} needs fakes=\"sbi\" (the "
+                                 "self-blended validation set exists only then)")
 
 
 @dataclass(frozen=True)
@@ -419,7 +438,8 @@ class GradCamParams(Params):
     alpha: float = param(0.5, "heatmap weight in the overlay")
     seed: int = param(42, "seeds the random selection and the random baseline maps")
     batch_size: int = param(16, "images per Grad-CAM batch")
-    n_eval: int = param(128, "validation images scored for deletion and localization")
+    n_eval: int = param(128, "validation images scored for deletion and localization, and "
+                        "validation reals whose self-blends are scored for localization")
     layer: CamLayer = param("layer4", "explained layer (its last block); layer4 is the "
                             "original recipe's")
 

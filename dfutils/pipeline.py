@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +27,7 @@ from dfutils.params import (
     read_params_file,
 )
 from dfutils.paths import REPO_ROOT, is_plain_name, remove_stale_temps, resolve, write_json
+from dfutils.progress import TEXT_ONLY
 from dfutils.runs import now, read_run, record_step, start_run, start_step
 
 NOTEBOOKS = {
@@ -193,6 +196,7 @@ def _run_step(run_dir: Path, step: str, params: dict[str, Any]) -> None:
     try:
         # The kernel runs in its own session, so Ctrl-C reaches only this process; stopping
         # the kernel at once (not gracefully) keeps it from writing on after the interruption.
+        os.environ[TEXT_ONLY] = "1"  # the kernel inherits it: text bars, for the log
         papermill.execute_notebook(notebook, output, parameters=params,
                                    kernel_name="python3", cwd=notebook.parent,
                                    progress_bar=False, log_output=True,
@@ -346,18 +350,120 @@ def summarise(run_dir: Path) -> dict:
         "deletion_auc_random": (cam.get("deletion") or {}).get("auc_random"),
         "pointing_cam": (cam.get("localization") or {}).get("pointing_cam"),
         "pointing_random": (cam.get("localization") or {}).get("pointing_random"),
+        "sbi_auc": (train.get("sbi") or {}).get("auc"),
+        "self_blend_pointing_cam": ((cam.get("self_blends") or {}).get("localization")
+                                    or {}).get("pointing_cam"),
+        "self_blend_pointing_random": ((cam.get("self_blends") or {}).get("localization")
+                                       or {}).get("pointing_random"),
         "seconds": round(sum(s.get("seconds", 0) for s in current.values()), 1),
     }
     write_json(run_dir / "run.json", {**record, "summary": summary})
     return summary
 
 
+# The kernel the notebooks name: `make setup` registers it (`python -m dfutils install-kernel`).
+KERNEL = {"name": "dfutils", "display_name": "Python (dfutils)", "language": "python"}
+
+
+def install_kernel() -> str:
+    """Register this interpreter as the notebooks' kernel, inside its environment."""
+    from ipykernel.kernelspec import install
+
+    return install(kernel_name=KERNEL["name"], display_name=KERNEL["display_name"],
+                   prefix=sys.prefix)
+
+
+def staged_text(path: Path, as_path: Path | None = None) -> tuple[bytes, str]:
+    """What `git add` would stage for a file (as if it were at `as_path`): its content
+    through the clean filter its git attributes name (nbstripout, which `make setup`
+    installs), run as git runs it; or the content as it is, when no filter applies. With a
+    word on which it was."""
+    content = path.read_bytes()
+    where = as_path or path
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=where.parent, capture_output=True, text=True)
+
+    top = git("rev-parse", "--show-toplevel")
+    if top.returncode != 0:
+        return content, "not in a git work tree: the file as it is"
+    name = git("check-attr", "filter", "--", where.name).stdout.rpartition(": ")[2].strip()
+    if name in ("", "unspecified", "unset"):
+        return content, "no git filter applies: the file as it is"
+    clean = git("config", "--get", f"filter.{name}.clean").stdout.strip()
+    if not clean:
+        return content, (f"git filter {name!r} is not installed (run `make setup`): the file "
+                         "as it is")
+    relative = where.resolve().relative_to(Path(top.stdout.strip()).resolve()).as_posix()
+    filtered = subprocess.run(clean.replace("%f", shlex.quote(relative)), shell=True,
+                              cwd=top.stdout.strip(), input=content, capture_output=True)
+    if filtered.returncode != 0:
+        raise RuntimeError(f"{path}: git filter {name!r} failed: {filtered.stderr.decode()}")
+    return filtered.stdout, f"through git filter {name!r}"
+
+
+def refresh_git_stat(os_path: str, **_: Any) -> bool:
+    """`make lab`'s post-save hook. A notebook saved with outputs differs on disk from what
+    git stores, and `git status` lists every file whose size changed, even when the filter
+    would stage nothing new. When what `git add` would stage of the saved notebook is
+    exactly what is staged already, stage it (the same content: only git's record of the
+    file's size and time changes), so `git status` shows no change; any other change is
+    left for the user. True when it refreshed."""
+    path = Path(os_path)
+    text, how = staged_text(path) if path.suffix == ".ipynb" else (b"", "")
+    if not how.startswith("through git filter"):
+        return False
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=path.parent, capture_output=True)
+
+    entry = git("ls-files", "--stage", "--", path.name).stdout.decode().split()
+    index = git("show", f":./{path.name}")
+    if not entry or index.returncode != 0 or index.stdout != text:
+        return False
+    git("add", "--", path.name)
+    if git("ls-files", "--stage", "--", path.name).stdout.decode().split()[:2] != entry[:2]:
+        # saved again meanwhile with other content: put the entry back as it was
+        git("update-index", "--cacheinfo", f"{entry[0]},{entry[1]},{entry[3]}")
+        return False
+    return True
+
+
+def commit_problems(path: Path) -> list[str]:
+    """What a commit of this notebook would carry that it must not: outputs or execution
+    counts (in what `git add` would stage, and in what is staged now), or, in what `git add`
+    would stage, another kernel than the project's."""
+    problems = []
+    text, how = staged_text(path)
+    versions = [(text, f"as git would stage it ({how})")]
+    index = subprocess.run(["git", "show", f":./{path.name}"], cwd=path.parent,
+                           capture_output=True)
+    if index.returncode == 0:
+        versions.append((index.stdout, "as staged now"))
+    for content, where in versions:
+        nb = nbformat.reads(content.decode("utf-8"), as_version=4)
+        dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"
+                 and (c.get("outputs") or c.get("execution_count") is not None)]
+        if dirty:
+            problems.append(f"{path}: {where}, cells {dirty} carry outputs or execution counts "
+                            "(`make setup` installs the filter that strips them on `git add`; "
+                            "or run `.venv/bin/nbstripout` on the file)")
+        kernel = nb.metadata.get("kernelspec", {}).get("name")
+        if content is text and kernel != KERNEL["name"]:
+            problems.append(f"{path}: {where}, its kernel is {kernel!r}, not the project's "
+                            f"{KERNEL['name']!r} ({KERNEL['display_name']}): choose that kernel "
+                            "in JupyterLab and save")
+    return problems
+
+
 def check_notebooks(paths: Sequence[str | Path], fix: bool = False) -> list[str]:
-    """Problems with notebooks' parameters cells: exactly one, the first code cell, and the
-    same names, order, defaults and comments as the notebook's parameter class. `fix`
-    rewrites a cell that differs from the class (the class is the one source)."""
+    """Problems with notebooks: what a commit would carry (`commit_problems`), and their
+    parameters cells: exactly one, the first code cell, and the same names, order, defaults
+    and comments as the notebook's parameter class. `fix` rewrites a cell that differs from
+    the class (the class is the one source)."""
     problems = []
     for path in paths:
+        problems += commit_problems(Path(path))
         nb = nbformat.read(str(path), as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         tagged = [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]

@@ -23,8 +23,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from dfutils import CLASSES
 from dfutils.data import ImageLoadError, load_image
 from dfutils.params import GroupBy
@@ -38,16 +36,18 @@ from dfutils.paths import (
     walk_files,
     write_json,
 )
+from dfutils.progress import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 MANIFEST_FIELDS = ("path", "label", "split", "sha256", "width", "height", "source", "mask",
                    "group", "video")
 FACES = "faces.csv"  # the landmarks of the split's images, when raw_dir came from 00-faces
+LANDMARKS = "landmarks.csv"  # landmarks found by dfutils.sbi for the split's images, cached
 SPLITS = ("train", "val")
 # What the split owns inside data_dir; nothing else there is touched (data/ also holds
 # README.md and the demo data set). Of these, the folders may hold only files the manifest
 # lists: anything else in them is the user's, and the split refuses to replace it.
-OWNED = ("train", "val", "masks", FACES, "split_report.json", "manifest.csv")
+OWNED = ("train", "val", "masks", FACES, LANDMARKS, "split_report.json", "manifest.csv")
 OWNED_FOLDERS = ("train", "val", "masks")
 
 

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from dfutils import distributed
 from dfutils.data import make_loader
@@ -31,6 +30,7 @@ from dfutils.model import (
 )
 from dfutils.params import OptimizerName, TrainParams
 from dfutils.paths import atomic_path, jsonable, remove_stale_temps, resolve, write_csv, write_json
+from dfutils.progress import tqdm
 
 # What a training run writes into its run_dir (model.pt is model.CHECKPOINT_FILE).
 LAST = "last.pt"  # the state after the last completed epoch, while the run can be resumed
@@ -38,6 +38,7 @@ HISTORY = "history.csv"
 METRICS = "metrics.json"
 PREDICTIONS = "val_predictions.csv"
 FIGURES = ("curves.png", "roc.png", "confusion.png", "scores.png")
+SELF_BLENDS = "self_blends.png"  # fakes="sbi": validation reals, their blends and masks
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -251,7 +252,8 @@ def kept_state(model: nn.Module, net: nn.Module, validated: nn.Module
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, params: TrainParams,
         checkpoint: str | os.PathLike | None = None, device: torch.device | None = None,
-        last: str | os.PathLike | None = None, faces: dict | None = None) -> FitResult:
+        last: str | os.PathLike | None = None, faces: dict | None = None,
+        blends_loader: DataLoader | None = None) -> FitResult:
     """Train until validation loss stops improving; keep (and save) the best epoch's weights.
 
     Each new best is written to `checkpoint` at once, with its threshold and metrics, so
@@ -262,7 +264,9 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
     With `params.ema` an exponential moving average of the weights (and BatchNorm
     statistics) is updated after every step, and it is what is validated and kept.
     `faces` (the faces step's parameters, when the images are its crops) goes into the
-    checkpoint.
+    checkpoint. `blends_loader` (fakes="sbi": the validation reals and their self-blends) is
+    scored every epoch too, as `sbi_loss` and `sbi_auc`; `params.monitored` names the
+    history column that early stopping and the kept epoch follow.
     """
     device = device or distributed.device()
     model.to(device, memory_format=torch.channels_last)
@@ -272,7 +276,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
         return fit_head(model, train_loader, val_loader, params, checkpoint, device, last,
                         groups, faces)
     return train_loop(model, model, train_loader, val_loader, params, checkpoint, device, last,
-                      groups, faces)
+                      groups, faces, blends_loader)
 
 
 def fit_head(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
@@ -294,10 +298,12 @@ def train_loop(model: nn.Module, net: nn.Module, train_loader: DataLoader,
                val_loader: DataLoader, params: TrainParams,
                checkpoint: str | os.PathLike | None, device: torch.device,
                last: str | os.PathLike | None = None, groups: np.ndarray | None = None,
-               faces: dict | None = None) -> FitResult:
+               faces: dict | None = None, blends_loader: DataLoader | None = None
+               ) -> FitResult:
     """The epochs of `fit`: `net` (the model, or its head) learns from `train_loader`; the
     whole `model` is what is checkpointed. `groups` (per validation image, in dataset order)
-    adds video-level metrics when a group holds several images."""
+    adds video-level metrics when a group holds several images. The decision threshold is
+    chosen on the validation set the monitored column comes from."""
     rank, size = distributed.world()
     optimization = Optimization.build(net, params)
     validated = optimization.validated(net)
@@ -329,13 +335,19 @@ def train_loop(model: nn.Module, net: nn.Module, train_loader: DataLoader,
                     np.array([train["acc"] * train["n"]]))
                 train.update(n=int(n.sum()), loss=loss.sum() / n.sum(), acc=acc.sum() / n.sum())
             val = evaluate(validated, val_loader, device)
+            blends = (None if blends_loader is None else
+                      evaluate(validated, blends_loader, device, desc="val self-blends"))
             if optimization.scheduler is not None:
                 optimization.scheduler.step()
-            threshold = choose_threshold(params.threshold, val.labels, val.scores)
+            watched = blends if params.monitored.startswith("sbi_") else val
+            threshold = choose_threshold(params.threshold, watched.labels, watched.scores)
             metrics = binary_metrics(val.labels, val.scores, threshold)
             if grouped(groups):
                 metrics["video"] = video_metrics(groups[val.indices], val.labels, val.scores,
                                                  threshold)
+            if blends is not None:
+                metrics["sbi"] = {**binary_metrics(blends.labels, blends.scores, threshold),
+                                  "loss": blends.loss}
             row = {
                 "epoch": epoch,
                 "train_loss": train["loss"],
@@ -344,20 +356,27 @@ def train_loop(model: nn.Module, net: nn.Module, train_loader: DataLoader,
                 "val_acc": metrics["accuracy"],
                 "val_auc": metrics["auc"],
                 **({"val_video_auc": metrics["video"]["auc"]} if "video" in metrics else {}),
+                **({"sbi_loss": blends.loss, "sbi_auc": metrics["sbi"]["auc"]}
+                   if blends is not None else {}),
                 "lr": lr,
                 "seconds": time.perf_counter() - start,
                 "images_per_s": train["n"] / train["seconds"] if train["seconds"] else math.nan,
             }
             result.history.append(row)
-            improved = stopper.step(val.loss)
+            watch = row[params.monitored]
+            improved = stopper.step(watch if params.monitored.endswith("_loss") else -watch)
+            sbi_text = (f"  self-blends loss {row['sbi_loss']:.4f} auc {row['sbi_auc']:.4f}"
+                        if blends is not None else "")
             log(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc "
                 f"{row['train_acc']:.3f}  val loss {val.loss:.4f} acc {row['val_acc']:.3f} "
-                f"auc {row['val_auc']:.4f}  {row['seconds']:.1f}s{'  *best' if improved else ''}")
+                f"auc {row['val_auc']:.4f}{sbi_text}  {row['seconds']:.1f}s"
+                f"{'  *best' if improved else ''}")
             if improved:
                 best_state = kept_state(model, net, validated)
                 result.best_epoch, result.threshold, result.best_eval = epoch, threshold, val
                 result.metrics = {**metrics, "val_loss": val.loss, "best_epoch": epoch,
-                                  "threshold_rule": params.threshold}
+                                  "threshold_rule": params.threshold,
+                                  "monitor": params.monitored}
                 if checkpoint is not None and rank == 0:
                     save_checkpoint(checkpoint, best_state, params=params.to_dict(),
                                     threshold=threshold, threshold_rule=params.threshold,
@@ -365,8 +384,8 @@ def train_loop(model: nn.Module, net: nn.Module, train_loader: DataLoader,
             if last is not None and rank == 0:
                 save_last(last, epoch, model, optimization, stopper, result, params)
             if distributed.broadcast_flag(stopper.should_stop):
-                log(f"early stop: no better validation loss for {stopper.bad_epochs} epochs; "
-                    f"keeping epoch {result.best_epoch}")
+                log(f"early stop: no better {params.monitored} for {stopper.bad_epochs} "
+                    f"epochs; keeping epoch {result.best_epoch}")
                 break
     except KeyboardInterrupt:
         result.interrupted = True
@@ -507,8 +526,8 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
     Only rank 0 writes: model.pt, last.pt while the run can be resumed, history, metrics,
     predictions and figures.
     """
-    from dfutils import runs
-    from dfutils.data import train_val_loaders
+    from dfutils import runs, sbi, viz
+    from dfutils.data import train_val_loaders, val_loader
     from dfutils.model import build_model
     from dfutils.split import read_report
 
@@ -521,7 +540,14 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # of a killed earlier run
-    train_loader, val_loader = train_val_loaders(params)
+    blends_loader, found = None, None
+    if params.fakes == "sbi":
+        train_loader, blends_loader, found = sbi.loaders(params)
+        loader = val_loader(params)
+        if rank == 0:
+            tqdm.write(sbi.describe(found))
+    else:
+        train_loader, loader = train_val_loaders(params)
     # Resuming loads every weight from last.pt: pretrained weights are not needed again.
     model = build_model(None if params.resume else params.weights, params.trainable)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -530,11 +556,17 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
                    f"{sum(p.numel() for p in model.parameters()):,} parameters); "
                    f"device: {distributed.device()}; outputs: {out}")
     faces = (read_report(resolve(params.data_dir)) or {}).get("faces")
-    result = fit(model, train_loader, val_loader, params, checkpoint=out / CHECKPOINT_FILE,
-                 device=distributed.device(), last=out / LAST, faces=faces)
+    result = fit(model, train_loader, loader, params, checkpoint=out / CHECKPOINT_FILE,
+                 device=distributed.device(), last=out / LAST, faces=faces,
+                 blends_loader=blends_loader)
+    if found is not None:
+        result.metrics["self_blend_faces"] = found
     figures = {}
     if rank == 0:
-        figures = save_outputs(out, result, val_loader.dataset.samples, params.data_dir)
+        figures = save_outputs(out, result, loader.dataset.samples, params.data_dir)
+        if blends_loader is not None:
+            figures[SELF_BLENDS] = sbi.plot_examples(blends_loader.dataset)
+            viz.save_figure(figures[SELF_BLENDS], out / SELF_BLENDS)
         if not result.interrupted:
             (out / LAST).unlink(missing_ok=True)  # finished: nothing left to resume
     return result, figures

@@ -6,8 +6,9 @@ is the one place that converts, so no other function has to think about channel 
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import matplotlib.pyplot as plt
@@ -21,12 +22,22 @@ from dfutils.paths import atomic_path
 COLORMAP = cv2.COLORMAP_JET  # blue = no evidence, red = strongest
 
 
+def closed(make: Callable[..., Figure]) -> Callable[..., Figure]:
+    """For a helper that makes a figure: close it in pyplot before returning it, so a
+    notebook shows it once, where it calls `display(fig)`, and never again at the end of
+    the cell (a closed figure still displays, saves and takes a title)."""
+    @functools.wraps(make)
+    def wrapper(*args, **kwargs) -> Figure:
+        fig = make(*args, **kwargs)
+        plt.close(fig)
+        return fig
+    return wrapper
+
+
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> None:
-    """Write a figure as PNG, atomically, and close it in pyplot: a notebook then shows it
-    where it calls `display(fig)`, not again at the end of the cell that made it."""
+    """Write a figure as PNG, atomically."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 def save_rgb(path: str | os.PathLike, image: np.ndarray, replace: bool = True) -> None:
@@ -41,6 +52,14 @@ def draw_points(image: np.ndarray, points: np.ndarray, radius: int = 2) -> np.nd
     for x, y in np.round(points).astype(int):
         cv2.circle(out, (int(x), int(y)), radius, (0, 255, 0), -1)
     return out
+
+
+def outline(image: np.ndarray, mask: np.ndarray, colour=(255, 255, 255)) -> np.ndarray:
+    """A copy of an RGB image with the edge of a boolean mask (at any size) drawn on it."""
+    region = cv2.resize(mask.astype(np.uint8), (image.shape[1], image.shape[0]),
+                        interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return cv2.drawContours(np.ascontiguousarray(image).copy(), contours, -1, colour, 1)
 
 
 def colorize(cam: np.ndarray) -> np.ndarray:
@@ -61,22 +80,28 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarra
 def _grid(n: int, ncols: int, size: float = 2.6) -> tuple[Figure, np.ndarray]:
     ncols = max(1, min(ncols, n))
     nrows = max(1, -(-n // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    # Constrained layout leaves room for a suptitle above the images' own titles.
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.4),
+                             squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     return fig, axes
 
 
-def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], ncols: int = 4) -> Figure:
-    """RGB images in a grid, each with a title."""
+@closed
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], ncols: int = 4,
+               title: str = "") -> Figure:
+    """RGB images in a grid, each with a title, under an optional figure title."""
     fig, axes = _grid(len(images), ncols)
-    for ax, image, title in zip(axes.flat, images, titles, strict=False):
+    for ax, image, caption in zip(axes.flat, images, titles, strict=False):
         ax.imshow(image)
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+        ax.set_title(caption, fontsize=9)
+    if title:
+        fig.suptitle(title)
     return fig
 
 
+@closed
 def plot_counts(counts: dict[str, dict[str, int]]) -> Figure:
     """Bar chart of images per split and class."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -94,14 +119,15 @@ def plot_counts(counts: dict[str, dict[str, int]]) -> Figure:
     return fig
 
 
+@closed
 def plot_history(history: Sequence[dict], best_epoch: int | None = None) -> Figure:
     """Loss, accuracy and validation AUC per epoch; the kept epoch marked."""
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    aucs = ("val_auc", "val_video_auc") if "val_video_auc" in history[0] else ("val_auc",)
-    for ax, keys, title in zip(axes, (("train_loss", "val_loss"), ("train_acc", "val_acc"),
-                                      aucs), ("loss (BCE)", "accuracy", "validation AUC"),
-                               strict=True):
+    present = [k for k in ("val_auc", "val_video_auc", "sbi_auc") if k in history[0]]
+    losses = [k for k in ("train_loss", "val_loss", "sbi_loss") if k in history[0]]
+    for ax, keys, title in zip(axes, (losses, ("train_acc", "val_acc"), present),
+                               ("loss (BCE)", "accuracy", "validation AUC"), strict=True):
         for key in keys:
             ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
         if best_epoch:
@@ -113,6 +139,7 @@ def plot_history(history: Sequence[dict], best_epoch: int | None = None) -> Figu
     return fig
 
 
+@closed
 def plot_roc(labels, scores, title: str = "ROC (validation)", groups=None) -> Figure:
     """ROC curve of P(fake) with the AUC in the legend; with `groups` (a clip's frames share
     one), the video-level curve too (each video scored by its frames' mean P(fake))."""
@@ -136,6 +163,7 @@ def plot_roc(labels, scores, title: str = "ROC (validation)", groups=None) -> Fi
     return fig
 
 
+@closed
 def plot_confusion(confusion: Sequence[Sequence[int]], threshold: float) -> Figure:
     """Confusion matrix, rows = true class, columns = predicted class (real, fake)."""
     matrix = np.asarray(confusion)
@@ -153,6 +181,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], threshold: float) -> Figu
     return fig
 
 
+@closed
 def plot_score_hist(labels, scores, threshold: float) -> Figure:
     """Histograms of P(fake) for real and for fake images, with the threshold."""
     labels, scores = np.asarray(labels), np.asarray(scores)
@@ -169,6 +198,7 @@ def plot_score_hist(labels, scores, threshold: float) -> Figure:
     return fig
 
 
+@closed
 def plot_deletion(deletion: dict) -> Figure:
     """P(explained class) as the top pixels by CAM, and by random maps, are removed."""
     fig, ax = plt.subplots(figsize=(4.6, 3.4))
@@ -205,6 +235,7 @@ def counts_table(counts: dict[str, dict[str, int]]) -> str:
                            for split, by_class in counts.items()])
 
 
+@closed
 def plot_sweeps(sweeps: dict[str, list[dict]]) -> Figure:
     """ROC-AUC per perturbation level, one panel per kind (JPEG quality, blur, downscale)."""
     labels = {"jpeg": "JPEG quality", "blur": "Gaussian blur sigma (px)",
@@ -222,6 +253,7 @@ def plot_sweeps(sweeps: dict[str, list[dict]]) -> Figure:
     return fig
 
 
+@closed
 def plot_reliability(calibration: dict) -> Figure:
     """Reliability diagram: fraction fake against mean P(fake) per bin, with the ECE."""
     bins = [b for b in calibration["bins"] if b["n"]]

@@ -313,3 +313,23 @@ def test_resume_refuses_other_parameters_and_a_run_without_state(separable_split
     assert (tmp_path / "r" / LAST).is_file()
     with pytest.raises(ValueError, match="other values of lr"):
         train_run(TrainParams.from_mapping({**base, "resume": True, "lr": 0.5}))
+
+
+def test_a_progress_bar_starts_no_pass_of_its_loader():
+    """Making a bar must not call iter() on the loader (tqdm.auto's asyncio mixin does: an
+    extra pass of a DataLoader, which broke the exact resume with workers)."""
+    from dfutils.progress import tqdm
+
+    class Passes:
+        started = 0
+
+        def __iter__(self):
+            Passes.started += 1
+            return iter(range(3))
+
+        def __len__(self):
+            return 3
+
+    bar = tqdm(Passes(), disable=True)
+    assert Passes.started == 0
+    assert list(bar) == [0, 1, 2] and Passes.started == 1

@@ -292,6 +292,17 @@ def test_evaluate_crops_a_folder_of_clips_and_reports_videos(face_run, raw):
     assert {u["path"] for u in report["skipped"]} >= {"fake/text.mp4", "real/notes.txt"}
 
 
+def test_evaluate_on_a_folder_without_faces_says_so_in_one_line(face_run, tmp_path):
+    """No file gives a crop (found by the browser test: a TypeError escaped before)."""
+    from dfutils.inference import evaluate_folder
+
+    for label in ("real", "fake"):
+        (tmp_path / "sky" / label).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "sky" / label / "sky.png"), frame_of(0, face=False)[0])
+    with pytest.raises(ValueError, match=r"no real image under .*sky/real could be read"):
+        evaluate_folder(face_run, tmp_path / "sky", "sky", sweeps={})
+
+
 @pytest.mark.notebooks
 def test_the_chain_with_faces_reports_frame_and_video_level_metrics(raw, tmp_path):
     from dfutils import pipeline

@@ -131,6 +131,29 @@ def naive_epoch_rate(data_dir: Path, repeats: int) -> float:
     return median_rate(epoch, len(dataset), max(1, repeats - 2))
 
 
+def sbi_loading_rates(data_dir: Path, repeats: int) -> dict:
+    """Images/s of one pass of the training loader at 128 px (2 workers, no model): the
+    split's images, and real/self-blend pairs made from its reals (fakes="sbi"; a fixed
+    68-point face in the middle of each image, so no face detection is timed)."""
+    from dfutils import sbi
+
+    params = TrainParams(data_dir=str(data_dir), image_size=128, num_workers=2)
+    plain = data.train_val_loaders(params)[0]
+    reals = [s for s in data.read_manifest(data_dir, "train") if s.label == 0]
+    side = np.asarray(data.load_image(reals[0].path)).shape[0]
+    angles = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+    face = side / 2 + np.stack([0.3 * side * np.cos(angles), 0.38 * side * np.sin(angles)], 1)
+    transform = data.train_transform(128, params.jitter, flip=params.flip)
+    pairs = data.make_loader(sbi.TrainPairs(reals, [face] * len(reals), transform),
+                             params.batch_size // 2, True, 2, collate_fn=sbi.collate_pairs)
+
+    def one_pass(loader):
+        return lambda: sum(1 for _ in loader)
+
+    return {"plain": median_rate(one_pass(plain), len(plain.dataset), repeats),
+            "pairs": median_rate(one_pass(pairs), 2 * len(reals), repeats)}
+
+
 def gradcam_rates(device: torch.device, repeats: int) -> dict:
     """Ours vs pytorch-grad-cam on one batch of 32 at 224 px, and ours batched vs one by one."""
     from pytorch_grad_cam import GradCAM as Reference
@@ -336,6 +359,11 @@ def main() -> None:
         cached_s = statistics.median(h["seconds"] for h in cached["history"][1:])
         row("train, frozen, no augmentation: cached epoch", cached_s * 1000, "ms",
             uncached_s / cached_s, ">= 100x an uncached epoch")
+
+        loading = sbi_loading_rates(tmp / "data", max(1, repeats - 2))
+        row("training loader, 128 px: the split's images", loading["plain"], "img/s")
+        row("training loader, 128 px: real/self-blend pairs", loading["pairs"], "img/s",
+            loading["pairs"] / loading["plain"], "what fakes=\"sbi\" costs in loading")
 
         naive = naive_epoch_rate(tmp / "data", repeats)
         row("the original recipe's naive frozen epoch", naive, "img/s", rate / naive, "ours faster")

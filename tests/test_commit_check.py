@@ -1,0 +1,110 @@
+"""`make check-notebooks` checks what a commit would carry, not the working file: outputs a
+JupyterLab save leaves in the file pass while the nbstripout filter is installed, and fail
+when a commit would really carry them (no filter, or already staged)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dfutils import pipeline
+from dfutils.paths import REPO_ROOT
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A git repository holding one of our notebooks, committed clean, with the filter as
+    `make setup` installs it."""
+    repo = tmp_path / "repo"
+    (repo / "notebooks").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "notebooks" / "01-split.ipynb", repo / "notebooks")
+    (repo / ".gitattributes").write_text("*.ipynb filter=nbstripout\n")
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "test@example.org")
+    git(repo, "config", "user.name", "test")
+    install_filter(repo)
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "clean")
+    return repo
+
+
+def install_filter(repo: Path) -> None:
+    git(repo, "config", "filter.nbstripout.clean", f'"{sys.executable}" -m nbstripout')
+    git(repo, "config", "filter.nbstripout.smudge", "cat")
+    git(repo, "config", "filter.nbstripout.extrakeys", "metadata.language_info")
+
+
+def save_as_jupyterlab_does(path: Path) -> None:
+    """Outputs, execution counts and kernel details in the working file."""
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    code[0]["execution_count"] = 1
+    code[0]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["hello\n"]}]
+    nb["metadata"]["language_info"] = {"name": "python", "version": "3.11.2",
+                                       "mimetype": "text/x-python"}
+    path.write_text(json.dumps(nb, indent=1))
+
+
+def status(repo: Path) -> str:
+    return subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
+                          text=True).stdout
+
+
+def test_outputs_saved_in_the_working_file_do_not_fail_the_check(repo):
+    notebook = repo / "notebooks" / "01-split.ipynb"
+    save_as_jupyterlab_does(notebook)
+    assert pipeline.commit_problems(notebook) == []
+    assert pipeline.staged_text(notebook)[0] == (REPO_ROOT / "notebooks" /
+                                                 "01-split.ipynb").read_bytes()
+    # git lists the file (its size changed) until make lab's post-save hook records it
+    assert status(repo) == " M notebooks/01-split.ipynb\n"
+    assert pipeline.refresh_git_stat(os_path=str(notebook))
+    assert status(repo) == ""
+    assert b'"output_type"' in notebook.read_bytes()  # the outputs stay in the file
+
+
+def test_the_post_save_hook_never_stages_a_real_change(repo):
+    notebook = repo / "notebooks" / "01-split.ipynb"
+    save_as_jupyterlab_does(notebook)
+    nb = json.loads(notebook.read_text())
+    nb["cells"][0]["source"] = ["# a researcher's edit\n"]
+    notebook.write_text(json.dumps(nb, indent=1))
+    assert not pipeline.refresh_git_stat(os_path=str(notebook))
+    assert status(repo) == " M notebooks/01-split.ipynb\n"  # not staged: theirs to decide
+
+
+def test_outputs_fail_when_a_commit_would_carry_them(repo):
+    notebook = repo / "notebooks" / "01-split.ipynb"
+    save_as_jupyterlab_does(notebook)
+    git(repo, "config", "--unset", "filter.nbstripout.clean")  # no filter: the file as it is
+    problems = pipeline.commit_problems(notebook)
+    assert len(problems) == 1 and "carry outputs or execution counts" in problems[0]
+    assert "not installed (run `make setup`)" in problems[0]
+    git(repo, "add", "notebooks")  # staged without the filter ...
+    install_filter(repo)  # ... which a later `make setup` does not undo
+    problems = pipeline.commit_problems(notebook)
+    assert len(problems) == 1 and problems[0].startswith(f"{notebook}: as staged now")
+
+
+def test_a_notebook_must_name_the_projects_kernel(repo):
+    notebook = repo / "notebooks" / "01-split.ipynb"
+    nb = json.loads(notebook.read_text())
+    nb["metadata"]["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                    "language": "python"}
+    notebook.write_text(json.dumps(nb, indent=1))
+    (problem,) = pipeline.commit_problems(notebook)
+    assert "its kernel is 'python3', not the project's 'dfutils'" in problem
+
+
+def test_the_tracked_notebooks_pass_the_check():
+    for path in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")):
+        assert pipeline.commit_problems(path) == []
