@@ -373,6 +373,11 @@ def install_kernel() -> str:
                    prefix=sys.prefix)
 
 
+def _git(where: Path, *args: str) -> subprocess.CompletedProcess:
+    """git run in folder `where`; output as bytes."""
+    return subprocess.run(["git", *args], cwd=where, capture_output=True)
+
+
 def staged_text(path: Path, as_path: Path | None = None) -> tuple[bytes, str]:
     """What `git add` would stage for a file (as if it were at `as_path`): its content
     through the clean filter its git attributes name (nbstripout, which `make setup`
@@ -380,23 +385,21 @@ def staged_text(path: Path, as_path: Path | None = None) -> tuple[bytes, str]:
     word on which it was."""
     content = path.read_bytes()
     where = as_path or path
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=where.parent, capture_output=True, text=True)
-
-    top = git("rev-parse", "--show-toplevel")
+    top = _git(where.parent, "rev-parse", "--show-toplevel")
     if top.returncode != 0:
         return content, "not in a git work tree: the file as it is"
-    name = git("check-attr", "filter", "--", where.name).stdout.rpartition(": ")[2].strip()
+    root = top.stdout.decode().strip()
+    attribute = _git(where.parent, "check-attr", "filter", "--", where.name).stdout.decode()
+    name = attribute.rpartition(": ")[2].strip()
     if name in ("", "unspecified", "unset"):
         return content, "no git filter applies: the file as it is"
-    clean = git("config", "--get", f"filter.{name}.clean").stdout.strip()
+    clean = _git(where.parent, "config", "--get", f"filter.{name}.clean").stdout.decode().strip()
     if not clean:
         return content, (f"git filter {name!r} is not installed (run `make setup`): the file "
                          "as it is")
-    relative = where.resolve().relative_to(Path(top.stdout.strip()).resolve()).as_posix()
+    relative = where.resolve().relative_to(Path(root).resolve()).as_posix()
     filtered = subprocess.run(clean.replace("%f", shlex.quote(relative)), shell=True,
-                              cwd=top.stdout.strip(), input=content, capture_output=True)
+                              cwd=root, input=content, capture_output=True)
     if filtered.returncode != 0:
         raise RuntimeError(f"{path}: git filter {name!r} failed: {filtered.stderr.decode()}")
     return filtered.stdout, f"through git filter {name!r}"
@@ -413,18 +416,15 @@ def refresh_git_stat(os_path: str, **_: Any) -> bool:
     text, how = staged_text(path) if path.suffix == ".ipynb" else (b"", "")
     if not how.startswith("through git filter"):
         return False
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=path.parent, capture_output=True)
-
-    entry = git("ls-files", "--stage", "--", path.name).stdout.decode().split()
-    index = git("show", f":./{path.name}")
+    folder, name = path.parent, path.name
+    entry = _git(folder, "ls-files", "--stage", "--", name).stdout.decode().split()
+    index = _git(folder, "show", f":./{name}")
     if not entry or index.returncode != 0 or index.stdout != text:
         return False
-    git("add", "--", path.name)
-    if git("ls-files", "--stage", "--", path.name).stdout.decode().split()[:2] != entry[:2]:
+    _git(folder, "add", "--", name)
+    if _git(folder, "ls-files", "--stage", "--", name).stdout.decode().split()[:2] != entry[:2]:
         # saved again meanwhile with other content: put the entry back as it was
-        git("update-index", "--cacheinfo", f"{entry[0]},{entry[1]},{entry[3]}")
+        _git(folder, "update-index", "--cacheinfo", f"{entry[0]},{entry[1]},{entry[3]}")
         return False
     return True
 
@@ -436,8 +436,7 @@ def commit_problems(path: Path) -> list[str]:
     problems = []
     text, how = staged_text(path)
     versions = [(text, f"as git would stage it ({how})")]
-    index = subprocess.run(["git", "show", f":./{path.name}"], cwd=path.parent,
-                           capture_output=True)
+    index = _git(path.parent, "show", f":./{path.name}")
     if index.returncode == 0:
         versions.append((index.stdout, "as staged now"))
     for content, where in versions:

@@ -233,11 +233,11 @@ def landmarks_of(data_dir: str | os.PathLike, samples: Sequence[Sample]
     return [found[p] for p in rel], counts
 
 
-def reals_with_faces(data_dir: str | os.PathLike, split: str
+def reals_with_faces(data_dir: str | os.PathLike, split: str, limit: int | None = None
                      ) -> tuple[list[Sample], list[np.ndarray], dict[str, int]]:
-    """The real images of one split that have a face, their landmarks, and the counts of
-    `landmarks_of` (with "reals": how many real images the split holds)."""
-    reals = [s for s in read_manifest(data_dir, split) if s.label == 0]
+    """The real images of one split (its first `limit`) that have a face, their landmarks,
+    and the counts of `landmarks_of` (with "reals": how many real images were looked at)."""
+    reals = [s for s in read_manifest(data_dir, split) if s.label == 0][:limit]
     landmarks, counts = landmarks_of(data_dir, reals)
     kept = [(s, lm) for s, lm in zip(reals, landmarks, strict=True) if lm is not None]
     return [s for s, _ in kept], [lm for _, lm in kept], {"reals": len(reals), **counts}
@@ -303,12 +303,10 @@ class ValidationBlends(Dataset):
 
 def validation_blends(data_dir: str | os.PathLike, limit: int | None = None, transform=None
                       ) -> tuple[ValidationBlends, dict[str, int]]:
-    """The validation self-blends of a split (of its first `limit` reals with a face)."""
-    reals = [s for s in read_manifest(data_dir, "val") if s.label == 0][:limit]
-    landmarks, counts = landmarks_of(data_dir, reals)
-    kept = [(s, lm) for s, lm in zip(reals, landmarks, strict=True) if lm is not None]
-    return (ValidationBlends(data_dir, [s for s, _ in kept], [lm for _, lm in kept],
-                             transform), {"reals": len(reals), **counts})
+    """The validation self-blends of a split (of those of its first `limit` reals that have
+    a face) and the counts of `reals_with_faces`."""
+    reals, landmarks, counts = reals_with_faces(data_dir, "val", limit)
+    return ValidationBlends(data_dir, reals, landmarks, transform), counts
 
 
 def loaders(params) -> tuple[DataLoader, DataLoader, dict]:
@@ -325,16 +323,15 @@ def loaders(params) -> tuple[DataLoader, DataLoader, dict]:
             "on photos or clips, or use fakes='data')")
     augment = train_transform(params.image_size, params.jitter, params.jpeg_prob,
                               params.blur_prob, params.flip, params.crop_scale, params.erasing)
-    val_reals, val_landmarks, val_counts = reals_with_faces(params.data_dir, "val")
-    if not val_reals:
+    val, val_counts = validation_blends(params.data_dir,
+                                        transform=eval_transform(params.image_size))
+    if not val.samples:
         raise ValueError(f"fakes='sbi' found no face in the validation reals of "
                          f"{resolve(params.data_dir)}: there is nothing to validate on")
     pairs = make_loader(TrainPairs(train, train_landmarks, augment),
                         max(params.batch_size // 2, 1), True, params.num_workers, params.seed,
                         collate_fn=collate_pairs)
-    blends = make_loader(ValidationBlends(params.data_dir, val_reals, val_landmarks,
-                                          eval_transform(params.image_size)),
-                         params.batch_size, False, params.num_workers, params.seed)
+    blends = make_loader(val, params.batch_size, False, params.num_workers, params.seed)
     return pairs, blends, {"train": train_counts, "val": val_counts}
 
 
