@@ -341,6 +341,7 @@ def summarise(run_dir: Path) -> dict:
     current = {name: s for name, s in steps.items() if s.get("status") == "done"}
     train = (current.get("02-train") or {}).get("metrics") or {}
     cam = (current.get("03-gradcam") or {}).get("metrics") or {}
+    on_blends = (cam.get("self_blends") or {}).get("localization") or {}
     summary = {
         "val_auc": train.get("auc"),
         "val_video_auc": (train.get("video") or {}).get("auc"),
@@ -351,10 +352,8 @@ def summarise(run_dir: Path) -> dict:
         "pointing_cam": (cam.get("localization") or {}).get("pointing_cam"),
         "pointing_random": (cam.get("localization") or {}).get("pointing_random"),
         "sbi_auc": (train.get("sbi") or {}).get("auc"),
-        "self_blend_pointing_cam": ((cam.get("self_blends") or {}).get("localization")
-                                    or {}).get("pointing_cam"),
-        "self_blend_pointing_random": ((cam.get("self_blends") or {}).get("localization")
-                                       or {}).get("pointing_random"),
+        "self_blend_pointing_cam": on_blends.get("pointing_cam"),
+        "self_blend_pointing_random": on_blends.get("pointing_random"),
         "seconds": round(sum(s.get("seconds", 0) for s in current.values()), 1),
     }
     write_json(run_dir / "run.json", {**record, "summary": summary})
