@@ -43,7 +43,7 @@ setup: $(STAMP) ## Create .venv, install the pinned packages and dfutils, regist
 LAB_DIR ?= notebooks
 lab: $(STAMP) ## Open JupyterLab on notebooks/ (LAB_DIR=...), on this machine only, with a token
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir=$(call quote,$(value LAB_DIR)) --ServerApp.ip=127.0.0.1 \
-		--ContentsManager.post_save_hook=dfutils.pipeline.refresh_git_stat \
+		--ContentsManager.post_save_hook=dfutils.jupyter.refresh_git_stat \
 		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 # Debian's chromium and its chromedriver, for the browser tests (no driver can be downloaded).
@@ -69,7 +69,7 @@ faces: $(STAMP) ## Run 00-faces headlessly into FACES_DIR, its notebook in FACES
 split: $(STAMP) ## Run 01-split headlessly into DATA_DIR, its notebook in DATA_DIR/split-run (RAW_DIR= DATA_DIR= ...)
 	$(PY) -m dfutils run-all --replace-run --beside-data STEPS=01-split $(call args,RUN STEPS)
 
-run-all: $(STAMP) ## Run 01-split, 02-train, 03-gradcam into runs/<RUN> (RUN= PARAMS= OVERWRITE=1 key=value ...)
+run-all: $(STAMP) ## Run the notebook chain into runs/<RUN>: 01-split, 02-train, 03-gradcam (00-faces with FACES=1, 04-evaluate with EVAL_DIR=; RUN= PARAMS= OVERWRITE=1 RESUME=1 key=value ...)
 	$(PY) -m dfutils run-all $(call args)
 
 demo: $(STAMP) ## Build the demo data set and run the whole chain on it into runs/demo

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,12 +21,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from dfutils import LABELS
+from dfutils import LABELS, archs, files
 from dfutils.distributed import per_rank_batch, world
 from dfutils.paths import resolve
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+if TYPE_CHECKING:
+    from dfutils.params import TrainParams
+
+# The splits a manifest may hold. `test` comes from a data set's official test list; nothing
+# trains or selects on it: the loaders of training read train and val only.
+SPLITS = ("train", "val", "test")
 
 
 class ImageLoadError(OSError):
@@ -47,9 +51,11 @@ class Sample:
 
 
 def read_manifest(data_dir: str | os.PathLike, split: str | None = None) -> list[Sample]:
-    """The rows of data_dir/manifest.csv (optionally one split), in file order."""
+    """The rows of data_dir/manifest.csv (optionally one split of SPLITS), in file order."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     data_dir = resolve(data_dir)
-    manifest = data_dir / "manifest.csv"
+    manifest = data_dir / files.MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(
             f"{manifest} not found: run the split first (notebook 01-split or `make split`)"
@@ -123,21 +129,20 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(mask) >= 128
 
 
-def eval_transform(image_size: int) -> v2.Compose:
-    """Resize to a square and normalise with ImageNet statistics."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize((image_size, image_size), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+def _normalise(arch: str) -> v2.Compose:
+    entry = archs.get(arch)
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(entry.mean, entry.std)])
 
 
-def train_transform(image_size: int, jitter: Sequence[float] = (0.2, 0.2, 0.2, 0.0),
-                    jpeg_prob: float = 0.0, blur_prob: float = 0.0, flip: bool = True,
-                    crop_scale: float = 1.0, erasing: float = 0.0) -> v2.Compose:
-    """The original recipe's augmentation (colour jitter, horizontal flip) plus optional JPEG and
-    blur.
+def eval_transform(image_size: int, arch: str = archs.DEFAULT) -> v2.Compose:
+    """Resize to a square and normalise as the architecture's weights expect."""
+    return v2.Compose([v2.ToImage(), v2.Resize((image_size, image_size), antialias=True),
+                       *_normalise(arch).transforms])
+
+
+def train_transform(params: TrainParams) -> v2.Compose:
+    """The training augmentation of a TrainParams: the original recipe's colour jitter and
+    horizontal flip, plus optional JPEG, blur, random resized crops and erasing.
 
     Resizing comes first so every later step works on the small image. JPEG re-encoding
     and blur at random strengths are the robustness recipe of Wang et al. (CVPR 2020).
@@ -145,24 +150,24 @@ def train_transform(image_size: int, jitter: Sequence[float] = (0.2, 0.2, 0.2, 0
     `erasing` is the probability of blanking one rectangle (2-25 % of the image) to the
     mean colour, after normalisation.
     """
-    brightness, contrast, saturation, hue = jitter
-    size = (image_size, image_size)
-    resize = (v2.Resize(size, antialias=True) if crop_scale >= 1 else
-              v2.RandomResizedCrop(size, scale=(crop_scale, 1.0), ratio=(0.9, 1.1),
+    size = (params.image_size, params.image_size)
+    resize = (v2.Resize(size, antialias=True) if params.crop_scale >= 1 else
+              v2.RandomResizedCrop(size, scale=(params.crop_scale, 1.0), ratio=(0.9, 1.1),
                                    antialias=True))
     steps: list = [v2.ToImage(), resize]
-    if jpeg_prob > 0:
-        steps.append(v2.RandomApply([v2.JPEG(quality=(30, 100))], p=jpeg_prob))
-    if blur_prob > 0:
-        kernel = 2 * (image_size // 16) + 1  # odd, about 1/8 of the side: room for sigma 3
-        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 3.0))], p=blur_prob))
-    if any(jitter):
-        steps.append(v2.ColorJitter(brightness, contrast, saturation, hue))
-    if flip:
+    if params.jpeg_prob > 0:
+        steps.append(v2.RandomApply([v2.JPEG(quality=(30, 100))], p=params.jpeg_prob))
+    if params.blur_prob > 0:
+        kernel = 2 * (params.image_size // 16) + 1  # odd, about 1/8 of the side: room for sigma 3
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 3.0))],
+                                    p=params.blur_prob))
+    if any(params.jitter):
+        steps.append(v2.ColorJitter(*params.jitter))
+    if params.flip:
         steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if erasing > 0:
-        steps.append(v2.RandomErasing(p=erasing, scale=(0.02, 0.25), value=0))
+    steps += _normalise(params.arch).transforms
+    if params.erasing > 0:
+        steps.append(v2.RandomErasing(p=params.erasing, scale=(0.02, 0.25), value=0))
     return v2.Compose(steps)
 
 
@@ -215,16 +220,16 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     )
 
 
-def val_loader(params) -> DataLoader:
+def val_loader(params: TrainParams) -> DataLoader:
     """The validation loader of a TrainParams: the split's val images, not augmented."""
-    val = ManifestDataset(read_manifest(params.data_dir, "val"), eval_transform(params.image_size))
+    val = ManifestDataset(read_manifest(params.data_dir, "val"),
+                          eval_transform(params.image_size, params.arch))
     return make_loader(val, params.batch_size, False, params.num_workers, params.seed)
 
 
-def train_val_loaders(params) -> tuple[DataLoader, DataLoader]:
-    """The training loader (augmented, shuffled) and the validation loader of a TrainParams."""
-    train = ManifestDataset(read_manifest(params.data_dir, "train"), train_transform(
-        params.image_size, params.jitter, params.jpeg_prob, params.blur_prob, params.flip,
-        params.crop_scale, params.erasing))
+def train_val_loaders(params: TrainParams) -> tuple[DataLoader, DataLoader]:
+    """The training loader (augmented, shuffled) and the validation loader of a TrainParams.
+    Training reads only the train split, validation only val: never test."""
+    train = ManifestDataset(read_manifest(params.data_dir, "train"), train_transform(params))
     return (make_loader(train, params.batch_size, True, params.num_workers, params.seed),
             val_loader(params))

@@ -6,7 +6,7 @@ FFmpeg, walked with grab() and decoded with retrieve() only where chosen (frame-
 cheaper than seeking). Faces come from dlib's HOG detector and its 68-point landmark model
 (shipped by the face-recognition-models package; trained on iBUG 300-W, whose terms exclude
 commercial use). raw_dir is only read. Like the split, the output is built aside and swapped
-in, and faces_dir may hold only what this step wrote.
+in, and faces_dir may hold only what this step wrote (`folders.OwnedFolder`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import functools
 import importlib.util
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -25,27 +24,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dfutils import CLASSES
+from dfutils import CLASSES, files
 from dfutils.data import ImageLoadError, load_image
+from dfutils.folders import IMAGE_SUFFIXES, VIDEO_SUFFIXES, OwnedFolder, scan_classes
 from dfutils.params import FacesParams
-from dfutils.paths import (
-    fingerprint,
-    first_unlisted,
-    new_partial,
-    remove_partials,
-    resolve,
-    swap_in,
-    walk_files,
-    write_json,
-)
+from dfutils.paths import fingerprint, resolve, write_json
 from dfutils.progress import tqdm
 
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-CSV = "faces.csv"  # one row per crop
-REPORT = "faces_report.json"  # per source: frames read, faces found, or why it was skipped
-OWNED = ("real", "fake", CSV, REPORT)
-FIELDS = ("path", "label", "source", "frame", "box", "score", "landmarks")
+FIELDS = ("path", "label", "source", "frame", "box", "score", "landmarks")  # of faces.csv
 
 
 class FacesError(ValueError):
@@ -173,23 +159,10 @@ def read_frames(path: Path, k: int) -> Iterator[tuple[int, np.ndarray]]:
 
 def scan(raw_dir: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
     """Photos and clips under raw_dir/{real,fake} (path relative to raw_dir, label), and the
-    files skipped with their reason."""
-    if not raw_dir.is_dir():
-        raise FacesError(f"raw folder {raw_dir} does not exist: create {raw_dir}/real and "
-                         f"{raw_dir}/fake and put your photos or clips there")
-    sources, skipped = [], []
-    for label in CLASSES:
-        if not (raw_dir / label).is_dir():
-            raise FacesError(f"class folder {raw_dir / label} is missing: put your {label} "
-                             "photos or clips in it (subfolders are fine)")
-        kinds = (f"a photo ({', '.join(sorted(IMAGE_SUFFIXES))}) or a clip "
-                 f"({', '.join(sorted(VIDEO_SUFFIXES))})")
-        for rel, shown, problem in walk_files(raw_dir, raw_dir / label,
-                                              VIDEO_SUFFIXES | IMAGE_SUFFIXES, kinds):
-            if problem:
-                skipped.append({"source": shown, "reason": problem})
-            else:
-                sources.append((rel, label))
+    files skipped, each {"source", "reason"}."""
+    sources, skipped = scan_classes(raw_dir, IMAGE_SUFFIXES | VIDEO_SUFFIXES,
+                                    "photos or clips")
+    skipped = [{"source": s["path"], "reason": s["reason"]} for s in skipped]
     taken: dict[Path, Path] = {}  # crops are named by the path without its suffix
     for rel, label in list(sources):
         first = taken.setdefault(rel.with_suffix(""), rel)
@@ -262,32 +235,21 @@ def params_of(settings: dict) -> FacesParams:
                                      if k in FacesParams.names()})
 
 
-def read_report(faces_dir: Path) -> dict | None:
+def _written(faces_dir: Path, report: dict) -> set[str]:
+    with open(faces_dir / files.FACES, newline="") as f:
+        return {row["path"] for row in csv.DictReader(f)}
+
+
+# What the faces step owns inside faces_dir; the report comes in last.
+FOLDER = OwnedFolder(
+    step="the faces step", result="faces", option="faces_dir",
+    entries=(*CLASSES, files.FACES, files.FACES_REPORT), folders=CLASSES,
+    report=files.FACES_REPORT, listed=_written, prefix="faces", error=FacesError)
+
+
+def read_report(faces_dir: str | os.PathLike) -> dict | None:
     """The report of a complete faces step in faces_dir, or None."""
-    if not ((faces_dir / REPORT).is_file() and (faces_dir / CSV).is_file()):
-        return None
-    try:
-        report = json.loads((faces_dir / REPORT).read_text())
-    except (ValueError, OSError):
-        return None
-    return report if isinstance(report, dict) and "params" in report else None
-
-
-def check_replaceable(faces_dir: Path, report: dict | None) -> None:
-    """Refuse, before anything changes, to replace what this step did not write."""
-    present = [n for n in OWNED if os.path.lexists(faces_dir / n)]
-    if not present:
-        return
-    advice = (f"move it out of {faces_dir} or choose another faces_dir: the faces step "
-              "replaces only files it wrote")
-    if report is None:
-        raise FacesError(f"{faces_dir / present[0]} is in the way and was not written by the "
-                         f"faces step: {advice}")
-    with open(faces_dir / CSV, newline="") as f:
-        written = {row["path"] for row in csv.DictReader(f)}
-    intruder = first_unlisted(faces_dir, CLASSES, written)
-    if intruder is not None:
-        raise FacesError(f"{intruder} was not written by the faces step: {advice}")
+    return FOLDER.read_report(resolve(faces_dir))
 
 
 def extract_faces(params: FacesParams, workers: int | None = None) -> dict:
@@ -304,21 +266,11 @@ def extract_faces(params: FacesParams, workers: int | None = None) -> dict:
     settings = {k: v for k, v in params.to_dict().items() if k not in ("faces_dir", "overwrite")}
     settings["raw_dir"] = str(raw_dir)
     stamp = fingerprint(raw_dir, [rel.as_posix() for rel, _ in sources])
-    existing = read_report(faces_dir)
+    existing = FOLDER.current(faces_dir, settings, stamp, params.overwrite)
     if existing is not None:
-        if existing["params"] == settings and existing.get("fingerprint") == stamp:
-            return existing
-        if existing["params"] != settings and not params.overwrite:
-            raise FacesError(f"{faces_dir} already holds faces made with {existing['params']}; "
-                             "pass overwrite=True (OVERWRITE=1) to replace them, or choose "
-                             "another faces_dir")
-    check_replaceable(faces_dir, existing)
+        return existing
     model_file("shape_predictor_68_face_landmarks.dat")  # a missing install fails here, once
-
-    faces_dir.mkdir(parents=True, exist_ok=True)
-    remove_partials(faces_dir, ".faces-")
-    built = new_partial(faces_dir, ".faces-tmp-")
-    try:
+    with FOLDER.build(faces_dir) as built:
         one = functools.partial(extract_source, raw_dir, built, params)
         workers = workers or min(len(sources), os.cpu_count() or 1) or 1
         bar = functools.partial(tqdm, total=len(sources), desc="faces", unit="source")
@@ -338,21 +290,17 @@ def extract_faces(params: FacesParams, workers: int | None = None) -> dict:
             "unreadable": [e for e in entries if "reason" in e],
             "skipped": skipped,
         }
-        with open(built / CSV, "w", newline="", encoding="utf-8") as f:
+        with open(built / files.FACES, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        write_json(built / REPORT, report)
-    except BaseException:  # Ctrl-C included: drop the half-built crops, keep the old ones
-        shutil.rmtree(built, ignore_errors=True)
-        raise
-    swap_in(built, faces_dir, OWNED, ".faces-old-")  # the report last: then it is complete
+        write_json(built / files.FACES_REPORT, report)
     return report
 
 
 def read_faces(faces_dir: str | os.PathLike) -> dict[str, dict]:
     """faces.csv by crop path: label, source, frame, box, score, landmarks (68 x 2)."""
-    with open(resolve(faces_dir) / CSV, newline="") as f:
+    with open(resolve(faces_dir) / files.FACES, newline="") as f:
         return {row["path"]: {**row, "frame": int(row["frame"]), "score": float(row["score"]),
                               "box": json.loads(row["box"]),
                               "landmarks": np.array(json.loads(row["landmarks"]))}

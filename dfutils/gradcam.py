@@ -1,19 +1,24 @@
 """Grad-CAM for a one-logit real/fake model, batched, with faithfulness and localization checks.
 
-Three things public Grad-CAM code often gets wrong for a model like ours, and how this
-module handles them:
+pytorch-grad-cam (the reference the tests compare against) handles a one-logit model with
+its BinaryClassifierOutputTarget; what this module adds for this project:
 
-- the class target: a single logit z is the log-odds of fake, so evidence *for fake* is
-  the gradient of z and evidence *for real* the gradient of -z;
-- frozen backbones: with requires_grad off everywhere before `fc`, the target layer's
+- the three targets on one logit z, the log-odds of fake: evidence *for fake* is the
+  gradient of z, *for real* the gradient of -z, and "predicted" picks per image;
+- speed: the layers before the target layer run without a graph, and autograd is asked
+  for the gradient at that layer only (docs/performance.md measures it against the
+  reference);
+- frozen backbones: with requires_grad off everywhere before the head, the target layer's
   output carries no graph and its gradient never arrives; we make the captured activation
   a leaf that requires grad, so the gradient reaches it whatever the parameters' flags;
+- the checks: deletion against random maps, and localization (pointing game, IoU) against
+  ground-truth and self-blend masks, random maps drawn on the explained layer's grid;
 - colours: maps are plain [0, 1] arrays; turning them into RGB pixels is `viz.colorize`'s job.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from dfutils import archs, files
 from dfutils.data import eval_transform, load_image
+from dfutils.model import Checkpoint, forward
 from dfutils.params import CamLayer, CamTarget, GradCamParams, Selection, choices
 from dfutils.progress import tqdm
 
 TARGETS = choices(CamTarget)
-# Each ResNet stage's total stride: the explained layer's grid is the input size over it.
-STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
-OUT_DIR = "gradcam"  # in the run folder: overlays, grid.png, deletion.png, cam_metrics.json
-METRICS = f"{OUT_DIR}/cam_metrics.json"
 
 
 @dataclass
@@ -61,16 +64,19 @@ def scale_maps(cams: torch.Tensor) -> torch.Tensor:
 
 
 class GradCAM:
-    """Grad-CAM over `target_layer` (default `model.layer4[-1]`); use it as a context manager.
+    """Grad-CAM over `target_layer` (default: the architecture's "layer4", ResNet18's
+    `model.layer4[-1]`); use it as a context manager.
 
     Inside `with GradCAM(model) as cam:` one forward hook lives on the layer; leaving the
     block (also by an exception) removes it and restores every module's train/eval mode.
     Parameters' requires_grad flags are never touched and no `.grad` is written.
     """
 
-    def __init__(self, model: nn.Module, target_layer: nn.Module | None = None):
+    def __init__(self, model: nn.Module, target_layer: nn.Module | None = None,
+                 arch: str = archs.DEFAULT):
         self.model = model
-        self.layer = target_layer if target_layer is not None else model.layer4[-1]
+        self.layer = (target_layer if target_layer is not None else
+                      archs.get(arch).cam_layer(model, "layer4"))
         self._handle = None
         self._capturing = False
         self._activations: torch.Tensor | None = None
@@ -113,7 +119,7 @@ class GradCAM:
         self._capturing = True
         try:
             with torch.no_grad():
-                logits = self.model(images).reshape(-1)
+                logits, _ = forward(self.model, images)
             signs = _signs(logits.detach(), target)
             activations = self._activations
             (gradients,) = torch.autograd.grad((logits * signs).sum(), activations)
@@ -140,18 +146,6 @@ def random_maps(n: int, size: tuple[int, int], grid: tuple[int, int],
     return F.interpolate(noise, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
 
 
-def layer_grid(size: tuple[int, int], layer: CamLayer = "layer4") -> tuple[int, int]:
-    """The resolution of a ResNet layer's output for an input size."""
-    return math.ceil(size[0] / STRIDES[layer]), math.ceil(size[1] / STRIDES[layer])
-
-
-def target_layer(model: nn.Module, name: CamLayer = "layer4") -> nn.Module:
-    """The last block of a ResNet stage (layer4, the coarsest, is the default)."""
-    if name not in choices(CamLayer):
-        raise ValueError(f"layer must be one of {', '.join(choices(CamLayer))}, got {name!r}")
-    return getattr(model, name)[-1]
-
-
 def _remove(images: torch.Tensor, maps: np.ndarray, fraction: float, fill: str) -> torch.Tensor:
     """Images with the top `fraction` of pixels by map replaced (per image)."""
     n, _, h, w = images.shape
@@ -174,7 +168,7 @@ def _remove(images: torch.Tensor, maps: np.ndarray, fraction: float, fill: str) 
 
 @torch.no_grad()
 def _p_class(model: nn.Module, images: torch.Tensor, explained: np.ndarray) -> np.ndarray:
-    p_fake = torch.sigmoid(model(images).reshape(-1)).cpu().numpy()
+    p_fake = forward(model, images)[1].cpu().numpy()
     return np.where(explained == 1, p_fake, 1 - p_fake)
 
 
@@ -281,39 +275,38 @@ def _rgb(image: str | Path | np.ndarray) -> np.ndarray:
     return image if isinstance(image, np.ndarray) else np.asarray(load_image(image))
 
 
-def explain(model: nn.Module, paths: Sequence[str | Path | np.ndarray], image_size: int,
+def explain(checkpoint: Checkpoint, paths: Sequence[str | Path | np.ndarray],
             target: CamTarget = "predicted", batch_size: int = 16, layer: CamLayer = "layer4"
             ) -> tuple[torch.Tensor, CamResult]:
-    """Grad-CAM for image files (or RGB arrays), in batches: the model inputs and the maps
-    at image_size."""
-    transform = eval_transform(image_size)
+    """Grad-CAM of a checkpoint's model for image files (or RGB arrays), in batches: the
+    model inputs and the maps at the checkpoint's image size."""
+    size, arch = checkpoint.image_size, checkpoint.arch
+    transform = eval_transform(size, arch.name)
     inputs = torch.stack([transform(p if isinstance(p, np.ndarray) else load_image(p))
-                          for p in paths]) if paths else torch.zeros(
-        (0, 3, image_size, image_size))
+                          for p in paths]) if paths else torch.zeros((0, 3, size, size))
     parts = []
-    with GradCAM(model, target_layer(model, layer)) as cam:
+    with GradCAM(checkpoint.model, arch.cam_layer(checkpoint.model, layer)) as cam:
         for start in tqdm(range(0, len(inputs), batch_size), desc="grad-cam", unit="batch",
                           leave=False):
             parts.append(cam(inputs[start:start + batch_size], target))
-    grid = layer_grid((image_size, image_size), layer)
+    grid = arch.grid((size, size), layer)
     if not parts:
         empty = np.zeros(0)
-        return inputs, CamResult(np.zeros((0, image_size, image_size), np.float32), empty, empty,
-                                 grid)
+        return inputs, CamResult(np.zeros((0, size, size), np.float32), empty, empty, grid)
     return inputs, CamResult(*(np.concatenate([getattr(p, f) for p in parts])
                                for f in ("maps", "p_fake", "explained")), grid)
 
 
-def write_overlays(model: nn.Module, paths: Sequence[Path | np.ndarray], outputs: Sequence[Path],
-                   image_size: int, target: CamTarget = "predicted", layer: CamLayer = "layer4",
-                   alpha: float = 0.5, batch_size: int = 16, replace: bool = True
-                   ) -> tuple[CamResult, list[np.ndarray]]:
+def write_overlays(checkpoint: Checkpoint, paths: Sequence[Path | np.ndarray],
+                   outputs: Sequence[Path], target: CamTarget = "predicted",
+                   layer: CamLayer = "layer4", alpha: float = 0.5, batch_size: int = 16,
+                   replace: bool = True) -> tuple[CamResult, list[np.ndarray]]:
     """Grad-CAM of each image file (or RGB array) overlaid on it and written as PNG to its
     output path (`replace=False`: an existing file is never overwritten); the maps and the
     overlays."""
     from dfutils import viz
 
-    _, cams = explain(model, paths, image_size, target, batch_size, layer)
+    _, cams = explain(checkpoint, paths, target, batch_size, layer)
     overlays = []
     for path, output, cam in zip(paths, outputs, cams.maps, strict=True):
         overlays.append(viz.overlay(_rgb(path), cam, alpha))
@@ -344,8 +337,7 @@ class BlendMaps:
         return localization(list(self.maps), self.masks, seed=seed, grid=self.grid)
 
 
-def self_blend_maps(model: nn.Module, params: GradCamParams, size: int
-                    ) -> tuple[BlendMaps, dict]:
+def self_blend_maps(checkpoint: Checkpoint, params: GradCamParams) -> tuple[BlendMaps, dict]:
     """Grad-CAM for fake on the fixed validation self-blends of the split's first n_eval
     validation reals that have a face (dfutils.sbi; the same for every run on the split),
     whatever the run trained on; and the landmark counts. None found: an empty BlendMaps."""
@@ -353,6 +345,7 @@ def self_blend_maps(model: nn.Module, params: GradCamParams, size: int
 
     from dfutils import sbi
 
+    size = checkpoint.image_size
     blends, found = sbi.validation_blends(params.data_dir, limit=params.n_eval)
     n = len(blends.samples)
     images, masks = [], []
@@ -360,73 +353,82 @@ def self_blend_maps(model: nn.Module, params: GradCamParams, size: int
         image, _, mask = blends.image(i)
         images.append(image)
         masks.append(cv2.resize(mask, (size, size), interpolation=cv2.INTER_LINEAR) > 0)
-    _, cams = explain(model, images, size, "fake", params.batch_size, params.layer)
+    _, cams = explain(checkpoint, images, "fake", params.batch_size, params.layer)
     return BlendMaps(images, masks, cams.maps, cams.p_fake, cams.grid), found
+
+
+def mask_localization(checkpoint: Checkpoint, predictions: list, params: GradCamParams
+                      ) -> dict:
+    """Localization of Grad-CAM for fake against the ground-truth masks of the first n_eval
+    validation images that have one ({"n": 0} when none has)."""
+    from dfutils.data import load_mask
+
+    with_mask = [p for p in predictions if p.mask is not None][:params.n_eval]
+    if not with_mask:
+        return {"n": 0}
+    size = checkpoint.image_size
+    _, cams = explain(checkpoint, [p.path for p in with_mask], "fake", params.batch_size,
+                      params.layer)
+    masks = [load_mask(p.mask, (size, size)) for p in with_mask]
+    return localization(list(cams.maps), masks, seed=params.seed, grid=cams.grid)
 
 
 @dataclass
 class CamReport:
     """What 03-gradcam shows: the overlays of the chosen images, their grid, and the checks."""
 
-    checkpoint: object  # model.Checkpoint
+    checkpoint: Checkpoint
     n_predictions: int
     overlays: list[np.ndarray]
     titles: list[str]
     deletion: dict
     localization: dict
     metrics: dict  # as written to cam_metrics.json
-    figures: dict = field(default_factory=dict)  # "grid.png", "deletion.png"
+    figures: dict = field(default_factory=dict)  # files.CAM_FIGURES: the grid, the deletion
 
 
 def gradcam_run(params: GradCamParams) -> CamReport:
-    """The 03-gradcam step: overlays of chosen validation images, their grid, the deletion
-    check, and localization against ground-truth masks where the split has them; everything
-    written to <run>/gradcam/."""
+    """The 03-gradcam step: overlays of chosen validation images and of self-blends, their
+    grid, the deletion check, and localization against ground-truth masks where the split
+    has them and against self-blend masks; everything written to <run>/gradcam/."""
     from dfutils import viz
-    from dfutils.data import load_mask, read_predictions
-    from dfutils.model import CHECKPOINT_FILE, load_checkpoint
+    from dfutils.data import read_predictions
+    from dfutils.model import load_checkpoint
     from dfutils.paths import resolve, write_json
     from dfutils.runs import seed_everything
-    from dfutils.train import PREDICTIONS
 
     seed_everything(params.seed)
     run = resolve(params.run_dir)
-    out = run / OUT_DIR
-    checkpoint = load_checkpoint(run / CHECKPOINT_FILE)
-    model, size, threshold = checkpoint.model, checkpoint.image_size, checkpoint.threshold
-    predictions = read_predictions(run / PREDICTIONS, params.data_dir)
+    out = run / files.GRADCAM
+    checkpoint = load_checkpoint(run / files.MODEL)
+    predictions = read_predictions(run / files.PREDICTIONS, params.data_dir)
     labels = np.array([p.label for p in predictions])
     scores = np.array([p.p_fake for p in predictions])
+    pick = functools.partial(select_images, labels, scores, threshold=checkpoint.threshold,
+                             seed=params.seed)
 
-    chosen = select_images(labels, scores, params.n_images, params.select, threshold,
-                           params.seed)
+    chosen = pick(params.n_images, params.select)
     paths = [predictions[i].path for i in chosen]
-    cams, overlays = write_overlays(model, paths, [out / f"{p.stem}.png" for p in paths], size,
+    cams, overlays = write_overlays(checkpoint, paths, [out / f"{p.stem}.png" for p in paths],
                                     params.target, params.layer, params.alpha,
                                     params.batch_size)
     titles = [f"true {'fake' if labels[i] else 'real'} · P(fake) {p:.2f}"
               for i, p in zip(chosen, cams.p_fake, strict=True)]
 
-    eval_index = select_images(labels, scores, params.n_eval, "random", threshold, params.seed)
-    eval_inputs, eval_cams = explain(model, [predictions[i].path for i in eval_index], size,
+    eval_index = pick(params.n_eval, "random")
+    eval_inputs, eval_cams = explain(checkpoint, [predictions[i].path for i in eval_index],
                                      params.target, params.batch_size, params.layer)
-    deletion = deletion_score(model, eval_inputs, eval_cams.maps, eval_cams.explained,
-                              seed=params.seed, grid=eval_cams.grid)
+    deletion = deletion_score(checkpoint.model, eval_inputs, eval_cams.maps,
+                              eval_cams.explained, seed=params.seed, grid=eval_cams.grid)
+    located = mask_localization(checkpoint, predictions, params)
 
-    with_mask = [i for i, p in enumerate(predictions) if p.mask is not None][:params.n_eval]
-    located: dict = {"n": 0}
-    if with_mask:
-        _, mask_cams = explain(model, [predictions[i].path for i in with_mask], size, "fake",
-                               params.batch_size, params.layer)
-        masks = [load_mask(predictions[i].mask, (size, size)) for i in with_mask]
-        located = localization(list(mask_cams.maps), masks, seed=params.seed,
-                               grid=mask_cams.grid)
-    blends, found = self_blend_maps(model, params, size)
+    blends, found = self_blend_maps(checkpoint, params)
     shown = min(SELF_BLENDS_SHOWN, len(blends))
     for i, (image, mask, cam, p) in enumerate(zip(*blends.shown(shown), strict=True)):
         overlays.append(viz.outline(viz.overlay(image, cam, params.alpha), mask))
         titles.append(f"self-blend · P(fake) {p:.2f}")
         viz.save_rgb(out / f"self-blend-{i:02d}.png", overlays[-1])
+
     grid = viz.image_grid(overlays, titles, ncols=4, title=(
         f"Grad-CAM ({params.target}; on self-blends: fake, mask outlined) on "
         f"{params.layer}[-1], {params.select} selection"))
@@ -434,9 +436,9 @@ def gradcam_run(params: GradCamParams) -> CamReport:
                "n_images": len(chosen), "n_eval": len(eval_index), "deletion": deletion,
                "localization": located,
                "self_blends": {"faces": found, "localization": blends.localization(params.seed)}}
-    figures = {"grid.png": grid, "deletion.png": viz.plot_deletion(deletion)}
+    figures = dict(zip(files.CAM_FIGURES, (grid, viz.plot_deletion(deletion)), strict=True))
     for name, fig in figures.items():
         viz.save_figure(fig, out / name)
-    write_json(run / METRICS, metrics)
+    write_json(run / files.CAM_METRICS, metrics)
     return CamReport(checkpoint, len(predictions), overlays, titles, deletion, located,
                      metrics, figures)

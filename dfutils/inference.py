@@ -1,5 +1,6 @@
-"""Using a trained run: score new images, and evaluate on a labelled folder with robustness
-sweeps (JPEG, blur, downscaling) and calibration."""
+"""Using a trained run: score new images and clips (`predict_run`), and evaluate on a
+labelled folder or a split's val or test images (`evaluate_folder`) with robustness sweeps
+(JPEG, blur, downscaling) and calibration."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
-from dfutils import LABELS
-from dfutils.data import ImageLoadError, eval_transform, load_image
+from dfutils import LABELS, archs, files
+from dfutils.data import ImageLoadError, eval_transform, load_image, read_manifest
 from dfutils.distributed import device as default_device
+from dfutils.folders import IMAGE_SUFFIXES, scan_classes
 from dfutils.metrics import (
     binary_metrics,
     calibration_bins,
@@ -24,13 +26,10 @@ from dfutils.metrics import (
     grouped,
     video_metrics,
 )
-from dfutils.model import CHECKPOINT_FILE, Checkpoint, load_checkpoint
-from dfutils.paths import file_problem, is_plain_name, resolve, write_json
+from dfutils.model import Checkpoint, forward, load_checkpoint
+from dfutils.params import EvalParams, PredictParams
+from dfutils.paths import file_problem, is_plain_name, resolve, write_csv, write_json
 from dfutils.progress import tqdm
-from dfutils.split import scan
-from dfutils.train import to_device
-
-REPORT = "report.json"  # in eval_folder(run_dir, name), with the figures
 
 Perturb = Callable[[Image.Image], Image.Image]
 SWEEPS: dict[str, tuple] = {
@@ -74,9 +73,10 @@ PERTURBATIONS: dict[str, Callable[[float], Perturb]] = {"jpeg": jpeg, "blur": bl
 class FileDataset(Dataset):
     """(tensor, index, error) per file; an unreadable file gives an error, not an exception."""
 
-    def __init__(self, files: Sequence[Path], image_size: int, perturb: Perturb | None = None):
+    def __init__(self, files: Sequence[Path], image_size: int, perturb: Perturb | None = None,
+                 arch: str = archs.DEFAULT):
         self.files, self.image_size = list(files), image_size
-        self.transform, self.perturb = eval_transform(image_size), perturb
+        self.transform, self.perturb = eval_transform(image_size, arch), perturb
 
     def __len__(self) -> int:
         return len(self.files)
@@ -94,16 +94,16 @@ class FileDataset(Dataset):
 @torch.inference_mode()
 def score_files(model: torch.nn.Module, files: Sequence[Path], image_size: int,
                 batch_size: int = 32, num_workers: int = 0, perturb: Perturb | None = None,
-                device: torch.device | None = None, desc: str = "scoring"
-                ) -> tuple[np.ndarray, list[str]]:
+                device: torch.device | None = None, desc: str = "scoring",
+                arch: str = archs.DEFAULT) -> tuple[np.ndarray, list[str]]:
     """P(fake) per file (NaN where unreadable) and the error of each file ("" when scored)."""
     device = device or default_device()
     model.eval().to(device, memory_format=torch.channels_last)
-    loader = DataLoader(FileDataset(files, image_size, perturb), batch_size=batch_size,
+    loader = DataLoader(FileDataset(files, image_size, perturb, arch), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     scores, errors = np.full(len(files), np.nan), [""] * len(files)
     for images, indices, batch_errors in tqdm(loader, desc=desc, unit="batch", leave=False):
-        p_fake = torch.sigmoid(model(to_device(images, device)).reshape(-1).float()).cpu().numpy()
+        p_fake = forward(model, images, device)[1].cpu().numpy()
         for i, p, error in zip(indices.tolist(), p_fake, batch_errors, strict=True):
             if error:
                 errors[i] = error
@@ -151,10 +151,11 @@ def predict(run: str | os.PathLike | Checkpoint, inputs: Sequence[Input], batch_
     """Rows of (path, p_fake, label, status) for every input, scored as they are, and the
     checkpoint used (`run`: a run folder or a loaded checkpoint)."""
     checkpoint = run if isinstance(run, Checkpoint) else load_checkpoint(
-        resolve(run) / CHECKPOINT_FILE)
+        resolve(run) / files.MODEL)
     readable = [i for i in inputs if not i.problem]
     scores, errors = score_files(checkpoint.model, [i.path for i in readable],
-                                 checkpoint.image_size, batch_size, num_workers)
+                                 checkpoint.image_size, batch_size, num_workers,
+                                 arch=checkpoint.params.arch)
     scored = {i.path: (p, e) for i, p, e in zip(readable, scores, errors, strict=True)}
     rows = []
     for item in inputs:
@@ -166,15 +167,15 @@ def predict(run: str | os.PathLike | Checkpoint, inputs: Sequence[Input], batch_
 
 
 @torch.inference_mode()
-def score_arrays(model: torch.nn.Module, images: Sequence[np.ndarray], image_size: int,
-                 batch_size: int = 32, device: torch.device | None = None) -> np.ndarray:
+def score_arrays(checkpoint: Checkpoint, images: Sequence[np.ndarray], batch_size: int = 32,
+                 device: torch.device | None = None) -> np.ndarray:
     """P(fake) of RGB arrays (face crops), under the evaluation transform."""
     device = device or default_device()
-    model.eval().to(device, memory_format=torch.channels_last)
-    transform, scores = eval_transform(image_size), []
+    model = checkpoint.model.eval().to(device, memory_format=torch.channels_last)
+    transform, scores = eval_transform(checkpoint.image_size, checkpoint.params.arch), []
     for start in range(0, len(images), batch_size):
         batch = torch.stack([transform(image) for image in images[start:start + batch_size]])
-        scores.append(torch.sigmoid(model(to_device(batch, device)).reshape(-1).float()).cpu())
+        scores.append(forward(model, batch, device)[1].cpu())
     return torch.cat(scores).numpy() if scores else np.zeros(0)
 
 
@@ -204,8 +205,7 @@ def predict_faces(checkpoint: Checkpoint, inputs: Sequence[Input], batch_size: i
         if not found:
             rows.append({**row, "status": "error: no face found in the frames read"})
             continue
-        scores = score_arrays(checkpoint.model, [face.crop for _, face in found],
-                              checkpoint.image_size, batch_size)
+        scores = score_arrays(checkpoint, [face.crop for _, face in found], batch_size)
         p = float(scores.mean())
         rows.append({**row, "p_fake": f"{p:.6f}", "n_faces": len(found), "status": "ok",
                      "label": "fake" if p >= checkpoint.threshold else "real"})
@@ -215,24 +215,18 @@ def predict_faces(checkpoint: Checkpoint, inputs: Sequence[Input], batch_size: i
         if cam_dir is not None:
             from dfutils.gradcam import write_overlays
 
-            write_overlays(checkpoint.model, [face.crop for _, face in found],
+            write_overlays(checkpoint, [face.crop for _, face in found],
                            [cam_dir / f"{item.name}.{index:06d}.cam.png" for index, _ in found],
-                           checkpoint.image_size, layer=layer, batch_size=batch_size,
-                           replace=False)
+                           layer=layer, batch_size=batch_size, replace=False)
     return rows, frames
 
 
 def labelled_files(data_dir: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[dict]]:
     """Images under DIR/real and DIR/fake with labels (fake = 1), and files skipped by type."""
     root = resolve(data_dir)
-    candidates, skipped = scan(root)
+    candidates, skipped = scan_classes(root, IMAGE_SUFFIXES, "images", need_each=True)
     return ([root / rel for rel, _ in candidates],
             np.array([LABELS[label] for _, label in candidates]), skipped)
-
-
-def eval_folder(run_dir: str | os.PathLike, name: str) -> Path:
-    """Where `evaluate` writes the report called `name` of a run."""
-    return resolve(run_dir) / "eval" / name
 
 
 def face_crops(checkpoint: Checkpoint, data_dir: str | os.PathLike, out: Path
@@ -254,82 +248,207 @@ def face_crops(checkpoint: Checkpoint, data_dir: str | os.PathLike, out: Path
              for e in report["skipped"] + report["unreadable"]])
 
 
-def evaluate_folder(run_dir: str | os.PathLike, data_dir: str | os.PathLike, name: str = "",
-                    batch_size: int = 32, num_workers: int = 0,
-                    sweeps: dict[str, Sequence] = SWEEPS, faces: bool = True
-                    ) -> tuple[dict, dict]:
-    """Metrics at the run's threshold, robustness sweeps and calibration on a labelled folder.
+def report_name(params: EvalParams) -> str:
+    """The name of an evaluation report: as given, or the folder's (and the split's)."""
+    folder = resolve(params.eval_dir).name
+    return params.name or (f"{folder}-{params.split}" if params.split else folder)
 
-    Writes runs/<run>/eval/<name>/report.json and figures; returns the report and figures.
-    The source images are only read: every perturbation happens in memory. When the run was
-    trained on face crops (and `faces`), the folder's photos and clips are cropped the same
-    way first (into the report's folder, faces/), and the report adds video-level metrics;
-    so it does for a folder of images in one subfolder per clip.
-    """
-    from dfutils import viz
 
-    run_dir = resolve(run_dir)
-    name = name or resolve(data_dir).name
-    if not is_plain_name(name):
-        raise ValueError(f"report name {name!r} must be a plain name (letters, digits, '.', "
-                         "'_' or '-'): it becomes a folder under <run>/eval/")
-    checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
-    out = eval_folder(run_dir, name)
-    if checkpoint.faces is not None and faces:
-        files, labels, groups, skipped = face_crops(checkpoint, data_dir, out / "faces")
-    else:
-        files, labels, skipped = labelled_files(data_dir)
-        root = resolve(data_dir)  # a subfolder below the class folder is a clip's frames
-        groups = [f.parent.relative_to(root).as_posix()
-                  if len(f.relative_to(root).parts) > 2 else str(f) for f in files]
-    threshold = checkpoint.threshold
+@dataclass
+class Labelled:
+    """What evaluate scores: image files, their labels, the video each belongs to, and what
+    was skipped on the way."""
 
-    def run(perturb: Perturb | None, desc: str) -> tuple[np.ndarray, list[str]]:
-        return score_files(checkpoint.model, files, checkpoint.image_size, batch_size,
-                           num_workers, perturb, desc=desc)
+    files: list[Path]
+    labels: np.ndarray
+    videos: list[str]
+    skipped: list[dict]
 
-    scores, errors = run(None, "clean")
-    ok = np.array([not e for e in errors], dtype=bool)  # typed: no crop at all is possible
-    labels = np.asarray(labels, dtype=int)
-    for label, value in LABELS.items():
-        if not (ok & (labels == value)).any():
-            why = next((f" (first: {f}: {e})" for f, e, y
-                        in zip(files, errors, labels, strict=True) if e and y == value), "")
-            raise ValueError(f"no {label} image under {resolve(data_dir) / label} could be "
-                             f"read{why}: AUC, AP and EER need both classes")
-    metrics = binary_metrics(labels[ok], scores[ok], threshold)
-    groups = np.asarray(groups)[ok]
-    if grouped(groups):
-        metrics["video"] = video_metrics(groups, labels[ok], scores[ok], threshold)
+
+def labelled_inputs(params: EvalParams, checkpoint: Checkpoint, out: Path) -> Labelled:
+    """The images of eval_dir: a split's val or test rows (`params.split`), the crops of a
+    folder of photos and clips made as the run's training images were, or the images of a
+    labelled folder (a subfolder below a class folder is one clip's frames)."""
+    root = resolve(params.eval_dir)
+    if params.split:
+        samples = read_manifest(root, params.split)
+        if not samples:
+            raise ValueError(f"the split in {root} has no {params.split} images: evaluate "
+                             "another split, or a labelled folder (without split)")
+        return Labelled([s.path for s in samples], np.array([s.label for s in samples]),
+                        [s.video for s in samples], [])
+    if checkpoint.faces is not None and params.faces:
+        return Labelled(*face_crops(checkpoint, root, out / files.EVAL_FACES))
+    paths, labels, skipped = labelled_files(root)
+    videos = [f.parent.relative_to(root).as_posix() if len(f.relative_to(root).parts) > 2
+              else str(f) for f in paths]
+    return Labelled(paths, labels, videos, skipped)
+
+
+def sweep(checkpoint: Checkpoint, inputs: Labelled, ok: np.ndarray, clean: np.ndarray,
+          params: EvalParams, sweeps: dict[str, Sequence]) -> dict[str, list[dict]]:
+    """AUC, AP, accuracy and EER at each level of each perturbation (in memory)."""
     results = {}
     for kind, levels in sweeps.items():
         results[kind] = []
         for level in levels:
-            perturb = PERTURBATIONS[kind](level)
-            level_scores = scores if (kind, level) in (("blur", 0), ("downscale", 1)) else run(
-                perturb, f"{kind} {level}")[0]
-            m = binary_metrics(labels[ok], level_scores[ok], threshold)
+            scores = clean if (kind, level) in (("blur", 0), ("downscale", 1)) else score_files(
+                checkpoint.model, inputs.files, checkpoint.image_size, params.batch_size,
+                params.num_workers, PERTURBATIONS[kind](level), desc=f"{kind} {level}",
+                arch=checkpoint.params.arch)[0]
+            m = binary_metrics(inputs.labels[ok], scores[ok], checkpoint.threshold)
             results[kind].append({"level": level, "auc": m["auc"], "ap": m["ap"],
                                   "accuracy": m["accuracy"], "eer": m["eer"]})
+    return results
+
+
+def evaluate_folder(params: EvalParams, sweeps: dict[str, Sequence] = SWEEPS
+                    ) -> tuple[dict, dict]:
+    """Metrics at the run's threshold, robustness sweeps and calibration on a labelled folder
+    or on a split's val or test images.
+
+    Writes runs/<run>/eval/<name>/report.json and figures; returns the report and figures.
+    The source images are only read: every perturbation happens in memory. When the run was
+    trained on face crops (and `params.faces`), a folder's photos and clips are cropped the
+    same way first (into the report's folder, faces/), and the report adds video-level
+    metrics; so it does for a folder of images in one subfolder per clip, and for a split
+    whose images belong to clips.
+    """
+    from dfutils import viz
+
+    run_dir, name = resolve(params.run_dir), report_name(params)
+    if not is_plain_name(name):
+        raise ValueError(f"report name {name!r} must be a plain name (letters, digits, '.', "
+                         "'_' or '-'): it becomes a folder under <run>/eval/; give name=")
+    checkpoint = load_checkpoint(run_dir / files.MODEL)
+    out = files.eval_folder(run_dir, name)
+    inputs = labelled_inputs(params, checkpoint, out)
+    scores, errors = score_files(checkpoint.model, inputs.files, checkpoint.image_size,
+                                 params.batch_size, params.num_workers, desc="clean",
+                                 arch=checkpoint.params.arch)
+    ok = np.array([not e for e in errors], dtype=bool)  # typed: no crop at all is possible
+    labels, threshold = np.asarray(inputs.labels, dtype=int), checkpoint.threshold
+    for label, value in LABELS.items():
+        if not (ok & (labels == value)).any():
+            why = next((f" (first: {f}: {e})" for f, e, y
+                        in zip(inputs.files, errors, labels, strict=True) if e and y == value), "")
+            raise ValueError(f"no {label} image of {resolve(params.eval_dir)} could be read"
+                             f"{why}: AUC, AP and EER need both classes")
+    metrics = binary_metrics(labels[ok], scores[ok], threshold)
+    videos = np.asarray(inputs.videos)[ok]
+    if grouped(videos):
+        metrics["video"] = video_metrics(videos, labels[ok], scores[ok], threshold)
     report = {
-        "run": str(run_dir), "data": str(resolve(data_dir)), "name": name,
-        "threshold": threshold, "threshold_rule": checkpoint.threshold_rule,
+        "run": str(run_dir), "data": str(resolve(params.eval_dir)), "split": params.split,
+        "name": name, "threshold": threshold, "threshold_rule": checkpoint.threshold_rule,
         "n_images": int(ok.sum()),
-        "unreadable": [{"path": str(f), "reason": e} for f, e in zip(files, errors, strict=True)
-                       if e],
-        "skipped": skipped,
+        "unreadable": [{"path": str(f), "reason": e}
+                       for f, e in zip(inputs.files, errors, strict=True) if e],
+        "skipped": inputs.skipped,
         "metrics": metrics,
         "calibration": {"ece": expected_calibration_error(labels[ok], scores[ok], 15),
                         "bins": calibration_bins(labels[ok], scores[ok], 15)},
-        "sweeps": results,
+        "sweeps": sweep(checkpoint, inputs, ok, scores, params, sweeps),
     }
-    figures = {
-        "roc.png": viz.plot_roc(labels[ok], scores[ok], title=f"ROC ({name})", groups=groups),
-        "confusion.png": viz.plot_confusion(metrics["confusion"], threshold),
-        "robustness.png": viz.plot_sweeps(results),
-        "reliability.png": viz.plot_reliability(report["calibration"]),
-    }
+    figures = dict(zip(files.EVAL_FIGURES, (
+        viz.plot_roc(labels[ok], scores[ok], title=f"ROC ({name})", groups=videos),
+        viz.plot_confusion(metrics["confusion"], threshold),
+        viz.plot_sweeps(report["sweeps"]),
+        viz.plot_reliability(report["calibration"])), strict=True))
     for file, fig in figures.items():
         viz.save_figure(fig, out / file)
-    write_json(out / REPORT, report)
+    write_json(out / files.EVAL_REPORT, report)
     return report, figures
+
+
+# The columns of predict's CSV: one row per input; with face cropping, frames and faces
+# per input, and (--frames-out) one row per frame scored.
+PREDICTION_FIELDS = ["path", "p_fake", "label", "status"]
+FACE_FIELDS = ["path", "p_fake", "label", "n_frames", "n_faces", "status"]
+FRAME_FIELDS = ["path", "frame", "p_fake", "box"]
+
+
+def cam_name(name: str) -> str:
+    """An input's overlay: a.png and a.jpg give a.png.cam.png and a.jpg.cam.png."""
+    return f"{name}.cam.png"
+
+
+def check_outputs(params: PredictParams, inputs: Sequence[Input]) -> None:
+    """Refuse, before anything is scored, outputs that could overwrite a user's file."""
+    import glob
+
+    folders = [Path(p).resolve() for p in params.paths if Path(p).is_dir()]
+    for option, target in (("--out", params.out), ("--cam-dir", params.cam_dir),
+                           ("--frames-out", params.frames_out)):
+        if not target:
+            continue
+        where = Path(target).resolve()
+        inside = next((f for f in folders if where == f or f in where.parents), None)
+        empty_dir = option == "--cam-dir" and where.is_dir() and not any(where.iterdir())
+        if inside is not None and not empty_dir:
+            raise ValueError(f"{option} {target} is inside the input folder {inside}: choose a "
+                             "place outside the inputs, so no input is overwritten or read back")
+    for option, target, headers in (("--out", params.out, (PREDICTION_FIELDS, FACE_FIELDS)),
+                                    ("--frames-out", params.frames_out, (FRAME_FIELDS,))):
+        if target and Path(target).exists():
+            with open(target, newline="", errors="replace") as f:
+                header = f.readline().strip()
+            if header not in {",".join(fields) for fields in headers}:
+                raise ValueError(f"{option} {target} exists and is not a CSV that predict "
+                                 "wrote: choose another file name")
+    if params.cam_dir:
+        cam_dir = Path(params.cam_dir)  # any overlay of an input (per crop: <name>.<frame>...)
+        taken = [i.name for i in inputs if (cam_dir / cam_name(i.name)).exists()
+                 or any(cam_dir.glob(f"{glob.escape(i.name)}.*.cam.png"))]
+        if taken:
+            raise ValueError(f"--cam-dir {params.cam_dir} already holds {cam_name(taken[0])}"
+                             f" (and {len(taken) - 1} more overlays): choose an empty folder")
+
+
+@dataclass
+class Predictions:
+    """What `predict_run` scored: one row per input, one per frame with face cropping."""
+
+    checkpoint: Checkpoint
+    rows: list[dict]
+    frames: list[dict]
+    fields: list[str]  # the columns of `rows`
+    with_faces: bool
+
+    @property
+    def n_scored(self) -> int:
+        return sum(row["status"] == "ok" for row in self.rows)
+
+
+def predict_run(params: PredictParams) -> Predictions:
+    """The `predict` command: check every output first, score the inputs (cropped as the run's
+    training images were, when it was trained on face crops), write the CSVs and overlays
+    asked for. Paths in `params` are as the user gave them (relative to the working
+    directory)."""
+    inputs = collect_files(params.paths)
+    check_outputs(params, inputs)
+    checkpoint = load_checkpoint(Path(params.run_dir) / files.MODEL)
+    with_faces = checkpoint.faces is not None and params.faces
+    if params.frames_out and not with_faces:
+        raise ValueError("--frames-out needs a run trained on face crops (FACES=1), without "
+                         "--no-faces")
+    cam_dir = Path(params.cam_dir) if params.cam_dir else None
+    if with_faces:
+        rows, frames = predict_faces(checkpoint, inputs, params.batch_size, cam_dir,
+                                     params.layer)
+        result = Predictions(checkpoint, rows, frames, FACE_FIELDS, True)
+        if params.frames_out:
+            write_csv(params.frames_out, frames, FRAME_FIELDS)
+    else:
+        rows, _ = predict(checkpoint, inputs, params.batch_size, params.num_workers)
+        result = Predictions(checkpoint, rows, [], PREDICTION_FIELDS, False)
+    if params.out:
+        write_csv(params.out, rows, result.fields)
+    scored = [item for item, row in zip(inputs, rows, strict=True) if row["status"] == "ok"]
+    if cam_dir is not None and scored and not with_faces:  # (with faces: written per crop)
+        from dfutils.gradcam import write_overlays
+
+        write_overlays(checkpoint, [i.path for i in scored],
+                       [cam_dir / cam_name(i.name) for i in scored], layer=params.layer,
+                       batch_size=params.batch_size, replace=False)
+    return result

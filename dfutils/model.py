@@ -1,4 +1,11 @@
-"""ResNet18 with one logit (the log-odds of fake): weights, trainable depth, checkpoints."""
+"""The model: a registry network (dfutils.archs) with one logit, the log-odds of fake; its
+weights, trainable depth, the one forward pass, and the one checkpoint format.
+
+A checkpoint holds weights and everything that made them: the architecture, the training
+parameters, the decision threshold, metrics, the faces step's parameters when the images
+were face crops, and, in a run's last.pt, the training state to resume from. model.pt and
+last.pt are the same format, read by `read_checkpoint`.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +18,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
 
+from dfutils import archs
 from dfutils.params import ParameterError, Trainable, TrainParams
 from dfutils.paths import atomic_path, resolve
 
-# The top-level children each `trainable` value trains (None: all of them).
-TRAINABLE: dict[str, tuple[str, ...] | None] = {"fc": ("fc",), "layer4": ("layer4", "fc"),
-                                               "all": None}
-
-CHECKPOINT_FILE = "model.pt"  # a run's best checkpoint: runs/<run>/model.pt
 CHECKPOINT_FORMAT = "dfutils.checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -33,21 +35,21 @@ class CheckpointError(ValueError):
     """A file is not a readable dfutils checkpoint."""
 
 
-def imagenet_cache_file() -> Path:
-    """Where torchvision keeps (and looks for) ResNet18's ImageNet weights."""
-    url = ResNet18_Weights.IMAGENET1K_V1.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+def imagenet_cache_file(arch: str = archs.DEFAULT) -> Path:
+    """Where torchvision keeps (and looks for) an architecture's ImageNet weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(
+        archs.get(arch).imagenet.url)
 
 
-def imagenet_state_dict() -> dict[str, torch.Tensor]:
-    """ResNet18's ImageNet weights through torchvision's cache (downloading if it can)."""
-    weights = ResNet18_Weights.IMAGENET1K_V1
+def imagenet_state_dict(arch: str = archs.DEFAULT) -> dict[str, torch.Tensor]:
+    """An architecture's ImageNet weights through torchvision's cache (downloading if it can)."""
+    weights = archs.get(arch).imagenet
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; bad hashes a RuntimeError
-        cached = imagenet_cache_file()
+        cached = imagenet_cache_file(arch)
         raise WeightsUnavailable(
-            f"ResNet18 ImageNet weights are not available: {cached} is missing and could not "
+            f"{arch} ImageNet weights are not available: {cached} is missing and could not "
             f"be downloaded from {weights.url} ({error}). Copy that file to {cached} "
             f"(the folder is torch.hub.get_dir()/checkpoints; set TORCH_HOME to move it), "
             "pass weights='<path to a state dict>', or train from random initialisation "
@@ -55,7 +57,7 @@ def imagenet_state_dict() -> dict[str, torch.Tensor]:
         ) from error
 
 
-def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
+def _load_state_file(path: Path, model: nn.Module, arch: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsUnavailable(
             f"weights file {path} not found: pass weights='imagenet', an existing state-dict "
@@ -67,91 +69,110 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsUnavailable(f"cannot read weights file {path}: {error}") from error
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         state = state["model_state"]
-    if not isinstance(state, dict) or "conv1.weight" not in state:
-        raise WeightsUnavailable(f"{path} is not a ResNet18 state dict (no 'conv1.weight')")
+    first = next(iter(model.state_dict()))
+    if not isinstance(state, dict) or first not in state:
+        raise WeightsUnavailable(f"{path} is not a {arch} state dict (no {first!r})")
     return state
 
 
-def build_model(weights: str | os.PathLike | None = None, trainable: Trainable = "fc"
-                ) -> nn.Module:
-    """ResNet18 whose `fc` gives one logit; `weights` is "imagenet", a file, or None.
+def build_model(weights: str | os.PathLike | None = None, trainable: Trainable = "fc",
+                arch: str = archs.DEFAULT) -> nn.Module:
+    """The network of `arch` with a one-logit head; `weights` is "imagenet", a file, or None.
 
     A backbone state dict with ImageNet's 1000-way head loads everything but the head,
     which is always new; a file with a one-logit head loads whole. Nothing falls back to
     random weights silently.
     """
-    model = resnet18(weights=None)
-    model.fc = nn.Linear(model.fc.in_features, 1)
+    entry = archs.get(arch)
+    model = entry.new()
     if weights is not None:
-        state = imagenet_state_dict() if weights == "imagenet" else _load_state_file(
-            resolve(weights))
-        head = state.get("fc.weight")
-        if head is None or getattr(head, "shape", None) != model.fc.weight.shape:
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        state = imagenet_state_dict(arch) if weights == "imagenet" else _load_state_file(
+            resolve(weights), model, arch)
+        head = f"{entry.head}."
+        if getattr(state.get(f"{head}weight"), "shape", None) != (
+                entry.head_module(model).weight.shape):
+            state = {k: v for k, v in state.items() if not k.startswith(head)}
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.")]
+        missing = [k for k in missing if not k.startswith(head)]
         if missing or unexpected:
             raise WeightsUnavailable(
-                f"weights {weights!r} do not fit ResNet18: missing {missing[:5]}, "
+                f"weights {weights!r} do not fit {arch}: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}"
             )
-    set_trainable(model, trainable)
+    set_trainable(model, trainable, arch)
     return model
 
 
-def frozen_modules(model: nn.Module, trainable: str) -> list[nn.Module]:
-    """The top-level children that `trainable` keeps frozen."""
-    if trainable not in TRAINABLE:
-        raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
-    keep = TRAINABLE[trainable]
-    return [m for name, m in model.named_children() if keep is not None and name not in keep]
-
-
-def set_trainable(model: nn.Module, trainable: str) -> None:
+def set_trainable(model: nn.Module, trainable: str, arch: str = archs.DEFAULT) -> None:
     """Freeze every parameter outside the trainable part."""
     for p in model.parameters():
         p.requires_grad_(True)
-    for module in frozen_modules(model, trainable):
+    for module in archs.get(arch).frozen(model, trainable):
         for p in module.parameters():
             p.requires_grad_(False)
 
 
-def train_mode(model: nn.Module, trainable: str) -> None:
+def train_mode(model: nn.Module, trainable: str, arch: str = archs.DEFAULT) -> None:
     """model.train(), except frozen parts stay in eval() so BatchNorm statistics do not drift."""
     model.train()
-    for module in frozen_modules(model, trainable):
+    for module in archs.get(arch).frozen(model, trainable):
         module.eval()
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on `device`; images (4-D) in channels-last layout, which ResNet runs faster in
+    (docs/performance.md has the measurement)."""
+    if x.dim() == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
+
+
+def forward(model: nn.Module, images: torch.Tensor, device: torch.device | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one forward pass of training, validation, predict, evaluate and Grad-CAM: a batch
+    (moved to `device` first, when given) to its logits, shape (N,), and P(fake)."""
+    if device is not None:
+        images = to_device(images, device)
+    logits = model(images).reshape(-1).float()
+    return logits, torch.sigmoid(logits)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module | Mapping[str, torch.Tensor], *,
                     params: dict[str, Any], threshold: float, threshold_rule: str,
-                    metrics: dict[str, Any], epoch: int, faces: dict | None = None) -> None:
-    """Weights (of a model, or its state dict), the parameters that made them, the decision
-    threshold and metrics, and the faces step's parameters when the training images were
-    face crops (so that predict crops new inputs the same way); atomic."""
+                    metrics: dict[str, Any], epoch: int, faces: dict | None = None,
+                    training: dict[str, Any] | None = None) -> None:
+    """Weights (of a model, or its state dict) at `epoch`, the parameters that made them,
+    the decision threshold and metrics of the kept epoch, the faces step's parameters when
+    the training images were face crops (so that predict crops new inputs the same way),
+    and `training`, the state to resume from (last.pt); atomic."""
     state = model.state_dict() if isinstance(model, nn.Module) else model
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "arch": "resnet18-1logit",
-        "model_state": {k: v.detach().cpu() for k, v in state.items()},
+        "arch": params.get("arch", archs.DEFAULT),
+        "model_state": {k: v.detach().cpu().clone() for k, v in state.items()},
         "params": params,
         "threshold": float(threshold),
         "threshold_rule": threshold_rule,
         "metrics": metrics,
         "epoch": int(epoch),
         "faces": faces,
+        "training": training,
     }
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint file's raw contents, read with weights_only=True; anything that is not a
-    complete dfutils checkpoint is refused. Only this module reads its keys."""
+def read_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict[str, Any]:
+    """A checkpoint file's contents, read with weights_only=True; anything that is not a
+    complete dfutils checkpoint is refused. `resume`: the file must hold a training state
+    (a run's last.pt). Only this module reads its keys."""
     path = resolve(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: train a model first (02-train)")
+        raise CheckpointError(
+            f"nothing to resume: {path} not found (the run finished, or was stopped before its "
+            "first epoch ended); train without resume" if resume else
+            f"checkpoint {path} not found: train a model first (02-train)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
@@ -175,12 +196,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} lacks {', '.join(missing) or 'params.image_size'}: it was not written by "
             "02-train's save_checkpoint; train again (02-train) or re-save it with "
             "dfutils.model.save_checkpoint, giving the training parameters")
+    try:
+        archs.get(str(checkpoint.get("arch", archs.DEFAULT)))
+    except archs.UnknownArch as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    if resume and not isinstance(checkpoint.get("training"), dict):
+        raise CheckpointError(f"cannot resume from {path}: it holds no training state")
     return checkpoint
 
 
 @dataclass
 class Checkpoint:
-    """A trained run's best model, on the CPU in eval mode, and what made it."""
+    """A trained run's kept model, on the CPU in eval mode, and what made it."""
 
     model: nn.Module
     params: TrainParams  # the training parameters (defaults for any an older file lacks)
@@ -195,6 +222,10 @@ class Checkpoint:
     def image_size(self) -> int:
         return self.params.image_size
 
+    @property
+    def arch(self) -> archs.Arch:
+        return archs.get(self.params.arch)
+
 
 def threshold_text(threshold: float, rule: str) -> str:
     """The decision rule in words: `threshold: P(fake) >= 0.5000 (fixed 0.5)`."""
@@ -206,20 +237,21 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """The checkpoint at `path` (a model.pt), its model built and loaded."""
     path = resolve(path)
     raw = read_checkpoint(path)
+    arch = archs.get(str(raw.get("arch", archs.DEFAULT))).name
     try:
-        params = TrainParams.from_mapping(raw["params"])
+        params = TrainParams.from_mapping({**raw["params"], "arch": arch})
     except ParameterError as error:
         raise CheckpointError(
             f"{path} holds training parameters this dfutils does not accept ({error}); "
             "re-save it with dfutils.model.save_checkpoint, giving TrainParams(...).to_dict()"
         ) from None
-    model = build_model(weights=None, trainable=params.trainable)
+    model = build_model(weights=None, trainable=params.trainable, arch=arch)
     try:
         model.load_state_dict(raw["model_state"])
     except (RuntimeError, TypeError, AttributeError) as error:
         first = str(error).splitlines()[1:2] or str(error).splitlines()[:1]
         raise CheckpointError(
-            f"the weights in {path} do not fit ResNet18 with one logit "
+            f"the weights in {path} do not fit {arch} with one logit "
             f"({' '.join(first).strip()[:200]}): it is not a checkpoint of this project's model"
         ) from None
     model.eval()

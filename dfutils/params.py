@@ -1,23 +1,20 @@
-"""Parameters: one frozen dataclass per notebook, the one place where each parameter's name,
-type, default, allowed values and help are written.
+"""Parameters: one frozen dataclass per notebook and command, the one place where each
+parameter's name, type, default, allowed values and help are written.
 
-The notebooks' `parameters` cells are checked against these classes (`make check-notebooks`),
-the README's tables are generated from them (`python -m dfutils params`), and one coercion
-path (`Params.coerce`) turns command-line strings and YAML values into them for
-`make run-all`, `python -m dfutils train` and the notebooks alike. Papermill only warns about
-a parameter a notebook does not declare; here an unknown or wrong-typed value is an error
-that names it (as nanoGPT's configurator does).
+One coercion path (`Params.coerce`) turns command-line strings and YAML values into them
+for `make run-all`, the commands of `python -m dfutils` and the notebooks alike; an unknown
+or wrong-typed value is an error that names it (papermill itself only warns, nanoGPT's
+configurator refuses). The notebooks' `parameters` cells and the parameter reference in
+docs/ are written from these classes by dfutils.notebooks.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import math
 import os
 import re
-import textwrap
 import types
 import typing
 from collections.abc import Mapping
@@ -25,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from dfutils.archs import DEFAULT as DEFAULT_ARCH
 from dfutils.paths import is_plain_name, resolve
 
 # The options with a fixed set of values: the dataclasses, the modules that act on them and
@@ -39,14 +37,35 @@ OptimizerName = Literal["adam", "sgd"]
 GroupBy = Literal["file", "folder"]
 Fakes = Literal["data", "sbi"]
 Monitor = Literal["auto", "val_loss", "val_auc", "sbi_loss", "sbi_auc"]
+EvalSplit = Literal["", "val", "test"]
 
 # Values of `weights` that are not paths.
 WEIGHT_NAMES = ("imagenet", "none", "null", "")
-_PLAIN = (bool, int, float, str, type(None))
+# Shorthands accepted on the command line (make run-all EPOCHS=5).
+ALIASES = {"epochs": "max_epochs"}
+TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 
 class ParameterError(ValueError):
     """A parameter is unknown, of the wrong type or out of range."""
+
+
+def parse_bool(name: str, text: str) -> bool:
+    """A yes/no value typed as text (1/0, true/false, yes/no, any case); anything else is a
+    ParameterError naming it."""
+    if text.strip().lower() in TRUE:
+        return True
+    if text.strip().lower() in FALSE:
+        return False
+    raise ParameterError(f"{name} takes true or false (1/0, yes/no), got {text!r}")
+
+
+def assignment(word: str) -> tuple[str, str]:
+    """A `KEY=VALUE` word as (key in lower case, aliases resolved; value as typed)."""
+    key, sep, value = word.partition("=")
+    if not sep or not key:
+        raise ParameterError(f"expected KEY=VALUE, got {word!r}")
+    return ALIASES.get(key.lower(), key.lower()), value
 
 
 def choices(kind: Any) -> tuple[str, ...]:
@@ -112,19 +131,15 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             value, bool) and str(value) in typing.get_args(annotation) else value
     if not isinstance(value, str) or annotation is str:
         return value
+    if annotation is bool:
+        return parse_bool(f"parameter {name!r}", value)
     try:
-        if annotation is bool:
-            if value.lower() in ("1", "true", "yes"):
-                return True
-            if value.lower() in ("0", "false", "no"):
-                return False
-            raise ValueError
         if annotation in (int, float):
             return annotation(value)
         if origin is list:
             return json.loads(value)
     except ValueError:
-        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(
+        kind = {int: "an integer", float: "a number"}.get(
             annotation, "a JSON list like [0.2, 0.2, 0.2, 0.0]")
         raise ParameterError(f"parameter {name!r} takes {kind}, got {value!r}") from None
     return value
@@ -134,7 +149,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
 class Params:
     """Base: construction from a mapping or a notebook namespace, with validation."""
 
-    notebook: ClassVar[str] = ""
+    step: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -168,101 +183,20 @@ class Params:
         unknown = sorted(set(values) - set(cls.names()))
         if unknown:
             raise ParameterError(
-                f"unknown parameter {', '.join(map(repr, unknown))} for {cls.notebook}; "
+                f"unknown parameter {', '.join(map(repr, unknown))} for {cls.step}; "
                 f"known: {', '.join(cls.names())}"
             )
         return cls(**values)
 
-    @classmethod
-    def from_namespace(cls, namespace: Mapping[str, Any]) -> Params:
-        """Build from a notebook's globals, in the cell after its parameters cell.
-
-        Papermill assigns its values in a cell after the parameters cell; a name the notebook
-        does not declare becomes a new global there. Python keeps globals in the order they
-        were first assigned, so such names are the plain values that come after the last
-        declared parameter and before the first thing this cell imports; they are refused.
-        """
-        names = list(namespace)
-        last = max(names.index(n) for n in cls.names() if n in namespace)
-        unknown = []
-        for name in names[last + 1:]:
-            if name.startswith("_"):
-                continue  # IPython's own (_i2, _oh, ...)
-            value = namespace[name]
-            if not isinstance(value, (*_PLAIN, list, dict)):
-                break  # this cell's first import: what follows is the notebook's own
-            unknown.append(name)
-        values = {name: namespace[name] for name in cls.names() if name in namespace}
-        return cls.from_mapping(cls.coerce({**values, **{k: namespace[k] for k in unknown}}))
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def comment(f: dataclasses.Field, annotation: Any) -> str:
-    """The comment a notebook's parameters cell carries for a field: its help, and the
-    allowed values of an option."""
-    return " ".join(_comment_parts(f, annotation))
-
-
-def _comment_parts(f: dataclasses.Field, annotation: Any) -> list[str]:
-    options = choices(annotation)
-    return [f.metadata["help"]] + ([f"(one of {', '.join(map(json.dumps, options))})"]
-                                   if options else [])
-
-
-def literal(value: Any) -> str:
-    """A default as Python source, strings in double quotes (as the notebooks write them)."""
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(map(literal, value)) + "]"
-    return repr(value)
-
-
-def parameters_cell(cls: type[Params], width: int = 100) -> str:
-    """The `parameters` cell a notebook must have: `name = default  # help`, one per
-    parameter, long comments continued on comment lines (which papermill ignores)."""
-    hints = typing.get_type_hints(cls)
-    lines = []
-    for f in dataclasses.fields(cls):
-        head = f"{f.name} = {literal(cls.defaults()[f.name])}  # "
-        text = [line for part in _comment_parts(f, hints[f.name])
-                for line in textwrap.wrap(part, width - len(head))]
-        lines.append(head + text[0])
-        lines += [" " * (len(head) - 2) + "# " + more for more in text[1:]]
-    return "\n".join(lines)
-
-
-def read_parameters_cell(source: str) -> list[tuple[str, Any, str]]:
-    """(name, value, comment) of each `name = value  # comment` line of a parameters cell,
-    comment lines that follow joined to the comment; ValueError on any other statement."""
-    lines = source.splitlines()
-    found = []
-    for node in ast.parse(source).body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name)):
-            raise ValueError(f"line {node.lineno} is not `name = value`")
-        try:
-            value = ast.literal_eval(node.value)
-        except ValueError:
-            raise ValueError(f"{node.targets[0].id!r} is not a plain value (derive values in "
-                             "the next cell)") from None
-        _, _, text = lines[node.lineno - 1].partition("#")
-        parts = [text.strip()]
-        for more in lines[node.lineno:]:
-            if not more.lstrip().startswith("#"):
-                break
-            parts.append(more.lstrip()[1:].strip())
-        found.append((node.targets[0].id, value, " ".join(p for p in parts if p)))
-    return found
 
 
 @dataclass(frozen=True)
 class FacesParams(Params):
     """00-faces: crop the faces of the photos and clips in raw_dir/{real,fake}."""
 
-    notebook: ClassVar[str] = "00-faces"
+    step: ClassVar[str] = "00-faces"
 
     raw_dir: str = param("dataset_raw", "photos and/or video clips: raw_dir/real and "
                          "raw_dir/fake, any depth (read only)", path=True)
@@ -291,7 +225,7 @@ class FacesParams(Params):
 class SplitParams(Params):
     """01-split: turn dataset_raw/{real,fake} into data/{train,val}/{real,fake}."""
 
-    notebook: ClassVar[str] = "01-split"
+    step: ClassVar[str] = "01-split"
 
     raw_dir: str = param("dataset_raw", "the user's images: raw_dir/real and raw_dir/fake "
                          "(read only)", path=True)
@@ -321,7 +255,7 @@ class SplitParams(Params):
 class TrainParams(Params):
     """02-train: fit ResNet18 with a one-logit head (log-odds of fake)."""
 
-    notebook: ClassVar[str] = "02-train"
+    step: ClassVar[str] = "02-train"
 
     data_dir: str = param("data", "a split made by 01-split", path=True)
     run_dir: str = param("runs/notebook", "where the model, history, metrics and figures go",
@@ -334,8 +268,10 @@ class TrainParams(Params):
     batch_size: int = param(32, "images per optimisation step")
     max_epochs: int = param(20, "upper bound; early stopping usually ends sooner")
     lr: float = param(1e-4, "learning rate")
-    patience: int = param(3, "epochs without a better validation loss before stopping")
-    min_delta: float = param(0.0, "how much lower a validation loss must be to count as better")
+    patience: int = param(3, "epochs without a better monitored value (see monitor) before "
+                          "stopping")
+    min_delta: float = param(0.0, "how much better the monitored value must be to count as "
+                             "better")
     seed: int = param(42, "seeds initialisation, shuffling and augmentation")
     num_workers: int = param(2, "DataLoader worker processes (0: load in this process)")
     jitter: list[float] = param([0.2, 0.2, 0.2, 0.0], "ColorJitter brightness, contrast, "
@@ -370,6 +306,8 @@ class TrainParams(Params):
                          "validate)")
     monitor: Monitor = param("auto", "what early stopping and the kept epoch follow: auto is "
                              'sbi_loss with fakes="sbi", else val_loss')
+    arch: str = param(DEFAULT_ARCH, "the network, as torchvision names it (an entry of "
+                      "dfutils.archs)")
 
     @property
     def augmented(self) -> bool:
@@ -416,6 +354,14 @@ class TrainParams(Params):
         for name in ("jpeg_prob", "blur_prob", "erasing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ParameterError(f"{name} must be a probability, got {getattr(self, name)}")
+        from dfutils import archs
+
+        try:
+            entry = archs.get(self.arch)
+        except archs.UnknownArch as error:
+            raise ParameterError(f"parameter 'arch': {error}") from None
+        if self.trainable not in entry.stages:
+            raise ParameterError(f"trainable={self.trainable!r} is not defined for {self.arch}")
         if self.monitor.startswith("sbi_") and self.fakes != "sbi":
             raise ParameterError(f"monitor={self.monitor!r} needs fakes=\"sbi\" (the "
                                  "self-blended validation set exists only then)")
@@ -425,7 +371,7 @@ class TrainParams(Params):
 class GradCamParams(Params):
     """03-gradcam: explain the validation images of a run."""
 
-    notebook: ClassVar[str] = "03-gradcam"
+    step: ClassVar[str] = "03-gradcam"
 
     run_dir: str = param("runs/notebook", "a run of 02-train: reads model.pt and "
                          "val_predictions.csv", path=True)
@@ -454,22 +400,70 @@ class GradCamParams(Params):
 class EvalParams(Params):
     """04-evaluate: a trained run on a labelled folder, with robustness and calibration."""
 
-    notebook: ClassVar[str] = "04-evaluate"
+    step: ClassVar[str] = "04-evaluate"
 
     run_dir: str = param("runs/notebook", "a trained run (model.pt)", path=True)
-    eval_dir: str = param("", "a labelled folder: eval_dir/real and eval_dir/fake", path=True)
-    name: str = param("", "report name under run_dir/eval/; empty: the folder's name")
+    eval_dir: str = param("", "a labelled folder: eval_dir/real and eval_dir/fake; or, with "
+                          "split, a split made by 01-split", path=True)
+    name: str = param("", "report name under run_dir/eval/; empty: the folder's name (and the "
+                      "split's)")
     batch_size: int = param(32, "images per forward pass")
     num_workers: int = param(2, "image-loading processes (0: load in this process)")
+    split: EvalSplit = param("", "empty: eval_dir is a labelled folder; val or test: score "
+                             "that split of the split in eval_dir")
+    faces: bool = param(True, "when the run was trained on face crops, crop eval_dir's photos "
+                        "and clips the same way first")
 
     def check(self) -> None:
         if not self.eval_dir:
-            raise ParameterError("eval_dir is required: a folder with real/ and fake/ inside")
+            raise ParameterError("eval_dir is required: a folder with real/ and fake/ inside, "
+                                 "or a split (with split=val or test)")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ParameterError("batch_size must be >= 1 and num_workers >= 0")
         if self.name and not is_plain_name(self.name):
             raise ParameterError(f"name must be a plain name (letters, digits, '.', '_', '-'), "
                                  f"got {self.name!r}: it becomes a folder under run_dir/eval/")
+
+
+@dataclass(frozen=True)
+class PredictParams(Params):
+    """predict: score files and folders with a trained run."""
+
+    step: ClassVar[str] = "predict"
+
+    run_dir: str = param("", "a trained run (model.pt)", path=True)
+    paths: list[str] = param([], "image files, clips and folders to score", path=True)
+    out: str = param("", "CSV file to write; empty: standard output", path=True)
+    cam_dir: str = param("", "also write Grad-CAM overlays to this folder", path=True)
+    frames_out: str = param("", "with face cropping: also write one row per frame scored "
+                            "(path, frame, p_fake, box) to this CSV", path=True)
+    faces: bool = param(True, "when the run was trained on face crops, crop the inputs the "
+                        "same way first")
+    layer: CamLayer = param("layer4", "the Grad-CAM layer of the overlays")
+    batch_size: int = param(32, "images per forward pass")
+    num_workers: int = param(2, "image-loading processes (0: load in this process)")
+
+    def check(self) -> None:
+        if not self.run_dir or not self.paths:
+            raise ParameterError("predict needs a run (--run) and at least one path")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ParameterError("batch_size must be >= 1 and num_workers >= 0")
+
+
+@dataclass(frozen=True)
+class DemoParams(Params):
+    """demo: build the demo data set."""
+
+    step: ClassVar[str] = "demo"
+
+    out: str = param("data/demo_raw", "output folder", path=True)
+    n_per_class: int = param(400, "images per class")
+    size: int = param(96, "side in pixels")
+    seed: int = param(0, "seeds the crops and the blends")
+
+    def check(self) -> None:
+        if self.n_per_class < 1 or self.size < 16:
+            raise ParameterError("n_per_class must be >= 1 and size >= 16")
 
 
 NOTEBOOK_PARAMS = (FacesParams, SplitParams, TrainParams, GradCamParams, EvalParams)
@@ -503,7 +497,7 @@ def parameters_of(notebook: str) -> type[Params]:
     """The parameter class of a notebook ("02-train" or a path to it)."""
     stem = Path(notebook).stem
     for cls in NOTEBOOK_PARAMS:
-        if cls.notebook == stem:
+        if cls.step == stem:
             return cls
     raise KeyError(f"no parameters are defined for notebook {notebook!r}")
 
@@ -538,18 +532,3 @@ def load_params(cls: type[Params], params_file: str | None, sets: Mapping[str, A
     others = {n for c in NOTEBOOK_PARAMS if c is not cls for n in c.names()}
     return cls.from_mapping(cls.coerce({k: v for k, v in values.items()
                                         if k in cls.names() or k not in others}))
-
-
-def reference() -> str:
-    """Every parameter of every notebook as Markdown tables: the README's reference."""
-    hints = {cls: typing.get_type_hints(cls) for cls in NOTEBOOK_PARAMS}
-    parts = []
-    for cls in NOTEBOOK_PARAMS:
-        rows = [f"**`{cls.notebook}`** ({cls.__doc__.split(': ', 1)[1].rstrip('.')})", "",
-                "| parameter | default | what it does |", "|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            default = cls.defaults()[f.name]
-            rows.append(f"| `{f.name}` | `{literal(default)}` | "
-                        f"{comment(f, hints[cls][f.name]).replace('|', '/')} |")
-        parts.append("\n".join(rows))
-    return "\n\n".join(parts) + "\n"

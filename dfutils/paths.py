@@ -9,20 +9,21 @@ import json
 import math
 import os
 import re
-import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # dfutils is installed editable (`make setup`), so the package sits in the repository.
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Read once at import: the permissions atomic_path gives a new file (os.umask can only be
+# read by setting it).
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-# The temporary files atomic_path makes: `.<name>.<8 random characters>.tmp`. A kill
-# (SIGKILL, power loss) can leave one behind; `remove_stale_temps` clears them.
 # A name that becomes one folder (a run, a report): no separators, no leading dot.
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The temporary files atomic_path makes: `.<name>.<8 random characters>.tmp`. A kill
+# (SIGKILL, power loss) can leave one behind; `remove_stale_temps` clears them.
 _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
@@ -168,54 +169,3 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write text atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-# A step that owns part of an output folder (the split in data_dir, the faces step in
-# faces_dir) builds its result in a folder beside it and swaps it in. Those folders carry
-# this marker, so a later run removes its own leftovers of a killed run, and nothing else.
-_PARTIAL = ".dfutils-partial"
-
-
-def new_partial(folder: Path, prefix: str) -> Path:
-    """A new, marked build folder inside `folder`."""
-    built = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
-    (built / _PARTIAL).touch()
-    return built
-
-
-def remove_partials(folder: Path, prefix: str) -> None:
-    """Delete the marked build folders named `prefix*` a killed run left in `folder`."""
-    for leftover in folder.glob(f"{prefix}*"):
-        if leftover.is_dir() and not leftover.is_symlink() and (leftover / _PARTIAL).is_file():
-            shutil.rmtree(leftover)
-
-
-def swap_in(built: Path, folder: Path, names: Sequence[str], prefix: str) -> None:
-    """Replace the entries `names` of `folder` with those of `built`, then delete both the
-    old entries and `built`. The last name goes out first and comes in last: make it the
-    file whose presence says the result is complete."""
-    old = new_partial(folder, prefix)
-    for name in reversed(names):
-        if os.path.lexists(folder / name):
-            os.replace(folder / name, old / name)
-    for name in names:
-        if os.path.lexists(built / name):
-            os.replace(built / name, folder / name)
-    shutil.rmtree(old)
-    shutil.rmtree(built)
-
-
-def first_unlisted(folder: Path, subfolders: Sequence[str], listed: set[str]) -> Path | None:
-    """The first thing under folder/<subfolder> that a step did not write: a file not in
-    `listed` (paths relative to `folder`), or a subfolder entry that is not a real folder."""
-    for name in subfolders:
-        top = folder / name
-        if not os.path.lexists(top):
-            continue
-        if top.is_symlink() or not top.is_dir():
-            return top
-        for path in sorted(top.rglob("*")):
-            if (path.is_symlink() or not path.is_dir()) and (
-                    path.relative_to(folder).as_posix() not in listed):
-                return path
-    return None

@@ -1,4 +1,4 @@
-"""Run records: seeds, the environment, and runs/<run>/run.json."""
+"""Run records: seeds, the environment, and the run record of runs/<run>/ (run.json)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import platform
 import random
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dfutils import files
 from dfutils.paths import REPO_ROOT, write_json
 
 PACKAGES = ("torch", "torchvision", "numpy", "pillow", "opencv-python", "scikit-learn",
@@ -79,30 +81,45 @@ def environment() -> dict:
 
 
 def read_run(run_dir: Path) -> dict:
-    """run.json of a run folder, or an empty record."""
-    path = run_dir / "run.json"
+    """The run record (run.json) of a run folder, or an empty record."""
+    path = run_dir / files.RUN_RECORD
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def start_run(run_dir: Path, name: str, params_file: str | None) -> dict:
-    """Create run.json for a new run: who, where, with what."""
-    record = {"run": name, "created": now(), "params_file": params_file, "git": git_state(),
-              "environment": environment(), "steps": {}}
-    write_json(run_dir / "run.json", record)
+def write_run(run_dir: Path, record: dict) -> None:
+    """Write a run record, atomically."""
+    write_json(run_dir / files.RUN_RECORD, record)
+
+
+def ensure_run(run_dir: Path, name: str, params_file: str | None) -> dict:
+    """The run record of run_dir; a new one (who, where, with what) if it has none."""
+    record = read_run(run_dir)
+    if not record:
+        record = {"run": name, "created": now(), "params_file": params_file,
+                  "git": git_state(), "environment": environment(), "steps": {}}
+        write_run(run_dir, record)
     return record
 
 
-def start_step(run_dir: Path, step: str, **fields: object) -> dict:
-    """A fresh entry for a step that starts now: nothing of an earlier run of it survives."""
+def start_step(run_dir: Path, step: str, **fields: object) -> float:
+    """A fresh entry for a step that starts now (nothing of an earlier run of it survives);
+    returns the clock value `finish_step` measures the step's seconds from."""
     record = read_run(run_dir)
     record.setdefault("steps", {})[step] = {**fields, "started": now(), "status": "running"}
-    write_json(run_dir / "run.json", record)
-    return record
+    write_run(run_dir, record)
+    return time.perf_counter()
 
 
 def record_step(run_dir: Path, step: str, **fields: object) -> dict:
-    """Merge one step's entry (parameters, timings, status, metrics) into run.json."""
+    """Merge fields (parameters, status, metrics) into one step's entry of the run record."""
     record = read_run(run_dir)
     record.setdefault("steps", {}).setdefault(step, {}).update(fields)
-    write_json(run_dir / "run.json", record)
+    write_run(run_dir, record)
     return record
+
+
+def finish_step(run_dir: Path, step: str, status: str, started: float, **fields: object
+                ) -> dict:
+    """Record how a step ended (done, failed, interrupted), when, after how many seconds."""
+    return record_step(run_dir, step, status=status, finished=now(),
+                       seconds=round(time.perf_counter() - started, 2), **fields)

@@ -1,14 +1,6 @@
-"""Self-Blended Images: training fakes made from real faces alone.
+"""Self-Blended Images: training fakes made from real faces alone (the blend itself is
+dfutils.blend, with the face's landmark hull as its mask).
 
-After Shiohara and Yamasaki, "Detecting Deepfakes with Self-Blended Images" (CVPR 2022).
-A face swap pastes a face into a frame inside a face-shaped region and blends its edge;
-whatever made the face, that leaves traces: a blend boundary, and colour and sharpness that
-differ inside from outside. A self-blend makes those traces without a second face: a
-slightly altered copy of a face (colour, sharpness, a small shift) is blended back into the
-face inside a deformed, blurred hull of its landmarks. A detector trained on reals against
-their self-blends learns the traces rather than one generator's fingerprint.
-
-- `self_blend` makes one, deterministically for a given generator;
 - `TrainPairs` gives each training real with a new self-blend of it, made in the
   DataLoader workers (`collate_pairs` batches them as real, blend, real, blend, ...);
 - `ValidationBlends` is the fixed set that validation and Grad-CAM score: the validation
@@ -27,143 +19,17 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dfutils import files
+from dfutils.blend import self_blend
 from dfutils.data import ImageLoadError, Sample, load_image, make_loader, read_manifest
 from dfutils.paths import resolve, write_csv
 from dfutils.progress import tqdm
 
-BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # the paper's: a full blend half the time
 VAL_SEED = 0  # the validation self-blends: the same in every run on a split
-REFERENCE_FACE = 200.0  # px: the face size the mask's kernel sizes below are given for
-
-
-def _odd(size: float) -> int:
-    k = max(int(round(size)), 1)
-    return k if k % 2 else k + 1
-
-
-def hull(landmarks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The filled convex hull of the points, as a float32 0/1 mask of `shape` (height, width)."""
-    mask = np.zeros(shape, np.float32)
-    points = cv2.convexHull(np.round(landmarks).astype(np.int32))
-    cv2.fillConvexPoly(mask, points, 1.0)
-    return mask
-
-
-def face_size(landmarks: np.ndarray) -> float:
-    """The larger side of the landmarks' bounding box, in pixels."""
-    return float(np.ptp(landmarks, axis=0).max())
-
-
-def deformed_hull(landmarks: np.ndarray, shape: tuple[int, int], rng: np.random.Generator
-                  ) -> np.ndarray:
-    """The hull after a random affine of the landmarks about their centre (scale 0.9-1.05 per
-    axis, turn up to 5 degrees, shift up to 3 % of the face) and a random erosion or
-    dilation (up to 5 % of the face)."""
-    size = face_size(landmarks)
-    centre = landmarks.mean(axis=0)
-    scale = rng.uniform(0.9, 1.05, 2)
-    angle = np.radians(rng.uniform(-5, 5))
-    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    shift = rng.uniform(-0.03, 0.03, 2) * size
-    points = (landmarks - centre) @ (rotation * scale).T + centre + shift
-    mask = hull(points, shape)
-    radius = int(rng.integers(0, max(int(0.05 * size), 1) + 1))
-    if radius:
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2)
-        mask = (cv2.erode if rng.random() < 0.5 else cv2.dilate)(mask, kernel)
-    return mask
-
-
-def soften(mask: np.ndarray, rng: np.random.Generator, size: float) -> np.ndarray:
-    """The paper's two blurs: the first, cut at its maximum, shrinks the mask; the second
-    gives it a soft edge of random width. Kernel sizes (odd, 5-25 px for a 200 px face)
-    scale with the face; they bound how far the mask reaches past the hull."""
-    f = size / REFERENCE_FACE
-    k1, k2 = _odd(rng.integers(5, 26) * f), _odd(rng.integers(5, 26) * f)
-    blurred = cv2.GaussianBlur(mask, (k1, k1), 0)
-    peak = blurred.max()
-    if peak <= 0:
-        return np.zeros_like(mask)
-    inner = (blurred >= peak * (1 - 1e-6)).astype(np.float32)
-    soft = cv2.GaussianBlur(inner, (k2, k2), float(rng.integers(5, 46) * f))
-    return soft / max(float(soft.max()), 1e-12)
-
-
-def reach(landmarks: np.ndarray) -> float:
-    """How far (px) a self-blend's mask can reach past the landmarks' hull: the largest move
-    of a hull point under the deformation (scale, turn, shift, dilation), plus half the
-    largest second blur."""
-    size = face_size(landmarks)
-    radius = float(np.linalg.norm(landmarks - landmarks.mean(axis=0), axis=1).max())
-    moved = radius * (0.1 + np.radians(5)) + 0.03 * np.sqrt(2) * size + 0.05 * size
-    return moved + _odd(25 * size / REFERENCE_FACE) / 2 + 2
-
-
-def colour_shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Each with probability 0.3 (the paper's): an RGB shift (up to 20 levels), a hue,
-    saturation and value change, a brightness and contrast change (up to 10 %). float32."""
-    out = image.astype(np.float32)
-    if rng.random() < 0.3:
-        out = out + rng.uniform(-20, 20, 3).astype(np.float32)
-    if rng.random() < 0.3:
-        hsv = cv2.cvtColor(np.clip(out, 0, 255) / 255, cv2.COLOR_RGB2HSV)
-        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-10, 10)) % 360
-        hsv[..., 1:] *= rng.uniform(0.85, 1.15, 2).astype(np.float32)
-        out = cv2.cvtColor(np.clip(hsv, 0, [360, 1, 1]).astype(np.float32),
-                           cv2.COLOR_HSV2RGB) * 255
-    if rng.random() < 0.3:
-        contrast, brightness = rng.uniform(0.9, 1.1), rng.uniform(-0.1, 0.1) * 255
-        out = (out - out.mean()) * contrast + out.mean() + brightness
-    return np.clip(out, 0, 255)
-
-
-def resample(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One of: downscaled by 2 or 4 and back (a softer face), or sharpened."""
-    h, w = image.shape[:2]
-    if rng.random() < 0.5:
-        r = int(rng.choice([2, 4]))
-        small = cv2.resize(image, (max(w // r, 1), max(h // r, 1)),
-                           interpolation=cv2.INTER_NEAREST)
-        return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-    alpha = rng.uniform(0.2, 0.5)
-    blurred = cv2.GaussianBlur(image, (0, 0), 1.0)
-    return np.clip(image + alpha * (image - blurred), 0, 255)
-
-
-def shift(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray) -> np.ndarray:
-    """A small random affine about the face's centre: translation up to 3 % of the face,
-    scale 0.95-1.05."""
-    h, w = image.shape[:2]
-    centre = landmarks.mean(axis=0)
-    matrix = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), 0.0,
-                                     rng.uniform(0.95, 1.05))
-    matrix[:, 2] += rng.uniform(-0.03, 0.03, 2) * face_size(landmarks)
-    return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REFLECT)
-
-
-def self_blend(image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """A fake made from a real face alone, and its mask.
-
-    `image`: H x W x 3 uint8 RGB; `landmarks`: the face's 68 points (x, y) in its pixels.
-    Returns the self-blend (uint8, pixels where the mask is 0 are the original's exactly)
-    and the mask (float32 in [0, 1]: the weight of the altered copy). Deterministic for a
-    given `rng`.
-    """
-    landmarks = np.asarray(landmarks, dtype=np.float64)
-    size = face_size(landmarks)
-    mask = soften(deformed_hull(landmarks, image.shape[:2], rng), rng, size)
-    mask *= float(rng.choice(BLEND_RATIOS))
-    source = shift(resample(colour_shift(image, rng), rng), rng, landmarks)
-    weight = mask[..., None]
-    blended = np.clip(weight * source + (1 - weight) * image + 0.5, 0, 255).astype(np.uint8)
-    return np.where(weight > 0, blended, image), mask
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,13 +65,11 @@ def landmarks_of(data_dir: str | os.PathLike, samples: Sequence[Sample]
     "cached" (data_dir/landmarks.csv, by an earlier call) or "detected" now with the faces
     step's dlib model at its default settings, and "no_face". New detections are added to
     the cache, which is keyed by the image's path and content hash."""
-    from dfutils.split import FACES, LANDMARKS
-
     data_dir = resolve(data_dir)
     rel = [s.path.relative_to(data_dir).as_posix() for s in samples]
-    carried = {r["path"]: r["landmarks"] for r in _read_table(data_dir / FACES)}
-    sha = {r["path"]: r["sha256"] for r in _read_table(data_dir / "manifest.csv")}
-    cache = {r["path"]: r for r in _read_table(data_dir / LANDMARKS)
+    carried = {r["path"]: r["landmarks"] for r in _read_table(data_dir / files.FACES)}
+    sha = {r["path"]: r["sha256"] for r in _read_table(data_dir / files.MANIFEST)}
+    cache = {r["path"]: r for r in _read_table(data_dir / files.LANDMARKS)
              if sha.get(r["path"]) == r["sha256"]}
     counts = {"faces_step": 0, "cached": 0, "detected": 0, "no_face": 0}
     found: dict[str, np.ndarray | None] = {}
@@ -227,7 +91,7 @@ def landmarks_of(data_dir: str | os.PathLike, samples: Sequence[Sample]
             cache[path] = {"path": path, "sha256": sha.get(path, ""), "landmarks": "" if
                            found[path] is None else json.dumps(found[path].round(2).tolist())}
         counts["detected"] = len(missing)
-        write_csv(data_dir / LANDMARKS, sorted(cache.values(), key=lambda r: r["path"]),
+        write_csv(data_dir / files.LANDMARKS, sorted(cache.values(), key=lambda r: r["path"]),
                   ["path", "sha256", "landmarks"])
     counts["no_face"] = sum(found[p] is None for p in rel)
     return [found[p] for p in rel], counts
@@ -261,7 +125,7 @@ class TrainPairs(Dataset):
         # From torch's generator, which the DataLoader seeds per worker from the loader's
         # seed: the blends repeat with the seed, and a resumed run replays them.
         rng = np.random.default_rng(int(torch.randint(2**62, ())))
-        fake, _ = self_blend(image, self.landmarks[index], rng)
+        fake, _ = self_blend(image, rng, self.landmarks[index])
         return (torch.stack([self.transform(image), self.transform(fake)]),
                 torch.tensor([0.0, 1.0]), torch.tensor([index, index]))
 
@@ -293,7 +157,7 @@ class ValidationBlends(Dataset):
         if index < n:
             return real, 0, None
         rng = np.random.default_rng([VAL_SEED, self.keys[index - n]])
-        fake, mask = self_blend(real, self.landmarks[index - n], rng)
+        fake, mask = self_blend(real, rng, self.landmarks[index - n])
         return fake, 1, mask
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -321,10 +185,9 @@ def loaders(params) -> tuple[DataLoader, DataLoader, dict]:
             f"fakes='sbi' found no face in the {train_counts['reals']} training reals of "
             f"{resolve(params.data_dir)}: self-blending needs face images (run the faces step "
             "on photos or clips, or use fakes='data')")
-    augment = train_transform(params.image_size, params.jitter, params.jpeg_prob,
-                              params.blur_prob, params.flip, params.crop_scale, params.erasing)
+    augment = train_transform(params)
     val, val_counts = validation_blends(params.data_dir,
-                                        transform=eval_transform(params.image_size))
+                                        transform=eval_transform(params.image_size, params.arch))
     if not val.samples:
         raise ValueError(f"fakes='sbi' found no face in the validation reals of "
                          f"{resolve(params.data_dir)}: there is nothing to validate on")

@@ -12,7 +12,6 @@ import csv
 import functools
 import hashlib
 import io
-import json
 import math
 import os
 import posixpath
@@ -23,39 +22,25 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dfutils import CLASSES
+from dfutils import CLASSES, files
 from dfutils.data import ImageLoadError, load_image
-from dfutils.params import GroupBy
-from dfutils.paths import (
-    fingerprint,
-    first_unlisted,
-    new_partial,
-    remove_partials,
-    resolve,
-    swap_in,
-    walk_files,
-    write_json,
-)
+from dfutils.folders import IMAGE_SUFFIXES, MissingInput, OwnedFolder, scan_classes
+from dfutils.params import GroupBy, SplitParams
+from dfutils.paths import fingerprint, resolve, write_json
 from dfutils.progress import tqdm
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 MANIFEST_FIELDS = ("path", "label", "split", "sha256", "width", "height", "source", "mask",
                    "group", "video")
-FACES = "faces.csv"  # the landmarks of the split's images, when raw_dir came from 00-faces
-LANDMARKS = "landmarks.csv"  # landmarks found by dfutils.sbi for the split's images, cached
-SPLITS = ("train", "val")
-# What the split owns inside data_dir; nothing else there is touched (data/ also holds
-# README.md and the demo data set). Of these, the folders may hold only files the manifest
-# lists: anything else in them is the user's, and the split refuses to replace it.
-OWNED = ("train", "val", "masks", FACES, LANDMARKS, "split_report.json", "manifest.csv")
-OWNED_FOLDERS = ("train", "val", "masks")
+# `test` is filled by a data set's official test list (never trained or selected on); the
+# split of a plain raw folder leaves it empty.
+SPLITS = ("train", "val", "test")
 
 
 class SplitError(ValueError):
     """The raw folder cannot be split as asked; the message says why and what to do."""
 
 
-class NoImagesError(SplitError):
+class NoImagesError(SplitError, MissingInput):
     """The raw folder, a class folder, or the images in it are missing."""
 
 
@@ -85,30 +70,11 @@ def find_mask(raw_dir: Path, rel: Path) -> str:
 
 def scan(raw_dir: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
     """Candidate images (path relative to raw_dir, label) and skipped files with reasons."""
-    if not raw_dir.is_dir():
-        raise NoImagesError(
-            f"raw folder {raw_dir} does not exist: create {raw_dir}/real and {raw_dir}/fake "
-            "and put your images there (or run `make demo` to try the built-in demo data)"
-        )
-    candidates, skipped = [], []
-    for label in CLASSES:
-        class_dir = raw_dir / label
-        if not class_dir.is_dir():
-            raise NoImagesError(
-                f"class folder {class_dir} is missing: put your {label} images in it "
-                "(subfolders are fine)"
-            )
-        for rel, shown, problem in walk_files(raw_dir, class_dir, IMAGE_SUFFIXES,
-                                              ".jpg, .jpeg or .png"):
-            if problem:
-                skipped.append({"path": shown, "reason": problem})
-            elif not is_mask(rel):
-                candidates.append((rel, label))
-        if not any(label == lab for _, lab in candidates):
-            raise NoImagesError(
-                f"class folder {class_dir} holds no .jpg/.jpeg/.png images: add at least two"
-            )
-    return candidates, skipped
+    try:
+        return scan_classes(raw_dir, IMAGE_SUFFIXES, "images", leave_out=is_mask,
+                            need_each=True)
+    except MissingInput as error:
+        raise NoImagesError(str(error)) from None
 
 
 def inspect_image(raw_dir: Path, rel: Path, label: str) -> ImageInfo:
@@ -140,7 +106,7 @@ def inspect_all(raw_dir: Path, candidates: list[tuple[Path, str]],
     """Inspect every candidate, in worker processes when there are many.
 
     Decoding is the cost. Threads barely help (the per-image Python work holds the GIL);
-    processes given chunks of files do (`make bench` measures the split; see the README).
+    processes given chunks of files do (`make bench` measures the split; docs/performance.md).
     """
     one = functools.partial(_inspect_or_reason, raw_dir)
     workers = workers or min(8, os.cpu_count() or 1)
@@ -268,9 +234,6 @@ def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dic
     one: the folder an image is in when grouping by folder (a clip's frames), else itself.
     """
     rows, taken = [], set()
-    for split in SPLITS:
-        for label in CLASSES:
-            (out / split / label).mkdir(parents=True)
     for info in sorted(images, key=lambda i: (i.label, i.source)):
         split = split_of[info.source]
         # Flattening the path below the class folder keeps names from different
@@ -281,6 +244,7 @@ def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dic
             stem, dot, suffix = name.rpartition(".")
             dest = f"{split}/{info.label}/{stem}-{info.sha256[:8]}{dot}{suffix}"
         taken.add(dest.lower())
+        (out / dest).parent.mkdir(parents=True, exist_ok=True)
         _link_or_copy(raw_dir / info.source, out / dest)
         mask = ""
         if info.mask:
@@ -295,40 +259,25 @@ def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dic
     return rows
 
 
-def read_report(data_dir: Path) -> dict | None:
+def _written(data_dir: Path, report: dict) -> set[str]:
+    with open(data_dir / files.MANIFEST, newline="") as f:
+        return {value for row in csv.DictReader(f) for value in (row["path"], row["mask"])
+                if value}
+
+
+# What the split owns inside data_dir; nothing else there is touched (data/ also holds
+# README.md and the demo data set). Its folders may hold only files the manifest lists.
+FOLDER = OwnedFolder(
+    step="the split", result="a split", option="data_dir",
+    entries=(*SPLITS, "masks", files.FACES, files.LANDMARKS, files.SPLIT_REPORT,
+             files.MANIFEST),
+    folders=(*SPLITS, "masks"), report=files.SPLIT_REPORT, listed=_written, prefix="split",
+    error=SplitError)
+
+
+def read_report(data_dir: str | os.PathLike) -> dict | None:
     """The report of the split in data_dir, or None when there is no complete split."""
-    report, manifest = data_dir / "split_report.json", data_dir / "manifest.csv"
-    if not (report.is_file() and manifest.is_file()):
-        return None
-    try:
-        found = json.loads(report.read_text())
-    except (ValueError, OSError):
-        return None
-    ours = isinstance(found, dict) and {"params", "fingerprint", "counts"} <= set(found)
-    return found if ours else None
-
-
-def check_replaceable(data_dir: Path, report: dict | None) -> None:
-    """Refuse, before anything changes, to replace what the split did not write itself.
-
-    A split's folders may hold only the files its manifest lists. Anything else in the way
-    (a user's notes in train/, a manifest.csv of their own) is an error naming it.
-    """
-    present = [name for name in OWNED if os.path.lexists(data_dir / name)]
-    if not present:
-        return
-    advice = (f"move it out of {data_dir} or choose another data_dir: the split replaces "
-              "only files it wrote")
-    if report is None:
-        raise SplitError(f"{data_dir / present[0]} is in the way and was not written by a split "
-                         f"(there is no split_report.json and manifest.csv of one): {advice}")
-    with open(data_dir / "manifest.csv", newline="") as f:
-        written = {value for row in csv.DictReader(f) for value in (row["path"], row["mask"])
-                   if value}
-    intruder = first_unlisted(data_dir, OWNED_FOLDERS, written)
-    if intruder is not None:
-        raise SplitError(f"{intruder} was not written by the split (the manifest does not "
-                         f"list it): {advice}")
+    return FOLDER.read_report(resolve(data_dir))
 
 
 def carry_faces(raw_dir: Path, out: Path, rows: list[dict]) -> dict | None:
@@ -340,9 +289,9 @@ def carry_faces(raw_dir: Path, out: Path, rows: list[dict]) -> dict | None:
     report = faces.read_report(raw_dir)
     if report is None:
         return None
-    with open(raw_dir / faces.CSV, newline="") as f:
+    with open(raw_dir / files.FACES, newline="") as f:
         table = {row["path"]: row for row in csv.DictReader(f)}
-    with open(out / FACES, "w", newline="", encoding="utf-8") as f:
+    with open(out / files.FACES, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=faces.FIELDS)
         writer.writeheader()
         writer.writerows({**table[r["source"]], "path": r["path"]}
@@ -352,102 +301,80 @@ def carry_faces(raw_dir: Path, out: Path, rows: list[dict]) -> dict | None:
 
 @dataclass(frozen=True)
 class SplitPlan:
+    params: SplitParams
     raw_dir: Path  # absolute
     data_dir: Path  # absolute
     candidates: list[tuple[Path, str]]
     skipped: list[dict]
-    params: dict
+    recorded: dict  # the parameters the report records (what makes the split what it is)
     fingerprint: str
     current: dict | None  # the report on disk, when that split is already the answer
 
 
-def preflight(raw_dir: str | os.PathLike, data_dir: str | os.PathLike, val_fraction: float,
-              seed: int, overwrite: bool, group_by: GroupBy = "file",
-              group_pattern: str = "") -> SplitPlan:
+def preflight(params: SplitParams) -> SplitPlan:
     """Every check the split makes before it reads an image or changes a file: the folders,
     the parameters against an existing split, and anything of the user's in the way."""
-    raw_dir, data_dir = resolve(raw_dir).resolve(), resolve(data_dir).resolve()
+    raw_dir, data_dir = resolve(params.raw_dir).resolve(), resolve(params.data_dir).resolve()
     # raw_dir may sit in data_dir (data/faces, data/demo_raw) but not in what the split
     # replaces, and data_dir must not be inside raw_dir, where the split would read itself.
     if (data_dir == raw_dir or raw_dir in data_dir.parents
-            or any(data_dir / name in (raw_dir, *raw_dir.parents) for name in OWNED)):
+            or any(data_dir / name in (raw_dir, *raw_dir.parents) for name in FOLDER.entries)):
         raise SplitError(f"data_dir {data_dir} and raw_dir {raw_dir} overlap: put the split "
-                         "outside raw_dir, and raw_dir outside data_dir/train, val and masks")
+                         "outside raw_dir, and raw_dir outside data_dir/train, val, test and "
+                         "masks")
     candidates, skipped = scan(raw_dir)
-    params = {"raw_dir": str(raw_dir), "val_fraction": val_fraction, "seed": seed}
-    if group_by != "file":  # a split made before group_by existed grouped by file
-        params["group_by"] = group_by
-    if group_pattern:
-        params["group_pattern"] = group_pattern
+    recorded = {"raw_dir": str(raw_dir), "val_fraction": params.val_fraction,
+                "seed": params.seed}
+    if params.group_by != "file":  # a split made before group_by existed grouped by file
+        recorded["group_by"] = params.group_by
+    if params.group_pattern:
+        recorded["group_pattern"] = params.group_pattern
     stamp = fingerprint(raw_dir, [rel.as_posix() for rel, _ in candidates]
                         + [s["path"] for s in skipped])
-    existing = read_report(data_dir)
-    current = None
-    if existing is not None:
-        if existing.get("params") == params and existing.get("fingerprint") == stamp:
-            current = existing
-        elif existing.get("params") != params and not overwrite:
-            raise SplitError(
-                f"{data_dir} already holds a split made with {existing.get('params')}; "
-                f"this one asks for {params}. Pass overwrite=True (OVERWRITE=1 with make) "
-                "to replace it, or choose another data_dir"
-            )
-    if current is None:
-        check_replaceable(data_dir, existing)
-    return SplitPlan(raw_dir, data_dir, candidates, skipped, params, stamp, current)
+    current = FOLDER.current(data_dir, recorded, stamp, params.overwrite)
+    return SplitPlan(params, raw_dir, data_dir, candidates, skipped, recorded, stamp, current)
 
 
-def split(raw_dir: str | os.PathLike = "dataset_raw", data_dir: str | os.PathLike = "data",
-          val_fraction: float = 0.2, seed: int = 42, overwrite: bool = False,
-          group_by: GroupBy = "file", group_pattern: str = "") -> dict:
+def split(params: SplitParams) -> dict:
     """Split raw_dir/{real,fake} into data_dir/{train,val}/{real,fake}; return the report.
 
     Same files and parameters: nothing is rewritten. Other parameters over an existing
     split: refused unless `overwrite`. Files in data_dir that the split did not write are
     never deleted: their presence is an error, found before anything changes. The new split
-    is built beside the old one and swapped in, so an interrupted run leaves the old split
-    or the new one, not a mixture. When raw_dir is a faces step's output, its landmarks
-    and parameters come along (data_dir/faces.csv, the report's `faces`).
+    is built beside the old one and swapped in (`FOLDER`), so an interrupted run leaves the
+    old split or the new one, not a mixture. When raw_dir is a faces step's output, its
+    landmarks and parameters come along (data_dir/faces.csv, the report's `faces`).
     """
-    plan = preflight(raw_dir, data_dir, val_fraction, seed, overwrite, group_by, group_pattern)
+    plan = preflight(params)
     if plan.current is not None:
         return plan.current  # same files, same parameters: the split on disk is the answer
-    raw_dir, data_dir, candidates = plan.raw_dir, plan.data_dir, plan.candidates
-    images, rejected = inspect_all(raw_dir, candidates)
-    split_of, group_of, duplicates, conflicts = assign(images, val_fraction, seed, group_by,
-                                                       group_pattern)
+    images, rejected = inspect_all(plan.raw_dir, plan.candidates)
+    split_of, group_of, duplicates, conflicts = assign(
+        images, params.val_fraction, params.seed, params.group_by, params.group_pattern)
     conflicted = {c["sha256"] for c in conflicts}
     kept = [i for i in images if i.sha256 not in conflicted]
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    remove_partials(data_dir, ".split-")
-    built = new_partial(data_dir, ".split-tmp-")
-    try:
-        rows = materialise(raw_dir, built, kept, split_of, group_of, group_by)
-        faces = carry_faces(raw_dir, built, rows)
+    with FOLDER.build(plan.data_dir) as built:
+        rows = materialise(plan.raw_dir, built, kept, split_of, group_of, params.group_by)
+        present = [s for s in SPLITS if any(r["split"] == s for r in rows)]  # no empty test
         report = {
-            "params": plan.params,
+            "params": plan.recorded,
             "fingerprint": plan.fingerprint,
             "counts": {s: {c: sum(r["split"] == s and r["label"] == c for r in rows)
-                           for c in CLASSES} for s in SPLITS},
+                           for c in CLASSES} for s in present},
             "group_counts": {s: {c: len({r["group"] for r in rows
                                          if r["split"] == s and r["label"] == c})
-                                 for c in CLASSES} for s in SPLITS},
+                                 for c in CLASSES} for s in present},
             "n_images": len(rows),
             "n_masks": sum(bool(r["mask"]) for r in rows),
             "rejected": rejected,
             "skipped": plan.skipped,
             "duplicates": duplicates,
             "conflicts": conflicts,
-            "faces": faces,  # the faces step's parameters, or None
+            "faces": carry_faces(plan.raw_dir, built, rows),  # its parameters, or None
         }
-        write_json(built / "split_report.json", report)
-        with open(built / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        write_json(built / files.SPLIT_REPORT, report)
+        with open(built / files.MANIFEST, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-    except BaseException:  # Ctrl-C included: drop the half-built split, keep the old one
-        shutil.rmtree(built, ignore_errors=True)
-        raise
-    swap_in(built, data_dir, OWNED, ".split-old-")  # the manifest last: then it is complete
     return report

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def write_image(path: Path, seed: int, size: int = 32, mode: str = "RGB", fmt: str | None = None,
@@ -41,6 +45,24 @@ def tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def make_split(raw_dir: Path, data_dir: Path, **values) -> dict:
+    """dfutils.split.split on raw_dir into data_dir, other parameters as given."""
+    from dfutils.params import SplitParams
+    from dfutils.split import split
+
+    return split(SplitParams(raw_dir=str(raw_dir), data_dir=str(data_dir), **values))
+
+
+def evaluate(run_dir: Path, data: Path, name: str, sweeps: dict | None = None, **values
+             ) -> tuple[dict, dict]:
+    """dfutils.inference.evaluate_folder of a run on a folder (or, with split=, a split)."""
+    from dfutils.inference import SWEEPS, evaluate_folder
+    from dfutils.params import EvalParams
+
+    params = EvalParams(run_dir=str(run_dir), eval_dir=str(data), name=name, **values)
+    return evaluate_folder(params, SWEEPS if sweeps is None else sweeps)
+
+
 @pytest.fixture
 def raw(tmp_path: Path) -> Path:
     return make_raw(tmp_path / "raw")
@@ -49,11 +71,9 @@ def raw(tmp_path: Path) -> Path:
 @pytest.fixture
 def separable_split(tmp_path_factory) -> Path:
     """A split of an easy data set (bright fakes, dark reals) for training tests."""
-    from dfutils.split import split
-
     root = tmp_path_factory.mktemp("separable")
     make_raw(root / "raw", 24, 24, separable=True)
-    split(root / "raw", root / "data", seed=0)
+    make_split(root / "raw", root / "data", seed=0)
     return root / "data"
 
 
@@ -92,3 +112,41 @@ def notebooks_that(monkeypatch):
         monkeypatch.setattr(pipeline.papermill, "execute_notebook", execute)
         return calls
     return install
+
+
+SMOKE = "notebooks/params/smoke.yaml"
+NOT_UTF8 = os.fsdecode(b"caf\xe9.png")  # a name Linux allows and UTF-8 cannot encode
+
+
+def broken_exif_jpeg(path: Path) -> Path:
+    """A JPEG whose pixels decode but whose EXIF makes the orientation step raise
+    `struct.error: required argument is not an integer` (found by fuzzing one byte)."""
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F], exif[0x0131] = 6, "Maker", "sw"
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 12), (200, 30, 30)).save(buffer, "JPEG", exif=exif.tobytes())
+    data = bytearray(buffer.getvalue())
+    data[data.index(b"Exif") + 17] = 41
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+    with Image.open(path) as image:  # the premise: pixels fine, orientation step broken
+        image.load()
+        with pytest.raises(struct.error):
+            ImageOps.exif_transpose(image)
+    return path
+
+
+@pytest.fixture
+def small_pixel_limit(monkeypatch):
+    """Pillow's decompression-bomb limit lowered to 500 pixels, so small files test it."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+
+
+def rows_of(text: str) -> dict[str, dict]:
+    return {row["path"]: row for row in csv.DictReader(io.StringIO(text))}
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert "Traceback" not in err and lines, err
+    return lines[-1]

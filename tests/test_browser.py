@@ -32,8 +32,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from dfutils.jupyter import KERNEL
 from dfutils.paths import REPO_ROOT
-from dfutils.pipeline import KERNEL
 from dfutils.progress import TEXT_ONLY
 
 pytestmark = pytest.mark.browser

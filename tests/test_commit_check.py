@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dfutils import pipeline
+from dfutils import jupyter
 from dfutils.paths import REPO_ROOT
 
 
@@ -62,12 +62,12 @@ def status(repo: Path) -> str:
 def test_outputs_saved_in_the_working_file_do_not_fail_the_check(repo):
     notebook = repo / "notebooks" / "01-split.ipynb"
     save_as_jupyterlab_does(notebook)
-    assert pipeline.commit_problems(notebook) == []
-    assert pipeline.staged_text(notebook)[0] == (REPO_ROOT / "notebooks" /
+    assert jupyter.commit_problems(notebook) == []
+    assert jupyter.staged_text(notebook)[0] == (REPO_ROOT / "notebooks" /
                                                  "01-split.ipynb").read_bytes()
     # git lists the file (its size changed) until make lab's post-save hook records it
     assert status(repo) == " M notebooks/01-split.ipynb\n"
-    assert pipeline.refresh_git_stat(os_path=str(notebook))
+    assert jupyter.refresh_git_stat(os_path=str(notebook))
     assert status(repo) == ""
     assert b'"output_type"' in notebook.read_bytes()  # the outputs stay in the file
 
@@ -78,7 +78,7 @@ def test_the_post_save_hook_never_stages_a_real_change(repo):
     nb = json.loads(notebook.read_text())
     nb["cells"][0]["source"] = ["# a researcher's edit\n"]
     notebook.write_text(json.dumps(nb, indent=1))
-    assert not pipeline.refresh_git_stat(os_path=str(notebook))
+    assert not jupyter.refresh_git_stat(os_path=str(notebook))
     assert status(repo) == " M notebooks/01-split.ipynb\n"  # not staged: theirs to decide
 
 
@@ -86,12 +86,12 @@ def test_outputs_fail_when_a_commit_would_carry_them(repo):
     notebook = repo / "notebooks" / "01-split.ipynb"
     save_as_jupyterlab_does(notebook)
     git(repo, "config", "--unset", "filter.nbstripout.clean")  # no filter: the file as it is
-    problems = pipeline.commit_problems(notebook)
+    problems = jupyter.commit_problems(notebook)
     assert len(problems) == 1 and "carry outputs or execution counts" in problems[0]
     assert "not installed (run `make setup`)" in problems[0]
     git(repo, "add", "notebooks")  # staged without the filter ...
     install_filter(repo)  # ... which a later `make setup` does not undo
-    problems = pipeline.commit_problems(notebook)
+    problems = jupyter.commit_problems(notebook)
     assert len(problems) == 1 and problems[0].startswith(f"{notebook}: as staged now")
 
 
@@ -101,10 +101,10 @@ def test_a_notebook_must_name_the_projects_kernel(repo):
     nb["metadata"]["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                     "language": "python"}
     notebook.write_text(json.dumps(nb, indent=1))
-    (problem,) = pipeline.commit_problems(notebook)
+    (problem,) = jupyter.commit_problems(notebook)
     assert "its kernel is 'python3', not the project's 'dfutils'" in problem
 
 
 def test_the_tracked_notebooks_pass_the_check():
     for path in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")):
-        assert pipeline.commit_problems(path) == []
+        assert jupyter.commit_problems(path) == []

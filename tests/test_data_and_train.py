@@ -4,7 +4,7 @@ import torch
 from conftest import write_image
 from PIL import Image
 
-from dfutils import data
+from dfutils import data, files
 from dfutils.model import build_model
 from dfutils.params import TrainParams
 from dfutils.train import EarlyStopping, evaluate, fit, make_optimizer, train_one_epoch
@@ -48,8 +48,8 @@ def test_a_file_that_breaks_mid_training_is_named(tmp_path):
 @pytest.mark.parametrize("jpeg,blur", [(0.0, 0.0), (1.0, 1.0)])
 def test_transforms_give_normalised_square_tensors(tmp_path, jpeg, blur):
     image = data.load_image(write_image(tmp_path / "x.png", seed=0, size=50))
-    for transform in (data.eval_transform(40), data.train_transform(40, jpeg_prob=jpeg,
-                                                                      blur_prob=blur)):
+    augmented = TrainParams(image_size=40, jpeg_prob=jpeg, blur_prob=blur)
+    for transform in (data.eval_transform(40), data.train_transform(augmented)):
         x = transform(image)
         assert x.shape == (3, 40, 40) and x.dtype == torch.float32
         assert -3 < x.min() < 0 < x.max() < 3
@@ -59,7 +59,8 @@ def test_random_erasing_blanks_one_rectangle_of_a_training_image(tmp_path):
     image = data.load_image(write_image(tmp_path / "x.png", seed=0, size=50))
     assert not (data.eval_transform(40)(image) == 0).all(dim=0).any()
     torch.manual_seed(0)
-    transform = data.train_transform(40, jitter=(0, 0, 0, 0), flip=False, erasing=1.0)
+    transform = data.train_transform(TrainParams(image_size=40, jitter=[0, 0, 0, 0], flip=False,
+                                                 erasing=1.0))
     for _ in range(5):
         blank = (transform(image) == 0).all(dim=0)  # the mean colour, after normalisation
         rows, cols = blank.any(dim=1).nonzero()[:, 0], blank.any(dim=0).nonzero()[:, 0]
@@ -273,7 +274,7 @@ def test_a_resumed_run_has_the_history_of_an_uninterrupted_one(separable_split, 
     whole = run("whole")
     interrupt_epoch(monkeypatch, 3)
     cut = run("cut")
-    assert cut.interrupted and len(cut.history) == 2 and (tmp_path / "cut" / T.LAST).is_file()
+    assert cut.interrupted and len(cut.history) == 2 and (tmp_path / "cut" / files.LAST).is_file()
     monkeypatch.undo()
     resumed = run("cut", resume=True)
 
@@ -285,12 +286,13 @@ def test_a_resumed_run_has_the_history_of_an_uninterrupted_one(separable_split, 
     weights = [torch.load(tmp_path / n / "model.pt", weights_only=True)["model_state"]
                for n in ("whole", "cut")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    assert not (tmp_path / "cut" / T.LAST).exists()  # finished: nothing left to resume
+    assert not (tmp_path / "cut" / files.LAST).exists()  # finished: nothing left to resume
 
 
 def test_resume_refuses_other_parameters_and_a_run_without_state(separable_split, tmp_path):
+    from dfutils.files import LAST
     from dfutils.model import CheckpointError
-    from dfutils.train import LAST, train_run
+    from dfutils.train import train_run
 
     base = {"data_dir": str(separable_split), "weights": None, "trainable": "all",
             "image_size": 32, "batch_size": 8, "max_epochs": 1, "num_workers": 0,

@@ -8,9 +8,7 @@ import textwrap
 import pytest
 import torch
 import yaml
-from conftest import make_raw
-
-from dfutils.split import split
+from conftest import make_raw, make_split
 
 pytestmark = pytest.mark.distributed
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -21,7 +19,7 @@ def runs(tmp_path_factory):
     """The same training (no augmentation, frozen BatchNorm) in 1 and in 2 processes."""
     root = tmp_path_factory.mktemp("ddp")
     make_raw(root / "raw", 20, 20, separable=True)
-    split(root / "raw", root / "data", seed=0)  # 32 train, 8 validation images
+    make_split(root / "raw", root / "data", seed=0)  # 32 train, 8 validation images
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump({
         "weights": None, "trainable": "fc", "image_size": 32, "batch_size": 8,

@@ -11,11 +11,10 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
-from conftest import tree_digest
+from conftest import evaluate, make_split, tree_digest
 
-from dfutils import faces
+from dfutils import faces, files
 from dfutils.params import FacesParams
-from dfutils.split import split
 
 # The astronaut's face as dlib finds it, inside the crop of the photo we move around.
 PATCH = skimage.data.astronaut()[40:240, 120:330]
@@ -142,7 +141,7 @@ def test_outputs_follow_the_layout_and_bad_inputs_are_reported_by_name(extracted
     problems = {r["source"] for r in faces.problem_rows(report)}
     assert problems == {"fake/empty.mp4", "fake/text.mp4", "fake/truncated.mp4",
                         "real/noface.mp4", "fake/sky.png", "real/notes.txt"}
-    with open(out / faces.CSV, newline="") as f:
+    with open(out / files.FACES, newline="") as f:
         assert len(list(csv.DictReader(f))) == report["n_crops"] == len(crops)
 
 
@@ -176,7 +175,7 @@ def test_aligned_crops_have_level_eyes(raw, tmp_path):
 
 def test_the_split_keeps_a_clip_in_one_split_and_carries_the_landmarks(extracted, tmp_path):
     out, _ = extracted
-    report = split(out, tmp_path / "data", val_fraction=0.3, group_by="folder", seed=0)
+    report = make_split(out, tmp_path / "data", val_fraction=0.3, group_by="folder", seed=0)
     with open(tmp_path / "data" / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     splits_of: dict[str, set] = {}
@@ -199,10 +198,10 @@ def test_adding_a_folder_moves_at_most_one_other(tmp_path):
         for g in range(10):
             for i in range(3):
                 write_image(root / label / f"g{g}" / f"{i}.png", seed=hash((label, g, i)) % 10**6)
-    split(root, tmp_path / "a", group_by="folder", seed=1)
+    make_split(root, tmp_path / "a", group_by="folder", seed=1)
     for i in range(3):
         write_image(root / "real" / "g_new" / f"{i}.png", seed=777 + i)
-    split(root, tmp_path / "b", group_by="folder", seed=1)
+    make_split(root, tmp_path / "b", group_by="folder", seed=1)
 
     def groups(data):
         with open(data / "manifest.csv", newline="") as f:
@@ -225,7 +224,7 @@ def test_the_faces_notebook_runs(raw, tmp_path):
                                progress_bar=False)
     executed = json.loads((tmp_path / "o.ipynb").read_text())
     assert "real/noface.mp4" in json.dumps(executed["cells"][-1]["outputs"])
-    assert (tmp_path / "f" / faces.REPORT).is_file()
+    assert (tmp_path / "f" / files.FACES_REPORT).is_file()
 
 
 @pytest.fixture(scope="module")
@@ -281,10 +280,8 @@ def test_predict_without_faces_scores_files_as_they_are(face_run, raw, capsys):
 
 
 def test_evaluate_crops_a_folder_of_clips_and_reports_videos(face_run, raw):
-    from dfutils.inference import evaluate_folder
-
     before = tree_digest(raw)
-    report, _ = evaluate_folder(face_run, raw, "clips", batch_size=8, sweeps={"jpeg": (100,)})
+    report, _ = evaluate(face_run, raw, "clips", batch_size=8, sweeps={"jpeg": (100,)})
     assert tree_digest(raw) == before
     video = report["metrics"]["video"]
     # clips and photos with a face: clip_a, clip_b, photo (real); clip_c, short, one (fake)
@@ -294,13 +291,11 @@ def test_evaluate_crops_a_folder_of_clips_and_reports_videos(face_run, raw):
 
 def test_evaluate_on_a_folder_without_faces_says_so_in_one_line(face_run, tmp_path):
     """No file gives a crop (found by the browser test: a TypeError escaped before)."""
-    from dfutils.inference import evaluate_folder
-
     for label in ("real", "fake"):
         (tmp_path / "sky" / label).mkdir(parents=True)
         cv2.imwrite(str(tmp_path / "sky" / label / "sky.png"), frame_of(0, face=False)[0])
-    with pytest.raises(ValueError, match=r"no real image under .*sky/real could be read"):
-        evaluate_folder(face_run, tmp_path / "sky", "sky", sweeps={})
+    with pytest.raises(ValueError, match=r"no real image of .*sky could be read"):
+        evaluate(face_run, tmp_path / "sky", "sky", sweeps={})
 
 
 @pytest.mark.notebooks

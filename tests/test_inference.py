@@ -7,7 +7,7 @@ import numpy as np
 import papermill
 import pytest
 import torch
-from conftest import make_raw, tree_digest, write_image
+from conftest import evaluate, make_raw, tree_digest, write_image
 from PIL import Image
 
 from dfutils import inference
@@ -85,8 +85,8 @@ def test_jpeg_sweep_really_re_encodes_and_other_levels_behave():
 def test_evaluate_writes_the_report_and_leaves_the_images_untouched(run_dir, tmp_path):
     data = make_raw(tmp_path / "labelled", 6, 6)
     before = tree_digest(data)
-    report, _ = inference.evaluate_folder(run_dir, data, "held-out", batch_size=4,
-                                          sweeps={"jpeg": (100, 30), "blur": (0, 2),
+    report, _ = evaluate(run_dir, data, "held-out", batch_size=4,
+                         sweeps={"jpeg": (100, 30), "blur": (0, 2),
                                                   "downscale": (1, 0.5)})
     assert tree_digest(data) == before
     out = run_dir / "eval" / "held-out"

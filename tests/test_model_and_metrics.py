@@ -146,3 +146,38 @@ def test_video_level_metrics_score_each_group_by_its_mean():
     assert grouped(groups) and not grouped(["a", "b"]) and not grouped(None)
     with pytest.raises(ValueError, match="both real and fake"):
         by_group(["a", "a"], [0, 1], [0.1, 0.2])
+
+
+def test_the_architecture_comes_from_the_registry_and_an_unknown_one_is_one_line(tmp_path):
+    from dfutils import archs
+    from dfutils.model import CheckpointError, load_checkpoint, save_checkpoint
+    from dfutils.params import ParameterError, TrainParams
+
+    entry = archs.get(TrainParams().arch)
+    model = M.build_model(None, "layer4", entry.name)
+    assert isinstance(entry.head_module(model), torch.nn.Linear)
+    assert entry.head_module(model).out_features == 1
+    assert entry.cam_layer(model, "layer3") is model.layer3[-1]
+    assert entry.grid((96, 96), "layer3") == (6, 6)
+    with pytest.raises(ParameterError, match="unknown architecture 'vgg11'.*resnet18"):
+        TrainParams(arch="vgg11")
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, params={"image_size": 32, "arch": "vgg11"}, threshold=0.5,
+                    threshold_rule="0.5", metrics={}, epoch=1)
+    with pytest.raises(CheckpointError, match=r"model.pt: unknown architecture 'vgg11'"):
+        load_checkpoint(path)
+
+
+def test_model_pt_and_last_pt_are_one_format_and_resume_needs_the_training_state(tmp_path):
+    from dfutils.model import CheckpointError, read_checkpoint, save_checkpoint
+
+    model = M.build_model(None, "all")
+    for name, training in (("model.pt", None), ("last.pt", {"history": []})):
+        save_checkpoint(tmp_path / name, model, params={"image_size": 32}, threshold=0.5,
+                        threshold_rule="0.5", metrics={}, epoch=1, training=training)
+        assert read_checkpoint(tmp_path / name)["arch"] == "resnet18"
+    assert read_checkpoint(tmp_path / "last.pt", resume=True)["training"] == {"history": []}
+    with pytest.raises(CheckpointError, match="holds no training state"):
+        read_checkpoint(tmp_path / "model.pt", resume=True)
+    with pytest.raises(CheckpointError, match="nothing to resume: .*gone.pt not found"):
+        read_checkpoint(tmp_path / "gone.pt", resume=True)

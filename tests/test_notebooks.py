@@ -10,6 +10,7 @@ from conftest import make_raw, tree_digest
 
 from dfutils import pipeline
 from dfutils.demo import build_demo
+from dfutils.params import DemoParams
 from dfutils.paths import REPO_ROOT
 
 pytestmark = pytest.mark.notebooks
@@ -50,8 +51,8 @@ def test_an_unknown_parameter_is_refused_by_the_runner_before_anything_runs(tmp_
 def smoke_run(tmp_path_factory):
     """The whole chain with smoke.yaml on a tiny demo set, evaluated on another one."""
     root = tmp_path_factory.mktemp("chain")
-    raw = build_demo(root / "demo_raw", n_per_class=12, size=32, seed=1)
-    other = build_demo(root / "other_raw", n_per_class=4, size=32, seed=2)
+    raw = build_demo(DemoParams(out=str(root / "demo_raw"), n_per_class=12, size=32, seed=1))
+    other = build_demo(DemoParams(out=str(root / "other_raw"), n_per_class=4, size=32, seed=2))
     overrides = {"raw_dir": str(raw), "data_dir": str(root / "data"), "eval_dir": str(other)}
     return pipeline.run_all("smoke", SMOKE, overrides, runs_root=root / "runs")
 
@@ -144,12 +145,12 @@ def test_the_demo_gives_what_the_readme_says(tmp_path):
     same seed gives different numbers on another CPU generation, so not the exact figures)."""
     import re
 
-    readme = (REPO_ROOT / "README.md").read_text()
+    readme = (REPO_ROOT / "docs" / "demo.md").read_text()
     found = re.search(r"on any CPU, expect validation AUC >= ([0-9.]+) and accuracy\s+>= "
                       r"([0-9.]+)", readme, re.IGNORECASE)
-    assert found, "the README states what make demo gives on any CPU"
+    assert found, "docs/demo.md states what make demo gives on any CPU"
     auc_min, accuracy_min = map(float, found.groups())
-    raw = build_demo(tmp_path / "demo_raw")  # the data set `make demo` builds
+    raw = build_demo(DemoParams(out=str(tmp_path / "demo_raw")))  # the data set `make demo` builds
     run = pipeline.run_all("demo", "notebooks/params/demo.yaml",
                            {"raw_dir": str(raw), "data_dir": str(tmp_path / "demo")},
                            runs_root=tmp_path / "runs")

@@ -5,7 +5,8 @@ import types
 import nbformat
 import pytest
 
-from dfutils import gradcam, model, params, pipeline
+from dfutils import archs, gradcam, notebooks, params
+from dfutils.notebooks import validated
 from dfutils.params import (
     NOTEBOOK_PARAMS,
     GradCamParams,
@@ -90,28 +91,28 @@ def test_namespace_refuses_a_value_papermill_injected_for_an_unknown_name():
                     ("val_fraction", 0.2), ("seed", 1), ("overwrite", False),
                     ("sed", 2), ("_i3", "..."), ("np", types.ModuleType("numpy")))
     with pytest.raises(ParameterError, match="unknown parameter 'sed'"):
-        SplitParams.from_namespace(ns)
+        validated(SplitParams, ns)
 
 
 def test_namespace_ignores_what_the_notebook_defined_after_its_imports():
     ns = _namespace(("raw_dir", "x"), ("seed", 7), ("np", types.ModuleType("numpy")),
                     ("label", 1), ("rows", [1, 2]))  # a re-run in JupyterLab: later cells' names
-    p = SplitParams.from_namespace(ns)
+    p = validated(SplitParams, ns)
     assert (p.raw_dir, p.seed, p.data_dir) == ("x", 7, "data")
 
 
 def test_namespace_coerces_like_the_runner():
     ns = _namespace(("threshold", 0.5), ("lr", 1), ("np", types.ModuleType("numpy")))
-    p = TrainParams.from_namespace(ns)
+    p = validated(TrainParams, ns)
     assert (p.threshold, p.lr) == ("0.5", 1.0)
 
 
 @pytest.mark.parametrize("cls", NOTEBOOK_PARAMS)
 def test_each_notebooks_parameters_cell_is_its_class(cls):
-    notebook = REPO_ROOT / "notebooks" / f"{cls.notebook}.ipynb"
-    assert pipeline.check_notebooks([notebook]) == []
+    notebook = REPO_ROOT / "notebooks" / f"{cls.step}.ipynb"
+    assert notebooks.check_notebooks([notebook]) == []
     cell = next(c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code")
-    assert [(n, v) for n, v, _ in params.read_parameters_cell(cell.source)] == list(
+    assert [(n, v) for n, v, _ in notebooks.read_parameters_cell(cell.source)] == list(
         cls.defaults().items())
 
 
@@ -129,23 +130,28 @@ def test_check_notebooks_finds_a_drift_from_the_class_and_fix_repairs_it(tmp_pat
     nb = nbformat.read(REPO_ROOT / "notebooks/01-split.ipynb", as_version=4)
     nb.cells[1].source = change(nb.cells[1].source)
     nbformat.write(nb, notebook)
-    (problem,) = pipeline.check_notebooks([notebook])
+    (problem,) = notebooks.check_notebooks([notebook])
     assert message in problem
-    assert pipeline.check_notebooks([notebook], fix=True) == []
-    assert pipeline.check_notebooks([notebook]) == []
+    assert notebooks.check_notebooks([notebook], fix=True) == []
+    assert notebooks.check_notebooks([notebook]) == []
 
 
-def test_the_readme_parameter_tables_are_generated_from_the_classes():
-    readme = (REPO_ROOT / "README.md").read_text()
+def test_the_parameter_reference_is_generated_from_the_classes():
+    page = (REPO_ROOT / "docs" / "parameters.md").read_text()
     begin, end = "<!-- parameters: python -m dfutils params -->\n", "<!-- end of parameters -->"
-    assert begin in readme and end in readme
-    assert readme.split(begin, 1)[1].split(end, 1)[0].strip() == params.reference().strip()
+    assert begin in page and end in page
+    assert page.split(begin, 1)[1].split(end, 1)[0].strip() == notebooks.reference().strip()
+
+
+@pytest.mark.parametrize("name", list(archs.ARCHS))
+def test_every_architecture_defines_every_option(name):
+    entry = archs.get(name)
+    assert tuple(entry.stages) == params.choices(params.Trainable)
+    assert set(params.choices(params.CamLayer)) <= set(entry.cam_layers)
 
 
 def test_every_option_is_the_same_set_everywhere():
-    assert tuple(model.TRAINABLE) == params.choices(params.Trainable)
     assert params.choices(params.CamTarget) == gradcam.TARGETS
-    assert set(params.choices(params.CamLayer)) <= set(gradcam.STRIDES)
     parser = __import__("dfutils.__main__", fromlist=["build_parser"]).build_parser()
     predict = parser._subparsers._group_actions[0].choices["predict"]
     layer = next(a for a in predict._actions if a.dest == "layer")

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from conftest import make_split
 from PIL import Image
 
-from dfutils import sbi
+from dfutils import blend, sbi
 from dfutils.data import eval_transform, load_image, read_manifest
+from dfutils.files import LANDMARKS
 from dfutils.params import ParameterError, TrainParams
-from dfutils.split import LANDMARKS, split
 
 PHOTO = skimage.data.astronaut()
 
@@ -38,22 +39,22 @@ POINTS = ellipse_landmarks()
 
 def distance_to_hull(landmarks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Each pixel's distance (px) to the landmarks' filled hull."""
-    outside = (sbi.hull(landmarks, shape) == 0).astype(np.uint8)
+    outside = (blend.hull(landmarks, shape) == 0).astype(np.uint8)
     return cv2.distanceTransform(outside, cv2.DIST_L2, 5)
 
 
 @pytest.mark.parametrize("seed", range(12))
 def test_the_mask_stays_near_the_hull_and_only_masked_pixels_change(seed):
-    fake, mask = sbi.self_blend(IMAGE, POINTS, np.random.default_rng(seed))
+    fake, mask = blend.self_blend(IMAGE, np.random.default_rng(seed), POINTS)
     assert fake.dtype == np.uint8 and fake.shape == IMAGE.shape
     assert mask.dtype == np.float32 and mask.shape == IMAGE.shape[:2]
     assert mask.min() >= 0.0 and mask.max() <= 1.0
     # Zero beyond the furthest the deformation and the blur can move the hull's edge...
-    far = distance_to_hull(POINTS, IMAGE.shape[:2]) > sbi.reach(POINTS)
+    far = distance_to_hull(POINTS, IMAGE.shape[:2]) > blend.reach(POINTS)
     assert far.any() and np.all(mask[far] == 0)
     # ... and the face's centre is blended, at one of the paper's blend ratios.
     assert mask[120, 128] > 0
-    assert any(np.isclose(mask.max(), r, atol=1e-6) for r in sbi.BLEND_RATIOS)
+    assert any(np.isclose(mask.max(), r, atol=1e-6) for r in blend.BLEND_RATIOS)
     # Pixels the mask leaves alone are the original's exactly; the face is altered.
     untouched = mask == 0
     assert np.array_equal(fake[untouched], IMAGE[untouched])
@@ -62,19 +63,19 @@ def test_the_mask_stays_near_the_hull_and_only_masked_pixels_change(seed):
 
 
 def test_a_blend_follows_its_generator():
-    def blend(seed):
-        return sbi.self_blend(IMAGE, POINTS, np.random.default_rng(seed))
+    def make(seed):
+        return blend.self_blend(IMAGE, np.random.default_rng(seed), POINTS)
 
-    (a, mask_a), (b, mask_b) = blend(7), blend(7)
+    (a, mask_a), (b, mask_b) = make(7), make(7)
     assert np.array_equal(a, b) and np.array_equal(mask_a, mask_b)
-    others = [blend(seed) for seed in range(8, 40)]
+    others = [make(seed) for seed in range(8, 40)]
     assert all(not np.array_equal(a, fake) for fake, _ in others)
     ratios = {round(float(mask.max()), 2) for _, mask in others}
     assert ratios == {0.25, 0.5, 0.75, 1.0}  # every ratio of the paper's set is drawn
     # The blend ratio and every transform come from the generator: none from global state.
     np.random.seed(0)
     torch.manual_seed(0)
-    again, _ = blend(7)
+    again, _ = make(7)
     assert np.array_equal(a, again)
 
 
@@ -101,7 +102,7 @@ def face_split(tmp_path_factory) -> Path:
     for k in range(2):
         sky = cv2.resize(PHOTO[:100, 400 + 20 * k:500 + 20 * k], (128, 128))
         Image.fromarray(sky).save(raw / "real" / f"sky{k}.png")
-    split(raw, root / "data", val_fraction=0.3, seed=1)
+    make_split(raw, root / "data", val_fraction=0.3, seed=1)
     return root / "data"
 
 
@@ -149,7 +150,7 @@ def test_the_split_owns_the_landmark_cache(face_split, tmp_path):
     shutil.copytree(face_split, data)
     raw = Path(json.loads((data / "split_report.json").read_text())["params"]["raw_dir"])
     assert (data / LANDMARKS).is_file()
-    split(raw, data, val_fraction=0.4, seed=1, overwrite=True)
+    make_split(raw, data, val_fraction=0.4, seed=1, overwrite=True)
     assert not (data / LANDMARKS).exists()
 
 

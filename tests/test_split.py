@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_raw, tree_digest, write_image
+from conftest import make_raw, make_split, tree_digest, write_image
 from PIL import Image
 
-from dfutils.split import SplitError, n_val, split
+from dfutils.split import SplitError, n_val
 
 
 def manifest(data_dir: Path) -> list[dict]:
@@ -26,7 +26,7 @@ def assignment(data_dir: Path) -> dict[str, str]:
                                                      (2, 2, 0.2), (50, 50, 0.1)])
 def test_each_class_gets_its_validation_share(tmp_path, n_real, n_fake, fraction):
     make_raw(tmp_path / "raw", n_real, n_fake)
-    report = split(tmp_path / "raw", tmp_path / "data", val_fraction=fraction)
+    report = make_split(tmp_path / "raw", tmp_path / "data", val_fraction=fraction)
     for label, n in (("real", n_real), ("fake", n_fake)):
         expected = min(n - 1, max(1, int(n * fraction + 0.5)))
         assert report["counts"]["val"][label] == expected
@@ -52,22 +52,22 @@ def test_same_split_whatever_the_file_order_and_location(tmp_path):
         dest = tmp_path / "b" / f.parent.name / f"x{i:03d}_{f.name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, dest)
-    split(tmp_path / "a", tmp_path / "da", seed=3)
-    split(tmp_path / "b", tmp_path / "db", seed=3)
+    make_split(tmp_path / "a", tmp_path / "da", seed=3)
+    make_split(tmp_path / "b", tmp_path / "db", seed=3)
     by_hash_a = {r["sha256"]: r["split"] for r in manifest(tmp_path / "da")}
     by_hash_b = {r["sha256"]: r["split"] for r in manifest(tmp_path / "db")}
     assert by_hash_a == by_hash_b
-    split(tmp_path / "a", tmp_path / "dc", seed=4)
+    make_split(tmp_path / "a", tmp_path / "dc", seed=4)
     assert {r["sha256"]: r["split"] for r in manifest(tmp_path / "dc")} != by_hash_a
 
 
 @pytest.mark.parametrize("n", [9, 10, 11, 24, 37])
 def test_adding_one_file_moves_at_most_one_other(tmp_path, n):
     make_raw(tmp_path / "raw", n, n)
-    split(tmp_path / "raw", tmp_path / "d1")
+    make_split(tmp_path / "raw", tmp_path / "d1")
     before = assignment(tmp_path / "d1")
     write_image(tmp_path / "raw" / "real" / "new.png", seed=99_999)
-    split(tmp_path / "raw", tmp_path / "d2")
+    make_split(tmp_path / "raw", tmp_path / "d2")
     after = assignment(tmp_path / "d2")
     moved = [k for k in before if before[k] != after[k]]
     assert len(moved) <= 1
@@ -80,7 +80,7 @@ def test_duplicates_stay_together_and_conflicts_are_excluded(tmp_path):
     (raw / "real" / "sub").mkdir()
     shutil.copy(raw / "real" / "r000.png", raw / "real" / "sub" / "r000.png")
     shutil.copy(raw / "fake" / "f001.png", raw / "real" / "mislabelled.png")
-    report = split(raw, tmp_path / "data")
+    report = make_split(raw, tmp_path / "data")
     rows = {r["source"]: r for r in manifest(tmp_path / "data")}
     group = ["real/copy_of_r000.png", "real/r000.png", "real/sub/r000.png"]
     assert len({rows[p]["split"] for p in group}) == 1
@@ -116,7 +116,7 @@ def _corrupt(raw: Path) -> dict[str, str]:
 def test_bad_files_are_rejected_by_name_with_the_reason(tmp_path):
     raw = make_raw(tmp_path / "raw", 6, 6)
     expected = _corrupt(raw)
-    report = split(raw, tmp_path / "data")
+    report = make_split(raw, tmp_path / "data")
     rejected = {r["path"]: r["reason"] for r in report["rejected"]}
     assert set(rejected) == set(expected)
     for path, words in expected.items():
@@ -137,7 +137,7 @@ def test_unusual_but_valid_images_are_accepted(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° when displayed
     rotated.save(raw / "fake" / "rotated.jpeg", exif=exif)
-    report = split(raw, tmp_path / "data")
+    report = make_split(raw, tmp_path / "data")
     assert report["rejected"] == []
     rows = {r["source"]: r for r in manifest(tmp_path / "data")}
     assert {"real/grey.png", "real/alpha.PNG", "real/palette.png", "fake/sixteen.png",
@@ -149,23 +149,23 @@ def test_raw_folder_is_left_byte_for_byte_unchanged(tmp_path):
     raw = make_raw(tmp_path / "raw", 8, 8)
     _corrupt(raw)
     before = tree_digest(raw)
-    split(raw, tmp_path / "data")
-    split(raw, tmp_path / "data", val_fraction=0.5, overwrite=True)
+    make_split(raw, tmp_path / "data")
+    make_split(raw, tmp_path / "data", val_fraction=0.5, overwrite=True)
     shutil.rmtree(tmp_path / "data")
     assert tree_digest(raw) == before
 
 
 def test_rerun_changes_nothing_and_other_parameters_need_overwrite(tmp_path, raw):
     data = tmp_path / "data"
-    split(raw, data)
+    make_split(raw, data)
     (data / "README.md").write_text("mine")
     before = tree_digest(data)
-    split(raw, data)
+    make_split(raw, data)
     assert tree_digest(data) == before
     with pytest.raises(SplitError, match="overwrite=True"):
-        split(raw, data, seed=7)
+        make_split(raw, data, seed=7)
     assert tree_digest(data) == before
-    report = split(raw, data, seed=7, overwrite=True)
+    report = make_split(raw, data, seed=7, overwrite=True)
     assert report["params"]["seed"] == 7
     assert json.loads((data / "split_report.json").read_text())["params"]["seed"] == 7
     assert (data / "README.md").read_text() == "mine"  # not the split's: left alone
@@ -174,7 +174,7 @@ def test_rerun_changes_nothing_and_other_parameters_need_overwrite(tmp_path, raw
 
 def test_an_interrupted_rebuild_leaves_the_old_split(tmp_path, raw, monkeypatch):
     data = tmp_path / "data"
-    split(raw, data)
+    make_split(raw, data)
     before = tree_digest(data)
 
     def boom(*args, **kwargs):
@@ -182,27 +182,27 @@ def test_an_interrupted_rebuild_leaves_the_old_split(tmp_path, raw, monkeypatch)
 
     monkeypatch.setattr("dfutils.split.write_json", boom)
     with pytest.raises(KeyboardInterrupt):
-        split(raw, data, seed=9, overwrite=True)
+        make_split(raw, data, seed=9, overwrite=True)
     assert tree_digest(data) == before
 
 
 @pytest.mark.parametrize("setup,message", [
     (lambda raw: shutil.rmtree(raw), "does not exist"),
     (lambda raw: shutil.rmtree(raw / "fake"), "fake is missing"),
-    (lambda raw: [p.unlink() for p in (raw / "real").iterdir()], "holds no .jpg"),
+    (lambda raw: [p.unlink() for p in (raw / "real").iterdir()], "holds no .jpeg, .jpg or .png"),
     (lambda raw: [p.unlink() for p in sorted((raw / "real").iterdir())[1:]], "at least two"),
 ])
 def test_unusable_raw_folders_stop_with_a_message_naming_them(tmp_path, raw, setup, message):
     setup(raw)
     with pytest.raises(SplitError, match=message):
-        split(raw, tmp_path / "data")
+        make_split(raw, tmp_path / "data")
     assert not (tmp_path / "data" / "manifest.csv").exists()
 
 
 def test_masks_are_found_and_not_split_as_images(tmp_path, raw):
     write_image(raw / "fake" / "f000_mask.png", seed=1, mode="L")
     write_image(raw / "fake" / "masks" / "f001.png", seed=2, mode="L")
-    report = split(raw, tmp_path / "data")
+    report = make_split(raw, tmp_path / "data")
     rows = {r["source"]: r for r in manifest(tmp_path / "data")}
     assert "fake/f000_mask.png" not in rows and "fake/masks/f001.png" not in rows
     assert rows["fake/f000.png"]["mask"] and rows["fake/f001.png"]["mask"]
@@ -233,7 +233,7 @@ def test_a_group_pattern_keeps_both_clips_of_a_scene_in_one_split(tmp_path):
             for i in range(2):
                 write_image(root / label / f"s{scene}_{side}" / f"{i}.png",
                             seed=scene * 10 + i + (5000 if label == "fake" else 0))
-    report = split(root, tmp_path / "paired", group_by="folder", group_pattern=r"^(s\d+)_",
+    report = make_split(root, tmp_path / "paired", group_by="folder", group_pattern=r"^(s\d+)_",
                    seed=0)
     assert all(len(s) == 1 for s in _scene_splits(tmp_path / "paired").values())
     assert report["group_counts"]["val"] == {"real": 2, "fake": 2}  # 12 scenes, 20 %
@@ -241,7 +241,7 @@ def test_a_group_pattern_keeps_both_clips_of_a_scene_in_one_split(tmp_path):
     rows = manifest(tmp_path / "paired")  # the video is the clip, not the pair of clips
     assert all(r["video"] == r["source"].rsplit("/", 1)[0] for r in rows)
     assert len({r["video"] for r in rows}) == 24 and len({r["group"] for r in rows}) == 12
-    split(root, tmp_path / "apart", group_by="folder", seed=0)  # the leak it prevents
+    make_split(root, tmp_path / "apart", group_by="folder", seed=0)  # the leak it prevents
     assert any(len(s) == 2 for s in _scene_splits(tmp_path / "apart").values())
 
 
@@ -250,3 +250,37 @@ def test_a_group_pattern_must_be_a_regular_expression():
 
     with pytest.raises(ParameterError, match="not a regular expression"):
         SplitParams(group_pattern="(unclosed")
+
+
+def test_a_test_split_is_read_but_never_trained_or_selected_on(tmp_path, raw, run_dir):
+    """The seam for the data sets' official test lists: rows with split=test are read by
+    read_manifest and evaluate, and by nothing that trains or chooses a threshold."""
+    import csv
+
+    from conftest import evaluate
+
+    from dfutils.data import read_manifest, train_val_loaders
+    from dfutils.params import TrainParams
+
+    data = tmp_path / "data"
+    make_split(raw, data, val_fraction=0.3)
+    assert read_manifest(data, "test") == []  # a plain raw folder has no test list
+    with open(data / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows[:2] + rows[-2:]:  # two reals and two fakes move to test
+        moved = row["path"].replace(f"{row['split']}/", "test/", 1)
+        (data / moved).parent.mkdir(parents=True, exist_ok=True)
+        (data / row["path"]).rename(data / moved)
+        row.update(path=moved, split="test")
+    with open(data / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    test = {s.path for s in read_manifest(data, "test")}
+    assert len(test) == 4
+    train, val = train_val_loaders(TrainParams(data_dir=str(data), num_workers=0))
+    assert not test & {s.path for s in train.dataset.samples + val.dataset.samples}
+    report, _ = evaluate(run_dir, data, "", split="test", batch_size=4, sweeps={"jpeg": (100,)})
+    assert report["n_images"] == 4 and report["name"] == "data-test"
+    with pytest.raises(ValueError, match="split must be one of train, val, test"):
+        read_manifest(data, "holdout")

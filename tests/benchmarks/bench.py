@@ -33,7 +33,7 @@ from dfutils.distributed import device as default_device
 from dfutils.gradcam import GradCAM
 from dfutils.inference import score_files
 from dfutils.model import build_model
-from dfutils.params import TrainParams
+from dfutils.params import SplitParams, TrainParams
 from dfutils.paths import REPO_ROOT, write_json
 from dfutils.runs import environment
 from dfutils.split import split
@@ -143,7 +143,7 @@ def sbi_loading_rates(data_dir: Path, repeats: int) -> dict:
     side = np.asarray(data.load_image(reals[0].path)).shape[0]
     angles = np.linspace(0, 2 * np.pi, 68, endpoint=False)
     face = side / 2 + np.stack([0.3 * side * np.cos(angles), 0.38 * side * np.sin(angles)], 1)
-    transform = data.train_transform(128, params.jitter, flip=params.flip)
+    transform = data.train_transform(params)
     pairs = data.make_loader(sbi.TrainPairs(reals, [face] * len(reals), transform),
                              params.batch_size // 2, True, 2, collate_fn=sbi.collate_pairs)
 
@@ -201,7 +201,7 @@ def split_rates(root: Path, n: int, repeats: int) -> dict:
     runs = iter(range(10_000))
 
     def ours():  # a new data_dir each time: a re-run over an existing split would do nothing
-        split(raw, root / f"data{next(runs)}")
+        split(SplitParams(raw_dir=str(raw), data_dir=str(root / f"data{next(runs)}")))
     return {"n_files": len(files), "bare_loop": median_rate(bare, len(files), repeats),
             "split": median_rate(ours, len(files), repeats)}
 
@@ -265,7 +265,7 @@ from dfutils.train import fit
 d = sys.argv[1]
 p = TrainParams(data_dir=d, weights=None, trainable="fc", image_size=64, batch_size=64,
                 max_epochs=1, num_workers=0, jitter=[0.2, 0.2, 0.2, 0.0])
-tr = data.ManifestDataset(data.read_manifest(d, "train"), data.train_transform(64, p.jitter))
+tr = data.ManifestDataset(data.read_manifest(d, "train"), data.train_transform(p))
 va = data.ManifestDataset(data.read_manifest(d, "val"), data.eval_transform(64))
 fit(build_model(None, "fc"), data.make_loader(tr, 64, True), data.make_loader(va, 64, False), p)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent.
@@ -346,7 +346,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         raw = jpeg_folder(tmp / "raw", n_per_class)
-        split(raw, tmp / "data")
+        split(SplitParams(raw_dir=str(raw), data_dir=str(tmp / "data")))
         aug = train_epoch_rate(tmp / "data", device, max_epochs=2)
         rate = statistics.median(h["images_per_s"] for h in aug["history"])
         row("train, frozen backbone, with augmentation", rate, "img/s", rate / L, ">= 0.8")

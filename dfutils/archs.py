@@ -1,0 +1,92 @@
+"""The model registry: one entry per architecture, holding everything the rest of the package
+needs to know about it. Training, Grad-CAM, the transforms and the parameters read the entry;
+none of them names a layer of a particular network.
+
+Adding an architecture is adding an entry to ARCHS (docs/architecture.md shows how).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+from torchvision.models import ResNet18_Weights, WeightsEnum, resnet18
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class UnknownArch(ValueError):
+    """An architecture name that is not in the registry."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the package needs of one architecture."""
+
+    name: str  # as torchvision names it
+    build: Callable[[], nn.Module]  # randomly initialised, with its original classifier
+    imagenet: WeightsEnum  # torchvision's ImageNet weights: file name, URL, hash, loader
+    head: str  # the classifier's module path: replaced by a one-logit linear layer
+    # `trainable` value -> the top-level children that train (None: all of them)
+    stages: dict[str, tuple[str, ...] | None]
+    # Grad-CAM `layer` value -> (module path of the block explained, its total stride)
+    cam_layers: dict[str, tuple[str, int]]
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def new(self) -> nn.Module:
+        """The network, randomly initialised, with a one-logit head (the log-odds of fake)."""
+        model = self.build()
+        old = model.get_submodule(self.head)
+        parent, _, name = self.head.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name,
+                nn.Linear(old.in_features, 1))
+        return model
+
+    def head_module(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.head)
+
+    def frozen(self, model: nn.Module, trainable: str) -> list[nn.Module]:
+        """The top-level children that `trainable` keeps frozen."""
+        if trainable not in self.stages:
+            raise ValueError(f"trainable must be one of {', '.join(self.stages)} for "
+                             f"{self.name}, got {trainable!r}")
+        keep = self.stages[trainable]
+        return [m for name, m in model.named_children() if keep is not None and name not in keep]
+
+    def cam_layer(self, model: nn.Module, layer: str) -> nn.Module:
+        """The block Grad-CAM explains for a `layer` value."""
+        if layer not in self.cam_layers:
+            raise ValueError(f"layer must be one of {', '.join(self.cam_layers)} for "
+                             f"{self.name}, got {layer!r}")
+        return model.get_submodule(self.cam_layers[layer][0])
+
+    def grid(self, size: tuple[int, int], layer: str) -> tuple[int, int]:
+        """The resolution of the explained layer's output for an input size."""
+        stride = self.cam_layers[layer][1]
+        return math.ceil(size[0] / stride), math.ceil(size[1] / stride)
+
+
+ARCHS: dict[str, Arch] = {
+    "resnet18": Arch(
+        name="resnet18", build=lambda: resnet18(weights=None),
+        imagenet=ResNet18_Weights.IMAGENET1K_V1, head="fc",
+        stages={"fc": ("fc",), "layer4": ("layer4", "fc"), "all": None},
+        cam_layers={"layer4": ("layer4.1", 32), "layer3": ("layer3.1", 16),
+                    "layer2": ("layer2.1", 8)}),
+}
+DEFAULT = "resnet18"
+# Names checkpoints of earlier versions recorded.
+ALIASES = {"resnet18-1logit": "resnet18"}
+
+
+def get(name: str) -> Arch:
+    """The registry entry of `name`; UnknownArch (one line, with the known names) if none."""
+    entry = ARCHS.get(ALIASES.get(name, name))
+    if entry is None:
+        raise UnknownArch(f"unknown architecture {name!r}: this dfutils knows "
+                          f"{', '.join(ARCHS)}")
+    return entry

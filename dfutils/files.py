@@ -1,0 +1,46 @@
+"""Every file name a step writes, said once: the files of a run, of a split, of a faces
+folder and of the demo data set. Each module that writes or reads one of them takes its
+name from here, so no module imports another only to learn a file name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# A run folder, runs/<run>/ (02-train, 03-gradcam, 04-evaluate and the runner).
+RUN_RECORD = "run.json"  # parameters, git commit, versions, timings, metrics of every step
+MODEL = "model.pt"  # the kept (best) checkpoint
+LAST = "last.pt"  # the state after the last completed epoch, while the run can be resumed
+HISTORY = "history.csv"
+METRICS = "metrics.json"
+PREDICTIONS = "val_predictions.csv"  # P(fake) of every validation image of the kept epoch
+TRAIN_FIGURES = ("curves.png", "roc.png", "confusion.png", "scores.png")
+SELF_BLENDS = "self_blends.png"  # fakes="sbi": validation reals, their blends and masks
+GRADCAM = "gradcam"  # overlays, the figures below and CAM_METRICS
+CAM_METRICS = f"{GRADCAM}/cam_metrics.json"
+CAM_FIGURES = ("grid.png", "deletion.png")
+EVAL = "eval"  # eval/<name>/: one report of `evaluate` each
+EVAL_REPORT = "report.json"
+EVAL_FACES = "faces"  # the crops evaluate makes of a folder of photos and clips
+EVAL_FIGURES = ("roc.png", "confusion.png", "robustness.png", "reliability.png")
+
+# A split, data_dir/ (01-split): train/, val/, test/, masks/ and these.
+MANIFEST = "manifest.csv"  # one row per image: path, label, split, group, sha256, ...
+SPLIT_REPORT = "split_report.json"  # what was rejected, skipped or kept together, and why
+LANDMARKS = "landmarks.csv"  # landmarks found for the split's images by dfutils.sbi, cached
+SPLIT_RUN = "split-run"  # `make split` keeps its notebook and run record here
+
+# A faces folder, faces_dir/ (00-faces): real/, fake/ and these. The split carries the
+# rows of its images into data_dir under the same name.
+FACES = "faces.csv"  # one row per crop: source, frame, box, score, landmarks
+FACES_REPORT = "faces_report.json"  # per source: frames read, faces found, or why not
+FACES_RUN = "faces-run"
+
+# The demo data set (data/demo_raw/ by default): real/, fake/, fake/masks/ and this.
+DEMO_RECORD = "demo.json"
+
+
+def eval_folder(run_dir: str | os.PathLike, name: str) -> Path:
+    """Where `evaluate` writes the report called `name` of a run."""
+    return Path(run_dir) / EVAL / name

@@ -1,0 +1,182 @@
+"""Raw class folders in, owned output folders out: what the split, the faces step and the
+demo builder share.
+
+`scan_classes` walks raw_dir/{real,fake} and gives every usable file with its label, and
+every other file with the reason it is skipped. `OwnedFolder` is the one mechanism of a
+step that owns part of an output folder: it reuses a result made from the same inputs and
+parameters, refuses one made otherwise unless asked to overwrite, refuses anything in the
+way that the step did not write (before a single file changes), builds the new result in
+a folder beside the old one and swaps it in, so an interrupted step leaves the old result
+or the new one, never a mixture and never a user's file lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dfutils import CLASSES
+from dfutils.paths import walk_files
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
+
+
+class MissingInput(ValueError):
+    """The raw folder, a class folder, or the files in one are missing."""
+
+
+def suffix_list(suffixes: frozenset[str]) -> str:
+    """Suffixes for a message: `.jpeg, .jpg or .png`."""
+    names = sorted(suffixes)
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
+def scan_classes(raw_dir: Path, suffixes: frozenset[str], what: str,
+                 leave_out: Callable[[Path], bool] = lambda rel: False, need_each: bool = False
+                 ) -> tuple[list[tuple[Path, str]], list[dict]]:
+    """Every file below raw_dir/real and raw_dir/fake as (path relative to raw_dir, label),
+    and the files skipped, each {"path", "reason"}; `leave_out` drops files silently (masks),
+    `what` names the files in messages ("images"). MissingInput when a folder is missing,
+    or, with `need_each`, when a class has no usable file."""
+    if not raw_dir.is_dir():
+        raise MissingInput(f"raw folder {raw_dir} does not exist: create {raw_dir}/real and "
+                           f"{raw_dir}/fake and put your {what} there")
+    kinds = suffix_list(suffixes)
+    found, skipped = [], []
+    for label in CLASSES:
+        class_dir = raw_dir / label
+        if not class_dir.is_dir():
+            raise MissingInput(f"class folder {class_dir} is missing: put your {label} {what} "
+                               "in it (subfolders are fine)")
+        before = len(found)
+        for rel, shown, problem in walk_files(raw_dir, class_dir, suffixes, kinds):
+            if problem:
+                skipped.append({"path": shown, "reason": problem})
+            elif not leave_out(rel):
+                found.append((rel, label))
+        if need_each and len(found) == before:
+            raise MissingInput(f"class folder {class_dir} holds no {kinds} files: add at "
+                               "least two")
+    return found, skipped
+
+
+# Build folders carry this marker, so a later run removes its own leftovers of a killed
+# run, and nothing else.
+_PARTIAL = ".dfutils-partial"
+
+
+@dataclass(frozen=True)
+class OwnedFolder:
+    """What a step owns inside its output folder, and how it replaces it."""
+
+    step: str  # who writes it, for messages: "the split"
+    result: str  # what it is, for messages: "a split"
+    option: str  # the parameter that names the folder: "data_dir"
+    entries: tuple[str, ...]  # what it owns there; the last is written last: its presence
+    # (with `report`) says the result is complete
+    folders: tuple[str, ...]  # of those, the folders: they may hold only files it listed
+    report: str  # a JSON file with at least the step's "params" and its inputs' "fingerprint"
+    listed: Callable[[Path, dict], set[str]]  # (folder, report) -> paths it wrote there
+    prefix: str  # build folders are .<prefix>-tmp-*, old results on their way out .<prefix>-old-*
+    error: type[Exception] = ValueError
+
+    def read_report(self, folder: Path) -> dict | None:
+        """The report of a complete result in `folder`, or None."""
+        if not all((folder / name).is_file() for name in (self.report, self.entries[-1])):
+            return None
+        try:
+            found = json.loads((folder / self.report).read_text())
+        except (ValueError, OSError):
+            return None
+        return found if isinstance(found, dict) and {"params", "fingerprint"} <= set(found) \
+            else None
+
+    def current(self, folder: Path, params: dict, fingerprint: str, overwrite: bool
+                ) -> dict | None:
+        """Every check before anything changes. The report on disk when it is already the
+        answer (same parameters, same inputs); otherwise None once it is safe to build:
+        a result made with other parameters is refused unless `overwrite`, and anything in
+        the way that the step did not write is refused whatever `overwrite` says."""
+        report = self.read_report(folder)
+        if report is not None:
+            if report["params"] == params and report.get("fingerprint") == fingerprint:
+                return report
+            if report["params"] != params and not overwrite:
+                raise self.error(
+                    f"{folder} already holds {self.result} made with {report['params']}; this "
+                    f"one asks for {params}. Pass overwrite=True (OVERWRITE=1 with make) to "
+                    f"replace it, or choose another {self.option}")
+        self._check_replaceable(folder, report)
+        return None
+
+    def _check_replaceable(self, folder: Path, report: dict | None) -> None:
+        present = [name for name in self.entries if os.path.lexists(folder / name)]
+        if not present:
+            return
+        advice = (f"move it out of {folder} or choose another {self.option}: {self.step} "
+                  "replaces only files it wrote")
+        if report is None:
+            raise self.error(f"{folder / present[0]} is in the way and was not written by "
+                             f"{self.step} (there is no complete {self.report} of one): "
+                             f"{advice}")
+        intruder = _first_unlisted(folder, self.folders, self.listed(folder, report))
+        if intruder is not None:
+            raise self.error(f"{intruder} was not written by {self.step} (its {self.report} "
+                             f"does not list it): {advice}")
+
+    @contextlib.contextmanager
+    def build(self, folder: Path) -> Iterator[Path]:
+        """A new, empty build folder inside `folder`; when the block ends, its entries
+        replace the result's. On any error or Ctrl-C it is dropped and the old result stays.
+        Leftovers of a killed build are removed first."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for leftover in folder.glob(f".{self.prefix}-*"):
+            if leftover.is_dir() and not leftover.is_symlink() and (
+                    leftover / _PARTIAL).is_file():
+                shutil.rmtree(leftover)
+        built = self._new_partial(folder, "tmp")
+        try:
+            yield built
+        except BaseException:
+            shutil.rmtree(built, ignore_errors=True)
+            raise
+        # The last entry goes out first and comes in last: until it is back, the result
+        # does not look complete.
+        old = self._new_partial(folder, "old")
+        for name in reversed(self.entries):
+            if os.path.lexists(folder / name):
+                os.replace(folder / name, old / name)
+        for name in self.entries:
+            if os.path.lexists(built / name):
+                os.replace(built / name, folder / name)
+        shutil.rmtree(old)
+        shutil.rmtree(built)
+
+    def _new_partial(self, folder: Path, kind: str) -> Path:
+        made = Path(tempfile.mkdtemp(prefix=f".{self.prefix}-{kind}-", dir=folder))
+        (made / _PARTIAL).touch()
+        return made
+
+
+def _first_unlisted(folder: Path, subfolders: tuple[str, ...], listed: set[str]
+                    ) -> Path | None:
+    """The first thing under folder/<subfolder> that a step did not write: a file not in
+    `listed` (paths relative to `folder`), or a subfolder entry that is not a real folder."""
+    for name in subfolders:
+        top = folder / name
+        if not os.path.lexists(top):
+            continue
+        if top.is_symlink() or not top.is_dir():
+            return top
+        for path in sorted(top.rglob("*")):
+            if (path.is_symlink() or not path.is_dir()) and (
+                    path.relative_to(folder).as_posix() not in listed):
+                return path
+    return None
