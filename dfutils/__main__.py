@@ -111,15 +111,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from dfutils.inference import predict_run
-    from dfutils.model import threshold_text
 
     params = _params(PredictParams, args, run_dir=str(_here(args.run)), faces=not args.no_faces)
-    predictions = predict_run(params)
-    checkpoint = predictions.checkpoint
-    print(threshold_text(checkpoint.threshold, checkpoint.threshold_rule), file=sys.stderr)
-    if predictions.with_faces:
-        print(f"cropping faces as the training images were: {checkpoint.faces}",
-              file=sys.stderr)
+    predictions = predict_run(params, log=lambda line: print(line, file=sys.stderr))
     for row in predictions.rows:
         if row["status"] != "ok":
             print(f"cannot score {row['path']}: {row['status'][len('error: '):]}",

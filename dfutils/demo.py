@@ -60,10 +60,13 @@ def random_crop(rng: np.random.Generator, images: list[np.ndarray], size: int) -
 ALTERATION = Alteration(colour_p=1.0, rgb_shift=(15.0, 40.0), ratios=(0.75, 1.0))
 
 
+def _names(i: int) -> tuple[str, str, str]:
+    """The real image, the fake and its mask of pair i, relative to the demo folder."""
+    return f"real/real_{i:04d}.png", f"fake/fake_{i:04d}.png", f"fake/masks/fake_{i:04d}.png"
+
+
 def _written(out_dir: Path, report: dict) -> set[str]:
-    n = report["params"]["n_per_class"]
-    return {name for i in range(n) for name in (
-        f"real/real_{i:04d}.png", f"fake/fake_{i:04d}.png", f"fake/masks/fake_{i:04d}.png")}
+    return {name for i in range(report["params"]["n_per_class"]) for name in _names(i)}
 
 
 # What the demo builder owns in its folder: the same rules as the split's and the faces
@@ -93,12 +96,11 @@ def build_demo(params: DemoParams) -> Path:
         for i in tqdm(range(params.n_per_class), desc="building demo", unit="pair"):
             # One generator per index: image i is the same whatever n_per_class is.
             rng = np.random.default_rng([params.seed, i])
-            real = random_crop(rng, images, params.size)
-            Image.fromarray(real).save(built / "real" / f"real_{i:04d}.png")
+            real_name, fake_name, mask_name = _names(i)
+            Image.fromarray(random_crop(rng, images, params.size)).save(built / real_name)
             fake, mask = self_blend(random_crop(rng, images, params.size), rng,
                                     alteration=ALTERATION)
-            Image.fromarray(fake).save(built / "fake" / f"fake_{i:04d}.png")
-            Image.fromarray(np.uint8(mask * 255 + 0.5)).save(
-                built / "fake" / "masks" / f"fake_{i:04d}.png")
+            Image.fromarray(fake).save(built / fake_name)
+            Image.fromarray(np.uint8(mask * 255 + 0.5)).save(built / mask_name)
         write_json(built / files.DEMO_RECORD, {"params": settings, "fingerprint": version})
     return out_dir

@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from dfutils import archs, files
 from dfutils.data import eval_transform, load_image
-from dfutils.model import Checkpoint, forward
+from dfutils.model import Checkpoint, forward, load_checkpoint
 from dfutils.params import CamLayer, CamTarget, GradCamParams, Selection, choices
 from dfutils.progress import tqdm
 
@@ -393,7 +393,6 @@ def gradcam_run(params: GradCamParams) -> CamReport:
     has them and against self-blend masks; everything written to <run>/gradcam/."""
     from dfutils import viz
     from dfutils.data import read_predictions
-    from dfutils.model import load_checkpoint
     from dfutils.paths import resolve, write_json
     from dfutils.runs import seed_everything
 

@@ -26,7 +26,7 @@ from dfutils.metrics import (
     grouped,
     video_metrics,
 )
-from dfutils.model import Checkpoint, forward, load_checkpoint
+from dfutils.model import Checkpoint, forward, load_checkpoint, threshold_text
 from dfutils.params import EvalParams, PredictParams
 from dfutils.paths import file_problem, is_plain_name, resolve, write_csv, write_json
 from dfutils.progress import tqdm
@@ -407,24 +407,22 @@ def check_outputs(params: PredictParams, inputs: Sequence[Input]) -> None:
 
 @dataclass
 class Predictions:
-    """What `predict_run` scored: one row per input, one per frame with face cropping."""
+    """What `predict_run` scored: one row per input."""
 
-    checkpoint: Checkpoint
     rows: list[dict]
-    frames: list[dict]
     fields: list[str]  # the columns of `rows`
-    with_faces: bool
 
     @property
     def n_scored(self) -> int:
         return sum(row["status"] == "ok" for row in self.rows)
 
 
-def predict_run(params: PredictParams) -> Predictions:
+def predict_run(params: PredictParams, log: Callable[[str], None] = lambda line: None
+                ) -> Predictions:
     """The `predict` command: check every output first, score the inputs (cropped as the run's
     training images were, when it was trained on face crops), write the CSVs and overlays
     asked for. Paths in `params` are as the user gave them (relative to the working
-    directory)."""
+    directory). `log` hears the decision rule (and the cropping) before scoring starts."""
     inputs = collect_files(params.paths)
     check_outputs(params, inputs)
     checkpoint = load_checkpoint(Path(params.run_dir) / files.MODEL)
@@ -432,16 +430,19 @@ def predict_run(params: PredictParams) -> Predictions:
     if params.frames_out and not with_faces:
         raise ValueError("--frames-out needs a run trained on face crops (FACES=1), without "
                          "--no-faces")
+    log(threshold_text(checkpoint.threshold, checkpoint.threshold_rule))
+    if with_faces:
+        log(f"cropping faces as the training images were: {checkpoint.faces}")
     cam_dir = Path(params.cam_dir) if params.cam_dir else None
     if with_faces:
         rows, frames = predict_faces(checkpoint, inputs, params.batch_size, cam_dir,
                                      params.layer)
-        result = Predictions(checkpoint, rows, frames, FACE_FIELDS, True)
+        result = Predictions(rows, FACE_FIELDS)
         if params.frames_out:
             write_csv(params.frames_out, frames, FRAME_FIELDS)
     else:
         rows, _ = predict(checkpoint, inputs, params.batch_size, params.num_workers)
-        result = Predictions(checkpoint, rows, [], PREDICTION_FIELDS, False)
+        result = Predictions(rows, PREDICTION_FIELDS)
     if params.out:
         write_csv(params.out, rows, result.fields)
     scored = [item for item, row in zip(inputs, rows, strict=True) if row["status"] == "ok"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from dfutils.archs import DEFAULT as DEFAULT_ARCH
+from dfutils import archs
 from dfutils.paths import is_plain_name, resolve
 
 # The options with a fixed set of values: the dataclasses, the modules that act on them and
@@ -53,9 +53,9 @@ class ParameterError(ValueError):
 def parse_bool(name: str, text: str) -> bool:
     """A yes/no value typed as text (1/0, true/false, yes/no, any case); anything else is a
     ParameterError naming it."""
-    if text.strip().lower() in TRUE:
+    if text.lower() in TRUE:
         return True
-    if text.strip().lower() in FALSE:
+    if text.lower() in FALSE:
         return False
     raise ParameterError(f"{name} takes true or false (1/0, yes/no), got {text!r}")
 
@@ -306,7 +306,7 @@ class TrainParams(Params):
                          "validate)")
     monitor: Monitor = param("auto", "what early stopping and the kept epoch follow: auto is "
                              'sbi_loss with fakes="sbi", else val_loss')
-    arch: str = param(DEFAULT_ARCH, "the network, as torchvision names it (an entry of "
+    arch: str = param(archs.DEFAULT, "the network, as torchvision names it (an entry of "
                       "dfutils.archs)")
 
     @property
@@ -354,8 +354,6 @@ class TrainParams(Params):
         for name in ("jpeg_prob", "blur_prob", "erasing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ParameterError(f"{name} must be a probability, got {getattr(self, name)}")
-        from dfutils import archs
-
         try:
             entry = archs.get(self.arch)
         except archs.UnknownArch as error:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dfutils import CLASSES, files
-from dfutils.data import ImageLoadError, load_image
+from dfutils.data import SPLITS, ImageLoadError, load_image
 from dfutils.folders import IMAGE_SUFFIXES, MissingInput, OwnedFolder, scan_classes
 from dfutils.params import GroupBy, SplitParams
 from dfutils.paths import fingerprint, resolve, write_json
@@ -31,9 +31,6 @@ from dfutils.progress import tqdm
 
 MANIFEST_FIELDS = ("path", "label", "split", "sha256", "width", "height", "source", "mask",
                    "group", "video")
-# `test` is filled by a data set's official test list (never trained or selected on); the
-# split of a plain raw folder leaves it empty.
-SPLITS = ("train", "val", "test")
 
 
 class SplitError(ValueError):

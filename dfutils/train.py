@@ -260,12 +260,13 @@ class Outputs:
     checkpoint: str | os.PathLike | None = None  # the kept epoch: model.pt
     last: str | os.PathLike | None = None  # the last completed epoch: last.pt
     faces: dict | None = None  # the faces step's parameters, when the images are its crops
+    resumed: dict | None = None  # last.pt as read_checkpoint(resume=True) gave it, if read
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, params: TrainParams,
         checkpoint: str | os.PathLike | None = None, device: torch.device | None = None,
         last: str | os.PathLike | None = None, faces: dict | None = None,
-        blends_loader: DataLoader | None = None) -> FitResult:
+        blends_loader: DataLoader | None = None, resumed: dict | None = None) -> FitResult:
     """Train until the monitored column stops improving; keep (and save) the best epoch.
 
     Each new best is written to `checkpoint` at once, with its threshold and metrics, so
@@ -278,13 +279,14 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
     `faces` (the faces step's parameters, when the images are its crops) goes into the
     checkpoint. `blends_loader` (fakes="sbi": the validation reals and their self-blends) is
     scored every epoch too, as `sbi_loss` and `sbi_auc`; `params.monitored` names the
-    history column that early stopping and the kept epoch follow.
+    history column that early stopping and the kept epoch follow. `resumed` is `last`
+    already read (by the caller, to refuse early); without it a resume reads `last`.
     """
     device = device or distributed.device()
     model.to(device, memory_format=torch.channels_last)
     samples = getattr(val_loader.dataset, "samples", None)
     groups = np.array([s.video for s in samples]) if samples else None
-    outputs = Outputs(checkpoint, last, faces)
+    outputs = Outputs(checkpoint, last, faces, resumed)
     if params.caches_features:
         return fit_head(model, train_loader, val_loader, params, device, outputs, groups)
     return train_loop(Learner.build(model, model, params, device), train_loader, val_loader,
@@ -479,7 +481,7 @@ def restore(outputs: Outputs, learner: Learner, stopper: EarlyStopping, result: 
     """
     if outputs.last is None:
         raise ValueError("resume needs the path of last.pt")
-    state = read_checkpoint(outputs.last, resume=True)
+    state = outputs.resumed or read_checkpoint(outputs.last, resume=True)
     path, training = resolve(outputs.last), state["training"]
     changed = sorted(k for k, v in params.to_dict().items()
                      if k != "resume" and state["params"].get(k) != v)
@@ -552,8 +554,8 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
     runs.seed_everything(params.seed)
     rank, _ = distributed.world()
     out = resolve(params.run_dir)
-    if params.resume:
-        read_checkpoint(out / files.LAST, resume=True)  # nothing to resume: say so first
+    # Read once, before the loaders are built: "nothing to resume" comes first.
+    resumed = read_checkpoint(out / files.LAST, resume=True) if params.resume else None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # of a killed earlier run
@@ -576,7 +578,7 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
     faces = (read_report(params.data_dir) or {}).get("faces")
     result = fit(model, train_loader, loader, params, checkpoint=out / files.MODEL,
                  device=distributed.device(), last=out / files.LAST, faces=faces,
-                 blends_loader=blends_loader)
+                 blends_loader=blends_loader, resumed=resumed)
     if found is not None:
         result.metrics["self_blend_faces"] = found
     figures = {}
