@@ -21,7 +21,7 @@ args = $(foreach v,$(call cli_vars,$(1)),$(call quote,$(2)$(v)=$(value $(v))))
 # running any $(shell ...) in it) to do so: they reach the runner as arguments only.
 unexport $(call cli_vars)
 
-.PHONY: help setup lab browser-deps test unit lint check-notebooks faces split run-all demo train-ddp bench clean
+.PHONY: help setup lab browser-deps test unit lint check-notebooks faces split run-all benchmark demo train-ddp bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -63,14 +63,17 @@ lint: $(STAMP) ## Ruff over the package, tests and notebooks
 check-notebooks: $(STAMP) ## What a commit of the notebooks would carry has no outputs; each has one `parameters` cell, its first code cell
 	$(PY) -m dfutils check-notebooks notebooks/*.ipynb
 
-faces: $(STAMP) ## Run 00-faces headlessly into FACES_DIR, its notebook in FACES_DIR/faces-run (RAW_DIR= FACES_DIR= ...)
+faces: $(STAMP) ## Run 00-faces headlessly into FACES_DIR, its notebook in FACES_DIR/faces-run (RAW_DIR= FACES_DIR= DATASET= ...)
 	$(PY) -m dfutils run-all --replace-run --beside-data STEPS=00-faces $(call args,RUN STEPS)
 
 split: $(STAMP) ## Run 01-split headlessly into DATA_DIR, its notebook in DATA_DIR/split-run (RAW_DIR= DATA_DIR= ...)
 	$(PY) -m dfutils run-all --replace-run --beside-data STEPS=01-split $(call args,RUN STEPS)
 
-run-all: $(STAMP) ## Run the notebook chain into runs/<RUN>: 01-split, 02-train, 03-gradcam (00-faces with FACES=1, 04-evaluate with EVAL_DIR=; RUN= PARAMS= OVERWRITE=1 RESUME=1 key=value ...)
+run-all: $(STAMP) ## Run the notebook chain into runs/<RUN>: 01-split, 02-train, 03-gradcam (00-faces with FACES=1, 04-evaluate with EVAL_DIR=, 05-benchmark with TEST_SETS=; RUN= PARAMS= OVERWRITE=1 RESUME=1 key=value ...)
 	$(PY) -m dfutils run-all $(call args)
+
+benchmark: $(STAMP) ## Run 05-benchmark: the trained run RUN= on the test splits of TEST_SETS=<split>,<split>: the cross-dataset table
+	$(PY) -m dfutils run-all --replace-run STEPS=05-benchmark $(call args,STEPS)
 
 demo: $(STAMP) ## Build the demo data set and run the whole chain on it into runs/demo
 	$(PY) -m dfutils demo
@@ -85,5 +88,5 @@ bench: $(STAMP) ## Benchmarks as ratios to a bare forward pass; writes runs/benc
 	$(PY) tests/benchmarks/bench.py $(if $(value QUICK),--quick)
 
 clean: ## Delete generated outputs (split, demo data, runs); never touches dataset_raw/
-	rm -rf data/train data/val data/masks data/manifest.csv data/split_report.json
+	rm -rf data/train data/val data/test data/masks data/manifest.csv data/split_report.json
 	rm -rf data/split-run data/demo data/demo_raw data/.split-* runs

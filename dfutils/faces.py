@@ -1,4 +1,8 @@
-"""The faces step: raw_dir/{real,fake} (photos and video clips) -> faces_dir/{real,fake} crops.
+"""The faces step: photos and video clips -> faces_dir/{real,fake} crops.
+
+raw_dir is the toolkit's real/ + fake/ folders, or a published data set (FaceForensics++,
+DFD, Celeb-DF, DFDC) read as its authors lay it out (`dfutils.datasets`); each crop's row
+in faces.csv carries its clip's label, group keys, official split and method.
 
 Every detector in this field first samples frames, finds the face and crops it with a
 margin, and only then classifies; this module does that. Frames come from OpenCV's bundled
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -24,14 +29,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dfutils import CLASSES, files
+from dfutils import CLASSES, datasets, files
 from dfutils.data import ImageLoadError, load_image
-from dfutils.folders import IMAGE_SUFFIXES, VIDEO_SUFFIXES, OwnedFolder, scan_classes
+from dfutils.datasets import Item, Listing
+from dfutils.folders import VIDEO_SUFFIXES, OwnedFolder
 from dfutils.params import FacesParams
 from dfutils.paths import fingerprint, resolve, write_json
 from dfutils.progress import tqdm
 
-FIELDS = ("path", "label", "source", "frame", "box", "score", "landmarks")  # of faces.csv
+# of faces.csv; group, split and method come from the data set (empty for real/ + fake/)
+FIELDS = ("path", "label", "source", "frame", "box", "score", "landmarks", "group", "split",
+          "method")
 
 
 class FacesError(ValueError):
@@ -157,21 +165,30 @@ def read_frames(path: Path, k: int) -> Iterator[tuple[int, np.ndarray]]:
         capture.release()
 
 
-def scan(raw_dir: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
-    """Photos and clips under raw_dir/{real,fake} (path relative to raw_dir, label), and the
-    files skipped, each {"source", "reason"}."""
-    sources, skipped = scan_classes(raw_dir, IMAGE_SUFFIXES | VIDEO_SUFFIXES,
-                                    "photos or clips")
-    skipped = [{"source": s["path"], "reason": s["reason"]} for s in skipped]
-    taken: dict[Path, Path] = {}  # crops are named by the path without its suffix
-    for rel, label in list(sources):
-        first = taken.setdefault(rel.with_suffix(""), rel)
-        if first != rel:
-            sources.remove((rel, label))
-            skipped.append({"source": rel.as_posix(), "reason": f"{first.as_posix()} has the "
-                            "same name without its suffix, and the crops are named by it: "
-                            "rename one"})
-    return sources, skipped
+def scan(raw_dir: Path, params: FacesParams) -> Listing:
+    """The photos and clips of raw_dir read as `params.dataset` lays them out, with what was
+    skipped or is missing as problems ({"path", "reason"})."""
+    if not raw_dir.is_dir():
+        raise FacesError(f"raw folder {raw_dir} does not exist: give RAW_DIR= the folder of "
+                         f"your photos and clips, or the root of the {params.dataset} data set")
+    methods = [m.strip() for m in params.methods.split(",") if m.strip()]
+    listing = datasets.read(params.dataset, raw_dir, methods, params.compression)
+    taken: dict[str, str] = {}  # crops are named by the path without its suffix
+    for item in list(listing.items):
+        stem = Path(item.path).with_suffix("").as_posix()
+        first = taken.setdefault(stem, item.path)
+        if first != item.path:
+            listing.items.remove(item)
+            listing.problem(item.path, f"{first} has the same name without its suffix, and "
+                            "the crops are named by it: rename one")
+    return listing
+
+
+def crop_stem(item: Item, dataset: str) -> Path:
+    """Where a source's crops go, without suffix: <label>/<its path below the class folder>
+    for real/ + fake/, <label>/<its path> for a data set."""
+    parts = Path(item.path).with_suffix("").parts
+    return Path(item.label, *(parts[1:] if dataset == "folder" else parts))
 
 
 _FINDER: FaceFinder | None = None  # one per worker process: dlib's models do not pickle
@@ -201,32 +218,47 @@ def faces_of(path: Path, finder: FaceFinder, frames_per_video: int
     return found, n_frames
 
 
-def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: tuple[Path, str]
+def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: Item
                    ) -> tuple[list[dict], dict]:
     """Crop the faces of one photo or clip into `out`; its faces.csv rows and report entry.
 
-    A clip's crops go to <label>/<path without suffix>/<frame:06d>.png (one folder per clip,
-    the group the split keeps together), a photo's to <label>/<path without suffix>.png.
+    A clip's crops go to <stem>/<frame:06d>.png (one folder per clip, the group the split
+    keeps together), a photo's to <stem>.png (`crop_stem`).
     """
-    rel, label = item
-    video = rel.suffix.lower() in VIDEO_SUFFIXES
-    entry: dict = {"source": rel.as_posix(), "label": label, "kind": "video" if video else "photo"}
+    video = Path(item.path).suffix.lower() in VIDEO_SUFFIXES
+    carried = {"group": item.group, "split": item.split, "method": item.method}
+    entry: dict = {"source": item.path, "label": item.label,
+                   "kind": "video" if video else "photo", **carried}
     try:
-        found, n_frames = faces_of(raw_dir / rel, _finder(params), params.frames_per_video)
+        found, n_frames = faces_of(raw_dir / item.path, _finder(params),
+                                   params.frames_per_video)
     except (FacesError, ImageLoadError) as error:
         return [], {**entry, "reason": getattr(error, "reason", None) or str(error)}
-    stem, rows = Path(label, *rel.with_suffix("").parts[1:]), []
+    stem, rows = crop_stem(item, params.dataset), []
     for index, face in found:
         crop = stem / f"{index:06d}.png" if video else stem.with_suffix(".png")
         (out / crop).parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(out / crop), cv2.cvtColor(face.crop, cv2.COLOR_RGB2BGR))
-        rows.append({"path": crop.as_posix(), "label": label, "source": rel.as_posix(),
+        rows.append({"path": crop.as_posix(), "label": item.label, "source": item.path,
                      "frame": index, "box": json.dumps(face.box), "score": round(face.score, 4),
-                     "landmarks": json.dumps(np.round(face.landmarks, 2).tolist())})
+                     "landmarks": json.dumps(np.round(face.landmarks, 2).tolist()), **carried})
     entry.update(frames_read=n_frames, faces_found=len(rows))
     if not n_frames:
         entry["reason"] = "no frame could be decoded (truncated or corrupt clip)"
+    elif video and n_frames < params.frames_per_video:
+        entry["short"] = (f"{n_frames} frame(s) read, fewer than frames_per_video="
+                          f"{params.frames_per_video}: every frame it has was used")
     return rows, entry
+
+
+def recorded(params: FacesParams, raw_dir: Path) -> dict:
+    """The parameters a faces report records: all but the output's; the data set's only
+    when it is not real/ + fake/ (so folders made before data sets existed stay current)."""
+    settings = {k: v for k, v in params.to_dict().items() if k not in ("faces_dir", "overwrite")}
+    if params.dataset == "folder":
+        for name in ("dataset", "methods", "compression"):
+            settings.pop(name)
+    return {**settings, "raw_dir": str(raw_dir)}
 
 
 def params_of(settings: dict) -> FacesParams:
@@ -262,10 +294,11 @@ def extract_faces(params: FacesParams, workers: int | None = None) -> dict:
     if faces_dir == raw_dir or raw_dir in faces_dir.parents or faces_dir in raw_dir.parents:
         raise FacesError(f"faces_dir {faces_dir} and raw_dir {raw_dir} must not contain each "
                          "other")
-    sources, skipped = scan(raw_dir)
-    settings = {k: v for k, v in params.to_dict().items() if k not in ("faces_dir", "overwrite")}
-    settings["raw_dir"] = str(raw_dir)
-    stamp = fingerprint(raw_dir, [rel.as_posix() for rel, _ in sources])
+    listing = scan(raw_dir, params)
+    sources = listing.items
+    settings = recorded(params, raw_dir)
+    stamp = hashlib.sha256((fingerprint(raw_dir, [item.path for item in sources]) + json.dumps(
+        [(i.label, i.group, i.split, i.method) for i in sources])).encode()).hexdigest()
     existing = FOLDER.current(faces_dir, settings, stamp, params.overwrite)
     if existing is not None:
         return existing
@@ -288,7 +321,9 @@ def extract_faces(params: FacesParams, workers: int | None = None) -> dict:
             "faces_found": sum(e.get("faces_found", 0) for e in entries),
             "sources": entries,
             "unreadable": [e for e in entries if "reason" in e],
-            "skipped": skipped,
+            "short_clips": sum("short" in e for e in entries),
+            "skipped": [{"source": p["path"], "reason": p["reason"]} for p in listing.problems],
+            "dataset": {"name": params.dataset, "rules": listing.rules},
         }
         with open(built / files.FACES, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -320,10 +355,12 @@ def summary_rows(report: dict) -> list[dict]:
 
 
 def problem_rows(report: dict) -> list[dict]:
-    """Sources that could not be read, gave no face, or were skipped, with the reason."""
+    """Sources that could not be read, gave no face, were skipped or missing (a data set's
+    list names them), or were shorter than frames_per_video, with the reason."""
     rows = [{"source": e["source"], "why": e["reason"]} for e in report["unreadable"]]
     rows += [{"source": e["source"], "why": "no face in any frame read"}
              for e in report["sources"] if "reason" not in e and e["faces_found"] == 0]
+    rows += [{"source": e["source"], "why": e["short"]} for e in report["sources"] if "short" in e]
     return rows + [{"source": e["source"], "why": e["reason"]} for e in report["skipped"]]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# A run folder, runs/<run>/ (02-train, 03-gradcam, 04-evaluate and the runner).
+# A run folder, runs/<run>/ (02-train, 03-gradcam, 04-evaluate, 05-benchmark, the runner).
 RUN_RECORD = "run.json"  # parameters, git commit, versions, timings, metrics of every step
 MODEL = "model.pt"  # the kept (best) checkpoint
 LAST = "last.pt"  # the state after the last completed epoch, while the run can be resumed
@@ -24,6 +24,11 @@ EVAL = "eval"  # eval/<name>/: one report of `evaluate` each
 EVAL_REPORT = "report.json"
 EVAL_FACES = "faces"  # the crops evaluate makes of a folder of photos and clips
 EVAL_FIGURES = ("roc.png", "confusion.png", "robustness.png", "reliability.png")
+BENCHMARK = "benchmark.csv"  # 05-benchmark: the table, per test set, method, level and rule
+BENCHMARK_JSON = "benchmark.json"  # the same rows, the rules in words and the headline
+BENCHMARK_FIGURE = "benchmark.png"
+BENCHMARK_VIDEOS = "benchmark_videos.csv"  # one row per test video: its P(fake) by each rule
+BENCHMARK_FRAMES = "benchmark_frames.csv"  # one row per test crop scored
 
 # A split, data_dir/ (01-split): train/, val/, test/, masks/ and these.
 MANIFEST = "manifest.csv"  # one row per image: path, label, split, group, sha256, ...

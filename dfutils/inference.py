@@ -239,7 +239,8 @@ def face_crops(checkpoint: Checkpoint, data_dir: str | os.PathLike, out: Path
     from dfutils import faces
 
     params = dataclasses.replace(faces.params_of(checkpoint.faces), overwrite=True,
-                                 raw_dir=str(resolve(data_dir)), faces_dir=str(out))
+                                 raw_dir=str(resolve(data_dir)), faces_dir=str(out),
+                                 dataset="folder", methods="")  # a labelled folder
     report = faces.extract_faces(params)
     table = faces.read_faces(out)
     return ([out / path for path in table], np.array([LABELS[r["label"]] for r in table.values()]),

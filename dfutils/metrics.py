@@ -107,3 +107,28 @@ def expected_calibration_error(labels, scores, n_bins: int = 15) -> float:
     bins = [b for b in calibration_bins(labels, scores, n_bins) if b["n"]]
     total = sum(b["n"] * abs(b["fraction_fake"] - b["mean_p_fake"]) for b in bins)
     return float(total / max(sum(b["n"] for b in bins), 1))
+
+
+def bootstrap_auc(labels, scores, clusters=None, n_resamples: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float]:
+    """A percentile bootstrap interval of the ROC-AUC.
+
+    With `clusters` (a video per frame), whole clusters are resampled: the frames of one
+    video are not independent evidence, and resampling them one by one would give an
+    interval far too narrow. Resamples that lack a class are drawn again. NaN, NaN when
+    the data hold one class only.
+    """
+    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
+    if not _both_classes(labels):
+        return math.nan, math.nan
+    names, cluster = np.unique(np.arange(len(labels)) if clusters is None
+                               else np.asarray(clusters), return_inverse=True)
+    rng, aucs = np.random.default_rng(seed), []
+    while len(aucs) < n_resamples:
+        weights = np.bincount(rng.integers(0, len(names), len(names)),
+                              minlength=len(names))[cluster]
+        if _both_classes(labels[weights > 0]):
+            aucs.append(skm.roc_auc_score(labels, scores, sample_weight=weights))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(aucs, [tail, 100 - tail])
+    return float(low), float(high)

@@ -38,6 +38,9 @@ GroupBy = Literal["file", "folder"]
 Fakes = Literal["data", "sbi"]
 Monitor = Literal["auto", "val_loss", "val_auc", "sbi_loss", "sbi_auc"]
 EvalSplit = Literal["", "val", "test"]
+Dataset = Literal["folder", "ffpp", "dfd", "celebdf", "dfdc"]
+Compression = Literal["c0", "c23", "c40"]
+FFPP_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures", "FaceShifter")
 
 # Values of `weights` that are not paths.
 WEIGHT_NAMES = ("imagenet", "none", "null", "")
@@ -137,6 +140,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if annotation in (int, float):
             return annotation(value)
         if origin is list:
+            if typing.get_args(annotation) == (str,) and not value.lstrip().startswith("["):
+                return [v.strip() for v in value.split(",") if v.strip()]
             return json.loads(value)
     except ValueError:
         kind = {int: "an integer", float: "a number"}.get(
@@ -194,12 +199,20 @@ class Params:
 
 @dataclass(frozen=True)
 class FacesParams(Params):
-    """00-faces: crop the faces of the photos and clips in raw_dir/{real,fake}."""
+    """00-faces: crop the faces of the photos and clips of raw_dir (or of a data set)."""
 
     step: ClassVar[str] = "00-faces"
 
     raw_dir: str = param("dataset_raw", "photos and/or video clips: raw_dir/real and "
-                         "raw_dir/fake, any depth (read only)", path=True)
+                         "raw_dir/fake, any depth; or the root of the data set named by "
+                         "dataset (read only)", path=True)
+    dataset: Dataset = param("folder", "how raw_dir is laid out: real/ + fake/ folders, or "
+                             "FaceForensics++, its DeepFakeDetection part, Celeb-DF (v1 or v2) "
+                             "or DFDC as published (docs/datasets.md)")
+    methods: str = param("", "ffpp: the manipulations to read, comma-separated (Deepfakes, "
+                         "Face2Face, FaceSwap, NeuralTextures, FaceShifter); empty: every one "
+                         "present")
+    compression: Compression = param("c23", "ffpp and dfd: the compression level read")
     faces_dir: str = param("data/faces", "where the crops, faces.csv and faces_report.json "
                            "are written (same real/fake layout)", path=True)
     frames_per_video: int = param(32, "frames sampled from each clip, evenly spaced")
@@ -219,11 +232,18 @@ class FacesParams(Params):
         if self.face_margin < 1.0:
             raise ParameterError(f"face_margin must be >= 1 (the crop holds the whole face), "
                                  f"got {self.face_margin}")
+        unknown = [m for m in self.methods.split(",")
+                   if m.strip() and m.strip() not in FFPP_METHODS]
+        if unknown:
+            raise ParameterError(f"methods: {unknown[0].strip()!r} is not an FF++ manipulation; "
+                                 f"choose among {', '.join(FFPP_METHODS)}")
+        if self.methods and self.dataset != "ffpp":
+            raise ParameterError(f"methods applies to dataset=ffpp only, not {self.dataset}")
 
 
 @dataclass(frozen=True)
 class SplitParams(Params):
-    """01-split: turn dataset_raw/{real,fake} into data/{train,val}/{real,fake}."""
+    """01-split: turn dataset_raw/{real,fake} into data/{train,val,test}/{real,fake}."""
 
     step: ClassVar[str] = "01-split"
 
@@ -232,6 +252,8 @@ class SplitParams(Params):
     data_dir: str = param("data", "where train/, val/, manifest.csv and split_report.json are "
                           "written", path=True)
     val_fraction: float = param(0.2, "validation share of each class")
+    test_fraction: float = param(0.0, "test share of each class (real/ + fake/ only: a "
+                                 "published data set brings its official test split)")
     seed: int = param(42, "seeds the content-hash ranking that assigns each image to a split")
     overwrite: bool = param(False, "replace an existing split that was made with other "
                             "parameters")
@@ -244,6 +266,9 @@ class SplitParams(Params):
     def check(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ParameterError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0 - self.val_fraction:
+            raise ParameterError(f"test_fraction must be >= 0 and leave room for training "
+                                 f"(test_fraction + val_fraction < 1), got {self.test_fraction}")
         try:
             re.compile(self.group_pattern)
         except re.error as error:
@@ -424,6 +449,29 @@ class EvalParams(Params):
 
 
 @dataclass(frozen=True)
+class BenchmarkParams(Params):
+    """05-benchmark: a run on the test splits of prepared data sets (the table)."""
+
+    step: ClassVar[str] = "05-benchmark"
+
+    run_dir: str = param("runs/notebook", "a trained run (model.pt)", path=True)
+    test_sets: list[str] = param([], "split folders made by 01-split whose test split is "
+                                 "scored, comma-separated (TEST_SETS=data/celebdf,data/dfdc)",
+                                 path=True)
+    batch_size: int = param(32, "images per forward pass")
+    num_workers: int = param(2, "image-loading processes (0: load in this process)")
+    n_bootstrap: int = param(1000, "resamples of each AUC's 95% bootstrap interval")
+    seed: int = param(0, "seeds the bootstrap")
+
+    def check(self) -> None:
+        if not self.test_sets:
+            raise ParameterError("test_sets is required: one or more split folders with a "
+                                 "test split (TEST_SETS=data/celebdf,data/dfdc)")
+        if self.batch_size < 1 or self.num_workers < 0 or self.n_bootstrap < 1:
+            raise ParameterError("batch_size and n_bootstrap must be >= 1 and num_workers >= 0")
+
+
+@dataclass(frozen=True)
 class PredictParams(Params):
     """predict: score files and folders with a trained run."""
 
@@ -464,7 +512,8 @@ class DemoParams(Params):
             raise ParameterError("n_per_class must be >= 1 and size >= 16")
 
 
-NOTEBOOK_PARAMS = (FacesParams, SplitParams, TrainParams, GradCamParams, EvalParams)
+NOTEBOOK_PARAMS = (FacesParams, SplitParams, TrainParams, GradCamParams, EvalParams,
+                   BenchmarkParams)
 
 
 def read_params_file(params_file: str | os.PathLike) -> dict[str, Any]:
@@ -512,8 +561,14 @@ def from_working_dir(values: Mapping[str, str], cwd: str | os.PathLike | None = 
     user's working directory, as every command-line tool reads them."""
     base = Path(cwd or os.getcwd())
     paths = path_names()
-    return {k: str(base / Path(v).expanduser())
-            if k in paths and v.strip().lower() not in WEIGHT_NAMES else v
+    lists = {name for cls in NOTEBOOK_PARAMS for name, kind in typing.get_type_hints(cls).items()
+             if typing.get_origin(kind) is list}
+
+    def here(text: str) -> str:
+        return str(base / Path(text).expanduser())
+
+    return {k: (json.dumps([here(p) for p in _coerce(k, v, list[str])]) if k in lists else
+                here(v)) if k in paths and v.strip().lower() not in WEIGHT_NAMES else v
             for k, v in values.items()}
 
 

@@ -1,6 +1,6 @@
 """The runner behind `make run-all`: the notebook chain 00-faces -> 01-split -> 02-train ->
-03-gradcam -> 04-evaluate, executed by papermill into runs/<run>/, recorded in its run
-record (parameters, timings, status and metrics of every step, and a summary).
+03-gradcam -> 04-evaluate -> 05-benchmark, executed by papermill into runs/<run>/, recorded
+in its run record (parameters, timings, status and metrics of every step, and a summary).
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ NOTEBOOKS = {
     "02-train": "notebooks/02-train.ipynb",
     "03-gradcam": "notebooks/03-gradcam.ipynb",
     "04-evaluate": "notebooks/04-evaluate.ipynb",  # run when EVAL_DIR is given
+    "05-benchmark": "notebooks/05-benchmark.ipynb",  # run when TEST_SETS is given
 }
+# The optional steps, by the parameter whose value asks for them.
+ASKED_BY = {"04-evaluate": "eval_dir", "05-benchmark": "test_sets"}
 # Keys the runner owns; everything else is a notebook parameter. Of those, the flags.
 RUNNER_KEYS = ("run", "params", "overwrite", "steps", "resume", "faces")
 FLAGS = ("overwrite", "resume", "faces")
@@ -99,6 +102,9 @@ def step_metrics(step: str, params: Mapping[str, Any]) -> dict | None:
         report = _read_json(files.eval_folder(run_dir, name) / files.EVAL_REPORT)
         return report and {"name": name, **{k: report["metrics"][k] for k in (
             "accuracy", "auc", "ap", "eer")}, "ece": report["calibration"]["ece"]}
+    if step == "05-benchmark":
+        report = _read_json(run_dir / files.BENCHMARK_JSON)
+        return report and {"video_auc": report["headline"]}
     return _read_json(run_dir / {"02-train": files.METRICS, "03-gradcam": files.CAM_METRICS}[step])
 
 
@@ -246,12 +252,13 @@ def resume_steps(run_dir: Path, steps: Sequence[str] | None = None
 
 def choose_steps(steps: Sequence[str] | None, params_file: str | None,
                  overrides: Mapping[str, Any], faces: bool) -> list[str]:
-    """The steps asked for; by default the chain, with 00-faces when FACES=1 and
-    04-evaluate when an eval_dir is given."""
+    """The steps asked for; by default the chain, with 00-faces when FACES=1, 04-evaluate
+    when an eval_dir is given and 05-benchmark when test_sets are."""
     if not steps:
-        evaluate = "eval_dir" in overrides or _file_sets(params_file, "eval_dir")
-        steps = [s for s in NOTEBOOKS
-                 if (s != "04-evaluate" or evaluate) and (s != "00-faces" or faces)]
+        asked = {step for step, key in ASKED_BY.items()
+                 if key in overrides or _file_sets(params_file, key)}
+        steps = [s for s in NOTEBOOKS if (s not in ASKED_BY or s in asked)
+                 and (s != "00-faces" or faces)]
     for step in steps:
         if step not in NOTEBOOKS:
             raise ChainError(f"unknown step {step!r}; steps are {', '.join(NOTEBOOKS)}")
@@ -347,6 +354,10 @@ def run_all(run: str | None = None, params_file: str | None = None,
         faces_first(per_step, overrides, params_file)
     if "01-split" in steps and "00-faces" not in steps:  # else its input does not exist yet
         check_split(per_step["01-split"])
+    if "02-train" not in steps and not (run_dir / files.MODEL).is_file() and any(
+            s in steps for s in ("03-gradcam", *ASKED_BY)):
+        raise ChainError(f"{run_dir / files.MODEL} not found: RUN=<name> must name a trained "
+                         "run in runs/ (or add 02-train to STEPS)")
     aside = None if resume else make_room(run_dir, steps, overwrite or replace_run)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(run_dir)
@@ -379,6 +390,8 @@ def summarise(run_dir: Path) -> dict:
         "sbi_auc": (train.get("sbi") or {}).get("auc"),
         "self_blend_pointing_cam": on_blends.get("pointing_cam"),
         "self_blend_pointing_random": on_blends.get("pointing_random"),
+        "test_video_auc": ((current.get("05-benchmark") or {}).get("metrics") or {}).get(
+            "video_auc"),
         "seconds": round(sum(s.get("seconds", 0) for s in current.values()), 1),
     }
     write_run(run_dir, {**record, "summary": summary})

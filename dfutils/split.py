@@ -1,9 +1,12 @@
-"""The split step: dataset_raw/{real,fake} -> data/{train,val}/{real,fake}, manifest and report.
+"""The split step: dataset_raw/{real,fake} -> data/{train,val,test}/{real,fake}, manifest
+and report.
 
 The raw folder is only ever read. Every image is decoded in full (a header check misses
 truncated files), exact duplicates travel together, and a content hash seeded by `seed`
 ranks each class, so the split does not depend on file order or machine, and adding one
-file moves at most one other file of its class.
+file moves at most one other file of its class. Crops of a published data set (made by the
+faces step) keep their official split, and the rest goes to train or val by its group keys
+(`assign_keys`): a pair, an identity or an original never lands on two sides.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from pathlib import Path
 
 from dfutils import CLASSES, files
 from dfutils.data import SPLITS, ImageLoadError, load_image
+from dfutils.datasets import KEY_SEPARATOR
 from dfutils.folders import IMAGE_SUFFIXES, MissingInput, OwnedFolder, scan_classes
 from dfutils.params import GroupBy, SplitParams
 from dfutils.paths import fingerprint, resolve, write_json
 from dfutils.progress import tqdm
 
 MANIFEST_FIELDS = ("path", "label", "split", "sha256", "width", "height", "source", "mask",
-                   "group", "video")
+                   "group", "video", "method")
 
 
 class SplitError(ValueError):
@@ -128,6 +132,15 @@ def n_val(n: int, val_fraction: float) -> int:
     return min(n - 1, max(1, math.floor(n * val_fraction + 0.5)))
 
 
+def n_held_out(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(test, val) counts for a class of n items: no test when test_fraction is 0 (so the
+    split is what it was before test existed), else at least one in each of the three."""
+    if test_fraction == 0:
+        return 0, n_val(n, val_fraction)
+    test = min(n - 2, max(1, math.floor(n * test_fraction + 0.5)))
+    return test, min(n - test - 1, max(1, math.floor(n * val_fraction + 0.5)))
+
+
 def groups(images: list[ImageInfo], group_by: GroupBy, pattern: str = "") -> dict[str, str]:
     """The group of each image (by source path): what must stay in one split.
 
@@ -164,14 +177,15 @@ def groups(images: list[ImageInfo], group_by: GroupBy, pattern: str = "") -> dic
 
 
 def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: GroupBy = "file",
-           pattern: str = "") -> tuple[dict[str, str], dict[str, str], list[dict], list[dict]]:
+           pattern: str = "", test_fraction: float = 0.0
+           ) -> tuple[dict[str, str], dict[str, str], list[dict], list[dict]]:
     """Split by group: {source: split}, {source: group}, duplicate sets and label conflicts.
 
-    Each class's groups are ranked by a seeded hash of their name, the lowest going to
-    validation: stratified, independent of file order, and adding one group moves at most
-    one other of its class. When `pattern` makes groups that hold both classes, all groups
-    are ranked together and each goes to validation while every class it holds is short of
-    its validation share.
+    Each class's groups are ranked by a seeded hash of their name, the lowest going to test
+    (test_fraction), the next to validation: stratified, independent of file order, and
+    adding one group moves at most one other of its class. When `pattern` makes groups that
+    hold both classes, all groups are ranked together and each goes to test (then
+    validation) while every class it holds is short of that share.
     """
     by_content: dict[str, list[ImageInfo]] = defaultdict(list)
     for info in images:
@@ -185,26 +199,30 @@ def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: Gr
     for info in kept:
         labels_of[group_of[info.source]].add(info.label)
     ranked = sorted(labels_of, key=lambda g: rank_key(g, seed))
-    wanted = {}
+    wanted: dict[str, dict[str, int]] = {"test": {}, "val": {}}
+    needed, in_words = (3, "three (one for each split)") if test_fraction else (
+        2, "two (one for train, one for val)")
     for label in CLASSES:
         n = sum(label in labs for labs in labels_of.values())
-        if n < 2:
+        if n < needed:
             unit = "distinct image(s)" if group_by == "file" and not pattern else "group(s)"
             raise SplitError(
                 f"class {label!r} has {n} usable {unit} after removing unreadable "
-                "files, duplicates and label conflicts; it needs at least two (one for train, "
-                "one for val): add images or fix the ones in the report"
+                f"files, duplicates and label conflicts; it needs at least {in_words}: add "
+                "images or fix the ones in the report"
             )
-        wanted[label] = n_val(n, val_fraction)
+        wanted["test"][label], wanted["val"][label] = n_held_out(n, val_fraction,
+                                                                 test_fraction)
     split_of_group: dict[str, str] = {}
-    taken = dict.fromkeys(CLASSES, 0)
+    taken = {split: dict.fromkeys(CLASSES, 0) for split in wanted}
     for name in ranked:  # with one class per group, this is each class's ranking alone
-        if all(taken[label] < wanted[label] for label in labels_of[name]):
-            split_of_group[name] = "val"
-            for label in labels_of[name]:
-                taken[label] += 1
-        else:
-            split_of_group[name] = "train"
+        split_of_group[name] = next(
+            (split for split in wanted
+             if all(taken[split][label] < wanted[split][label] for label in labels_of[name])),
+            "train")
+        for label in labels_of[name]:
+            if split_of_group[name] != "train":
+                taken[split_of_group[name]][label] += 1
     split_of = {i.source: split_of_group[group_of[i.source]] for i in kept}
     duplicates = [{"sha256": sha, "label": members[0].label,
                    "split": split_of[members[0].source],
@@ -212,6 +230,59 @@ def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: Gr
                   for sha, members in sorted(by_content.items())
                   if len(members) > 1 and sha not in conflicted]
     return split_of, group_of, duplicates, conflicts
+
+
+def assign_keys(images: list[ImageInfo], carried: dict[str, dict], val_fraction: float,
+                seed: int) -> tuple[dict[str, str], dict[str, str], list[dict], set[str] | None]:
+    """Split the crops of a published data set: {source: split}, {source: group}, the
+    crops left out (each {"path", "reason"}) and the keys that went to validation (None
+    when every crop had an official split).
+
+    A crop with an official split keeps it. The other crops' keys (identities, FF++ ids,
+    DFDC originals: faces.csv's `group`) are ranked by a seeded hash, and each goes to
+    validation while every class it holds is short of its share (n_val of the keys that
+    hold the class); a class still missing there takes its first-ranked key. A crop goes
+    where all its keys went; a crop whose keys went both ways (a swap of a train and a val
+    identity) is left out, so no key is on two sides.
+    """
+    def keys(info: ImageInfo) -> list[str]:
+        row = carried[info.source]
+        return [k for k in row["group"].split(KEY_SEPARATOR) if k] or [row["source"]]
+
+    free = [i for i in images if not carried[i.source]["split"]]
+    labels_of: dict[str, set[str]] = defaultdict(set)
+    for info in free:
+        for key in keys(info):
+            labels_of[key].add(info.label)
+    ranked = sorted(labels_of, key=lambda k: rank_key(k, seed))
+    wanted = {label: n_val(sum(label in labs for labs in labels_of.values()), val_fraction)
+              for label in CLASSES}
+    taken, val_keys = dict.fromkeys(CLASSES, 0), set()
+    for key in ranked:
+        if len(ranked) > 1 and all(taken[label] < wanted[label] for label in labels_of[key]):
+            val_keys.add(key)
+            for label in labels_of[key]:
+                taken[label] += 1
+    for label in CLASSES:
+        if not taken[label] and len(ranked) > 1:
+            first = next((k for k in ranked if label in labels_of[k] and k not in val_keys),
+                         None)
+            if first is not None and len(val_keys) + 1 < len(ranked):
+                val_keys.add(first)
+                taken[label] += 1
+    split_of, left_out = {}, []
+    for info in images:
+        official = carried[info.source]["split"]
+        sides = {official} if official else {
+            "val" if k in val_keys else "train" for k in keys(info)}
+        if len(sides) == 1:
+            split_of[info.source] = sides.pop()
+        else:
+            left_out.append({"path": info.source, "reason": "its keys "
+                             f"{', '.join(keys(info))} fell on both sides of train/val"})
+    group_of = {i.source: carried[i.source]["group"] or carried[i.source]["source"]
+                for i in images}
+    return split_of, group_of, left_out, val_keys if free else None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -224,12 +295,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dict[str, str],
-                group_of: dict[str, str], group_by: GroupBy = "file") -> list[dict]:
+                group_of: dict[str, str], group_by: GroupBy = "file",
+                carried: dict[str, dict] | None = None) -> list[dict]:
     """Link (or copy) each image into out/<split>/<label>/, return the manifest rows.
 
     `group` is what the split kept together; `video` is what video-level metrics score as
-    one: the folder an image is in when grouping by folder (a clip's frames), else itself.
+    one: a data set crop's clip, the folder an image is in when grouping by folder (a
+    clip's frames), else itself; `method` is a data set's manipulation (faces.csv).
     """
+    carried = carried or {}
     rows, taken = [], set()
     for info in sorted(images, key=lambda i: (i.label, i.source)):
         split = split_of[info.source]
@@ -248,11 +322,13 @@ def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dic
             mask = f"masks/{split}/{info.label}/{Path(dest).stem}.png"
             (out / mask).parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(raw_dir / info.mask, out / mask)
+        clip = carried.get(info.source, {})
+        video = clip.get("source") or (posixpath.dirname(info.source) if group_by == "folder"
+                                       else info.source)
         rows.append({"path": dest, "label": info.label, "split": split,
                      "sha256": info.sha256, "width": info.width, "height": info.height,
                      "source": info.source, "mask": mask, "group": group_of[info.source],
-                     "video": posixpath.dirname(info.source) if group_by == "folder"
-                     else info.source})
+                     "video": video, "method": clip.get("method", "")})
     return rows
 
 
@@ -277,23 +353,60 @@ def read_report(data_dir: str | os.PathLike) -> dict | None:
     return FOLDER.read_report(resolve(data_dir))
 
 
-def carry_faces(raw_dir: Path, out: Path, rows: list[dict]) -> dict | None:
-    """When raw_dir is the output of the faces step, write out/faces.csv (its rows for the
-    split's images, each pointing at the image's path in data_dir) and return the faces
-    step's parameters; else None."""
+def faces_of(raw_dir: Path) -> tuple[dict | None, dict[str, dict]]:
+    """When raw_dir is the output of the faces step: its report and its faces.csv rows by
+    crop path (the sources of the split); else (None, {})."""
     from dfutils import faces
 
     report = faces.read_report(raw_dir)
     if report is None:
-        return None
+        return None, {}
     with open(raw_dir / files.FACES, newline="") as f:
-        table = {row["path"]: row for row in csv.DictReader(f)}
+        return report, {row["path"]: row for row in csv.DictReader(f)}
+
+
+def carry_faces(out: Path, table: dict[str, dict], rows: list[dict]) -> None:
+    """Write out/faces.csv: the faces step's rows of the split's images, each pointing at
+    the image's path in data_dir."""
+    from dfutils import faces
+
     with open(out / files.FACES, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=faces.FIELDS)
         writer.writeheader()
         writer.writerows({**table[r["source"]], "path": r["path"]}
                          for r in rows if r["source"] in table)
-    return report["params"]
+
+
+def faceless(report: dict, val_keys: set[str]) -> list[dict]:
+    """The data set's clips in which the faces step found no face (or that it could not
+    read), with the split they belong to: official, or where their keys went (none when
+    the keys went both ways). Video-level scores count them."""
+    found = []
+    for entry in report["sources"]:
+        if entry.get("faces_found") and "reason" not in entry:
+            continue
+        keys = [k for k in entry.get("group", "").split(KEY_SEPARATOR) if k]
+        sides = {entry["split"]} if entry.get("split") else {
+            "val" if k in val_keys else "train" for k in keys}
+        if len(sides) != 1:  # no key, or keys on both sides: in no split
+            continue
+        found.append({"source": entry["source"], "label": entry["label"], "split": sides.pop(),
+                      "method": entry.get("method", ""),
+                      "why": entry.get("reason", "no face in any frame read")})
+    return found
+
+
+def by_method(rows: list[dict]) -> dict[str, dict[str, dict[str, int]]]:
+    """Per split and per method (reals under "real"): the clips (videos) and crops."""
+    table: dict[str, dict[str, dict[str, set | int]]] = {}
+    for r in rows:
+        entry = table.setdefault(r["split"], {}).setdefault(
+            r["method"] or r["label"], {"clips": set(), "crops": 0})
+        entry["clips"].add(r["video"])
+        entry["crops"] += 1
+    return {split: {m: {"clips": len(e["clips"]), "crops": e["crops"]}
+                    for m, e in sorted(methods.items())}
+            for split, methods in table.items()}
 
 
 @dataclass(frozen=True)
@@ -326,6 +439,8 @@ def preflight(params: SplitParams) -> SplitPlan:
         recorded["group_by"] = params.group_by
     if params.group_pattern:
         recorded["group_pattern"] = params.group_pattern
+    if params.test_fraction:
+        recorded["test_fraction"] = params.test_fraction
     stamp = fingerprint(raw_dir, [rel.as_posix() for rel, _ in candidates]
                         + [s["path"] for s in skipped])
     current = FOLDER.current(data_dir, recorded, stamp, params.overwrite)
@@ -346,12 +461,26 @@ def split(params: SplitParams) -> dict:
     if plan.current is not None:
         return plan.current  # same files, same parameters: the split on disk is the answer
     images, rejected = inspect_all(plan.raw_dir, plan.candidates)
+    faces_report, table = faces_of(plan.raw_dir)
+    # A published data set's crops carry keys or an official split; real/ + fake/ do not.
+    keyed = {src: row for src, row in table.items() if row.get("group") or row.get("split")}
+    plain = [i for i in images if i.source not in keyed]
     split_of, group_of, duplicates, conflicts = assign(
-        images, params.val_fraction, params.seed, params.group_by, params.group_pattern)
+        plain, params.val_fraction, params.seed, params.group_by, params.group_pattern,
+        params.test_fraction) if plain else ({}, {}, [], [])
     conflicted = {c["sha256"] for c in conflicts}
-    kept = [i for i in images if i.sha256 not in conflicted]
+    kept = [i for i in plain if i.sha256 not in conflicted]
+    left_out, val_keys = [], None
+    if keyed:
+        from_keys = [i for i in images if i.source in keyed]
+        keyed_split, keyed_group, left_out, val_keys = assign_keys(
+            from_keys, keyed, params.val_fraction, params.seed)
+        split_of.update(keyed_split)
+        group_of.update(keyed_group)
+        kept += [i for i in from_keys if i.source in keyed_split]
     with FOLDER.build(plan.data_dir) as built:
-        rows = materialise(plan.raw_dir, built, kept, split_of, group_of, params.group_by)
+        rows = materialise(plan.raw_dir, built, kept, split_of, group_of, params.group_by,
+                           keyed)
         present = [s for s in SPLITS if any(r["split"] == s for r in rows)]  # no empty test
         report = {
             "params": plan.recorded,
@@ -361,17 +490,42 @@ def split(params: SplitParams) -> dict:
             "group_counts": {s: {c: len({r["group"] for r in rows
                                          if r["split"] == s and r["label"] == c})
                                  for c in CLASSES} for s in present},
+            "by_method": by_method(rows),
+            "rules": rules(params, faces_report if keyed else None, val_keys is not None),
             "n_images": len(rows),
             "n_masks": sum(bool(r["mask"]) for r in rows),
             "rejected": rejected,
             "skipped": plan.skipped,
+            "left_out": left_out,
             "duplicates": duplicates,
             "conflicts": conflicts,
-            "faces": carry_faces(plan.raw_dir, built, rows),  # its parameters, or None
+            "faces": faces_report and faces_report["params"],  # its parameters, or None
+            "faceless": faceless(faces_report, val_keys or set()) if keyed else [],
         }
+        if faces_report is not None:
+            carry_faces(built, table, rows)
         write_json(built / files.SPLIT_REPORT, report)
         with open(built / files.MANIFEST, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
     return report
+
+
+def rules(params: SplitParams, faces_report: dict | None, by_keys: bool = False
+          ) -> dict[str, str]:
+    """In words, what decided each split (the report's `rules`); `by_keys`: some of a data
+    set's crops had no official split and went by their keys (`assign_keys`)."""
+    ranked = f"ranked by a hash seeded with seed={params.seed}"
+    if faces_report is not None:
+        official = dict((faces_report.get("dataset") or {}).get("rules", {}))
+        how = official.pop("train/val", "by group keys")
+        return official | ({"train/val": f"{how}; keys {ranked}, about val_fraction="
+                            f"{params.val_fraction} of each class's keys to val; a clip whose "
+                            "keys fell on both sides is left out (left_out)"} if by_keys else {})
+    unit = {"file": "image (and its exact duplicates)", "folder": "folder (a clip's frames)"}
+    group = unit[params.group_by] + (f", joined by group_pattern {params.group_pattern!r}"
+                                     if params.group_pattern else "")
+    return {"train/val/test": f"per class, each {group} {ranked}: the lowest "
+            f"test_fraction={params.test_fraction} to test, the next "
+            f"val_fraction={params.val_fraction} to val, the rest to train"}

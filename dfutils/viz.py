@@ -270,3 +270,32 @@ def plot_reliability(calibration: dict) -> Figure:
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+@closed
+def plot_benchmark(rows: Sequence[dict]) -> Figure:
+    """The cross-dataset table as a picture: per test set and method, the AUC of each level
+    and rule with its 95% interval."""
+    kinds = [("frame", "-", "frame"), ("video", "mean", "video, mean"),
+             ("video", "sbi", "video, SBI rule")]
+    groups = list(dict.fromkeys((r["test_set"], r["method"]) for r in rows))
+    fig, ax = plt.subplots(figsize=(6.5, 0.55 * len(groups) * len(kinds) / 2 + 1.6))
+    y = np.arange(len(groups))
+    height = 0.8 / len(kinds)
+    for k, (level, rule, name) in enumerate(kinds):
+        found = {(r["test_set"], r["method"]): r for r in rows
+                 if r["level"] == level and r["rule"] == rule}
+        auc = np.array([found[g]["auc"] if g in found else np.nan for g in groups], float)
+        low = np.array([found[g]["auc_low"] if g in found else np.nan for g in groups], float)
+        high = np.array([found[g]["auc_high"] if g in found else np.nan for g in groups], float)
+        ax.barh(y + (k - 1) * height, auc, height, label=name,
+                xerr=np.nan_to_num([auc - low, high - auc]), capsize=2)
+    ax.set_yticks(y, [f"{t} · {m}" for t, m in groups])
+    ax.invert_yaxis()
+    ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("ROC-AUC (95% bootstrap interval)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("test sets: AUC per level and rule")
+    fig.tight_layout()
+    return fig

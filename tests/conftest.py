@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic images made in tmp_path; nothing here needs ../shared."""
+"""Shared fixtures: small synthetic images and clips made in tmp_path; nothing here needs
+../shared."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import os
 import struct
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+import skimage.data
 from PIL import Image, ImageOps
 
 
@@ -150,3 +153,38 @@ def one_line_error(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert "Traceback" not in err and lines, err
     return lines[-1]
+
+
+# The astronaut's face as dlib finds it, inside the crop of the photo we move around.
+PATCH = skimage.data.astronaut()[40:240, 120:330]
+FACE = np.array([179 - 120, 83 - 40, 266 - 120, 170 - 40], float)  # left, top, right, bottom
+CANVAS = (300, 360)  # height, width
+
+
+def frame_of(k: int, face: bool = True, shade: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Frame k (RGB) and the face box in it: the patch scaled by 1.2 + 0.02 k, moved right
+    and down by (10 + 6 k, 8 + 3 k), on a background of grey `shade` (which also tints the
+    photo a little, so no two clips share a frame)."""
+    canvas = np.full((*CANVAS, 3), shade, np.uint8)
+    scale, dx, dy = 1.2 + 0.02 * k, 10 + 6 * k, 8 + 3 * k
+    if face:
+        tinted = np.clip(PATCH.astype(int) + (shade - 40) // 4, 0, 255).astype(np.uint8)
+        patch = cv2.resize(tinted, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        h, w = min(patch.shape[0], CANVAS[0] - dy), min(patch.shape[1], CANVAS[1] - dx)
+        canvas[dy:dy + h, dx:dx + w] = patch[:h, :w]
+    else:  # the sky of the photo: texture, no face
+        canvas[:] = cv2.resize(skimage.data.astronaut()[:120, 400:], CANVAS[::-1])
+    return canvas, FACE * scale + [dx, dy, dx, dy]
+
+
+def write_clip(path: Path, n: int, face: bool = True, shade: int = 40) -> list[np.ndarray]:
+    """An mp4v clip of n frames; returns the boxes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, CANVAS[::-1])
+    boxes = []
+    for k in range(n):
+        frame, box = frame_of(k, face, shade)
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        boxes.append(box)
+    writer.release()
+    return boxes

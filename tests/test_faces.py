@@ -10,45 +10,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import skimage.data
-from conftest import evaluate, make_split, tree_digest
+from conftest import evaluate, frame_of, make_split, tree_digest, write_clip
 
 from dfutils import faces, files
 from dfutils.params import FacesParams
-
-# The astronaut's face as dlib finds it, inside the crop of the photo we move around.
-PATCH = skimage.data.astronaut()[40:240, 120:330]
-FACE = np.array([179 - 120, 83 - 40, 266 - 120, 170 - 40], float)  # left, top, right, bottom
-CANVAS = (300, 360)  # height, width
-
-
-def frame_of(k: int, face: bool = True, shade: int = 40) -> tuple[np.ndarray, np.ndarray]:
-    """Frame k (RGB) and the face box in it: the patch scaled by 1.2 + 0.02 k, moved right
-    and down by (10 + 6 k, 8 + 3 k), on a background of grey `shade` (which also tints the
-    photo a little, so no two clips share a frame)."""
-    canvas = np.full((*CANVAS, 3), shade, np.uint8)
-    scale, dx, dy = 1.2 + 0.02 * k, 10 + 6 * k, 8 + 3 * k
-    if face:
-        tinted = np.clip(PATCH.astype(int) + (shade - 40) // 4, 0, 255).astype(np.uint8)
-        patch = cv2.resize(tinted, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        h, w = min(patch.shape[0], CANVAS[0] - dy), min(patch.shape[1], CANVAS[1] - dx)
-        canvas[dy:dy + h, dx:dx + w] = patch[:h, :w]
-    else:  # the sky of the photo: texture, no face
-        canvas[:] = cv2.resize(skimage.data.astronaut()[:120, 400:], CANVAS[::-1])
-    return canvas, FACE * scale + [dx, dy, dx, dy]
-
-
-def write_clip(path: Path, n: int, face: bool = True, shade: int = 40) -> list[np.ndarray]:
-    """An mp4v clip of n frames; returns the boxes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, CANVAS[::-1])
-    boxes = []
-    for k in range(n):
-        frame, box = frame_of(k, face, shade)
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        boxes.append(box)
-    writer.release()
-    return boxes
 
 
 def iou(a, b) -> float:
@@ -138,9 +103,13 @@ def test_outputs_follow_the_layout_and_bad_inputs_are_reported_by_name(extracted
     unreadable = {e["source"]: e["reason"] for e in report["unreadable"]}
     assert set(unreadable) >= {"fake/empty.mp4", "fake/text.mp4", "fake/truncated.mp4"}
     assert {s["source"] for s in report["skipped"]} == {"real/notes.txt"}
-    problems = {r["source"] for r in faces.problem_rows(report)}
-    assert problems == {"fake/empty.mp4", "fake/text.mp4", "fake/truncated.mp4",
-                        "real/noface.mp4", "fake/sky.png", "real/notes.txt"}
+    problems = {r["source"]: r["why"] for r in faces.problem_rows(report)}
+    assert set(problems) == {"fake/empty.mp4", "fake/text.mp4", "fake/truncated.mp4",
+                             "real/noface.mp4", "fake/sky.png", "real/notes.txt",
+                             "fake/short.avi", "fake/one.mp4"}  # the last two: every frame
+    assert problems["fake/short.avi"] == ("3 frame(s) read, fewer than frames_per_video=5: "
+                                          "every frame it has was used")
+    assert report["short_clips"] == 2
     with open(out / files.FACES, newline="") as f:
         assert len(list(csv.DictReader(f))) == report["n_crops"] == len(crops)
 

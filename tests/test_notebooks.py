@@ -49,16 +49,19 @@ def test_an_unknown_parameter_is_refused_by_the_runner_before_anything_runs(tmp_
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """The whole chain with smoke.yaml on a tiny demo set, evaluated on another one."""
+    """The whole chain with smoke.yaml on a tiny demo set with a test split, evaluated on
+    another set and benchmarked on its own test split."""
     root = tmp_path_factory.mktemp("chain")
     raw = build_demo(DemoParams(out=str(root / "demo_raw"), n_per_class=12, size=32, seed=1))
     other = build_demo(DemoParams(out=str(root / "other_raw"), n_per_class=4, size=32, seed=2))
-    overrides = {"raw_dir": str(raw), "data_dir": str(root / "data"), "eval_dir": str(other)}
+    overrides = {"raw_dir": str(raw), "data_dir": str(root / "data"), "eval_dir": str(other),
+                 "test_fraction": "0.2", "test_sets": str(root / "data")}
     return pipeline.run_all("smoke", SMOKE, overrides, runs_root=root / "runs")
 
 
 def test_the_chain_writes_every_artefact(smoke_run):
     for name in ("01-split.ipynb", "02-train.ipynb", "03-gradcam.ipynb", "04-evaluate.ipynb",
+                 "05-benchmark.ipynb", "benchmark.csv", "benchmark.png",
                  "eval/other_raw/report.json", "model.pt",
                  "history.csv", "metrics.json", "val_predictions.csv", "curves.png", "roc.png",
                  "confusion.png", "scores.png", "gradcam/grid.png", "gradcam/cam_metrics.json",
@@ -71,7 +74,8 @@ def test_the_chain_writes_every_artefact(smoke_run):
 
 def test_run_json_records_parameters_versions_timings_and_metrics(smoke_run):
     run = json.loads((smoke_run / "run.json").read_text())
-    assert set(run["steps"]) == {"01-split", "02-train", "03-gradcam", "04-evaluate"}
+    assert set(run["steps"]) == {"01-split", "02-train", "03-gradcam", "04-evaluate",
+                                 "05-benchmark"}
     assert run["steps"]["04-evaluate"]["metrics"]["name"] == "other_raw"
     assert run["git"]["commit"] is None or len(run["git"]["commit"]) == 40
     assert run["environment"]["packages"]["torch"].startswith("2.14.1")
@@ -81,12 +85,14 @@ def test_run_json_records_parameters_versions_timings_and_metrics(smoke_run):
     assert run["steps"]["02-train"]["params"]["max_epochs"] == 2
     assert run["steps"]["02-train"]["params"]["run_dir"] == str(smoke_run)
     counts = run["steps"]["01-split"]["metrics"]["counts"]
-    assert counts["val"] == {"real": 2, "fake": 2} and counts["train"]["fake"] == 10
+    assert counts["val"] == counts["test"] == {"real": 2, "fake": 2}
+    assert counts["train"]["fake"] == 8
     train = run["steps"]["02-train"]["metrics"]
     assert 0 <= train["auc"] <= 1 and 1 <= train["best_epoch"] <= 2
     cam = run["steps"]["03-gradcam"]["metrics"]
     assert 0 <= cam["deletion"]["auc_cam"] <= 1 and cam["localization"]["n"] == 2
     assert run["summary"]["val_auc"] == train["auc"]
+    assert set(run["summary"]["test_video_auc"]) == {"data"}  # the test set's folder name
 
 
 def test_a_failing_step_stops_the_chain_with_a_non_zero_exit(tmp_path):

@@ -301,6 +301,50 @@ def memory(root: Path, sizes: tuple[int, int]) -> dict:
     return out
 
 
+BENCHMARK_CHILD = """
+import sys
+from pathlib import Path
+from dfutils.benchmark import run_benchmark
+from dfutils.model import build_model, save_checkpoint
+from dfutils.params import BenchmarkParams
+d, run = sys.argv[1], Path(sys.argv[2])
+save_checkpoint(run / "model.pt", build_model(None, "fc"), params={"image_size": 64},
+                threshold=0.5, threshold_rule="0.5", metrics={}, epoch=1)
+run_benchmark(BenchmarkParams(run_dir=str(run), test_sets=[d], batch_size=64, num_workers=0,
+                              n_bootstrap=100))
+print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")))
+"""
+
+
+def benchmark_memory(root: Path, sizes: tuple[int, int]) -> dict:
+    """Peak RSS (MiB) of 05-benchmark's scoring at two test-set sizes (8 frames per clip,
+    the larger made by links), each in a fresh process."""
+    base = sorted(jpeg_folder(root / "base", 100).rglob("*.jpg"))
+    out = {}
+    for n in sizes:
+        folder = root / f"test_{n}"
+        folder.mkdir()
+        rows = []
+        for i in range(n):
+            src = base[i % len(base)]
+            dest = folder / f"{i:06d}.jpg"
+            _link(src, dest)
+            label = src.parent.name if i // 8 % 2 == 0 else ("real" if src.parent.name ==
+                                                            "fake" else "fake")
+            rows.append({"path": dest.name, "label": label, "split": "test", "mask": "",
+                         "video": f"clip{i // 8}" if label == "real" else f"fakeclip{i // 8}"})
+        with open(folder / "manifest.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        (folder / "split_report.json").write_text('{"faces": null, "faceless": []}')
+        done = subprocess.run([sys.executable, "-c", BENCHMARK_CHILD, str(folder),
+                               str(root / f"run_{n}")], capture_output=True, text=True,
+                              check=True)
+        out[n] = int(done.stdout.strip().splitlines()[-1]) / 1024  # kB
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and images")
@@ -391,6 +435,12 @@ def main() -> None:
         row(f"peak RSS, epoch over {sizes[0]} images", rss[sizes[0]], "MiB")
         row(f"peak RSS, epoch over {sizes[1]} images", rss[sizes[1]], "MiB",
             rss[sizes[1]] / rss[sizes[0]], "~1 (no growth)")
+
+        sizes = (800, 4000) if args.quick else (2000, 20000)
+        rss = benchmark_memory(tmp / "benchmark", sizes)
+        row(f"peak RSS, benchmark of {sizes[0] // 8} clips x 8 frames", rss[sizes[0]], "MiB")
+        row(f"peak RSS, benchmark of {sizes[1] // 8} clips x 8 frames", rss[sizes[1]], "MiB",
+            rss[sizes[1]] / rss[sizes[0]], "~1 (streamed)")
     results["peak_rss_self_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_json(REPO_ROOT / "runs" / "bench" / "results.json", results)
     print(f"written: {REPO_ROOT / 'runs' / 'bench' / 'results.json'}")

@@ -1,0 +1,330 @@
+"""The field's data sets read as their authors publish them: FaceForensics++ (and its
+DeepFakeDetection part), Celeb-DF v1/v2 and DFDC, beside the toolkit's own real/ + fake/
+folders.
+
+Each reader walks one layout and returns a `Listing`: for every clip (or photo) its path
+relative to the data set's root, its label, its group keys (what must stay on one side of
+a split: a clip goes to a split only together with every other clip that shares a key),
+its official split when the data set has one, and its manipulation method. A layout that
+is incomplete (a listed video missing, a fake whose original is absent, a method folder
+missing) gives a problem per thing missing, by name, and the rest is read. Nothing is ever
+written into the data set's folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dfutils.folders import IMAGE_SUFFIXES, VIDEO_SUFFIXES, scan_classes
+from dfutils.params import FFPP_METHODS  # FF++'s manipulations, by folder name
+
+CELEBDF_LIST = "List_of_testing_videos.txt"
+DFDC_METADATA, DFDC_LABELS = "metadata.json", "labels.csv"
+KEY_SEPARATOR = "|"  # between the group keys of one item, in faces.csv's `group`
+
+
+@dataclass(frozen=True)
+class Item:
+    """One clip or photo of a data set."""
+
+    path: str  # relative to the data set's root, POSIX separators
+    label: str  # "real" or "fake"
+    keys: tuple[str, ...] = ()  # group keys: every clip sharing one goes to the same split
+    split: str = ""  # the official split ("train", "val", "test"), or "" when none
+    method: str = ""  # the manipulation (FF++: Deepfakes, ...); "" for reals and elsewhere
+
+    @property
+    def group(self) -> str:
+        return KEY_SEPARATOR.join(self.keys)
+
+
+@dataclass
+class Listing:
+    """What a reader found: the items, the problems (each {"path", "reason"}) and the rules
+    that decide each split, in words (for the reports)."""
+
+    items: list[Item] = field(default_factory=list)
+    problems: list[dict] = field(default_factory=list)
+    rules: dict[str, str] = field(default_factory=dict)
+
+    def problem(self, path: str | Path, reason: str) -> None:
+        self.problems.append({"path": Path(path).as_posix(), "reason": reason})
+
+
+def _videos(root: Path, folder: str, listing: Listing, required: bool = True) -> list[Path]:
+    """The video files directly in root/folder, sorted; a missing folder is a problem."""
+    where = root / folder
+    if not where.is_dir():
+        if required:
+            listing.problem(folder, "folder missing: download it, or leave this part out "
+                            "with the parameters")
+        return []
+    return sorted(p for p in where.iterdir()
+                  if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+
+
+def _rel(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+# -- FaceForensics++ ---------------------------------------------------------------------
+
+def ffpp_pairs(root: Path, listing: Listing) -> dict[str, tuple[str, tuple[str, str]]]:
+    """Each original's id -> (its official split, its pair), from root/splits/*.json."""
+    owner: dict[str, tuple[str, tuple[str, str]]] = {}
+    for split in ("train", "val", "test"):
+        path = root / "splits" / f"{split}.json"
+        if not path.is_file():
+            listing.problem(f"splits/{split}.json", "missing: copy the official split files "
+                            "(dataset/splits/ of github.com/ondyari/FaceForensics) to splits/")
+            continue
+        try:
+            pairs = json.loads(path.read_text())
+            pairs = [(str(a), str(b)) for a, b in pairs]
+        except (ValueError, TypeError):
+            listing.problem(f"splits/{split}.json", "not a JSON list of [a, b] pairs")
+            continue
+        for pair in pairs:
+            for video in pair:
+                owner[video] = (split, pair)
+    return owner
+
+
+def read_ffpp(root: Path, methods: Iterable[str] = (), compression: str = "c23") -> Listing:
+    """FaceForensics++: original_sequences/youtube/<comp>/videos/NNN.mp4 and
+    manipulated_sequences/<method>/<comp>/videos/AAA_BBB.mp4, split by splits/*.json.
+
+    A pair [a, b] owns the originals a and b and the fakes a_b and b_a: all of them go to the
+    pair's split. Without the split files, clips are kept together by the ids in their names
+    (train/val drawn by the split step; no test).
+    """
+    listing = Listing(rules={
+        "test": "FF++'s official splits/test.json (a pair [a, b] owns a, b, a_b and b_a)",
+        "val": "FF++'s official splits/val.json (same ownership)",
+        "train": "FF++'s official splits/train.json (same ownership)"})
+    owner = ffpp_pairs(root, listing)
+    chosen = list(methods) or [m for m in FFPP_METHODS
+                               if (root / "manipulated_sequences" / m).is_dir()]
+
+    def place(ids: tuple[str, ...], rel: str) -> str | None:
+        """The official split of a clip with these ids; None (and a problem) if unlisted."""
+        if not owner:
+            return ""
+        splits = {owner[i][0] for i in ids if i in owner}
+        if len(splits) != 1 or any(i not in owner for i in ids):
+            listing.problem(rel, "not in exactly one pair of splits/*.json: left out")
+            return None
+        return splits.pop()
+
+    originals = set()
+    for path in _videos(root, f"original_sequences/youtube/{compression}/videos", listing):
+        split = place((path.stem,), rel := _rel(root, path))
+        originals.add(path.stem)
+        if split is not None:
+            listing.items.append(Item(rel, "real", (f"ffpp:{path.stem}",), split))
+    for method in chosen:
+        for path in _videos(root, f"manipulated_sequences/{method}/{compression}/videos",
+                            listing):
+            rel, ids = _rel(root, path), tuple(path.stem.split("_")[:2])
+            if len(ids) != 2:
+                listing.problem(rel, "a fake is named <target>_<source>.mp4: left out")
+                continue
+            if owner and tuple(owner.get(ids[0], ("", ()))[1]) not in (ids, ids[::-1]):
+                listing.problem(rel, f"{ids[0]} and {ids[1]} are not a pair of splits/*.json:"
+                                " left out")
+                continue
+            split = place(ids, rel)
+            if split is None:
+                continue
+            for original in ids:
+                if original not in originals:
+                    listing.problem(rel, f"its original {original} is missing from "
+                                    f"original_sequences/youtube/{compression}/videos")
+            listing.items.append(Item(rel, "fake", tuple(f"ffpp:{i}" for i in ids), split,
+                                      method))
+    for video, (split, _) in sorted(owner.items()):
+        if video not in originals:
+            listing.problem(f"original_sequences/youtube/{compression}/videos/{video}.mp4",
+                            f"listed in splits/{split}.json but missing")
+    return listing
+
+
+def read_dfd(root: Path, compression: str = "c23") -> Listing:
+    """DeepFakeDetection (FF++'s DFD part), a test-only set: original_sequences/actors/
+    <comp>/videos/AA__scene.mp4 and manipulated_sequences/DeepFakeDetection/<comp>/videos/
+    AA_BB__scene__XXXX.mp4; a fake's actors are its keys."""
+    listing = Listing(rules={"test": "every clip: DFD is a test-only set"})
+    for folder, label in ((f"original_sequences/actors/{compression}/videos", "real"),
+                          (f"manipulated_sequences/DeepFakeDetection/{compression}/videos",
+                           "fake")):
+        for path in _videos(root, folder, listing):
+            actors = path.stem.split("__")[0].split("_")
+            listing.items.append(Item(_rel(root, path), label,
+                                      tuple(f"dfd:{a}" for a in actors), "test",
+                                      "DeepFakeDetection" if label == "fake" else ""))
+    return listing
+
+
+# -- Celeb-DF ----------------------------------------------------------------------------
+
+CELEBDF_FOLDERS = {"Celeb-real": "real", "YouTube-real": "real", "Celeb-synthesis": "fake"}
+_IDENTITY = re.compile(r"^(id\d+)_(?:(id\d+)_)?\d+$")
+
+
+def read_celebdf(root: Path) -> Listing:
+    """Celeb-DF v1/v2: Celeb-real/idX_NNNN.mp4, YouTube-real/NNNNN.mp4,
+    Celeb-synthesis/idX_idY_NNNN.mp4 and List_of_testing_videos.txt.
+
+    The list's lines are `<1 real | 0 fake> <path>` (1 is real here, the opposite of every
+    other set); a line whose label contradicts its folder is a problem naming the line, and
+    that video is left out. Listed videos are the test split; the others have identities as
+    keys (a swap idX_idY has both), so the split step keeps every identity on one side.
+    """
+    listing = Listing(rules={
+        "test": f"Celeb-DF's official {CELEBDF_LIST} (1 = real, 0 = fake)",
+        "train/val": "by identity: a clip goes where all its identities (target and source "
+                     "of a swap) go; YouTube-real clips each alone"})
+    tested: dict[str, str] = {}
+    listed = root / CELEBDF_LIST
+    if not listed.is_file():
+        listing.problem(CELEBDF_LIST, "missing: without it there is no test split")
+    else:
+        for number, line in enumerate(listed.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            label, _, rel = line.strip().partition(" ")
+            folder = rel.split("/", 1)[0]
+            where = f"{CELEBDF_LIST} line {number}"
+            if label not in ("0", "1") or folder not in CELEBDF_FOLDERS:
+                listing.problem(where, f"{line.strip()!r} is not `<1|0> <folder>/<video>` with "
+                                f"a folder of {', '.join(CELEBDF_FOLDERS)}")
+                continue
+            said = "real" if label == "1" else "fake"
+            if said != CELEBDF_FOLDERS[folder]:
+                listing.problem(where, f"says {label} ({said}) but {rel} is in {folder}, a "
+                                f"{CELEBDF_FOLDERS[folder]} folder: left out")
+                tested[rel] = ""
+                continue
+            tested[rel] = said
+            if not (root / rel).is_file():
+                listing.problem(rel, f"listed at {where} but missing")
+    for folder, label in CELEBDF_FOLDERS.items():
+        for path in _videos(root, folder, listing):
+            rel = _rel(root, path)
+            if tested.get(rel) == "":
+                continue  # contradicted by the list: reported above
+            found = _IDENTITY.match(path.stem)
+            if folder == "YouTube-real" or not found:
+                keys = (f"celebdf:{rel}",)
+                if folder != "YouTube-real":
+                    listing.problem(rel, "no idX in its name: kept as a group of its own")
+            else:
+                keys = tuple(f"celebdf:{i}" for i in found.groups() if i)
+            listing.items.append(Item(rel, label, keys, "test" if rel in tested else ""))
+    return listing
+
+
+# -- DFDC --------------------------------------------------------------------------------
+
+def read_dfdc(root: Path) -> Listing:
+    """DFDC: dfdc_train_part_N/metadata.json ({"x.mp4": {"label": "REAL"|"FAKE",
+    "original": "y.mp4"}}) beside its clips, and the public test set's labels.csv
+    (`filename,label`, 1 = fake) beside its clips (or their videos/ folder).
+
+    A fake's key is its original, so it stays with it; labels.csv's clips are the test split.
+    """
+    listing = Listing(rules={
+        "test": f"DFDC's public test set ({DFDC_LABELS})",
+        "train/val": "by original: a fake goes where its original goes"})
+    parts = sorted(p.parent for p in root.glob(f"*/{DFDC_METADATA}")) + (
+        [root] if (root / DFDC_METADATA).is_file() else [])
+    tests = sorted(p.parent for p in root.glob(f"*/{DFDC_LABELS}")) + (
+        [root] if (root / DFDC_LABELS).is_file() else [])
+    if not parts and not tests:
+        listing.problem(".", f"no */{DFDC_METADATA} or */{DFDC_LABELS}: is this the DFDC "
+                        "folder?")
+    everything: dict[str, str] = {}  # every clip name in any metadata -> its label
+    entries: list[tuple[Path, str, dict]] = []
+    for part in parts:
+        where = _rel(root, part / DFDC_METADATA) if part != root else DFDC_METADATA
+        try:
+            metadata = json.loads((part / DFDC_METADATA).read_text())
+            if not isinstance(metadata, dict):
+                raise ValueError
+        except ValueError:
+            listing.problem(where, "not a JSON object of {clip: {label, original}}: part left "
+                            "out")
+            continue
+        for name, entry in sorted(metadata.items()):
+            label = str(entry.get("label", "")).upper() if isinstance(entry, dict) else ""
+            if label not in ("REAL", "FAKE"):
+                listing.problem(f"{where}: {name}", "label is not REAL or FAKE: left out")
+                continue
+            everything[name] = label
+            entries.append((part, name, entry))
+    for part, name, entry in entries:
+        path = part / name
+        rel = _rel(root, path)
+        if not path.is_file():
+            listing.problem(rel, f"listed in {DFDC_METADATA} but missing")
+            continue
+        if everything[name] == "REAL":
+            listing.items.append(Item(rel, "real", (f"dfdc:{Path(name).stem}",)))
+            continue
+        original = entry.get("original") or ""
+        if not original:
+            listing.problem(rel, "a fake without `original` in its metadata: kept alone")
+        elif original not in everything:
+            listing.problem(rel, f"its original {original} is in no {DFDC_METADATA}: kept with "
+                            "its name")
+        listing.items.append(Item(rel, "fake", (f"dfdc:{Path(original or name).stem}",)))
+    for folder in tests:
+        with open(folder / DFDC_LABELS, newline="") as f:
+            rows = list(csv.DictReader(f))
+        where = _rel(root, folder / DFDC_LABELS) if folder != root else DFDC_LABELS
+        for number, row in enumerate(rows, 2):
+            name, label = (row.get("filename") or "").strip(), (row.get("label") or "").strip()
+            label = {"1": "fake", "0": "real", "FAKE": "fake", "REAL": "real"}.get(label.upper())
+            if not name or label is None:
+                listing.problem(f"{where} line {number}", "needs `filename,label` with label 1 "
+                                "(fake) or 0 (real): left out")
+                continue
+            path = next((p for p in (folder / name, folder / "videos" / name) if p.is_file()),
+                        None)
+            if path is None:
+                listing.problem(f"{_rel(root, folder / name) if folder != root else name}",
+                                f"listed in {where} but missing")
+                continue
+            listing.items.append(Item(_rel(root, path), label,
+                                      (f"dfdc-test:{Path(name).stem}",), "test"))
+    return listing
+
+
+# -- The toolkit's own layout ------------------------------------------------------------
+
+def read_folder(root: Path) -> Listing:
+    """raw_dir/real and raw_dir/fake, any depth: no keys, no official split (the split step
+    groups and assigns them)."""
+    found, skipped = scan_classes(root, IMAGE_SUFFIXES | VIDEO_SUFFIXES, "photos or clips")
+    return Listing([Item(rel.as_posix(), label) for rel, label in found],
+                   [{"path": s["path"], "reason": s["reason"]} for s in skipped])
+
+
+READERS: dict[str, Callable[..., Listing]] = {
+    "folder": read_folder, "ffpp": read_ffpp, "dfd": read_dfd, "celebdf": read_celebdf,
+    "dfdc": read_dfdc}
+
+
+def read(dataset: str, root: Path, methods: Iterable[str] = (), compression: str = "c23"
+         ) -> Listing:
+    """The items of data set `dataset` (a key of READERS) under root."""
+    if dataset == "ffpp":
+        return read_ffpp(root, methods, compression)
+    if dataset == "dfd":
+        return read_dfd(root, compression)
+    return READERS[dataset](root)
