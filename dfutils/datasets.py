@@ -123,7 +123,8 @@ def read_ffpp(root: Path, methods: Iterable[str] = (), compression: str = "c23")
 
     originals = set()
     for path in _videos(root, f"original_sequences/youtube/{compression}/videos", listing):
-        split = place((path.stem,), rel := _rel(root, path))
+        rel = _rel(root, path)
+        split = place((path.stem,), rel)
         originals.add(path.stem)
         if split is not None:
             listing.items.append(Item(rel, "real", (f"ffpp:{path.stem}",), split))
