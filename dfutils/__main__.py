@@ -67,6 +67,10 @@ def _run_all(args: argparse.Namespace) -> int:
         beside_data=args.beside_data,
         runs_root=_here(args.runs_root) if args.runs_root else REPO_ROOT / "runs",
         resume=runner.get("resume", False), faces=runner.get("faces", False))
+    from dfutils.runs import read_run
+
+    for line in pipeline.summary_lines(read_run(run_dir).get("summary", {})):
+        print(line, file=sys.stderr)
     print(f"done: {run_dir / files.RUN_RECORD}", file=sys.stderr)
     return 0
 
@@ -132,6 +136,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from dfutils.inference import evaluate_folder
+    from dfutils.metrics import metrics_line
     from dfutils.model import threshold_text
 
     params = _params(EvalParams, args, run_dir=str(_here(args.run)),
@@ -139,12 +144,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     report, _ = evaluate_folder(params)
     m = report["metrics"]
     print(threshold_text(report["threshold"], report["threshold_rule"]))
-    print(f"{report['n_images']} images: accuracy {m['accuracy']:.4f}  AUC {m['auc']:.4f}  "
-          f"AP {m['ap']:.4f}  EER {m['eer']:.4f}  ECE {report['calibration']['ece']:.4f}")
+    print(f"{report['n_images']} images: {metrics_line(m)}  ECE "
+          f"{report['calibration']['ece']:.4f}  ([low, high]: 95% bootstrap intervals)")
     if "video" in m:
-        v = m["video"]
-        print(f"{v['n']} videos (mean P(fake) of their frames): accuracy {v['accuracy']:.4f}  "
-              f"AUC {v['auc']:.4f}  AP {v['ap']:.4f}  EER {v['eer']:.4f}")
+        print(f"{m['video']['n']} videos (mean P(fake) of their frames): "
+              f"{metrics_line(m['video'])}")
     print(f"confusion (rows: true real, fake; columns: predicted real, fake): {m['confusion']}")
     for kind, levels in report["sweeps"].items():
         print(f"AUC under {kind:9s} " + "  ".join(f"{r['level']}: {r['auc']:.4f}"

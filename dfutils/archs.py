@@ -16,6 +16,9 @@ from torchvision.models import ResNet18_Weights, WeightsEnum, resnet18
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# layer="auto": the deepest layer with at least this many cells a side. 6, not 7: at 96 px
+# layer3 is 6 x 6 and points into the demo's blends (docs/demo.md), layer2 (12 x 12) does not.
+MIN_CAM_GRID = 6
 
 
 class UnknownArch(ValueError):
@@ -32,7 +35,8 @@ class Arch:
     head: str  # the classifier's module path: replaced by a one-logit linear layer
     # `trainable` value -> the top-level children that train (None: all of them)
     stages: dict[str, tuple[str, ...] | None]
-    # Grad-CAM `layer` value -> (module path of the block explained, its total stride)
+    # Grad-CAM `layer` value -> (module path of the block explained, its total stride),
+    # deepest first
     cam_layers: dict[str, tuple[str, int]]
     mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation
     std: tuple[float, float, float] = IMAGENET_STD
@@ -68,6 +72,15 @@ class Arch:
         """The resolution of the explained layer's output for an input size."""
         stride = self.cam_layers[layer][1]
         return math.ceil(size[0] / stride), math.ceil(size[1] / stride)
+
+    def layer_for(self, layer: str, size: tuple[int, int]) -> str:
+        """The layer explained for a `layer` value at an input size: itself, or for "auto"
+        the deepest whose grid is at least MIN_CAM_GRID on each side (the shallowest when
+        none is): a map of 3 x 3 cells cannot point at a blend boundary."""
+        if layer != "auto":
+            return layer
+        return next((name for name in self.cam_layers
+                     if min(self.grid(size, name)) >= MIN_CAM_GRID), list(self.cam_layers)[-1])
 
 
 ARCHS: dict[str, Arch] = {

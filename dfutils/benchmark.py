@@ -34,7 +34,7 @@ from dfutils import LABELS, files
 from dfutils.data import read_manifest
 from dfutils.distributed import device as default_device
 from dfutils.metrics import binary_metrics, bootstrap_auc
-from dfutils.model import Checkpoint, forward, load_checkpoint
+from dfutils.model import Checkpoint, for_inference, forward, load_checkpoint
 from dfutils.params import BenchmarkParams
 from dfutils.paths import atomic_path, resolve, write_csv, write_json
 from dfutils.progress import tqdm
@@ -97,7 +97,6 @@ def read_test_set(data_dir: str | os.PathLike, name: str | None = None) -> TestS
         faceless=[f for f in report.get("faceless", []) if f["split"] == "test"])
 
 
-@torch.inference_mode()
 def score_stream(checkpoint: Checkpoint, test: TestSet, writer: csv.DictWriter,
                  batch_size: int = 32, num_workers: int = 0) -> np.ndarray:
     """P(fake) of every crop of `test`, a batch at a time, each frame's row written as it
@@ -105,14 +104,15 @@ def score_stream(checkpoint: Checkpoint, test: TestSet, writer: csv.DictWriter,
     from dfutils.inference import FileDataset
 
     device = default_device()
-    model = checkpoint.model.eval().to(device, memory_format=torch.channels_last)
+    model = for_inference(checkpoint.model, device)
     loader = DataLoader(FileDataset(test.paths, checkpoint.image_size,
                                     arch=checkpoint.params.arch),
                         batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     scores = np.full(len(test.paths), np.nan, dtype=np.float32)
     for images, indices, errors in tqdm(loader, desc=test.name, unit="batch"):
-        p_fake = forward(model, images, device)[1].cpu().numpy()
+        with torch.inference_mode():
+            p_fake = forward(model, images, device)[1].cpu().numpy()
         for i, p, error in zip(indices.tolist(), p_fake, errors, strict=True):
             if error:
                 continue
@@ -161,16 +161,15 @@ def video_rows(test: TestSet, scores: np.ndarray) -> list[dict]:
     return rows
 
 
-def _row(base: dict, labels, scores, threshold: float, clusters, n_resamples: int, seed: int
-         ) -> dict:
+def _row(base: dict, labels, scores, threshold: float, clusters, n_resamples: int) -> dict:
     m = binary_metrics(labels, scores, threshold)
-    low, high = bootstrap_auc(labels, scores, clusters, n_resamples, seed)
+    low, high = bootstrap_auc(labels, scores, clusters, n_resamples)
     return {**base, "auc": m["auc"], "auc_low": low, "auc_high": high, "ap": m["ap"],
             "eer": m["eer"], "accuracy": m["accuracy"]}
 
 
 def table_rows(test: TestSet, scores: np.ndarray, videos: list[dict], threshold: float,
-               n_resamples: int = 1000, seed: int = 0) -> list[dict]:
+               n_resamples: int = 1000) -> list[dict]:
     """The table's rows of one test set: for the whole set and for each manipulation (its
     fakes against every real), a frame-level row and a video-level row per rule."""
     ok = ~np.isnan(scores)
@@ -189,13 +188,13 @@ def table_rows(test: TestSet, scores: np.ndarray, videos: list[dict], threshold:
         rows.append(_row({**base, "level": "frame", "rule": "-",
                           "n_videos": len({test.videos[i] for i in np.flatnonzero(frame)})},
                          test.labels[frame], scores[frame], threshold,
-                         np.asarray(test.videos)[frame], n_resamples, seed))
+                         np.asarray(test.videos)[frame], n_resamples))
         for rule, chosen_videos in (("mean", with_face), ("sbi", picked)):
             rows.append(_row({**base, "level": "video", "rule": rule,
                               "n_videos": len(chosen_videos)},
                              [v["label"] for v in chosen_videos],
                              [v[f"p_fake_{rule}"] for v in chosen_videos], threshold, None,
-                             n_resamples, seed))
+                             n_resamples))
     return rows
 
 
@@ -235,8 +234,7 @@ def run_benchmark(params: BenchmarkParams) -> dict:
                                   params.num_workers)
             these = video_rows(test, scores)
             videos += these
-            rows += table_rows(test, scores, these, checkpoint.threshold, params.n_bootstrap,
-                               params.seed)
+            rows += table_rows(test, scores, these, checkpoint.threshold, params.n_bootstrap)
     write_csv(run_dir / files.BENCHMARK_VIDEOS, [
         {**v, "p_fake_mean": "" if math.isnan(v["p_fake_mean"]) else f"{v['p_fake_mean']:.6f}",
          "p_fake_sbi": f"{v['p_fake_sbi']:.6f}"} for v in videos], VIDEO_FIELDS)

@@ -74,6 +74,7 @@ class Prediction:
     label: int
     p_fake: float
     mask: Path | None
+    video: str = ""  # the clip it comes from (intervals resample whole clips)
 
 
 def read_predictions(csv_path: str | os.PathLike, data_dir: str | os.PathLike
@@ -84,7 +85,8 @@ def read_predictions(csv_path: str | os.PathLike, data_dir: str | os.PathLike
     with open(resolve(csv_path), newline="") as f:
         rows = list(csv.DictReader(f))
     return [Prediction(data_dir / r["path"], int(r["label"]), float(r["p_fake"]),
-                       masks.get(data_dir / r["path"])) for r in rows]
+                       masks.get(data_dir / r["path"]), r.get("video") or r["path"])
+            for r in rows]
 
 
 def load_image(source: str | os.PathLike | IO[bytes]) -> Image.Image:

@@ -31,6 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from dfutils import archs, files
 from dfutils.data import eval_transform, load_image
+from dfutils.metrics import mean_intervals
 from dfutils.model import Checkpoint, forward, load_checkpoint
 from dfutils.params import CamLayer, CamTarget, GradCamParams, Selection, choices
 from dfutils.progress import tqdm
@@ -176,70 +177,84 @@ def deletion_score(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
                    explained: np.ndarray,
                    fractions: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
                    fill: str = "mean", n_random: int = 3, seed: int = 0, *,
-                   grid: tuple[int, int]) -> dict:
+                   grid: tuple[int, int], clusters=None, n_resamples: int = 1000) -> dict:
     """How fast P(explained class) falls as the top-k% pixels by CAM are removed, vs random.
 
     A faithful map points at the evidence, so removing its top pixels should lower the
     probability faster than removing the top pixels of a random map of the same smoothness.
     The area under each curve (over the fractions, normalised to [0, 1]) is reported;
     lower is more faithful. `grid` is the explained layer's resolution (CamResult.grid).
+    `ci` holds 95% bootstrap intervals of both areas and of their difference (each image's
+    area under the CAM's curve minus under the random maps'; whole videos resampled when
+    `clusters` names them): the CAM is more faithful than chance when the difference's
+    interval lies below 0.
     """
     model.eval()
     size = tuple(images.shape[-2:])
     generator = torch.Generator().manual_seed(seed)
     randoms = [random_maps(len(images), size, grid, generator)
                for _ in range(n_random)]
-    cam_curve, random_curve = [], []
+    cam_curves, random_curves = [], []  # per fraction, per image
     for fraction in fractions:
-        cam_curve.append(float(_p_class(model, _remove(images, maps, fraction, fill),
-                                        explained).mean()))
-        random_curve.append(float(np.mean([
-            _p_class(model, _remove(images, r, fraction, fill), explained).mean()
-            for r in randoms])))
+        cam_curves.append(_p_class(model, _remove(images, maps, fraction, fill), explained))
+        random_curves.append(np.mean([
+            _p_class(model, _remove(images, r, fraction, fill), explained) for r in randoms],
+            axis=0))
     span = fractions[-1] - fractions[0]
+    per_cam = np.trapezoid(np.array(cam_curves), fractions, axis=0) / span
+    per_random = np.trapezoid(np.array(random_curves), fractions, axis=0) / span
+    ci = mean_intervals(per_cam, per_random, clusters, n_resamples)
     return {
         "fractions": list(fractions),
         "fill": fill,
-        "cam": cam_curve,
-        "random": random_curve,
-        "auc_cam": float(np.trapezoid(cam_curve, fractions) / span),
-        "auc_random": float(np.trapezoid(random_curve, fractions) / span),
+        "cam": [float(c.mean()) for c in cam_curves],
+        "random": [float(r.mean()) for r in random_curves],
+        "auc_cam": float(per_cam.mean()) if len(per_cam) else float("nan"),
+        "auc_random": float(per_random.mean()) if len(per_random) else float("nan"),
+        "ci": {"auc_cam": ci.get("mean"), "auc_random": ci.get("baseline"),
+               "difference": ci.get("difference")},
     }
 
 
 def localization(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                  iou_threshold: float = 0.5, n_random: int = 10, seed: int = 0, *,
-                 grid: tuple[int, int]) -> dict:
+                 grid: tuple[int, int], clusters=None, n_resamples: int = 1000) -> dict:
     """Pointing game (is the map's maximum inside the mask) and IoU of map >= threshold, vs random.
 
     `maps` and `masks` pair up; each mask is boolean at its map's size. Random maps are
-    drawn on `grid` (the explained layer's resolution) and upsampled alike.
+    drawn on `grid` (the explained layer's resolution) and upsampled alike. `ci` holds 95%
+    bootstrap intervals of the pointing game of the CAM, of random maps, and of their
+    difference per image (the CAM points better than chance when it lies above 0).
     """
-    def scores(candidates: Sequence[np.ndarray]) -> tuple[float, float]:
+    def scores(candidates: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         hits, ious = [], []
         for cam, mask in zip(candidates, masks, strict=True):
             hits.append(bool(mask.flat[int(np.argmax(cam))]))
             region = cam >= iou_threshold * cam.max() if cam.max() > 0 else np.zeros_like(mask)
             union = np.logical_or(region, mask).sum()
             ious.append(np.logical_and(region, mask).sum() / union if union else 0.0)
-        return float(np.mean(hits)), float(np.mean(ious))
+        return np.array(hits, float), np.array(ious, float)
 
     if len(maps) == 0:
         return {"n": 0}
     generator = torch.Generator().manual_seed(seed)
-    pointing, iou = scores(maps)
+    hits, iou = scores(maps)
     random_scores = []
     for _ in range(n_random):
         randoms = [random_maps(1, m.shape, grid, generator)[0]
                    for m in maps]
         random_scores.append(scores(randoms))
+    random_hits = np.mean([h for h, _ in random_scores], axis=0)  # per image: a hit rate
+    ci = mean_intervals(hits, random_hits, clusters, n_resamples)
     return {
         "n": len(maps),
-        "pointing_cam": pointing,
-        "pointing_random": float(np.mean([s[0] for s in random_scores])),
-        "iou_cam": iou,
-        "iou_random": float(np.mean([s[1] for s in random_scores])),
+        "pointing_cam": float(hits.mean()),
+        "pointing_random": float(random_hits.mean()),
+        "iou_cam": float(iou.mean()),
+        "iou_random": float(np.mean([i.mean() for _, i in random_scores])),
         "iou_threshold": iou_threshold,
+        "ci": {"pointing_cam": ci["mean"], "pointing_random": ci["baseline"],
+               "difference": ci["difference"]},
     }
 
 
@@ -276,11 +291,12 @@ def _rgb(image: str | Path | np.ndarray) -> np.ndarray:
 
 
 def explain(checkpoint: Checkpoint, paths: Sequence[str | Path | np.ndarray],
-            target: CamTarget = "predicted", batch_size: int = 16, layer: CamLayer = "layer4"
+            target: CamTarget = "predicted", batch_size: int = 16, layer: CamLayer = "auto"
             ) -> tuple[torch.Tensor, CamResult]:
     """Grad-CAM of a checkpoint's model for image files (or RGB arrays), in batches: the
     model inputs and the maps at the checkpoint's image size."""
     size, arch = checkpoint.image_size, checkpoint.arch
+    layer = arch.layer_for(layer, (size, size))
     transform = eval_transform(size, arch.name)
     inputs = torch.stack([transform(p if isinstance(p, np.ndarray) else load_image(p))
                           for p in paths]) if paths else torch.zeros((0, 3, size, size))
@@ -299,7 +315,7 @@ def explain(checkpoint: Checkpoint, paths: Sequence[str | Path | np.ndarray],
 
 def write_overlays(checkpoint: Checkpoint, paths: Sequence[Path | np.ndarray],
                    outputs: Sequence[Path], target: CamTarget = "predicted",
-                   layer: CamLayer = "layer4", alpha: float = 0.5, batch_size: int = 16,
+                   layer: CamLayer = "auto", alpha: float = 0.5, batch_size: int = 16,
                    replace: bool = True) -> tuple[CamResult, list[np.ndarray]]:
     """Grad-CAM of each image file (or RGB array) overlaid on it and written as PNG to its
     output path (`replace=False`: an existing file is never overwritten); the maps and the
@@ -333,8 +349,9 @@ class BlendMaps:
     def shown(self, n: int) -> tuple:
         return self.images[:n], self.masks[:n], list(self.maps[:n]), list(self.p_fake[:n])
 
-    def localization(self, seed: int) -> dict:
-        return localization(list(self.maps), self.masks, seed=seed, grid=self.grid)
+    def localization(self, seed: int, n_resamples: int = 1000) -> dict:
+        return localization(list(self.maps), self.masks, seed=seed, grid=self.grid,
+                            n_resamples=n_resamples)
 
 
 def self_blend_maps(checkpoint: Checkpoint, params: GradCamParams) -> tuple[BlendMaps, dict]:
@@ -370,7 +387,8 @@ def mask_localization(checkpoint: Checkpoint, predictions: list, params: GradCam
     _, cams = explain(checkpoint, [p.path for p in with_mask], "fake", params.batch_size,
                       params.layer)
     masks = [load_mask(p.mask, (size, size)) for p in with_mask]
-    return localization(list(cams.maps), masks, seed=params.seed, grid=cams.grid)
+    return localization(list(cams.maps), masks, seed=params.seed, grid=cams.grid,
+                        clusters=[p.video for p in with_mask], n_resamples=params.n_bootstrap)
 
 
 @dataclass
@@ -418,7 +436,9 @@ def gradcam_run(params: GradCamParams) -> CamReport:
     eval_inputs, eval_cams = explain(checkpoint, [predictions[i].path for i in eval_index],
                                      params.target, params.batch_size, params.layer)
     deletion = deletion_score(checkpoint.model, eval_inputs, eval_cams.maps,
-                              eval_cams.explained, seed=params.seed, grid=eval_cams.grid)
+                              eval_cams.explained, seed=params.seed, grid=eval_cams.grid,
+                              clusters=[predictions[i].video for i in eval_index],
+                              n_resamples=params.n_bootstrap)
     located = mask_localization(checkpoint, predictions, params)
 
     blends, found = self_blend_maps(checkpoint, params)
@@ -428,16 +448,53 @@ def gradcam_run(params: GradCamParams) -> CamReport:
         titles.append(f"self-blend · P(fake) {p:.2f}")
         viz.save_rgb(out / f"self-blend-{i:02d}.png", overlays[-1])
 
+    layer = checkpoint.arch.layer_for(params.layer, (checkpoint.image_size,) * 2)
     grid = viz.image_grid(overlays, titles, ncols=4, title=(
         f"Grad-CAM ({params.target}; on self-blends: fake, mask outlined) on "
-        f"{params.layer}[-1], {params.select} selection"))
-    metrics = {"layer": params.layer, "target": params.target, "select": params.select,
+        f"{layer}[-1], {params.select} selection"))
+    metrics = {"layer": layer, "layer_asked": params.layer, "grid": list(eval_cams.grid),
+               "target": params.target, "select": params.select,
                "n_images": len(chosen), "n_eval": len(eval_index), "deletion": deletion,
                "localization": located,
-               "self_blends": {"faces": found, "localization": blends.localization(params.seed)}}
+               "self_blends": {"faces": found, "localization": blends.localization(
+                   params.seed, params.n_bootstrap)}}
     figures = dict(zip(files.CAM_FIGURES, (grid, viz.plot_deletion(deletion)), strict=True))
     for name, fig in figures.items():
         viz.save_figure(fig, out / name)
     write_json(run / files.CAM_METRICS, metrics)
     return CamReport(checkpoint, len(predictions), overlays, titles, deletion, located,
                      metrics, figures)
+
+
+def check_lines(metrics: dict) -> list[str]:
+    """The checks of cam_metrics.json in words, each number with its 95% interval and a
+    verdict from the interval of the paired difference: deletion, pointing on ground-truth
+    masks, pointing on self-blends ("" for a check that was not scored)."""
+    from dfutils.metrics import shown
+
+    def verdict(difference: list | None, better_below: bool) -> str:
+        if not difference or any(np.isnan(difference)):
+            return ""
+        low, high = difference
+        if (high < 0) if better_below else (low > 0):
+            return "; better than random maps (the difference's interval excludes 0)"
+        return "; not distinguishable from random maps (the difference's interval holds 0)"
+
+    deletion = metrics["deletion"]
+    d_ci = deletion.get("ci") or {}
+    lines = [f"deletion AUC (lower = more faithful): CAM "
+             f"{shown(deletion['auc_cam'], d_ci.get('auc_cam'))}, random "
+             f"{shown(deletion['auc_random'], d_ci.get('auc_random'))}"
+             f"{verdict(d_ci.get('difference'), True)}"]
+    for what, located in (("ground-truth masks", metrics["localization"]),
+                          (f"{metrics['self_blends']['localization'].get('n', 0)} self-blends",
+                           metrics["self_blends"]["localization"])):
+        if not located.get("n"):
+            lines.append("")
+            continue
+        ci = located.get("ci") or {}
+        lines.append(f"pointing game on {what}: CAM "
+                     f"{shown(located['pointing_cam'], ci.get('pointing_cam'))}, random "
+                     f"{shown(located['pointing_random'], ci.get('pointing_random'))}"
+                     f"{verdict(ci.get('difference'), False)}")
+    return lines

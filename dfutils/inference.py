@@ -21,12 +21,13 @@ from dfutils.distributed import device as default_device
 from dfutils.folders import IMAGE_SUFFIXES, scan_classes
 from dfutils.metrics import (
     binary_metrics,
+    by_group,
     calibration_bins,
     expected_calibration_error,
     grouped,
-    video_metrics,
+    with_intervals,
 )
-from dfutils.model import Checkpoint, forward, load_checkpoint, threshold_text
+from dfutils.model import Checkpoint, for_inference, forward, load_checkpoint, threshold_text
 from dfutils.params import EvalParams, PredictParams
 from dfutils.paths import file_problem, is_plain_name, resolve, write_csv, write_json
 from dfutils.progress import tqdm
@@ -91,24 +92,25 @@ class FileDataset(Dataset):
         return self.transform(image), index, ""
 
 
-@torch.inference_mode()
 def score_files(model: torch.nn.Module, files: Sequence[Path], image_size: int,
                 batch_size: int = 32, num_workers: int = 0, perturb: Perturb | None = None,
                 device: torch.device | None = None, desc: str = "scoring",
                 arch: str = archs.DEFAULT) -> tuple[np.ndarray, list[str]]:
     """P(fake) per file (NaN where unreadable) and the error of each file ("" when scored)."""
     device = device or default_device()
-    model.eval().to(device, memory_format=torch.channels_last)
+    for_inference(model, device)
     loader = DataLoader(FileDataset(files, image_size, perturb, arch), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     scores, errors = np.full(len(files), np.nan), [""] * len(files)
-    for images, indices, batch_errors in tqdm(loader, desc=desc, unit="batch", leave=False):
-        p_fake = forward(model, images, device)[1].cpu().numpy()
-        for i, p, error in zip(indices.tolist(), p_fake, batch_errors, strict=True):
-            if error:
-                errors[i] = error
-            else:
-                scores[i] = p
+    with torch.inference_mode():
+        for images, indices, batch_errors in tqdm(loader, desc=desc, unit="batch",
+                                                  leave=False):
+            p_fake = forward(model, images, device)[1].cpu().numpy()
+            for i, p, error in zip(indices.tolist(), p_fake, batch_errors, strict=True):
+                if error:
+                    errors[i] = error
+                else:
+                    scores[i] = p
     return scores, errors
 
 
@@ -166,21 +168,21 @@ def predict(run: str | os.PathLike | Checkpoint, inputs: Sequence[Input], batch_
     return rows, checkpoint
 
 
-@torch.inference_mode()
 def score_arrays(checkpoint: Checkpoint, images: Sequence[np.ndarray], batch_size: int = 32,
                  device: torch.device | None = None) -> np.ndarray:
     """P(fake) of RGB arrays (face crops), under the evaluation transform."""
     device = device or default_device()
-    model = checkpoint.model.eval().to(device, memory_format=torch.channels_last)
+    model = for_inference(checkpoint.model, device)
     transform, scores = eval_transform(checkpoint.image_size, checkpoint.params.arch), []
     for start in range(0, len(images), batch_size):
         batch = torch.stack([transform(image) for image in images[start:start + batch_size]])
-        scores.append(forward(model, batch, device)[1].cpu())
+        with torch.inference_mode():
+            scores.append(forward(model, batch, device)[1].cpu())
     return torch.cat(scores).numpy() if scores else np.zeros(0)
 
 
 def predict_faces(checkpoint: Checkpoint, inputs: Sequence[Input], batch_size: int = 32,
-                  cam_dir: Path | None = None, layer: str = "layer4"
+                  cam_dir: Path | None = None, layer: str = "auto"
                   ) -> tuple[list[dict], list[dict]]:
     """Photos and clips scored the way the run's training images were made: frames sampled,
     the face found and cropped with the recorded parameters, each crop scored; an input's
@@ -335,10 +337,14 @@ def evaluate_folder(params: EvalParams, sweeps: dict[str, Sequence] = SWEEPS
                         in zip(inputs.files, errors, labels, strict=True) if e and y == value), "")
             raise ValueError(f"no {label} image of {resolve(params.eval_dir)} could be read"
                              f"{why}: AUC, AP and EER need both classes")
-    metrics = binary_metrics(labels[ok], scores[ok], threshold)
     videos = np.asarray(inputs.videos)[ok]
-    if grouped(videos):
-        metrics["video"] = video_metrics(videos, labels[ok], scores[ok], threshold)
+    clusters = videos if grouped(videos) else None  # intervals resample whole clips
+    metrics = with_intervals(binary_metrics(labels[ok], scores[ok], threshold), labels[ok],
+                             scores[ok], clusters, params.n_bootstrap)
+    if clusters is not None:
+        _, label, mean = by_group(videos, labels[ok], scores[ok])
+        metrics["video"] = with_intervals(binary_metrics(label, mean, threshold), label, mean,
+                                          None, params.n_bootstrap)
     report = {
         "run": str(run_dir), "data": str(resolve(params.eval_dir)), "split": params.split,
         "name": name, "threshold": threshold, "threshold_rule": checkpoint.threshold_rule,

@@ -6,6 +6,7 @@ Inputs are labels (fake = 1) and scores P(fake).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
@@ -109,26 +110,101 @@ def expected_calibration_error(labels, scores, n_bins: int = 15) -> float:
     return float(total / max(sum(b["n"] for b in bins), 1))
 
 
-def bootstrap_auc(labels, scores, clusters=None, n_resamples: int = 1000, seed: int = 0,
-                  level: float = 0.95) -> tuple[float, float]:
-    """A percentile bootstrap interval of the ROC-AUC.
+BOOTSTRAP_SEED = 0  # every interval is drawn with this seed: the same data, the same interval
+LEVEL = 0.95
 
-    With `clusters` (a video per frame), whole clusters are resampled: the frames of one
-    video are not independent evidence, and resampling them one by one would give an
-    interval far too narrow. Resamples that lack a class are drawn again. NaN, NaN when
-    the data hold one class only.
+
+def resamples(n: int, clusters=None, n_resamples: int = 1000, seed: int = BOOTSTRAP_SEED
+              ) -> Iterator[np.ndarray]:
+    """Bootstrap resamples of n items as integer weights (how often each item is drawn).
+
+    With `clusters` (a video per frame), whole clusters are drawn: the frames of one video
+    are not independent evidence, and drawing them one by one would give intervals far too
+    narrow. Endless: the caller takes what it needs.
     """
-    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
-    if not _both_classes(labels):
-        return math.nan, math.nan
-    names, cluster = np.unique(np.arange(len(labels)) if clusters is None
-                               else np.asarray(clusters), return_inverse=True)
-    rng, aucs = np.random.default_rng(seed), []
-    while len(aucs) < n_resamples:
-        weights = np.bincount(rng.integers(0, len(names), len(names)),
-                              minlength=len(names))[cluster]
-        if _both_classes(labels[weights > 0]):
-            aucs.append(skm.roc_auc_score(labels, scores, sample_weight=weights))
+    names, cluster = np.unique(np.arange(n) if clusters is None else np.asarray(clusters),
+                               return_inverse=True)
+    rng = np.random.default_rng(seed)
+    while True:
+        yield np.bincount(rng.integers(0, len(names), len(names)),
+                          minlength=len(names))[cluster]
+
+
+def percentile_interval(values: Sequence[float], level: float = LEVEL) -> list[float]:
+    """[low, high]: the central `level` of bootstrap values ([nan, nan] when none)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return [math.nan, math.nan]
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(aucs, [tail, 100 - tail])
-    return float(low), float(high)
+    return [float(v) for v in np.percentile(values, [tail, 100 - tail])]
+
+
+def binary_intervals(labels, scores, threshold: float = 0.5, clusters=None,
+                     n_resamples: int = 1000) -> dict[str, list[float]]:
+    """95% percentile-bootstrap intervals of accuracy, AUC, AP and EER (clustered by video
+    when `clusters` is given); resamples that lack a class are drawn again."""
+    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
+    keys = ("accuracy", "auc", "ap", "eer")
+    if not _both_classes(labels):
+        return {k: [math.nan, math.nan] for k in keys}
+    correct = ((scores >= threshold).astype(int) == labels).astype(float)
+    drawn: dict[str, list[float]] = {k: [] for k in keys}
+    for weights in resamples(len(labels), clusters, n_resamples):
+        if not _both_classes(labels[weights > 0]):
+            continue
+        fpr, tpr, _ = skm.roc_curve(labels, scores, sample_weight=weights)
+        i = int(np.nanargmin(np.abs(fpr - (1 - tpr))))
+        drawn["accuracy"].append(float(np.average(correct, weights=weights)))
+        drawn["auc"].append(float(skm.auc(fpr, tpr)))
+        drawn["ap"].append(float(skm.average_precision_score(labels, scores,
+                                                             sample_weight=weights)))
+        drawn["eer"].append(float((fpr[i] + 1 - tpr[i]) / 2))
+        if len(drawn["auc"]) == n_resamples:
+            break
+    return {k: percentile_interval(v) for k, v in drawn.items()}
+
+
+def with_intervals(metrics: dict, labels, scores, clusters=None, n_resamples: int = 1000
+                   ) -> dict:
+    """binary_metrics' result with `ci`: the intervals of its accuracy, AUC, AP and EER."""
+    return {**metrics, "ci": binary_intervals(labels, scores, metrics["threshold"], clusters,
+                                              n_resamples)}
+
+
+def mean_intervals(values: np.ndarray, baseline: np.ndarray | None = None, clusters=None,
+                   n_resamples: int = 1000) -> dict[str, list[float]]:
+    """Intervals of the mean of per-item values (a hit, a deletion AUC), and with a paired
+    baseline (the same items under random maps) of the baseline's mean and of the mean
+    difference: `difference` excludes 0 when the two really differ."""
+    values = np.asarray(values, dtype=float)
+    if not len(values):
+        return {}
+    drawn: dict[str, list[float]] = {"mean": [], "baseline": [], "difference": []}
+    for weights, _ in zip(resamples(len(values), clusters), range(n_resamples), strict=False):
+        drawn["mean"].append(float(np.average(values, weights=weights)))
+        if baseline is not None:
+            drawn["baseline"].append(float(np.average(baseline, weights=weights)))
+            drawn["difference"].append(drawn["mean"][-1] - drawn["baseline"][-1])
+    return {k: percentile_interval(v) for k, v in drawn.items() if v}
+
+
+def bootstrap_auc(labels, scores, clusters=None, n_resamples: int = 1000) -> list[float]:
+    """The 95% bootstrap interval of the ROC-AUC (clustered by video when given)."""
+    return binary_intervals(labels, scores, 0.5, clusters, n_resamples)["auc"]
+
+
+def shown(value: float, interval: Sequence[float] | None, digits: int = 3) -> str:
+    """A number with its interval, as every printed summary shows it: `0.563 [0.41, 0.71]`."""
+    if interval is None or any(math.isnan(v) for v in interval):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+NAMES = {"auc": "AUC", "ap": "AP", "eer": "EER", "accuracy": "accuracy"}
+
+
+def metrics_line(metrics: dict, keys: Sequence[str] = ("auc", "ap", "eer", "accuracy")) -> str:
+    """`AUC 0.563 [0.41, 0.71]  AP ...`: binary_metrics' numbers with their intervals."""
+    intervals = metrics.get("ci") or {}
+    return "  ".join(f"{NAMES[k]} {shown(metrics[k], intervals.get(k))}" for k in keys
+                     if metrics.get(k) is not None)

@@ -127,6 +127,13 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device, non_blocking=True)
 
 
+def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model in eval mode on `device`, in channels-last layout. Call it outside
+    torch.inference_mode: weights converted inside it become inference tensors, which
+    Grad-CAM (it needs a graph) can no longer use."""
+    return model.eval().to(device, memory_format=torch.channels_last)
+
+
 def forward(model: nn.Module, images: torch.Tensor, device: torch.device | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The one forward pass of training, validation, predict, evaluate and Grad-CAM: a batch

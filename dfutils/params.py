@@ -28,7 +28,7 @@ from dfutils.paths import is_plain_name, resolve
 # The options with a fixed set of values: the dataclasses, the modules that act on them and
 # the command line's `choices` all use these.
 Trainable = Literal["fc", "layer4", "all"]
-CamLayer = Literal["layer4", "layer3", "layer2"]
+CamLayer = Literal["auto", "layer4", "layer3", "layer2"]
 CamTarget = Literal["predicted", "fake", "real"]
 Selection = Literal["mixed", "random"]
 ThresholdRule = Literal["0.5", "eer"]
@@ -333,6 +333,8 @@ class TrainParams(Params):
                              'sbi_loss with fakes="sbi", else val_loss')
     arch: str = param(archs.DEFAULT, "the network, as torchvision names it (an entry of "
                       "dfutils.archs)")
+    n_bootstrap: int = param(1000, "resamples of the 95% bootstrap intervals in metrics.json "
+                             "(whole videos when frames belong to clips)")
 
     @property
     def augmented(self) -> bool:
@@ -359,6 +361,8 @@ class TrainParams(Params):
                 raise ParameterError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.image_size < 32:
             raise ParameterError(f"image_size must be at least 32 px, got {self.image_size}")
+        if self.n_bootstrap < 1:
+            raise ParameterError(f"n_bootstrap must be at least 1, got {self.n_bootstrap}")
         if self.patience < 0 or self.num_workers < 0 or self.min_delta < 0:
             raise ParameterError("patience, num_workers and min_delta must not be negative")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -409,12 +413,15 @@ class GradCamParams(Params):
     batch_size: int = param(16, "images per Grad-CAM batch")
     n_eval: int = param(128, "validation images scored for deletion and localization, and "
                         "validation reals whose self-blends are scored for localization")
-    layer: CamLayer = param("layer4", "explained layer (its last block); layer4 is the "
-                            "original recipe's")
+    layer: CamLayer = param("auto", "explained layer (its last block); auto: the deepest whose "
+                            "grid is at least 6 x 6 at the run's image size")
+    n_bootstrap: int = param(1000, "resamples of the 95% bootstrap intervals of the pointing "
+                             "game and the deletion AUC")
 
     def check(self) -> None:
-        if min(self.n_images, self.batch_size, self.n_eval) < 1:
-            raise ParameterError("n_images, batch_size and n_eval must be at least 1")
+        if min(self.n_images, self.batch_size, self.n_eval, self.n_bootstrap) < 1:
+            raise ParameterError("n_images, batch_size, n_eval and n_bootstrap must be at "
+                                 "least 1")
         if not 0.0 <= self.alpha <= 1.0:
             raise ParameterError(f"alpha must be between 0 and 1, got {self.alpha}")
 
@@ -436,13 +443,15 @@ class EvalParams(Params):
                              "that split of the split in eval_dir")
     faces: bool = param(True, "when the run was trained on face crops, crop eval_dir's photos "
                         "and clips the same way first")
+    n_bootstrap: int = param(1000, "resamples of the 95% bootstrap intervals of the metrics "
+                             "(whole videos when images belong to clips)")
 
     def check(self) -> None:
         if not self.eval_dir:
             raise ParameterError("eval_dir is required: a folder with real/ and fake/ inside, "
                                  "or a split (with split=val or test)")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ParameterError("batch_size must be >= 1 and num_workers >= 0")
+        if self.batch_size < 1 or self.num_workers < 0 or self.n_bootstrap < 1:
+            raise ParameterError("batch_size and n_bootstrap must be >= 1 and num_workers >= 0")
         if self.name and not is_plain_name(self.name):
             raise ParameterError(f"name must be a plain name (letters, digits, '.', '_', '-'), "
                                  f"got {self.name!r}: it becomes a folder under run_dir/eval/")
@@ -461,7 +470,6 @@ class BenchmarkParams(Params):
     batch_size: int = param(32, "images per forward pass")
     num_workers: int = param(2, "image-loading processes (0: load in this process)")
     n_bootstrap: int = param(1000, "resamples of each AUC's 95% bootstrap interval")
-    seed: int = param(0, "seeds the bootstrap")
 
     def check(self) -> None:
         if not self.test_sets:
@@ -485,7 +493,8 @@ class PredictParams(Params):
                             "(path, frame, p_fake, box) to this CSV", path=True)
     faces: bool = param(True, "when the run was trained on face crops, crop the inputs the "
                         "same way first")
-    layer: CamLayer = param("layer4", "the Grad-CAM layer of the overlays")
+    layer: CamLayer = param("auto", "the Grad-CAM layer of the overlays (auto: as 03-gradcam "
+                            "chooses it)")
     batch_size: int = param(32, "images per forward pass")
     num_workers: int = param(2, "image-loading processes (0: load in this process)")
 

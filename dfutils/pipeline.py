@@ -101,7 +101,8 @@ def step_metrics(step: str, params: Mapping[str, Any]) -> dict | None:
         name = report_name(EvalParams.from_mapping(params))
         report = _read_json(files.eval_folder(run_dir, name) / files.EVAL_REPORT)
         return report and {"name": name, **{k: report["metrics"][k] for k in (
-            "accuracy", "auc", "ap", "eer")}, "ece": report["calibration"]["ece"]}
+            "accuracy", "auc", "ap", "eer")}, "ci": report["metrics"].get("ci"),
+            "ece": report["calibration"]["ece"]}
     if step == "05-benchmark":
         report = _read_json(run_dir / files.BENCHMARK_JSON)
         return report and {"video_auc": report["headline"]}
@@ -378,21 +379,71 @@ def summarise(run_dir: Path) -> dict:
     train = (current.get("02-train") or {}).get("metrics") or {}
     cam = (current.get("03-gradcam") or {}).get("metrics") or {}
     on_blends = (cam.get("self_blends") or {}).get("localization") or {}
-    summary = {
-        "val_auc": train.get("auc"),
-        "val_video_auc": (train.get("video") or {}).get("auc"),
-        "val_accuracy": train.get("accuracy"),
+    deletion = cam.get("deletion") or {}
+    located = cam.get("localization") or {}
+    sbi = train.get("sbi") or {}
+    video = train.get("video") or {}
+
+    def ci(metrics: dict, key: str) -> list | None:
+        return (metrics.get("ci") or {}).get(key)
+
+    summary = {  # each headline with its 95% bootstrap interval (`_ci`) where it has one
+        "val_auc": train.get("auc"), "val_auc_ci": ci(train, "auc"),
+        "val_video_auc": video.get("auc"), "val_video_auc_ci": ci(video, "auc"),
+        "val_accuracy": train.get("accuracy"), "val_accuracy_ci": ci(train, "accuracy"),
         "best_epoch": train.get("best_epoch"),
-        "deletion_auc_cam": (cam.get("deletion") or {}).get("auc_cam"),
-        "deletion_auc_random": (cam.get("deletion") or {}).get("auc_random"),
-        "pointing_cam": (cam.get("localization") or {}).get("pointing_cam"),
-        "pointing_random": (cam.get("localization") or {}).get("pointing_random"),
-        "sbi_auc": (train.get("sbi") or {}).get("auc"),
+        "cam_layer": cam.get("layer"),
+        "deletion_auc_cam": deletion.get("auc_cam"),
+        "deletion_auc_cam_ci": ci(deletion, "auc_cam"),
+        "deletion_auc_random": deletion.get("auc_random"),
+        "deletion_auc_random_ci": ci(deletion, "auc_random"),
+        "pointing_cam": located.get("pointing_cam"),
+        "pointing_cam_ci": ci(located, "pointing_cam"),
+        "pointing_random": located.get("pointing_random"),
+        "pointing_random_ci": ci(located, "pointing_random"),
+        "sbi_auc": sbi.get("auc"), "sbi_auc_ci": ci(sbi, "auc"),
         "self_blend_pointing_cam": on_blends.get("pointing_cam"),
+        "self_blend_pointing_cam_ci": ci(on_blends, "pointing_cam"),
         "self_blend_pointing_random": on_blends.get("pointing_random"),
+        "self_blend_pointing_random_ci": ci(on_blends, "pointing_random"),
         "test_video_auc": ((current.get("05-benchmark") or {}).get("metrics") or {}).get(
             "video_auc"),
         "seconds": round(sum(s.get("seconds", 0) for s in current.values()), 1),
     }
     write_run(run_dir, {**record, "summary": summary})
     return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """A run's headline numbers in words, each with its 95% interval: what `make run-all`
+    prints at the end."""
+    from dfutils.metrics import shown
+
+    def pair(name: str, key: str) -> str:
+        return (f"{name} CAM {shown(summary[key + '_cam'], summary.get(key + '_cam_ci'))} vs "
+                f"random {shown(summary[key + '_random'], summary.get(key + '_random_ci'))}")
+
+    lines = []
+    if summary.get("val_auc") is not None:
+        lines.append(f"validation (epoch {summary['best_epoch']}): AUC "
+                     f"{shown(summary['val_auc'], summary.get('val_auc_ci'))}, accuracy "
+                     f"{shown(summary['val_accuracy'], summary.get('val_accuracy_ci'))}")
+    if summary.get("val_video_auc") is not None:
+        lines.append(f"validation videos: AUC "
+                     f"{shown(summary['val_video_auc'], summary.get('val_video_auc_ci'))}")
+    if summary.get("sbi_auc") is not None:
+        lines.append(f"validation self-blends: AUC "
+                     f"{shown(summary['sbi_auc'], summary.get('sbi_auc_ci'))}")
+    checks = [pair("deletion AUC (lower is better):", "deletion_auc")
+              if summary.get("deletion_auc_cam") is not None else "",
+              pair("pointing game:", "pointing") if summary.get("pointing_cam") is not None
+              else "",
+              pair("pointing on self-blends:", "self_blend_pointing")
+              if summary.get("self_blend_pointing_cam") is not None else ""]
+    if any(checks):
+        lines.append(f"Grad-CAM on {summary.get('cam_layer')}: "
+                     + "; ".join(c for c in checks if c))
+    for name, auc in (summary.get("test_video_auc") or {}).items():
+        lines.append(f"test set {name}: video AUC {shown(auc, None)} (benchmark.csv has the "
+                     "intervals)")
+    return lines

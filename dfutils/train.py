@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from dfutils import archs, distributed, files
 from dfutils.data import make_loader
-from dfutils.metrics import binary_metrics, choose_threshold, grouped, video_metrics
+from dfutils.metrics import (
+    binary_metrics,
+    by_group,
+    choose_threshold,
+    grouped,
+    video_metrics,
+    with_intervals,
+)
 from dfutils.model import (
     forward,
     load_checkpoint,
@@ -72,6 +79,7 @@ class FitResult:
     metrics: dict = field(default_factory=dict)  # validation metrics of the best epoch
     threshold: float = 0.5
     best_eval: Evaluation | None = None
+    best_blends: Evaluation | None = None  # the self-blends of the kept epoch (fakes="sbi")
     interrupted: bool = False
 
 
@@ -380,6 +388,7 @@ def train_loop(learner: Learner, train_loader: DataLoader, val_loader: DataLoade
             if improved:
                 best_state = learner.kept_state()
                 result.best_epoch, result.threshold, result.best_eval = epoch, threshold, val
+                result.best_blends = blends
                 result.metrics = {**metrics, "val_loss": val.loss, "best_epoch": epoch,
                                   "threshold_rule": params.threshold,
                                   "monitor": params.monitored}
@@ -456,10 +465,8 @@ def save_last(outputs: Outputs, epoch: int, learner: Learner, stopper: EarlyStop
         "learner": learner.state_dict(),
         "stopper": {"best": stopper.best, "bad_epochs": stopper.bad_epochs},
         "history": jsonable(result.history), "best_epoch": result.best_epoch,
-        "best_eval": None if best is None else {
-            "loss": best.loss, "labels": torch.from_numpy(best.labels.astype(np.int64)),
-            "scores": torch.from_numpy(np.asarray(best.scores, dtype=np.float64)),
-            "indices": torch.from_numpy(best.indices.astype(np.int64))},
+        "best_eval": _evaluation_state(best),
+        "best_blends": _evaluation_state(result.best_blends),
         "rng": _rng_state(),
     }
     save_checkpoint(outputs.last, learner.model, params=params.to_dict(),
@@ -494,10 +501,8 @@ def restore(outputs: Outputs, learner: Learner, stopper: EarlyStopping, result: 
                                         training["stopper"]["bad_epochs"])
     result.history, result.best_epoch = training["history"], training["best_epoch"]
     result.threshold, result.metrics = state["threshold"], state["metrics"]
-    best = training["best_eval"]
-    if best is not None:
-        result.best_eval = Evaluation(best["loss"], best["labels"].numpy(),
-                                      best["scores"].numpy(), best["indices"].numpy())
+    result.best_eval = _evaluation_from(training["best_eval"])
+    result.best_blends = _evaluation_from(training.get("best_blends"))
     best_state = (load_checkpoint(outputs.checkpoint).model.state_dict()
                   if outputs.checkpoint is not None and result.best_epoch else None)
     if train_loader.num_workers > 0:
@@ -511,18 +516,55 @@ def restore(outputs: Outputs, learner: Learner, stopper: EarlyStopping, result: 
     return state["epoch"] + 1, best_state
 
 
+def _evaluation_state(evaluation: Evaluation | None) -> dict | None:
+    """An Evaluation as tensors, for last.pt."""
+    if evaluation is None:
+        return None
+    return {"loss": evaluation.loss,
+            "labels": torch.from_numpy(evaluation.labels.astype(np.int64)),
+            "scores": torch.from_numpy(np.asarray(evaluation.scores, dtype=np.float64)),
+            "indices": torch.from_numpy(evaluation.indices.astype(np.int64))}
+
+
+def _evaluation_from(state: dict | None) -> Evaluation | None:
+    if state is None:
+        return None
+    return Evaluation(state["loss"], state["labels"].numpy(), state["scores"].numpy(),
+                      state["indices"].numpy())
+
+
+def metrics_with_intervals(result: FitResult, videos: list[str], n_resamples: int) -> dict:
+    """The kept epoch's metrics with 95% bootstrap intervals (`ci`): frame-level resampling
+    whole videos when frames belong to clips, video-level resampling videos, and the
+    self-blends'."""
+    best, m = result.best_eval, dict(result.metrics)
+    clusters = videos if grouped(videos) else None
+    m = with_intervals(m, best.labels, best.scores, clusters, n_resamples)
+    if "video" in m:
+        _, label, mean = by_group(videos, best.labels, best.scores)
+        m["video"] = with_intervals(m["video"], label, mean, None, n_resamples)
+    if "sbi" in m and result.best_blends is not None:
+        m["sbi"] = with_intervals(m["sbi"], result.best_blends.labels,
+                                  result.best_blends.scores, None, n_resamples)
+    return m
+
+
 def save_outputs(run_dir: str | os.PathLike, result: FitResult, val_samples: list,
-                 data_dir: str | os.PathLike) -> dict:
-    """history.csv, metrics.json, val_predictions.csv and the figures; returns the figures."""
+                 data_dir: str | os.PathLike, n_resamples: int = 1000) -> dict:
+    """history.csv, metrics.json (with intervals), val_predictions.csv and the figures;
+    returns the figures."""
     from dfutils import viz
 
     if not result.history or result.best_eval is None:
         raise RuntimeError("training stopped before the first epoch finished; nothing to save")
     out, data_dir = resolve(run_dir), resolve(data_dir)
     write_csv(out / files.HISTORY, result.history)
+    best = result.best_eval
+    result.metrics = metrics_with_intervals(result, [val_samples[i].video for i in best.indices],
+                                            n_resamples)
     write_json(out / files.METRICS, {**result.metrics, "interrupted": result.interrupted,
                                      "epochs_run": len(result.history)})
-    best, m = result.best_eval, result.metrics
+    m = result.metrics
     write_csv(out / files.PREDICTIONS,
               [{"path": val_samples[i].path.relative_to(data_dir).as_posix(),
                 "label": int(label), "p_fake": float(score), "group": val_samples[i].group,
@@ -583,7 +625,8 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
         result.metrics["self_blend_faces"] = found
     figures = {}
     if rank == 0:
-        figures = save_outputs(out, result, loader.dataset.samples, params.data_dir)
+        figures = save_outputs(out, result, loader.dataset.samples, params.data_dir,
+                               params.n_bootstrap)
         if blends_loader is not None:
             figures[files.SELF_BLENDS] = sbi.plot_examples(blends_loader.dataset)
             viz.save_figure(figures[files.SELF_BLENDS], out / files.SELF_BLENDS)

@@ -134,6 +134,8 @@ def test_deletion_puts_cam_ahead_of_random_when_the_evidence_is_known():
                            grid=result.grid)
     assert score["auc_cam"] < score["auc_random"]
     assert score["cam"][0] == score["random"][0]  # nothing removed: same start
+    low, high = score["ci"]["auc_cam"]
+    assert low <= score["auc_cam"] <= high and score["ci"]["difference"][1] < 0
 
 
 def test_localization_scores_a_map_inside_the_mask_above_random():
@@ -144,6 +146,27 @@ def test_localization_scores_a_map_inside_the_mask_above_random():
     result = localization([cam] * 5, [mask] * 5, n_random=20, grid=(4, 4))
     assert result["pointing_cam"] == 1.0 and result["iou_cam"] == pytest.approx(64 / 144)
     assert result["pointing_random"] < 0.6 and result["iou_random"] < result["iou_cam"]
+    assert result["ci"]["pointing_cam"] == [1.0, 1.0] and result["ci"]["difference"][0] > 0
+
+
+def test_grad_cam_of_any_layer_works_after_scoring_under_inference_mode(tmp_path):
+    """Scoring converts the weights to channels-last; done under inference_mode, they would
+    become inference tensors and every layer explained below layer4 would fail."""
+    from dfutils.gradcam import explain
+    from dfutils.inference import score_files
+    from dfutils.model import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "a.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
+                    ).save(path)
+    save_checkpoint(tmp_path / "model.pt", build_model(None, "all").eval(),
+                    params={"image_size": 64, "trainable": "all"}, threshold=0.5,
+                    threshold_rule="0.5", metrics={}, epoch=1)
+    checkpoint = load_checkpoint(tmp_path / "model.pt")
+    score_files(checkpoint.model, [path], 64)
+    for layer in ("layer2", "layer3", "auto"):
+        _, cams = explain(checkpoint, [path], "fake", layer=layer)
+        assert cams.maps.shape == (1, 64, 64) and np.isfinite(cams.maps).all()
 
 
 @pytest.mark.parametrize("mode", ["mixed", "random"])

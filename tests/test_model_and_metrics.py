@@ -181,3 +181,60 @@ def test_model_pt_and_last_pt_are_one_format_and_resume_needs_the_training_state
         read_checkpoint(tmp_path / "model.pt", resume=True)
     with pytest.raises(CheckpointError, match="nothing to resume: .*gone.pt not found"):
         read_checkpoint(tmp_path / "gone.pt", resume=True)
+
+
+def _ranked_scores(n: int, separation: float, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1], n // 2)
+    return labels, rng.normal(0, 1, n) + separation * labels
+
+
+def test_a_bootstrap_interval_covers_its_estimate_and_widens_as_the_sample_shrinks():
+    from dfutils.metrics import binary_intervals
+
+    labels, scores = _ranked_scores(400, 1.0)
+    big = binary_intervals(labels, scores, 0.5, n_resamples=300)
+    small = binary_intervals(labels[::8], scores[::8], 0.5, n_resamples=300)  # 50 of them
+    point = binary_metrics(labels, scores)
+    for key in ("auc", "ap", "eer", "accuracy"):
+        assert big[key][0] <= point[key] <= big[key][1], key
+        assert small[key][1] - small[key][0] > 1.5 * (big[key][1] - big[key][0]), key
+
+
+def test_the_bootstrap_resamples_whole_clips_and_repeats_itself():
+    from dfutils.metrics import binary_intervals, mean_intervals
+
+    # 20 clips of 10 identical frames: resampling frames would act as if there were 200
+    # independent images, and give an interval about sqrt(10) times too narrow
+    labels, scores = _ranked_scores(20, 0.8)
+    frames_l, frames_s, clips = np.repeat(labels, 10), np.repeat(scores, 10), np.repeat(
+        np.arange(20), 10)
+    by_clip = binary_intervals(frames_l, frames_s, 0.5, clips, 300)["auc"]
+    by_frame = binary_intervals(frames_l, frames_s, 0.5, None, 300)["auc"]
+    one_per_clip = binary_intervals(labels, scores, 0.5, None, 300)["auc"]
+    assert by_clip[1] - by_clip[0] > 2 * (by_frame[1] - by_frame[0])
+    assert by_clip == pytest.approx(one_per_clip, abs=0.05)
+    assert binary_intervals(frames_l, frames_s, 0.5, clips, 300) == binary_intervals(
+        frames_l, frames_s, 0.5, clips, 300)  # a fixed seed
+    hits, baseline = np.r_[np.ones(30), np.zeros(10)], np.full(40, 0.1)
+    ci = mean_intervals(hits, baseline, n_resamples=300)
+    assert ci["mean"][0] <= 0.75 <= ci["mean"][1] and ci["difference"][0] > 0
+
+
+@pytest.mark.parametrize("size,layer", [(64, "layer2"), (96, "layer3"), (128, "layer3"),
+                                        (160, "layer3"), (224, "layer4"), (380, "layer4"),
+                                        (32, "layer2")])
+def test_the_auto_layer_is_the_deepest_with_a_grid_of_at_least_six(size, layer):
+    from dfutils import archs
+
+    entry = archs.get("resnet18")
+    assert entry.layer_for("auto", (size, size)) == layer
+    assert entry.layer_for("layer3", (size, size)) == "layer3"  # an explicit choice stays
+    model = entry.new().eval()
+    grids = {}
+    for name, (path, _) in entry.cam_layers.items():
+        model.get_submodule(path).register_forward_hook(
+            lambda m, i, o, name=name: grids.__setitem__(name, tuple(o.shape[-2:])))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    assert all(grids[name] == entry.grid((size, size), name) for name in grids)  # the real grid

@@ -165,6 +165,14 @@ def test_the_demo_gives_what_the_readme_says(tmp_path):
     assert 1 <= summary["best_epoch"] <= 16
     for key in ("deletion_auc_cam", "deletion_auc_random", "pointing_cam", "pointing_random"):
         assert 0 <= summary[key] <= 1
+        assert summary[f"{key}_ci"][0] <= summary[key] <= summary[f"{key}_ci"][1]
+    # The explanation points at the blends: Grad-CAM against random maps, on the paired
+    # difference's interval (docs/demo.md: the same for three seeds)
+    cam = json.loads((run / "gradcam" / "cam_metrics.json").read_text())
+    assert cam["layer"] == "layer3"  # auto at 96 px
+    assert cam["localization"]["ci"]["difference"][0] > 0
+    assert summary["pointing_cam"] >= 2 * summary["pointing_random"]
+    assert cam["deletion"]["ci"]["difference"][1] < 0
 
 
 def test_summarise_counts_only_the_steps_that_are_done_and_current(tmp_path):
