@@ -475,9 +475,11 @@ def check_lines(metrics: dict) -> list[str]:
     def verdict(difference: list | None, better_below: bool) -> str:
         if not difference or any(np.isnan(difference)):
             return ""
-        low, high = difference
-        if (high < 0) if better_below else (low > 0):
+        low, high = difference if better_below else (-difference[1], -difference[0])
+        if high < 0:
             return "; better than random maps (the difference's interval excludes 0)"
+        if low > 0:
+            return "; worse than random maps (the difference's interval excludes 0)"
         return "; not distinguishable from random maps (the difference's interval holds 0)"
 
     deletion = metrics["deletion"]

@@ -177,3 +177,21 @@ def test_selection(mode):
     assert len(set(chosen)) == 4
     if mode == "mixed":  # confident right fake, wrong fake, right real, wrong real
         assert chosen == [0, 2, 3, 5]
+
+
+@pytest.mark.parametrize("difference,said", [([0.1, 0.3], "better"), ([-0.3, -0.1], "worse"),
+                                             ([-0.1, 0.2], "not distinguishable")])
+def test_the_verdict_on_random_maps_follows_the_paired_difference(difference, said):
+    from dfutils.gradcam import check_lines
+
+    located = {"n": 8, "pointing_cam": 0.5, "pointing_random": 0.3,
+               "ci": {"pointing_cam": [0.4, 0.6], "pointing_random": [0.2, 0.4],
+                      "difference": difference}}
+    deletion = {"auc_cam": 0.5, "auc_random": 0.6,
+                "ci": {"auc_cam": [0.4, 0.6], "auc_random": [0.5, 0.7],
+                       "difference": [-d for d in difference[::-1]]}}  # lower is better
+    lines = check_lines({"deletion": deletion, "localization": located,
+                         "self_blends": {"localization": {"n": 0}}})
+    assert f"; {said} than random maps" in lines[0] or f"; {said} from random" in lines[0]
+    assert f"; {said} than random maps" in lines[1] or f"; {said} from random" in lines[1]
+    assert lines[2] == ""
