@@ -359,6 +359,10 @@ def run_all(run: str | None = None, params_file: str | None = None,
             s in steps for s in ("03-gradcam", *ASKED_BY)):
         raise ChainError(f"{run_dir / files.MODEL} not found: RUN=<name> must name a trained "
                          "run in runs/ (or add 02-train to STEPS)")
+    for folder in (per_step.get("05-benchmark") or {}).get("test_sets", []):
+        if not (resolve(folder) / files.MANIFEST).is_file():
+            raise ChainError(f"TEST_SETS: {resolve(folder)} holds no {files.MANIFEST}: name split "
+                             "folders made by `make split` (docs/datasets.md)")
     aside = None if resume else make_room(run_dir, steps, overwrite or replace_run)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(run_dir)

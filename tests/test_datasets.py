@@ -367,5 +367,14 @@ def test_make_benchmark_needs_a_trained_run_and_names_it(tmp_path):
         pipeline.run_all("untrained", overrides={"test_sets": str(tmp_path)},
                          steps=["05-benchmark"], runs_root=tmp_path / "runs", replace_run=True)
     assert not (tmp_path / "runs" / "untrained").exists()
+    trained = tmp_path / "runs" / "trained"
+    save_checkpoint(trained / files.MODEL, build_model(None, "all").eval(),
+                    params={"image_size": 32, "trainable": "all"}, threshold=0.5,
+                    threshold_rule="0.5", metrics={}, epoch=1)
+    (trained / files.RUN_RECORD).write_text("{}")
+    with pytest.raises(pipeline.ChainError, match="nowhere holds no manifest.csv: name split"):
+        pipeline.run_all("trained", overrides={"test_sets": str(tmp_path / "nowhere")},
+                         steps=["05-benchmark"], runs_root=tmp_path / "runs", replace_run=True)
+    assert sorted(p.name for p in trained.iterdir()) == [files.MODEL, files.RUN_RECORD]
     assert pipeline.choose_steps(None, None, {"test_sets": "x"}, faces=False)[-1] == \
         "05-benchmark"
