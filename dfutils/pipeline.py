@@ -359,8 +359,9 @@ def run_all(run: str | None = None, params_file: str | None = None,
             s in steps for s in ("03-gradcam", *ASKED_BY)):
         raise ChainError(f"{run_dir / files.MODEL} not found: RUN=<name> must name a trained "
                          "run in runs/ (or add 02-train to STEPS)")
+    made = resolve(per_step["01-split"]["data_dir"]) if "01-split" in per_step else None
     for folder in (per_step.get("05-benchmark") or {}).get("test_sets", []):
-        if not (resolve(folder) / files.MANIFEST).is_file():
+        if resolve(folder) != made and not (resolve(folder) / files.MANIFEST).is_file():
             raise ChainError(f"TEST_SETS: {resolve(folder)} holds no {files.MANIFEST}: name split "
                              "folders made by `make split` (docs/datasets.md)")
     aside = None if resume else make_room(run_dir, steps, overwrite or replace_run)
