@@ -273,32 +273,41 @@ print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHW
 """
 
 
-def memory(root: Path, sizes: tuple[int, int]) -> dict:
-    """Peak RSS (MiB) of one training epoch at two data-set sizes, the larger made by links.
-
-    Links of one file are one content, which the split would fold together; the manifest
-    is written directly instead, listing every link as its own image.
-    """
-    base = sorted(jpeg_folder(root / "base", sizes[0] // 2).rglob("*.jpg"))
+def peak_rss_of_linked_sets(root: Path, sizes: tuple[int, int], base: list[Path], child: str,
+                            row, *args: str) -> dict:
+    """Peak RSS (MiB, VmHWM) of `child` run in a fresh process on each of two folders of n
+    links to `base` files, whose manifest lists every link as its own image (links of one
+    file are one content, which the split would fold together); `row(i, src)` gives the
+    manifest row of link i beyond its path; `args` are the child's further arguments, with
+    {n} replaced by the folder's size."""
     out = {}
     for n in sizes:
         folder = root / f"set_{n}"
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)
         rows = []
         for i in range(n):
             src = base[i % len(base)]
             dest = folder / f"{i:06d}.jpg"
             _link(src, dest)
-            rows.append({"path": dest.name, "label": src.parent.name,
-                         "split": "val" if i % 5 == 0 else "train", "mask": ""})
+            rows.append({"path": dest.name, **row(i, src)})
         with open(folder / "manifest.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(folder)],
+        done = subprocess.run([sys.executable, "-c", child, str(folder),
+                               *(a.format(n=n) for a in args)],
                               capture_output=True, text=True, check=True)
         out[n] = int(done.stdout.strip().splitlines()[-1]) / 1024  # kB
     return out
+
+
+def memory(root: Path, sizes: tuple[int, int]) -> dict:
+    """Peak RSS (MiB) of one training epoch at two data-set sizes, the larger made by links."""
+    base = sorted(jpeg_folder(root / "base", sizes[0] // 2).rglob("*.jpg"))
+    return peak_rss_of_linked_sets(
+        root, sizes, base, MEMORY_CHILD,
+        lambda i, src: {"label": src.parent.name, "split": "val" if i % 5 == 0 else "train",
+                        "mask": ""})
 
 
 BENCHMARK_CHILD = """
@@ -320,29 +329,18 @@ def benchmark_memory(root: Path, sizes: tuple[int, int]) -> dict:
     """Peak RSS (MiB) of 05-benchmark's scoring at two test-set sizes (8 frames per clip,
     the larger made by links), each in a fresh process."""
     base = sorted(jpeg_folder(root / "base", 100).rglob("*.jpg"))
-    out = {}
-    for n in sizes:
-        folder = root / f"test_{n}"
-        folder.mkdir()
-        rows = []
-        for i in range(n):
-            src = base[i % len(base)]
-            dest = folder / f"{i:06d}.jpg"
-            _link(src, dest)
-            label = src.parent.name if i // 8 % 2 == 0 else ("real" if src.parent.name ==
-                                                            "fake" else "fake")
-            rows.append({"path": dest.name, "label": label, "split": "test", "mask": "",
-                         "video": f"clip{i // 8}" if label == "real" else f"fakeclip{i // 8}"})
-        with open(folder / "manifest.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        (folder / "split_report.json").write_text('{"faces": null, "faceless": []}')
-        done = subprocess.run([sys.executable, "-c", BENCHMARK_CHILD, str(folder),
-                               str(root / f"run_{n}")], capture_output=True, text=True,
-                              check=True)
-        out[n] = int(done.stdout.strip().splitlines()[-1]) / 1024  # kB
-    return out
+
+    def row(i: int, src: Path) -> dict:
+        flip = {"real": "fake", "fake": "real"}
+        label = src.parent.name if i // 8 % 2 == 0 else flip[src.parent.name]
+        return {"label": label, "split": "test", "mask": "",
+                "video": f"clip{i // 8}" if label == "real" else f"fakeclip{i // 8}"}
+
+    for n in sizes:  # the child reads the split's report beside its manifest
+        (root / f"set_{n}").mkdir()
+        (root / f"set_{n}" / "split_report.json").write_text('{"faces": null, "faceless": []}')
+    return peak_rss_of_linked_sets(root, sizes, base, BENCHMARK_CHILD, row,
+                                   str(root / "run_{n}"))
 
 
 def main() -> None:
