@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         "do not stop the batch; the exit status is non-zero only if no file could be scored.")
     predict.add_argument("--run", required=True, help="run folder holding model.pt")
     _option(predict, PredictParams, "paths", "paths", nargs="+", metavar="PATH")
-    for name in ("out", "cam_dir", "frames_out", "layer", "batch_size", "num_workers"):
+    for name in ("out", "cam_dir", "frames_out", "layer", "batch_size", "num_workers", "amp"):
         _option(predict, PredictParams, name)
     predict.add_argument("--no-faces", action="store_true",
                          help="score the files as they are, even when the run was trained "
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run", required=True, help="run folder holding model.pt")
     evaluate.add_argument("--data", required=True, help="folder with real/ and fake/ inside; "
                           "with --split, a split made by 01-split")
-    for name in ("name", "split", "batch_size", "num_workers"):
+    for name in ("name", "split", "batch_size", "num_workers", "amp"):
         _option(evaluate, EvalParams, name)
     evaluate.add_argument("--no-faces", action="store_true",
                           help="score the images as they are, even when the run was trained "

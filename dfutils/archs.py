@@ -12,7 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
-from torchvision.models import ResNet18_Weights, WeightsEnum, resnet18
+from torchvision.models import (
+    EfficientNet_B4_Weights,
+    ResNet18_Weights,
+    ResNet50_Weights,
+    WeightsEnum,
+    efficientnet_b4,
+    resnet18,
+    resnet50,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,35 +39,53 @@ class Arch:
 
     name: str  # as torchvision names it
     build: Callable[[], nn.Module]  # randomly initialised, with its original classifier
-    imagenet: WeightsEnum  # torchvision's ImageNet weights: file name, URL, hash, loader
-    head: str  # the classifier's module path: replaced by a one-logit linear layer
-    # `trainable` value -> the top-level children that train (None: all of them)
+    # torchvision's ImageNet weights (file name, URL, hash, loader); None: none known, a
+    # state-dict file is the only pretrained start
+    imagenet: WeightsEnum | None
+    head: str  # the classifier's module path: replaced by one linear layer with one logit
+    # `trainable` value -> the module paths that train (None: all of them); "layer4" is
+    # the stride-32 stage and the head, whatever the network calls it
     stages: dict[str, tuple[str, ...] | None]
     # Grad-CAM `layer` value -> (module path of the block explained, its total stride),
-    # deepest first
+    # deepest first; named by ResNet's stages: "layer4" is the last block of stride 32,
+    # "layer3" of stride 16, "layer2" of stride 8
     cam_layers: dict[str, tuple[str, int]]
+    size: int  # the input side its ImageNet weights were made for (docs/architectures.md)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation
     std: tuple[float, float, float] = IMAGENET_STD
 
     def new(self) -> nn.Module:
         """The network, randomly initialised, with a one-logit head (the log-odds of fake)."""
         model = self.build()
-        old = model.get_submodule(self.head)
+        old = [m for m in model.get_submodule(self.head).modules() if isinstance(m, nn.Linear)]
         parent, _, name = self.head.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name,
-                nn.Linear(old.in_features, 1))
+                nn.Linear(old[-1].in_features, 1))
         return model
 
     def head_module(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.head)
 
     def frozen(self, model: nn.Module, trainable: str) -> list[nn.Module]:
-        """The top-level children that `trainable` keeps frozen."""
+        """The modules that `trainable` keeps frozen, each as high in the tree as it can be."""
         if trainable not in self.stages:
             raise ValueError(f"trainable must be one of {', '.join(self.stages)} for "
                              f"{self.name}, got {trainable!r}")
         keep = self.stages[trainable]
-        return [m for name, m in model.named_children() if keep is not None and name not in keep]
+        if keep is None:
+            return []
+
+        def outside(module: nn.Module, prefix: str) -> list[nn.Module]:
+            found = []
+            for name, child in module.named_children():
+                path = prefix + name
+                if any(k.startswith(path + ".") for k in keep):
+                    found += outside(child, path + ".")
+                elif path not in keep:
+                    found.append(child)
+            return found
+
+        return outside(model, "")
 
     def cam_layer(self, model: nn.Module, layer: str) -> nn.Module:
         """The block Grad-CAM explains for a `layer` value."""
@@ -83,13 +109,28 @@ class Arch:
                      if min(self.grid(size, name)) >= MIN_CAM_GRID), list(self.cam_layers)[-1])
 
 
+RESNET_STAGES = {"fc": ("fc",), "layer4": ("layer4", "fc"), "all": None}
+# The head is one linear layer for every network (EfficientNet's dropout before it goes):
+# the layer that the feature cache trains alone, with what it would see in the network.
 ARCHS: dict[str, Arch] = {
     "resnet18": Arch(
         name="resnet18", build=lambda: resnet18(weights=None),
-        imagenet=ResNet18_Weights.IMAGENET1K_V1, head="fc",
-        stages={"fc": ("fc",), "layer4": ("layer4", "fc"), "all": None},
+        imagenet=ResNet18_Weights.IMAGENET1K_V1, head="fc", stages=RESNET_STAGES,
         cam_layers={"layer4": ("layer4.1", 32), "layer3": ("layer3.1", 16),
-                    "layer2": ("layer2.1", 8)}),
+                    "layer2": ("layer2.1", 8)}, size=224),
+    "resnet50": Arch(
+        name="resnet50", build=lambda: resnet50(weights=None),
+        imagenet=ResNet50_Weights.IMAGENET1K_V2, head="fc", stages=RESNET_STAGES,
+        cam_layers={"layer4": ("layer4.2", 32), "layer3": ("layer3.5", 16),
+                    "layer2": ("layer2.3", 8)}, size=224),
+    "efficientnet_b4": Arch(
+        name="efficientnet_b4", build=lambda: efficientnet_b4(weights=None),
+        imagenet=EfficientNet_B4_Weights.IMAGENET1K_V1, head="classifier",
+        stages={"fc": ("classifier",),
+                "layer4": ("features.6", "features.7", "features.8", "classifier"),
+                "all": None},
+        cam_layers={"layer4": ("features.8", 32), "layer3": ("features.5", 16),
+                    "layer2": ("features.3", 8)}, size=380),
 }
 DEFAULT = "resnet18"
 # Names checkpoints of earlier versions recorded.

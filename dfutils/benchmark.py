@@ -35,7 +35,7 @@ from dfutils.data import read_manifest
 from dfutils.distributed import device as default_device
 from dfutils.metrics import binary_metrics, bootstrap_auc
 from dfutils.model import Checkpoint, for_inference, forward, load_checkpoint
-from dfutils.params import BenchmarkParams
+from dfutils.params import Amp, BenchmarkParams
 from dfutils.paths import atomic_path, resolve, write_csv, write_json
 from dfutils.progress import tqdm
 
@@ -98,7 +98,7 @@ def read_test_set(data_dir: str | os.PathLike, name: str | None = None) -> TestS
 
 
 def score_stream(checkpoint: Checkpoint, test: TestSet, writer: csv.DictWriter,
-                 batch_size: int = 32, num_workers: int = 0) -> np.ndarray:
+                 batch_size: int = 32, num_workers: int = 0, amp: Amp = "off") -> np.ndarray:
     """P(fake) of every crop of `test`, a batch at a time, each frame's row written as it
     is scored; NaN (and no row) where a crop cannot be read."""
     from dfutils.inference import FileDataset
@@ -112,7 +112,7 @@ def score_stream(checkpoint: Checkpoint, test: TestSet, writer: csv.DictWriter,
     scores = np.full(len(test.paths), np.nan, dtype=np.float32)
     for images, indices, errors in tqdm(loader, desc=test.name, unit="batch"):
         with torch.inference_mode():
-            p_fake = forward(model, images, device)[1].cpu().numpy()
+            p_fake = forward(model, images, device, amp)[1].cpu().numpy()
         for i, p, error in zip(indices.tolist(), p_fake, errors, strict=True):
             if error:
                 continue
@@ -231,7 +231,7 @@ def run_benchmark(params: BenchmarkParams) -> dict:
         writer.writeheader()
         for test in tests:
             scores = score_stream(checkpoint, test, writer, params.batch_size,
-                                  params.num_workers)
+                                  params.num_workers, params.amp)
             these = video_rows(test, scores)
             videos += these
             rows += table_rows(test, scores, these, checkpoint.threshold, params.n_bootstrap)

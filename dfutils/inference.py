@@ -28,7 +28,7 @@ from dfutils.metrics import (
     with_intervals,
 )
 from dfutils.model import Checkpoint, for_inference, forward, load_checkpoint, threshold_text
-from dfutils.params import EvalParams, PredictParams
+from dfutils.params import Amp, EvalParams, PredictParams
 from dfutils.paths import file_problem, is_plain_name, resolve, write_csv, write_json
 from dfutils.progress import tqdm
 
@@ -95,7 +95,7 @@ class FileDataset(Dataset):
 def score_files(model: torch.nn.Module, files: Sequence[Path], image_size: int,
                 batch_size: int = 32, num_workers: int = 0, perturb: Perturb | None = None,
                 device: torch.device | None = None, desc: str = "scoring",
-                arch: str = archs.DEFAULT) -> tuple[np.ndarray, list[str]]:
+                arch: str = archs.DEFAULT, amp: Amp = "off") -> tuple[np.ndarray, list[str]]:
     """P(fake) per file (NaN where unreadable) and the error of each file ("" when scored)."""
     device = device or default_device()
     for_inference(model, device)
@@ -105,7 +105,7 @@ def score_files(model: torch.nn.Module, files: Sequence[Path], image_size: int,
     with torch.inference_mode():
         for images, indices, batch_errors in tqdm(loader, desc=desc, unit="batch",
                                                   leave=False):
-            p_fake = forward(model, images, device)[1].cpu().numpy()
+            p_fake = forward(model, images, device, amp)[1].cpu().numpy()
             for i, p, error in zip(indices.tolist(), p_fake, batch_errors, strict=True):
                 if error:
                     errors[i] = error
@@ -149,7 +149,7 @@ def collect_files(paths: Sequence[str | os.PathLike]) -> list[Input]:
 
 
 def predict(run: str | os.PathLike | Checkpoint, inputs: Sequence[Input], batch_size: int = 32,
-            num_workers: int = 0) -> tuple[list[dict], Checkpoint]:
+            num_workers: int = 0, amp: Amp = "off") -> tuple[list[dict], Checkpoint]:
     """Rows of (path, p_fake, label, status) for every input, scored as they are, and the
     checkpoint used (`run`: a run folder or a loaded checkpoint)."""
     checkpoint = run if isinstance(run, Checkpoint) else load_checkpoint(
@@ -157,7 +157,7 @@ def predict(run: str | os.PathLike | Checkpoint, inputs: Sequence[Input], batch_
     readable = [i for i in inputs if not i.problem]
     scores, errors = score_files(checkpoint.model, [i.path for i in readable],
                                  checkpoint.image_size, batch_size, num_workers,
-                                 arch=checkpoint.params.arch)
+                                 arch=checkpoint.params.arch, amp=amp)
     scored = {i.path: (p, e) for i, p, e in zip(readable, scores, errors, strict=True)}
     rows = []
     for item in inputs:
@@ -169,7 +169,7 @@ def predict(run: str | os.PathLike | Checkpoint, inputs: Sequence[Input], batch_
 
 
 def score_arrays(checkpoint: Checkpoint, images: Sequence[np.ndarray], batch_size: int = 32,
-                 device: torch.device | None = None) -> np.ndarray:
+                 device: torch.device | None = None, amp: Amp = "off") -> np.ndarray:
     """P(fake) of RGB arrays (face crops), under the evaluation transform."""
     device = device or default_device()
     model = for_inference(checkpoint.model, device)
@@ -177,12 +177,12 @@ def score_arrays(checkpoint: Checkpoint, images: Sequence[np.ndarray], batch_siz
     for start in range(0, len(images), batch_size):
         batch = torch.stack([transform(image) for image in images[start:start + batch_size]])
         with torch.inference_mode():
-            scores.append(forward(model, batch, device)[1].cpu())
+            scores.append(forward(model, batch, device, amp)[1].cpu())
     return torch.cat(scores).numpy() if scores else np.zeros(0)
 
 
 def predict_faces(checkpoint: Checkpoint, inputs: Sequence[Input], batch_size: int = 32,
-                  cam_dir: Path | None = None, layer: str = "auto"
+                  cam_dir: Path | None = None, layer: str = "auto", amp: Amp = "off"
                   ) -> tuple[list[dict], list[dict]]:
     """Photos and clips scored the way the run's training images were made: frames sampled,
     the face found and cropped with the recorded parameters, each crop scored; an input's
@@ -207,7 +207,8 @@ def predict_faces(checkpoint: Checkpoint, inputs: Sequence[Input], batch_size: i
         if not found:
             rows.append({**row, "status": "error: no face found in the frames read"})
             continue
-        scores = score_arrays(checkpoint, [face.crop for _, face in found], batch_size)
+        scores = score_arrays(checkpoint, [face.crop for _, face in found], batch_size,
+                              amp=amp)
         p = float(scores.mean())
         rows.append({**row, "p_fake": f"{p:.6f}", "n_faces": len(found), "status": "ok",
                      "label": "fake" if p >= checkpoint.threshold else "real"})
@@ -298,7 +299,7 @@ def sweep(checkpoint: Checkpoint, inputs: Labelled, ok: np.ndarray, clean: np.nd
             scores = clean if (kind, level) in (("blur", 0), ("downscale", 1)) else score_files(
                 checkpoint.model, inputs.files, checkpoint.image_size, params.batch_size,
                 params.num_workers, PERTURBATIONS[kind](level), desc=f"{kind} {level}",
-                arch=checkpoint.params.arch)[0]
+                arch=checkpoint.params.arch, amp=params.amp)[0]
             m = binary_metrics(inputs.labels[ok], scores[ok], checkpoint.threshold)
             results[kind].append({"level": level, "auc": m["auc"], "ap": m["ap"],
                                   "accuracy": m["accuracy"], "eer": m["eer"]})
@@ -328,7 +329,7 @@ def evaluate_folder(params: EvalParams, sweeps: dict[str, Sequence] = SWEEPS
     inputs = labelled_inputs(params, checkpoint, out)
     scores, errors = score_files(checkpoint.model, inputs.files, checkpoint.image_size,
                                  params.batch_size, params.num_workers, desc="clean",
-                                 arch=checkpoint.params.arch)
+                                 arch=checkpoint.params.arch, amp=params.amp)
     ok = np.array([not e for e in errors], dtype=bool)  # typed: no crop at all is possible
     labels, threshold = np.asarray(inputs.labels, dtype=int), checkpoint.threshold
     for label, value in LABELS.items():
@@ -443,12 +444,13 @@ def predict_run(params: PredictParams, log: Callable[[str], None] = lambda line:
     cam_dir = Path(params.cam_dir) if params.cam_dir else None
     if with_faces:
         rows, frames = predict_faces(checkpoint, inputs, params.batch_size, cam_dir,
-                                     params.layer)
+                                     params.layer, params.amp)
         result = Predictions(rows, FACE_FIELDS)
         if params.frames_out:
             write_csv(params.frames_out, frames, FRAME_FIELDS)
     else:
-        rows, _ = predict(checkpoint, inputs, params.batch_size, params.num_workers)
+        rows, _ = predict(checkpoint, inputs, params.batch_size, params.num_workers,
+                          params.amp)
         result = Predictions(rows, PREDICTION_FIELDS)
     if params.out:
         write_csv(params.out, rows, result.fields)

@@ -9,18 +9,20 @@ last.pt are the same format, read by `read_checkpoint`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torchvision.models import WeightsEnum
 
 from dfutils import archs
-from dfutils.params import ParameterError, Trainable, TrainParams
+from dfutils.params import Amp, ParameterError, Trainable, TrainParams
 from dfutils.paths import atomic_path, resolve
 
 CHECKPOINT_FORMAT = "dfutils.checkpoint"
@@ -35,15 +37,22 @@ class CheckpointError(ValueError):
     """A file is not a readable dfutils checkpoint."""
 
 
+def _imagenet(arch: str) -> WeightsEnum:
+    weights = archs.get(arch).imagenet
+    if weights is None:
+        raise WeightsUnavailable(f"no ImageNet weights are known for {arch}: pass "
+                                 "weights='<path to a state dict>', or weights=None")
+    return weights
+
+
 def imagenet_cache_file(arch: str = archs.DEFAULT) -> Path:
     """Where torchvision keeps (and looks for) an architecture's ImageNet weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(
-        archs.get(arch).imagenet.url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_imagenet(arch).url)
 
 
 def imagenet_state_dict(arch: str = archs.DEFAULT) -> dict[str, torch.Tensor]:
     """An architecture's ImageNet weights through torchvision's cache (downloading if it can)."""
-    weights = archs.get(arch).imagenet
+    weights = _imagenet(arch)
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; bad hashes a RuntimeError
@@ -134,13 +143,46 @@ def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     return model.eval().to(device, memory_format=torch.channels_last)
 
 
-def forward(model: nn.Module, images: torch.Tensor, device: torch.device | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def precision(amp: Amp, device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs in for an `amp` value on a device; None: float32 throughout.
+
+    "auto" is bfloat16 on a GPU that has it (the range of float32: no loss scaling), float16
+    on an older GPU, and float32 on the CPU, where autocast is slower than float32 for these
+    networks (docs/performance.md)."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+@contextlib.contextmanager
+def autocast(amp: Amp, device: torch.device) -> Iterator[None]:
+    """Mixed precision for the forward passes inside, as `amp` says (nothing when it is off)."""
+    dtype = precision(amp, device)
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device.type, dtype=dtype):
+        yield
+
+
+def grad_scaler(amp: Amp, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for float16 training (small gradients would underflow to zero); a
+    scaler that does nothing otherwise. Its state goes into last.pt, so a resume is exact."""
+    return torch.amp.GradScaler(device.type, enabled=precision(amp, device) == torch.float16)
+
+
+def forward(model: nn.Module, images: torch.Tensor, device: torch.device | None = None,
+            amp: Amp = "off") -> tuple[torch.Tensor, torch.Tensor]:
     """The one forward pass of training, validation, predict, evaluate and Grad-CAM: a batch
-    (moved to `device` first, when given) to its logits, shape (N,), and P(fake)."""
+    (moved to `device` first, when given) to its logits, shape (N,), and P(fake), in float32
+    whatever `amp` the network ran in. Grad-CAM keeps amp off: its maps are differences of
+    gradients, which float16 and bfloat16 round away."""
     if device is not None:
         images = to_device(images, device)
-    logits = model(images).reshape(-1).float()
+    with autocast(amp, images.device):
+        logits = model(images).reshape(-1).float()
     return logits, torch.sigmoid(logits)
 
 

@@ -29,6 +29,7 @@ from dfutils.paths import is_plain_name, resolve
 # the command line's `choices` all use these.
 Trainable = Literal["fc", "layer4", "all"]
 CamLayer = Literal["auto", "layer4", "layer3", "layer2"]
+Amp = Literal["auto", "off", "bf16", "fp16"]
 CamTarget = Literal["predicted", "fake", "real"]
 Selection = Literal["mixed", "random"]
 ThresholdRule = Literal["0.5", "eer"]
@@ -276,6 +277,12 @@ class SplitParams(Params):
                                  f"expression: {error}") from None
 
 
+def amp_param() -> Any:
+    """The `amp` option of every step that runs the model forward (Grad-CAM runs in float32)."""
+    return param("auto", "mixed precision: auto is bf16 on a GPU that has it, fp16 (with loss "
+                 "scaling in training) on one that does not, off on the CPU")
+
+
 @dataclass(frozen=True)
 class TrainParams(Params):
     """02-train: fit ResNet18 with a one-logit head (log-odds of fake)."""
@@ -288,7 +295,8 @@ class TrainParams(Params):
     weights: str | None = param("imagenet", '"imagenet" (torchvision\'s cache), a state-dict '
                                 "path, or None (random init)", path=True)
     trainable: Trainable = param("fc", "what trains: the head alone on a frozen backbone (the "
-                                 "original recipe), layer4 and the head, or everything")
+                                 "original recipe), layer4 (the stride-32 stage) and the "
+                                 "head, or everything")
     image_size: int = param(224, "images are resized to image_size x image_size")
     batch_size: int = param(32, "images per optimisation step")
     max_epochs: int = param(20, "upper bound; early stopping usually ends sooner")
@@ -331,10 +339,13 @@ class TrainParams(Params):
                          "validate)")
     monitor: Monitor = param("auto", "what early stopping and the kept epoch follow: auto is "
                              'sbi_loss with fakes="sbi", else val_loss')
-    arch: str = param(archs.DEFAULT, "the network, as torchvision names it (an entry of "
-                      "dfutils.archs)")
+    arch: str = param(archs.DEFAULT, "the network, as torchvision names it: "
+                      f"{', '.join(archs.ARCHS)} (docs/training.md)")
     n_bootstrap: int = param(1000, "resamples of the 95% bootstrap intervals in metrics.json "
                              "(whole videos when frames belong to clips)")
+    amp: Amp = amp_param()
+    compile: bool = param(False, "torch.compile the model before training (slow to start; "
+                          "pays off on long GPU runs)")
 
     @property
     def augmented(self) -> bool:
@@ -445,6 +456,7 @@ class EvalParams(Params):
                         "and clips the same way first")
     n_bootstrap: int = param(1000, "resamples of the 95% bootstrap intervals of the metrics "
                              "(whole videos when images belong to clips)")
+    amp: Amp = amp_param()
 
     def check(self) -> None:
         if not self.eval_dir:
@@ -470,6 +482,7 @@ class BenchmarkParams(Params):
     batch_size: int = param(32, "images per forward pass")
     num_workers: int = param(2, "image-loading processes (0: load in this process)")
     n_bootstrap: int = param(1000, "resamples of each AUC's 95% bootstrap interval")
+    amp: Amp = amp_param()
 
     def check(self) -> None:
         if not self.test_sets:
@@ -497,6 +510,7 @@ class PredictParams(Params):
                             "chooses it)")
     batch_size: int = param(32, "images per forward pass")
     num_workers: int = param(2, "image-loading processes (0: load in this process)")
+    amp: Amp = amp_param()
 
     def check(self) -> None:
         if not self.run_dir or not self.paths:

@@ -29,14 +29,16 @@ from dfutils.metrics import (
     with_intervals,
 )
 from dfutils.model import (
+    autocast,
     forward,
+    grad_scaler,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
     to_device,
     train_mode,
 )
-from dfutils.params import OptimizerName, TrainParams
+from dfutils.params import Amp, OptimizerName, TrainParams
 from dfutils.paths import jsonable, remove_stale_temps, resolve, write_csv, write_json
 from dfutils.progress import tqdm
 
@@ -97,13 +99,16 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     device: torch.device, trainable: str = "all", desc: str = "train",
                     mixup: float = 0.0, label_smoothing: float = 0.0,
                     after_step: Callable[[], None] | None = None,
-                    arch: str = archs.DEFAULT) -> dict[str, float]:
+                    arch: str = archs.DEFAULT, amp: Amp = "off",
+                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One pass over `loader`; returns mean loss, accuracy at 0.5, images and seconds.
 
     With mixup the targets are blended, and accuracy counts the larger share's label.
     Label smoothing moves the targets towards 0.5 (the loss reported is against them);
-    `after_step` runs after every optimiser step (the weight average's update).
+    `after_step` runs after every optimiser step (the weight average's update). The forward
+    pass runs in the precision `amp` asks for; `scaler` scales float16's loss.
     """
+    scaler = scaler or grad_scaler("off", device)
     train_mode(model.module if hasattr(model, "module") else model, trainable, arch)  # DDP wraps
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     total_loss, correct, seen = 0.0, 0, 0
@@ -113,11 +118,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         images, labels = to_device(images, device), labels.to(device, non_blocking=True)
         if mixup > 0:
             images, labels = mix(images, labels, mixup)
-        logits, _ = forward(model, images)
+        logits, _ = forward(model, images, amp=amp)
         loss = loss_fn(logits, labels * (1 - label_smoothing) + label_smoothing / 2)
         optimizer.zero_grad(set_to_none=True)
-        (loss / len(labels)).backward()
-        optimizer.step()
+        scaler.scale(loss / len(labels)).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if after_step is not None:
             after_step()
         total_loss += loss.item()
@@ -132,7 +138,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
-             desc: str = "val") -> Evaluation:
+             desc: str = "val", amp: Amp = "off") -> Evaluation:
     """Mean BCE loss and P(fake) for every image of `loader`'s dataset, in eval mode.
 
     Under torchrun each rank scores its share; the results are gathered, so every rank
@@ -142,7 +148,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
     parts = []
     for images, labels, indices in tqdm(loader, desc=desc, unit="batch", leave=False,
                                         **distributed.quiet_unless_main()):
-        logits, p_fake = (t.cpu() for t in forward(model, images, device))
+        logits, p_fake = (t.cpu() for t in forward(model, images, device, amp))
         losses = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         parts.append((losses.numpy(), labels.numpy(), p_fake.numpy(), indices.numpy()))
     columns = [np.concatenate(c) for c in zip(*parts, strict=True)] if parts else [
@@ -184,6 +190,7 @@ class Learner:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     average: AveragedModel | None
+    scaler: torch.amp.GradScaler  # float16's loss scaling (does nothing in other precisions)
 
     @classmethod
     def build(cls, model: nn.Module, net: nn.Module, params: TrainParams,
@@ -196,7 +203,10 @@ class Learner:
         # Under torchrun, DDP averages the gradients of the ranks' shares of each global batch.
         stepped = net if distributed.world()[1] == 1 else nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
-        return cls(model, net, stepped, optimizer, scheduler, average)
+        if params.compile:  # the weights stay the uncompiled module's: checkpoints are alike
+            stepped = torch.compile(stepped)
+        return cls(model, net, stepped, optimizer, scheduler, average,
+                   grad_scaler(params.amp, device))
 
     @property
     def validated(self) -> nn.Module:
@@ -218,10 +228,12 @@ class Learner:
         return {k: v.detach().clone() for k, v in state.items()}
 
     def state_dict(self) -> dict:
-        """Optimiser, schedule and average: with the model's weights, what resumes it."""
+        """Optimiser, schedule, average and loss scale: with the model's weights, what resumes
+        it."""
         return {"optimizer": self.optimizer.state_dict(),
                 "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-                "average": None if self.average is None else self.average.state_dict()}
+                "average": None if self.average is None else self.average.state_dict(),
+                "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -229,6 +241,8 @@ class Learner:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.average is not None:
             self.average.load_state_dict(state["average"])
+        if state.get("scaler"):  # last.pt of an earlier version has none: it trained in float32
+            self.scaler.load_state_dict(state["scaler"])
 
 
 class FeatureDataset(Dataset):
@@ -247,7 +261,8 @@ class FeatureDataset(Dataset):
 
 @torch.inference_mode()
 def backbone_features(model: nn.Module, loader: DataLoader, device: torch.device,
-                      desc: str = "features", arch: str = archs.DEFAULT) -> FeatureDataset:
+                      desc: str = "features", arch: str = archs.DEFAULT, amp: Amp = "off"
+                      ) -> FeatureDataset:
     """Run everything but the head once over a loader's dataset (in order, in eval mode)."""
     head = archs.get(arch).head.split(".")[0]
     backbone = nn.Sequential(*(m for name, m in model.named_children() if name != head),
@@ -255,8 +270,10 @@ def backbone_features(model: nn.Module, loader: DataLoader, device: torch.device
     backbone.eval()
     ordered = DataLoader(loader.dataset, batch_size=loader.batch_size or 64, shuffle=False,
                          num_workers=loader.num_workers, pin_memory=loader.pin_memory)
-    parts = [(backbone(to_device(images, device)).float().cpu(), labels, indices)
-             for images, labels, indices in tqdm(ordered, desc=desc, unit="batch", leave=False)]
+    with autocast(amp, device):
+        parts = [(backbone(to_device(images, device)).float().cpu(), labels, indices)
+                 for images, labels, indices in tqdm(ordered, desc=desc, unit="batch",
+                                                     leave=False)]
     features, labels, indices = (torch.cat(p) for p in zip(*parts, strict=True))
     return FeatureDataset(features, labels, indices)
 
@@ -309,7 +326,7 @@ def fit_head(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     the image loaders' batch size and seed, so they draw the same shuffles, and the results
     equal those of training on images (tested)."""
     features = [make_loader(backbone_features(model, loader, device, f"{name} features",
-                                              params.arch),
+                                              params.arch, params.amp),
                             params.batch_size, shuffle=name == "train", seed=params.seed)
                 for name, loader in (("train", train_loader), ("val", val_loader))]
     head = archs.get(params.arch).head_module(model)
@@ -323,9 +340,10 @@ def validate(learner: Learner, val_loader: DataLoader, blends_loader: DataLoader
     """Score the validated weights on the validation set (and the self-blends): the two
     evaluations, the decision threshold (chosen on the set the monitored column comes
     from) and the metrics at it, video-level ones when a group holds several images."""
-    val = evaluate(learner.validated, val_loader, device)
+    val = evaluate(learner.validated, val_loader, device, amp=params.amp)
     blends = (None if blends_loader is None else
-              evaluate(learner.validated, blends_loader, device, desc="val self-blends"))
+              evaluate(learner.validated, blends_loader, device, desc="val self-blends",
+                       amp=params.amp))
     watched = blends if params.monitored.startswith("sbi_") else val
     threshold = choose_threshold(params.threshold, watched.labels, watched.scores)
     metrics = binary_metrics(val.labels, val.scores, threshold)
@@ -419,7 +437,7 @@ def train_epoch(learner: Learner, loader: DataLoader, params: TrainParams, devic
                             desc=f"epoch {epoch}/{params.max_epochs}", mixup=params.mixup,
                             label_smoothing=params.label_smoothing,
                             after_step=None if learner.average is None else learner.after_step,
-                            arch=params.arch)
+                            arch=params.arch, amp=params.amp, scaler=learner.scaler)
     if distributed.world()[1] > 1:
         n, loss, acc = distributed.gather_arrays(
             np.array([train["n"]]), np.array([train["loss"] * train["n"]]),
@@ -490,8 +508,11 @@ def restore(outputs: Outputs, learner: Learner, stopper: EarlyStopping, result: 
         raise ValueError("resume needs the path of last.pt")
     state = outputs.resumed or read_checkpoint(outputs.last, resume=True)
     path, training = resolve(outputs.last), state["training"]
+    # A parameter newer than the checkpoint was at its default (a new parameter's default is
+    # what the toolkit did before it).
+    defaults = type(params)().to_dict()
     changed = sorted(k for k, v in params.to_dict().items()
-                     if k != "resume" and state["params"].get(k) != v)
+                     if k != "resume" and state["params"].get(k, defaults[k]) != v)
     if changed:
         raise ValueError(f"cannot resume {path.parent}: it was trained with other values of "
                          f"{', '.join(changed)}; resume with the parameters it recorded")

@@ -72,6 +72,20 @@ def test_predicted_values_are_the_models_sigmoid_under_eval_preprocessing(run_di
     assert (cams / "a.png.cam.png").is_file()
 
 
+
+def test_predict_in_bf16_runs_the_network_in_bf16_and_scores_close_to_float32(
+        run_dir, mixed_folder, tmp_path):
+    scores = {}
+    for amp in ("off", "bf16"):
+        out = tmp_path / f"{amp}.csv"
+        assert main(["predict", "--run", str(run_dir), str(mixed_folder), "--out", str(out),
+                     "--num-workers", "0", "--amp", amp]) == 0
+        scores[amp] = {p: float(r["p_fake"]) for p, r in _rows(out.read_text()).items()
+                       if r["status"] == "ok"}
+    assert scores["off"].keys() == scores["bf16"].keys() and len(scores["off"]) == 2
+    differences = [abs(scores["off"][p] - scores["bf16"][p]) for p in scores["off"]]
+    assert 0 < max(differences) < 0.02
+
 def test_jpeg_sweep_really_re_encodes_and_other_levels_behave():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
     original = np.asarray(image).astype(int)

@@ -10,6 +10,24 @@ from dfutils.metrics import binary_metrics, choose_threshold, eer, expected_cali
 from dfutils.params import TrainParams
 
 
+@pytest.mark.parametrize("arch", ["resnet50", "efficientnet_b4"])
+def test_every_architecture_trains_only_its_stages(arch):
+    """The registry's trainable stages, by module path: the rest is frozen and in eval()."""
+    from dfutils import archs
+
+    entry = archs.get(arch)
+    for trainable, paths in entry.stages.items():
+        net = M.build_model(None, trainable, arch)
+        assert entry.head_module(net).out_features == 1
+        for name, p in net.named_parameters():
+            assert p.requires_grad == (paths is None or name.startswith(
+                tuple(f"{path}." for path in paths))), (trainable, name)
+        M.train_mode(net, trainable, arch)
+        frozen = entry.frozen(net, trainable)
+        assert all(not m.training for f in frozen for m in f.modules())
+        assert all(net.get_submodule(path).training for path in paths or ())
+
+
 @pytest.mark.parametrize("trainable,trained", [("fc", {"fc"}), ("layer4", {"layer4", "fc"}),
                                                ("all", None)])
 def test_trainable_depth_freezes_the_rest(trainable, trained):
@@ -48,9 +66,24 @@ def test_local_imagenet_style_state_dict_loads_backbone_and_new_head(tmp_path):
     assert net.fc.weight.shape == (1, 512)
 
 
-def test_missing_weights_file_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b4"])
+def test_missing_weights_file_is_a_clear_error(tmp_path, arch):
     with pytest.raises(M.WeightsUnavailable, match="not found.*weights=None"):
-        M.build_model(tmp_path / "nope.pth")
+        M.build_model(tmp_path / "nope.pth", arch=arch)
+
+
+def test_an_entry_without_imagenet_weights_asks_for_a_file(monkeypatch):
+    """A network from outside torchvision (Xception, say) has imagenet=None."""
+    import dataclasses
+
+    from dfutils import archs
+
+    entry = dataclasses.replace(archs.get("resnet18"), name="plain", imagenet=None)
+    monkeypatch.setitem(archs.ARCHS, "plain", entry)
+    with pytest.raises(M.WeightsUnavailable,
+                       match=r"^no ImageNet weights are known for plain: .*state dict"):
+        M.build_model("imagenet", arch="plain")
+    assert M.build_model(None, arch="plain").fc.out_features == 1
 
 
 def _save(tmp_path, net):
@@ -238,3 +271,33 @@ def test_the_auto_layer_is_the_deepest_with_a_grid_of_at_least_six(size, layer):
     with torch.no_grad():
         model(torch.zeros(1, 3, size, size))
     assert all(grids[name] == entry.grid((size, size), name) for name in grids)  # the real grid
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "efficientnet_b4"])
+def test_every_architecture_trains_explains_and_round_trips(separable_split, tmp_path, arch):
+    """One smoke epoch from random initialisation at 64 px; Grad-CAM of each layer on its
+    grid; the checkpoint rebuilds the network that scored the validation set."""
+    import csv
+
+    from dfutils import archs, gradcam
+    from dfutils.data import read_manifest
+    from dfutils.model import load_checkpoint
+    from dfutils.train import train_run
+
+    params = TrainParams.from_mapping({
+        "data_dir": str(separable_split), "weights": None, "trainable": "all", "arch": arch,
+        "image_size": 64, "batch_size": 16, "max_epochs": 1, "num_workers": 0,
+        "run_dir": str(tmp_path / arch)})
+    train_run(params)
+    checkpoint = load_checkpoint(tmp_path / arch / "model.pt")
+    assert checkpoint.arch.name == arch and checkpoint.image_size == 64
+    val = read_manifest(separable_split, "val")
+    for layer in ("layer4", "layer3", "layer2"):
+        _, cams = gradcam.explain(checkpoint, [s.path for s in val[:4]], "fake", 4, layer)
+        assert cams.grid == archs.get(arch).grid((64, 64), layer)
+        assert cams.maps.shape == (4, 64, 64) and np.isfinite(cams.maps).all()
+    with open(tmp_path / arch / "val_predictions.csv", newline="") as f:
+        saved = {row["path"]: float(row["p_fake"]) for row in csv.DictReader(f)}
+    assert len(saved) == len(val)
+    expected = [saved[s.path.relative_to(separable_split).as_posix()] for s in val[:4]]
+    np.testing.assert_allclose(cams.p_fake, expected, atol=1e-5)
