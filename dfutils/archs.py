@@ -102,7 +102,7 @@ class Arch:
     def layer_for(self, layer: str, size: tuple[int, int]) -> str:
         """The layer explained for a `layer` value at an input size: itself, or for "auto"
         the deepest whose grid is at least MIN_CAM_GRID on each side (the shallowest when
-        none is): a map of 3 x 3 cells cannot point at a blend boundary."""
+        none is): a map of 3 x 3 cells has nine places to point at."""
         if layer != "auto":
             return layer
         return next((name for name in self.cam_layers

@@ -19,6 +19,7 @@ its BinaryClassifierOutputTarget; what this module adds for this project:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,31 @@ def _signs(logits: torch.Tensor, target: str) -> torch.Tensor:
     raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
 
 
+def upsample(maps: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
+    """Maps on a layer's grid (N, h, w) to the input's size (N, H, W), bilinear and
+    registered: cell (i, j) of a layer of total stride s looks at the input around pixel
+    (s i, s j), because every convolution of torchvision's CNNs pads its odd kernel alike
+    on both sides. Plain resizing (F.interpolate, cv2.resize) puts the cell at the centre
+    of the s x s block it stands for instead, half a cell too far right and down: 7.5 px
+    at stride 16, 15.5 px at stride 32 (docs/gradcam.md has the measurement). Beyond the
+    first and last cells the map keeps its edge value."""
+    n, h, w = maps.shape
+
+    def axis(pixels: int, cells: int) -> torch.Tensor:
+        at = torch.arange(pixels, dtype=maps.dtype, device=maps.device) / stride
+        return 2 * at / (cells - 1) - 1 if cells > 1 else torch.zeros_like(at)
+    xs, ys = torch.meshgrid(axis(size[1], w), axis(size[0], h), indexing="xy")
+    grid = torch.stack([xs, ys], dim=-1).expand(n, -1, -1, -1)
+    return F.grid_sample(maps.unsqueeze(1), grid, mode="bilinear", padding_mode="border",
+                         align_corners=True)[:, 0]
+
+
+def stride_of(pixels: int, cells: int) -> int:
+    """The total stride of a layer with `cells` along an input side of `pixels`: the power of
+    two nearest their ratio (the registry's strides, for a layer outside it)."""
+    return 2 ** round(math.log2(pixels / cells))
+
+
 def scale_maps(cams: torch.Tensor) -> torch.Tensor:
     """Divide each (ReLU'd) map by its maximum; a map with no positive evidence stays all zero."""
     peak = cams.flatten(1).amax(dim=1).view(-1, 1, 1)
@@ -74,10 +100,14 @@ class GradCAM:
     """
 
     def __init__(self, model: nn.Module, target_layer: nn.Module | None = None,
-                 arch: str = archs.DEFAULT):
+                 arch: str = archs.DEFAULT, stride: int | None = None):
         self.model = model
+        entry = archs.get(arch)
         self.layer = (target_layer if target_layer is not None else
-                      archs.get(arch).cam_layer(model, "layer4"))
+                      entry.cam_layer(model, "layer4"))
+        # The layer's total stride places its cells on the input (`upsample`); for a layer
+        # outside the registry, `stride_of` the input and the grid.
+        self.stride = stride or (entry.cam_layers["layer4"][1] if target_layer is None else None)
         self._handle = None
         self._capturing = False
         self._activations: torch.Tensor | None = None
@@ -133,8 +163,8 @@ class GradCAM:
     def __call__(self, images: torch.Tensor, target: str = "predicted") -> CamResult:
         """Maps at the input's size, scaled to [0, 1] per image, with P(fake)."""
         cams, logits, signs = self.raw(images, target)
-        upsampled = F.interpolate(cams.unsqueeze(1), size=images.shape[-2:], mode="bilinear",
-                                  align_corners=False).squeeze(1)
+        stride = self.stride or stride_of(images.shape[-1], cams.shape[-1])
+        upsampled = upsample(cams, tuple(images.shape[-2:]), stride)
         return CamResult(scale_maps(upsampled).cpu().numpy().astype(np.float32),
                          torch.sigmoid(logits).cpu().numpy(), (signs > 0).cpu().numpy().astype(int),
                          tuple(cams.shape[-2:]))
@@ -142,9 +172,10 @@ class GradCAM:
 
 def random_maps(n: int, size: tuple[int, int], grid: tuple[int, int],
                 generator: torch.Generator) -> np.ndarray:
-    """Random maps as smooth as a CAM: uniform noise on the layer's grid, upsampled the same way."""
-    noise = torch.rand((n, 1, *grid), generator=generator)
-    return F.interpolate(noise, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
+    """Random maps as smooth as a CAM: uniform noise on the layer's grid, upsampled the same
+    way (registered as a layer of that grid would be)."""
+    noise = torch.rand((n, *grid), generator=generator)
+    return upsample(noise, tuple(size), stride_of(size[1], grid[1])).numpy()
 
 
 def _remove(images: torch.Tensor, maps: np.ndarray, fraction: float, fill: str) -> torch.Tensor:
@@ -301,7 +332,8 @@ def explain(checkpoint: Checkpoint, paths: Sequence[str | Path | np.ndarray],
     inputs = torch.stack([transform(p if isinstance(p, np.ndarray) else load_image(p))
                           for p in paths]) if paths else torch.zeros((0, 3, size, size))
     parts = []
-    with GradCAM(checkpoint.model, arch.cam_layer(checkpoint.model, layer)) as cam:
+    with GradCAM(checkpoint.model, arch.cam_layer(checkpoint.model, layer),
+                 stride=arch.cam_layers[layer][1]) as cam:
         for start in tqdm(range(0, len(inputs), batch_size), desc="grad-cam", unit="batch",
                           leave=False):
             parts.append(cam(inputs[start:start + batch_size], target))

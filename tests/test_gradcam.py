@@ -6,7 +6,14 @@ from PIL import Image
 from torch import nn
 
 from dfutils import viz
-from dfutils.gradcam import GradCAM, deletion_score, localization, scale_maps, select_images
+from dfutils.gradcam import (
+    GradCAM,
+    deletion_score,
+    localization,
+    scale_maps,
+    select_images,
+    upsample,
+)
 from dfutils.model import build_model
 
 
@@ -42,6 +49,39 @@ def test_maps_match_pytorch_grad_cam(model, batch, target, category):
     ours = np.stack([_minmax(cv2.resize(_minmax(m), (96, 96))) for m in raw.numpy()])
     np.testing.assert_allclose(ours, expected, atol=1e-4)
 
+
+
+@pytest.mark.parametrize("arch,layer", [("resnet18", "layer3"), ("resnet18", "layer4"),
+                                        ("efficientnet_b4", "layer3")])
+def test_a_cell_lands_on_the_pixels_it_looks_at(arch, layer):
+    """A layer's cell (i, j) sees the input around pixel (s i, s j) (its receptive field's
+    centre, measured as the centroid of the input gradient of that one cell); the map puts
+    it there, not half a cell lower and further right as plain resizing does."""
+    from dfutils import archs
+
+    entry = archs.get(arch)
+    torch.manual_seed(0)
+    net = entry.new().eval()
+    stride = entry.cam_layers[layer][1]
+    size, cell = 8 * stride, 4  # the cell in the middle: its field is cut alike on all sides
+    captured = {}
+    handle = entry.cam_layer(net, layer).register_forward_hook(
+        lambda module, inputs, output: captured.setdefault("out", output))
+    x = torch.randn(1, 3, size, size, requires_grad=True)
+    net(x)
+    handle.remove()
+    captured["out"][0, :, cell, cell].sum().backward()
+    weight = x.grad[0].abs().sum(0)
+    at = torch.arange(size, dtype=torch.float32)
+    centre = ((weight.sum(1) * at).sum() / weight.sum(), (weight.sum(0) * at).sum() / weight.sum())
+    assert all(abs(float(c) - stride * cell) <= 2 for c in centre)
+    one_hot = torch.zeros(1, 8, 8)
+    one_hot[0, cell, cell] = 1
+    peak = np.unravel_index(int(upsample(one_hot, (size, size), stride).argmax()), (size, size))
+    assert tuple(int(p) for p in peak) == (stride * cell, stride * cell)
+    plain = torch.nn.functional.interpolate(one_hot[:, None], size=(size, size), mode="bilinear",
+                                            align_corners=False)[0, 0]
+    assert float(plain[stride * cell, stride * cell]) < 0.6  # resizing misplaces it
 
 def test_fake_and_real_targets_explain_different_evidence(model, batch):
     with GradCAM(model) as cam:
