@@ -38,6 +38,7 @@ from dfutils.model import Checkpoint, for_inference, forward, load_checkpoint
 from dfutils.params import Amp, BenchmarkParams
 from dfutils.paths import atomic_path, resolve, write_csv, write_json
 from dfutils.progress import tqdm
+from dfutils.split import read_report
 
 FRAME_FIELDS = ["test_set", "dataset", "method", "label", "video", "frame", "path", "p_fake"]
 VIDEO_FIELDS = ["test_set", "dataset", "method", "label", "video", "n_frames", "p_fake_mean",
@@ -74,13 +75,11 @@ def read_test_set(data_dir: str | os.PathLike, name: str | None = None) -> TestS
         raise ValueError(f"the split in {root} has no test images: split a data set with an "
                          "official test list (dataset=ffpp, dfd, celebdf or dfdc) or give "
                          "TEST_FRACTION= to `make split`")
-    with open(root / files.MANIFEST, newline="") as f:
-        method_of = {r["path"]: r.get("method", "") for r in csv.DictReader(f)}
     faces: dict[str, dict] = {}
     if (root / files.FACES).is_file():
         with open(root / files.FACES, newline="") as f:
             faces = {r["path"]: r for r in csv.DictReader(f)}
-    report = json.loads((root / files.SPLIT_REPORT).read_text())
+    report = read_report(root) or {}
     rel = [s.path.relative_to(root).as_posix() for s in samples]
 
     def area(path: str) -> float:
@@ -91,7 +90,7 @@ def read_test_set(data_dir: str | os.PathLike, name: str | None = None) -> TestS
         name=name or root.name,
         dataset=((report.get("faces") or {}).get("dataset") or "folder"),
         paths=[s.path for s in samples], labels=np.array([s.label for s in samples]),
-        videos=[s.video for s in samples], methods=[method_of.get(p, "") for p in rel],
+        videos=[s.video for s in samples], methods=[s.method for s in samples],
         frames=[int(faces[p]["frame"]) if p in faces else -1 for p in rel],
         areas=np.array([area(p) for p in rel]),
         faceless=[f for f in report.get("faceless", []) if f["split"] == "test"])

@@ -232,6 +232,13 @@ def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: Gr
     return split_of, group_of, duplicates, conflicts
 
 
+def _side(official: str, keys: list[str], val_keys: set[str]) -> str | None:
+    """The split of a clip: its official one, else where all its keys went; None when its
+    keys went both ways (or it has none)."""
+    sides = {official} if official else {"val" if k in val_keys else "train" for k in keys}
+    return sides.pop() if len(sides) == 1 else None
+
+
 def assign_keys(images: list[ImageInfo], carried: dict[str, dict], val_fraction: float,
                 seed: int) -> tuple[dict[str, str], dict[str, str], list[dict], set[str] | None]:
     """Split the crops of a published data set: {source: split}, {source: group}, the
@@ -272,11 +279,9 @@ def assign_keys(images: list[ImageInfo], carried: dict[str, dict], val_fraction:
                 taken[label] += 1
     split_of, left_out = {}, []
     for info in images:
-        official = carried[info.source]["split"]
-        sides = {official} if official else {
-            "val" if k in val_keys else "train" for k in keys(info)}
-        if len(sides) == 1:
-            split_of[info.source] = sides.pop()
+        side = _side(carried[info.source]["split"], keys(info), val_keys)
+        if side is not None:
+            split_of[info.source] = side
         else:
             left_out.append({"path": info.source, "reason": "its keys "
                              f"{', '.join(keys(info))} fell on both sides of train/val"})
@@ -386,11 +391,10 @@ def faceless(report: dict, val_keys: set[str]) -> list[dict]:
         if entry.get("faces_found") and "reason" not in entry:
             continue
         keys = [k for k in entry.get("group", "").split(KEY_SEPARATOR) if k]
-        sides = {entry["split"]} if entry.get("split") else {
-            "val" if k in val_keys else "train" for k in keys}
-        if len(sides) != 1:  # no key, or keys on both sides: in no split
+        side = _side(entry.get("split", ""), keys, val_keys)
+        if side is None:
             continue
-        found.append({"source": entry["source"], "label": entry["label"], "split": sides.pop(),
+        found.append({"source": entry["source"], "label": entry["label"], "split": side,
                       "method": entry.get("method", ""),
                       "why": entry.get("reason", "no face in any frame read")})
     return found
