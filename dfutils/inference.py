@@ -385,6 +385,21 @@ def check_outputs(params: PredictParams, inputs: Sequence[Input]) -> None:
     """Refuse, before anything is scored, outputs that could overwrite a user's file."""
     import glob
 
+    named = [(option, target, Path(target).resolve()) for option, target in (
+        ("--out", params.out), ("--cam-dir", params.cam_dir),
+        ("--frames-out", params.frames_out)) if target]
+    for i, (option, target, where) in enumerate(named):
+        other = next((o for o, _, w in named[:i] if w == where), None)
+        if other is not None:
+            raise ValueError(f"{other} and {option} both name {target}: give each output "
+                             "its own path")
+        if where in {item.path.resolve() for item in inputs}:
+            raise ValueError(f"{option} {target} is one of the inputs: choose a place "
+                             "outside the inputs, so no input is overwritten")
+        if option == "--cam-dir" and where.exists() and not where.is_dir():
+            raise ValueError(f"--cam-dir {target} is a file: name a new or empty folder")
+        if option != "--cam-dir" and where.is_dir():
+            raise ValueError(f"{option} {target} is a folder: name a CSV file")
     folders = [Path(p).resolve() for p in params.paths if Path(p).is_dir()]
     for option, target in (("--out", params.out), ("--cam-dir", params.cam_dir),
                            ("--frames-out", params.frames_out)):

@@ -97,6 +97,36 @@ def test_cam_dir_on_the_input_folder_is_refused_before_anything_is_written(
     assert not (images / "p.csv").exists()
 
 
+
+def test_predicts_outputs_are_checked_against_each_other_and_the_inputs_first(
+        run_dir, tmp_path, capsys, monkeypatch):
+    """Two outputs on one path, an output that is an input, a --cam-dir that is a file and
+    an --out that is a folder are refused before anything is scored or written."""
+    from dfutils import inference
+
+    clip, image = tmp_path / "clip.mp4", tmp_path / "a.png"
+    clip.write_bytes(b"not read")
+    write_image(image, seed=1)
+    (tmp_path / "folder").mkdir()
+    scored = []
+    monkeypatch.setattr(inference, "score_files", lambda *a, **k: scored.append(a))
+    base = ["predict", "--run", str(run_dir), str(image), str(clip), "--num-workers", "0"]
+    cases = [
+        (["--out", str(tmp_path / "p.csv"), "--frames-out", str(tmp_path / "p.csv")],
+         "--out and --frames-out both name"),
+        (["--out", str(tmp_path / "p.csv"), "--cam-dir", str(tmp_path / "p.csv")],
+         "--out and --cam-dir both name"),
+        (["--cam-dir", str(clip)], "is one of the inputs"),
+        (["--cam-dir", str(tmp_path / "notes.txt")], "is a file: name a new or empty folder"),
+        (["--out", str(tmp_path / "folder")], "is a folder: name a CSV file"),
+    ]
+    (tmp_path / "notes.txt").write_text("mine")
+    before = tree_digest(tmp_path)
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        assert message in one_line_error(capsys.readouterr().err), extra
+    assert scored == [] and tree_digest(tmp_path) == before
+
 def test_every_input_gets_its_own_overlay_and_none_is_overwritten(run_dir, tmp_path,
                                                                   capsys):
     images, cams = tmp_path / "images", tmp_path / "cams"
