@@ -50,7 +50,7 @@ class Arch:
     # deepest first; named by ResNet's stages: "layer4" is the last block of stride 32,
     # "layer3" of stride 16, "layer2" of stride 8
     cam_layers: dict[str, tuple[str, int]]
-    size: int  # the input side its ImageNet weights were made for (docs/architectures.md)
+    size: int  # the input side its ImageNet weights were made for (docs/training.md)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation
     std: tuple[float, float, float] = IMAGENET_STD
 

@@ -388,12 +388,13 @@ def check_outputs(params: PredictParams, inputs: Sequence[Input]) -> None:
     named = [(option, target, Path(target).resolve()) for option, target in (
         ("--out", params.out), ("--cam-dir", params.cam_dir),
         ("--frames-out", params.frames_out)) if target]
+    input_files = {item.path.resolve() for item in inputs}
     for i, (option, target, where) in enumerate(named):
         other = next((o for o, _, w in named[:i] if w == where), None)
         if other is not None:
             raise ValueError(f"{other} and {option} both name {target}: give each output "
                              "its own path")
-        if where in {item.path.resolve() for item in inputs}:
+        if where in input_files:
             raise ValueError(f"{option} {target} is one of the inputs: choose a place "
                              "outside the inputs, so no input is overwritten")
         if option == "--cam-dir" and where.exists() and not where.is_dir():

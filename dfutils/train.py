@@ -510,7 +510,7 @@ def restore(outputs: Outputs, learner: Learner, stopper: EarlyStopping, result: 
     path, training = resolve(outputs.last), state["training"]
     # A parameter newer than the checkpoint was at its default (a new parameter's default is
     # what the toolkit did before it).
-    defaults = type(params)().to_dict()
+    defaults = type(params).defaults()
     changed = sorted(k for k, v in params.to_dict().items()
                      if k != "resume" and state["params"].get(k, defaults[k]) != v)
     if changed:

@@ -53,6 +53,11 @@ def median_rate(work, n_items: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def limit(device: torch.device, repeats: int) -> tuple[float, str]:
     """L: bare ResNet18 forward, 224 px, batch 64, inference_mode, best memory format."""
     model = build_model(None, "all").eval().to(device)
@@ -65,16 +70,10 @@ def limit(device: torch.device, repeats: int) -> tuple[float, str]:
         def forward(m=m, xi=xi):
             with torch.inference_mode():
                 m(xi)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
         rate = median_rate(forward, 64, repeats)
         best = max(best, (rate, name))
     return best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def arch_rates(arch: str, device: torch.device, repeats: int) -> list[dict]:
