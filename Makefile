@@ -21,7 +21,7 @@ args = $(foreach v,$(call cli_vars,$(1)),$(call quote,$(2)$(v)=$(value $(v))))
 # running any $(shell ...) in it) to do so: they reach the runner as arguments only.
 unexport $(call cli_vars)
 
-.PHONY: help setup lab browser-deps test unit lint check-notebooks faces split run-all benchmark demo train-ddp bench clean
+.PHONY: help setup lab browser-deps test unit lint check-notebooks faces faces-merge split run-all benchmark demo train-ddp bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -63,8 +63,12 @@ lint: $(STAMP) ## Ruff over the package, tests and notebooks
 check-notebooks: $(STAMP) ## What a commit of the notebooks would carry has no outputs; each has one `parameters` cell, its first code cell
 	$(PY) -m dfutils check-notebooks notebooks/*.ipynb
 
-faces: $(STAMP) ## Run 00-faces headlessly into FACES_DIR, its notebook in FACES_DIR/faces-run (RAW_DIR= FACES_DIR= DATASET= ...)
-	$(PY) -m dfutils run-all --replace-run --beside-data STEPS=00-faces $(call args,RUN STEPS)
+faces: $(STAMP) ## Run 00-faces headlessly into FACES_DIR, its notebook in FACES_DIR/faces-run (RAW_DIR= FACES_DIR= DATASET= ...; SHARD=i/n or auto: one task of a cluster job)
+	$(if $(value SHARD),$(PY) -m dfutils faces $(call args,RUN STEPS),$(PY) -m dfutils run-all \
+		--replace-run --beside-data STEPS=00-faces $(call args,RUN STEPS))
+
+faces-merge: $(STAMP) ## Build FACES_DIR from the shards of `make faces SHARD=i/n` (the same variables, SHARD aside)
+	$(PY) -m dfutils merge $(call args,RUN STEPS SHARD)
 
 split: $(STAMP) ## Run 01-split headlessly into DATA_DIR, its notebook in DATA_DIR/split-run (RAW_DIR= DATA_DIR= ...)
 	$(PY) -m dfutils run-all --replace-run --beside-data STEPS=01-split $(call args,RUN STEPS)

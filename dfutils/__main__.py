@@ -159,6 +159,43 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _faces_params(words: list[str]) -> tuple[Params, str]:
+    """FacesParams from KEY=VALUE words, as make passes them (PARAMS=<yaml> and the
+    parameters of 00-faces, relative paths from the working directory), and SHARD's value."""
+    from dfutils.params import FacesParams, load_params
+
+    sets = dict(assignment(word) for word in words)
+    params_file, shard = sets.pop("params", None), sets.pop("shard", "")
+    return load_params(FacesParams, params_file and str(_here(params_file)),
+                       from_working_dir(sets)), shard
+
+
+def _faces(args: argparse.Namespace) -> int:
+    from dfutils import faces, shards
+
+    params, shard = _faces_params(args.assignments)
+    report = faces.extract_faces(params, shard=shards.resolve(shard))
+    if "shard" in report:
+        print(f"shard {report['shard']}: {report['n_sources']} sources, {report['n_crops']} "
+              f"crops in {report['folder']}", file=sys.stderr)
+    else:
+        print(f"{report['n_sources']} sources, {report['n_crops']} crops: "
+              f"{Path(params.faces_dir) / files.FACES_REPORT}", file=sys.stderr)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from dfutils import faces
+
+    params, shard = _faces_params(args.assignments)
+    if shard:
+        raise ParameterError(f"SHARD={shard}: merge joins every shard; give it without SHARD")
+    report = faces.merge_faces(params)
+    print(f"{report['n_sources']} sources, {report['n_crops']} crops: "
+          f"{Path(params.faces_dir) / files.FACES_REPORT}", file=sys.stderr)
+    return 0
+
+
 def _check_notebooks(args: argparse.Namespace) -> int:
     from dfutils.notebooks import check_notebooks
 
@@ -211,6 +248,27 @@ def build_parser() -> argparse.ArgumentParser:
                      f"FACES_DIR/{files.FACES_RUN} for STEPS=00-faces, "
                      f"DATA_DIR/{files.SPLIT_RUN} for STEPS=01-split (make faces, make split)")
     run.set_defaults(func=_run_all)
+
+    faces = commands.add_parser(
+        "faces", help="the faces step of 00-faces as a command: the whole job, or one shard "
+        "of a cluster job (SHARD=i/n or SHARD=auto)",
+        description="Crops the faces of RAW_DIR's photos and clips into FACES_DIR with the "
+        "parameters of 00-faces, given as KEY=VALUE words (PARAMS=<yaml> first, then each "
+        "KEY=VALUE wins), as `make faces` passes them. With SHARD=i/n (task i of n, from 0) "
+        "only that task's sources run, into FACES_DIR/parts/i-of-n; SHARD=auto reads i and n "
+        "from SLURM's or torchrun's environment; `merge` builds FACES_DIR from all of them. "
+        "A killed run resumes where it stopped. docs/cluster.md")
+    faces.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
+    faces.set_defaults(func=_faces)
+
+    merge = commands.add_parser(
+        "merge", help="build FACES_DIR from the shards of a cluster job (make faces-merge)",
+        description="Checks that every shard in FACES_DIR/parts is there and complete, made "
+        "with the same parameters (the same KEY=VALUE words as the shards, SHARD aside) from "
+        "the same inputs, names each one that is not, and builds FACES_DIR exactly as one "
+        "run would have. docs/cluster.md")
+    merge.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
+    merge.set_defaults(func=_merge)
 
     train = commands.add_parser(
         "train", help="the training step of 02-train as a command (also under torchrun)",

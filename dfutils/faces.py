@@ -15,26 +15,34 @@ in, and faces_dir may hold only what this step wrote (`folders.OwnedFolder`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import functools
 import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+import queue
+import re
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
+from PIL import Image
 
-from dfutils import CLASSES, datasets, files
+from dfutils import CLASSES, datasets, files, shards
 from dfutils.data import ImageLoadError, load_image
 from dfutils.datasets import Item, Listing
 from dfutils.folders import VIDEO_SUFFIXES, OwnedFolder
 from dfutils.params import FacesParams
-from dfutils.paths import fingerprint, resolve, write_json
+from dfutils.paths import atomic_path, fingerprint, resolve, write_json
 from dfutils.progress import tqdm
 
 # of faces.csv; group, split and method come from the data set (empty for real/ + fake/)
@@ -139,8 +147,25 @@ def sample_indices(n_frames: int, k: int) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, n_frames - 1, k)})
 
 
-def read_frames(path: Path, k: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(index, RGB frame) for k evenly spaced frames of a clip; FacesError if unreadable.
+# Frames above this many pixels are scaled down (INTER_AREA) before detection, so a
+# process's memory is bounded whatever the clip: 3840 x 2160 (4K UHD) passes unchanged.
+# Frames above Pillow's limit, the cap photos have (data.load_image), are not decoded.
+DETECT_PIXELS = 3840 * 2160
+
+
+def bounded(frame: np.ndarray) -> tuple[np.ndarray, float]:
+    """A frame scaled down to at most DETECT_PIXELS, and the scale applied (1.0: none)."""
+    height, width = frame.shape[:2]
+    if height * width <= DETECT_PIXELS:
+        return frame, 1.0
+    scale = (DETECT_PIXELS / (height * width)) ** 0.5
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA), size[0] / width
+
+
+def read_frames(path: Path, k: int) -> Iterator[tuple[int, np.ndarray, float]]:
+    """(index, RGB frame, scale) for k evenly spaced frames of a clip, each `bounded`;
+    FacesError if unreadable or if its frames are over the pixel cap.
 
     The frame count comes from the container; a truncated clip ends early, and yields
     the chosen frames it has.
@@ -152,6 +177,12 @@ def read_frames(path: Path, k: int) -> Iterator[tuple[int, np.ndarray]]:
         n_frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
         if n_frames <= 0:
             raise FacesError("the clip has no frames")
+        width, height = (int(capture.get(p)) for p in (cv2.CAP_PROP_FRAME_WIDTH,
+                                                        cv2.CAP_PROP_FRAME_HEIGHT))
+        if width * height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+            raise FacesError(f"frames of {width} x {height} pixels are over the cap of "
+                             f"{Image.MAX_IMAGE_PIXELS:,} that photos have too: scale the clip "
+                             "down (ffmpeg -vf scale=3840:-2)")
         wanted = sample_indices(n_frames, k)
         last, index = wanted[-1], 0
         chosen = set(wanted)
@@ -159,10 +190,50 @@ def read_frames(path: Path, k: int) -> Iterator[tuple[int, np.ndarray]]:
             if index in chosen:
                 ok, frame = capture.retrieve()
                 if ok:
-                    yield index, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+                    frame, scale = bounded(frame)
+                    yield index, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), scale
             index += 1
     finally:
         capture.release()
+
+
+def ahead(frames: Iterator, depth: int = 2) -> Iterator:
+    """The items of `frames`, produced by a thread up to `depth` ahead of the consumer.
+
+    OpenCV lets go of the GIL while it decodes, so a clip's next frames are decoded while
+    dlib looks for the face in this one. The thread stops when the consumer does.
+    """
+    out: queue.Queue = queue.Queue(depth)
+    stop, end = threading.Event(), object()
+
+    def produce() -> None:
+        try:
+            for item in frames:
+                while not stop.is_set():
+                    try:
+                        out.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put((end, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            out.put((end, error))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = out.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def scan(raw_dir: Path, params: FacesParams) -> Listing:
@@ -201,21 +272,29 @@ def _finder(params: FacesParams) -> FaceFinder:
     return _FINDER
 
 
-def faces_of(path: Path, finder: FaceFinder, frames_per_video: int
-             ) -> tuple[list[tuple[int, Face]], int]:
-    """The faces of one photo or clip as (frame index, face), and the frames read (a photo
-    is frame 0). FacesError or ImageLoadError when the file cannot be read."""
+class Found(NamedTuple):
+    faces: list[tuple[int, Face]]  # (frame index, face), the box in the source's pixels
+    n_frames: int  # frames read (a photo is frame 0)
+    scale: float  # the smallest scale `bounded` applied before detection (1.0: none)
+
+
+def faces_of(path: Path, finder: FaceFinder, frames_per_video: int) -> Found:
+    """The faces of one photo or clip. FacesError or ImageLoadError when the file cannot be
+    read."""
     if path.suffix.lower() in VIDEO_SUFFIXES:
-        frames = read_frames(path, frames_per_video)
+        frames = ahead(read_frames(path, frames_per_video))
     else:
-        frames = iter([(0, np.asarray(load_image(path)))])
-    found, n_frames = [], 0
-    for index, rgb in frames:
-        n_frames += 1
+        photo, scale = bounded(np.asarray(load_image(path)))
+        frames = iter([(0, photo, scale)])
+    found, n_frames, smallest = [], 0, 1.0
+    for index, rgb, scale in frames:
+        n_frames, smallest = n_frames + 1, min(smallest, scale)
         face = finder(rgb)
         if face is not None:
+            if scale != 1.0:
+                face = dataclasses.replace(face, box=tuple(round(v / scale) for v in face.box))
             found.append((index, face))
-    return found, n_frames
+    return Found(found, n_frames, smallest)
 
 
 def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: Item
@@ -230,12 +309,11 @@ def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: Item
     entry: dict = {"source": item.path, "label": item.label,
                    "kind": "video" if video else "photo", **carried}
     try:
-        found, n_frames = faces_of(raw_dir / item.path, _finder(params),
-                                   params.frames_per_video)
+        found = faces_of(raw_dir / item.path, _finder(params), params.frames_per_video)
     except (FacesError, ImageLoadError) as error:
         return [], {**entry, "reason": getattr(error, "reason", None) or str(error)}
-    stem, rows = crop_stem(item, params.dataset), []
-    for index, face in found:
+    stem, rows, n_frames = crop_stem(item, params.dataset), [], found.n_frames
+    for index, face in found.faces:
         crop = stem / f"{index:06d}.png" if video else stem.with_suffix(".png")
         (out / crop).parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(out / crop), cv2.cvtColor(face.crop, cv2.COLOR_RGB2BGR))
@@ -243,6 +321,9 @@ def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: Item
                      "frame": index, "box": json.dumps(face.box), "score": round(face.score, 4),
                      "landmarks": json.dumps(np.round(face.landmarks, 2).tolist()), **carried})
     entry.update(frames_read=n_frames, faces_found=len(rows))
+    if found.scale != 1.0:
+        entry["downscaled"] = (f"frames scaled by {found.scale:.3f} before detection (over "
+                               f"{DETECT_PIXELS:,} pixels); boxes are in the source's pixels")
     if not n_frames:
         entry["reason"] = "no frame could be decoded (truncated or corrupt clip)"
     elif video and n_frames < params.frames_per_video:
@@ -284,53 +365,240 @@ def read_report(faces_dir: str | os.PathLike) -> dict | None:
     return FOLDER.read_report(resolve(faces_dir))
 
 
-def extract_faces(params: FacesParams, workers: int | None = None) -> dict:
-    """Run the faces step; return its report. Same inputs and parameters: nothing is redone.
-
-    Sources are spread over worker processes (one source at a time each); a source that
-    cannot be read, or a frame without a face, is counted in the report, never fatal.
-    """
+def _inputs(params: FacesParams) -> tuple[Path, Path, Listing, dict, str]:
+    """raw_dir, faces_dir, the sources, the settings a report records and the inputs'
+    fingerprint: what a run, a shard and a merge must agree on. Nothing is written."""
     raw_dir, faces_dir = resolve(params.raw_dir).resolve(), resolve(params.faces_dir).resolve()
     if faces_dir == raw_dir or raw_dir in faces_dir.parents or faces_dir in raw_dir.parents:
         raise FacesError(f"faces_dir {faces_dir} and raw_dir {raw_dir} must not contain each "
                          "other")
     listing = scan(raw_dir, params)
     sources = listing.items
-    settings = recorded(params, raw_dir)
     stamp = hashlib.sha256((fingerprint(raw_dir, [item.path for item in sources]) + json.dumps(
         [(i.label, i.group, i.split, i.method) for i in sources])).encode()).hexdigest()
+    return raw_dir, faces_dir, listing, recorded(params, raw_dir), stamp
+
+
+def extract_faces(params: FacesParams, workers: int | None = None,
+                  shard: shards.Shard | None = None) -> dict:
+    """Run the faces step; return its report. Same inputs and parameters: nothing is redone.
+
+    Sources are spread over worker processes (one source at a time each); a source that
+    cannot be read, or a frame without a face, is counted in the report, never fatal. The
+    work goes to a part folder first (`Part`), one line per finished source, so a killed
+    run resumes where it stopped; with a `shard` (one task of a cluster job) only its part
+    is made, and `merge_faces` builds faces_dir from all of them. A whole run is the one
+    shard of one, merged at once: both roads give the same bytes.
+    """
+    raw_dir, faces_dir, listing, settings, stamp = _inputs(params)
     existing = FOLDER.current(faces_dir, settings, stamp, params.overwrite)
     if existing is not None:
         return existing
     model_file("shape_predictor_68_face_landmarks.dat")  # a missing install fails here, once
+    part = Part(faces_dir, shard or shards.WHOLE, settings, stamp)
+    part.check()
+    mine = [item for item in listing.items if part.shard.owns(item.path)]
+    report = part.run(mine, functools.partial(extract_source, raw_dir, part.folder, params),
+                      workers)
+    if shard is not None:
+        return report
+    return _merge(faces_dir, listing, settings, stamp, [part])
+
+
+def merge_faces(params: FacesParams) -> dict:
+    """Build faces_dir from the parts its shards wrote (`make faces-merge`); its report.
+
+    Every shard of the job must be there and complete, made with these parameters from
+    these inputs; each one that is not is named, with what to do, and nothing changes.
+    The result is what one run would have written, byte for byte; the parts go once it is
+    in place.
+    """
+    _, faces_dir, listing, settings, stamp = _inputs(params)
+    existing = FOLDER.current(faces_dir, settings, stamp, params.overwrite)
+    if existing is not None:
+        return existing
+    parts_dir = faces_dir / files.FACES_PARTS
+    found = sorted(p.name for p in parts_dir.iterdir()) if parts_dir.is_dir() else []
+    counts = sorted({int(m[2]) for m in map(Part.NAME.fullmatch, found) if m})
+    if not counts:
+        raise FacesError(f"{parts_dir} holds no shards to merge: run the faces step with "
+                         "SHARD=i/n (or auto) for every i first (docs/cluster.md)")
+    if len(counts) > 1:
+        raise FacesError(f"{parts_dir} holds shards of jobs of {' and '.join(map(str, counts))} "
+                         "tasks: delete the parts of the job you do not want, then merge")
+    parts = [Part(faces_dir, shards.Shard(i, counts[0]), settings, stamp)
+             for i in range(counts[0])]
+    problems = [problem for part in parts if (problem := part.problem()) is not None]
+    if problems:
+        raise FacesError(f"cannot merge the shards in {parts_dir}: " + "; ".join(problems))
+    return _merge(faces_dir, listing, settings, stamp, parts)
+
+
+def _merge(faces_dir: Path, listing: Listing, settings: dict, stamp: str,
+           parts: list[Part]) -> dict:
+    """faces_dir built from complete parts (crops linked, not copied), in the sources'
+    order; the parts are removed once it is in place."""
+    results = {source: result for part in parts for source, result in part.done().items()}
+    missing = [item.path for item in listing.items if item.path not in results]
+    if missing:  # a part's checks make this impossible; a bug must not write a half result
+        raise FacesError(f"the parts lack {len(missing)} source(s), e.g. {missing[0]}")
     with FOLDER.build(faces_dir) as built:
-        one = functools.partial(extract_source, raw_dir, built, params)
-        workers = workers or min(len(sources), os.cpu_count() or 1) or 1
-        bar = functools.partial(tqdm, total=len(sources), desc="faces", unit="source")
-        if workers == 1:
-            results = list(bar(map(one, sources)))
-        else:
-            with ProcessPoolExecutor(workers) as pool:
-                results = list(bar(pool.map(one, sources)))
-        rows = [row for source_rows, _ in results for row in source_rows]
-        entries = [entry for _, entry in results]
-        report = {
-            "params": settings, "fingerprint": stamp,
-            "n_sources": len(sources), "n_crops": len(rows),
-            "frames_read": sum(e.get("frames_read", 0) for e in entries),
-            "faces_found": sum(e.get("faces_found", 0) for e in entries),
-            "sources": entries,
-            "unreadable": [e for e in entries if "reason" in e],
-            "short_clips": sum("short" in e for e in entries),
-            "skipped": [{"source": p["path"], "reason": p["reason"]} for p in listing.problems],
-            "dataset": {"name": params.dataset, "rules": listing.rules},
-        }
+        rows, entries = [], []
+        for item in listing.items:
+            part_folder, source_rows, entry = results[item.path]
+            for row in source_rows:
+                (built / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+                _link(part_folder / row["path"], built / row["path"])
+            rows += source_rows
+            entries.append(entry)
+        report = _report(settings, stamp, listing, rows, entries)
         with open(built / files.FACES, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS)
             writer.writeheader()
             writer.writerows(rows)
         write_json(built / files.FACES_REPORT, report)
+    for part in parts:
+        part.remove()
     return report
+
+
+def _link(source: Path, target: Path) -> None:
+    """A crop into the result: a hard link (same bytes, no space), a copy where links fail."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _report(settings: dict, stamp: str, listing: Listing, rows: list[dict],
+            entries: list[dict]) -> dict:
+    return {
+        "params": settings, "fingerprint": stamp,
+        "n_sources": len(entries), "n_crops": len(rows),
+        "frames_read": sum(e.get("frames_read", 0) for e in entries),
+        "faces_found": sum(e.get("faces_found", 0) for e in entries),
+        "sources": entries,
+        "unreadable": [e for e in entries if "reason" in e],
+        "short_clips": sum("short" in e for e in entries),
+        "skipped": [{"source": p["path"], "reason": p["reason"]} for p in listing.problems],
+        "dataset": {"name": settings.get("dataset", "folder"), "rules": listing.rules},
+    }
+
+
+class Part:
+    """One shard's partial output, faces_dir/parts/<i>-of-<n>/: its crops, a journal (a
+    header line, then one line per finished source with its rows and report entry, written
+    after its crops) and, once every source of the shard is in the journal, done.json.
+
+    A journal line that a kill cut short is dropped; a part made with other parameters or
+    from other inputs starts afresh (it is this step's own scratch, never a result).
+    """
+
+    NAME = re.compile(r"(\d+)-of-(\d+)")
+    JOURNAL, DONE = "journal.jsonl", "done.json"
+
+    def __init__(self, faces_dir: Path, shard: shards.Shard, settings: dict, stamp: str):
+        self.shard, self.folder = shard, faces_dir / files.FACES_PARTS / shard.name
+        self.header = {"params": settings, "fingerprint": stamp, "shard": str(shard)}
+
+    def _lines(self) -> list[dict]:
+        """The journal's complete lines; [] when there is none."""
+        try:
+            text = (self.folder / self.JOURNAL).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return []
+        lines = []
+        for line in text.split("\n")[:-1]:  # the last piece lacks its newline: cut short
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                break
+        return lines
+
+    def check(self) -> None:
+        """Refuse, before anything is written, a parts folder that this step did not make."""
+        for folder in (self.folder.parent, self.folder):
+            if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+                raise FacesError(f"{folder} is in the way and was not written by the faces "
+                                 "step: move it or choose another faces_dir")
+        if self.folder.is_dir() and any(self.folder.iterdir()) and not self._lines():
+            raise FacesError(f"{self.folder} holds files but no journal of the faces step: it "
+                             "was not written by it; move it or choose another faces_dir")
+
+    def problem(self) -> str | None:
+        """Why this part cannot be merged, in words with the fix; None when it can."""
+        lines, again = self._lines(), f"run it again (SHARD={self.shard})"
+        if not lines:
+            return f"shard {self.shard} is missing: {again}"
+        head = lines[0]
+        if head.get("params") != self.header["params"]:
+            changed = sorted(k for k in {*head.get("params", {}), *self.header["params"]}
+                             if head.get("params", {}).get(k) != self.header["params"].get(k))
+            return (f"shard {self.shard} was made with other parameters ({', '.join(changed)}"
+                    f"): {again} with these")
+        if head.get("fingerprint") != self.header["fingerprint"]:
+            return (f"shard {self.shard} was made from other inputs (files were added, removed "
+                    f"or changed since): {again}")
+        if not (self.folder / self.DONE).is_file():
+            return (f"shard {self.shard} is not complete (it was stopped, failed or is still "
+                    f"running): {again}; it resumes where it stopped")
+        return None
+
+    def done(self) -> dict[str, tuple[Path, list[dict], dict]]:
+        """The finished sources of a current part: source -> (folder, rows, entry)."""
+        lines = self._lines()
+        if not lines or {k: lines[0].get(k) for k in self.header} != self.header:
+            return {}
+        return {line["source"]: (self.folder, line["rows"], line["entry"]) for line in lines[1:]}
+
+    def run(self, sources: list[Item], one: Callable[[Item], tuple[list[dict], dict]],
+            workers: int | None) -> dict:
+        """Extract the sources not yet in the journal, each written to it as it finishes;
+        the part's own report (the shard's sources only)."""
+        finished = self.done()
+        if not finished and self.folder.exists():  # another run's part, or an empty start
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        kept = [self.header, *self._lines()[1:]] if finished else [self.header]
+        with atomic_path(self.folder / self.JOURNAL) as tmp:  # without a cut line
+            tmp.write_text("".join(json.dumps(line) + "\n" for line in kept), encoding="utf-8")
+        todo = [item for item in sources if item.path not in finished]
+        workers = workers or min(len(todo), os.cpu_count() or 1) or 1
+        with open(self.folder / self.JOURNAL, "a", encoding="utf-8") as journal, \
+                tqdm(total=len(sources), initial=len(sources) - len(todo), desc="faces",
+                     unit="source") as bar:
+            for item, (rows, entry) in _map(one, todo, workers):
+                journal.write(json.dumps({"source": item.path, "rows": rows,
+                                          "entry": entry}) + "\n")
+                journal.flush()
+                bar.update()
+        write_json(self.folder / self.DONE, {**self.header, "n_sources": len(sources)})
+        finished = self.done()
+        rows = [row for item in sources for row in finished[item.path][1]]
+        entries = [finished[item.path][2] for item in sources]
+        return {**_report(self.header["params"], self.header["fingerprint"],
+                          Listing([], [], {}), rows, entries), "shard": str(self.shard),
+                "folder": str(self.folder)}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder)
+        with contextlib.suppress(OSError):  # the last part out removes parts/
+            self.folder.parent.rmdir()
+
+
+def _map(one: Callable, items: list, workers: int) -> Iterator[tuple]:
+    """(item, one(item)) as each finishes: in this process, or over `workers` processes."""
+    if workers == 1:
+        yield from ((item, one(item)) for item in items)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        futures = {pool.submit(one, item): item for item in items}
+        try:
+            for future in as_completed(futures):
+                yield futures.pop(future), future.result()
+        except BaseException:  # Ctrl-C: what is running finishes, the rest never starts
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def read_faces(faces_dir: str | os.PathLike) -> dict[str, dict]:

@@ -41,6 +41,7 @@ SPLIT_RUN = "split-run"  # `make split` keeps its notebook and run record here
 FACES = "faces.csv"  # one row per crop: source, frame, box, score, landmarks
 FACES_REPORT = "faces_report.json"  # per source: frames read, faces found, or why not
 FACES_RUN = "faces-run"
+FACES_PARTS = "parts"  # parts/<i>-of-<n>/: a shard's crops and journal until they are merged
 
 # The demo data set (data/demo_raw/ by default): real/, fake/, fake/masks/ and this.
 DEMO_RECORD = "demo.json"

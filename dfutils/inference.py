@@ -200,7 +200,7 @@ def predict_faces(checkpoint: Checkpoint, inputs: Sequence[Input], batch_size: i
             rows.append({**row, "status": f"error: {item.problem}"})
             continue
         try:
-            found, row["n_frames"] = faces_of(item.path, finder, params.frames_per_video)
+            found, row["n_frames"], _ = faces_of(item.path, finder, params.frames_per_video)
         except (FacesError, ImageLoadError) as error:
             rows.append({**row, "status": f"error: {getattr(error, 'reason', None) or error}"})
             continue

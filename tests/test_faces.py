@@ -70,9 +70,9 @@ def test_the_chosen_frames_are_decoded_exactly(raw):
             break
         full.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
     chosen = list(faces.read_frames(clip, 5))
-    assert [i for i, _ in chosen] == faces.sample_indices(len(full), 5)
-    for index, frame in chosen:
-        assert np.array_equal(frame, full[index])
+    assert [i for i, _, _ in chosen] == faces.sample_indices(len(full), 5)
+    for index, frame, scale in chosen:
+        assert np.array_equal(frame, full[index]) and scale == 1.0
 
 
 def test_each_crop_holds_the_face_where_it_is(extracted, raw):

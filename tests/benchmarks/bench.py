@@ -290,7 +290,7 @@ def faces_rates(root: Path, n_clips: int, repeats: int) -> dict:
     raw = clip_folder(root / "clips", n_clips)
     clips = sorted(raw.rglob("*.mp4"))
     params = FacesParams(raw_dir=str(raw), faces_dir=str(root / "f"))
-    frames = [f for clip in clips for _, f in faces.read_frames(clip, params.frames_per_video)]
+    frames = [f for clip in clips for _, f, _ in faces.read_frames(clip, params.frames_per_video)]
     finder = faces.FaceFinder(params)
     runs = iter(range(10_000))
 

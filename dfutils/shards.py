@@ -1,0 +1,95 @@
+"""Work split over the tasks of a cluster job: which task owns which input, and where a
+task's partial output lives until `merge` joins them.
+
+A shard is "i/n" (task i of n, counted from 0). Its inputs are those whose key hashes to i
+modulo n: the same content-free idea as the split's ranking, so the partition depends on
+nothing but each input's own key and n. Adding a file moves no other file to another
+shard, and every task computes the same partition without talking to the others.
+
+`shard` takes "" (the whole job, one task), "i/n" (given by hand, which always wins), or
+"auto": read from the scheduler's environment, in this order:
+SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (a job array: one task per array element;
+the index counts from SLURM_ARRAY_TASK_MIN), then SLURM_PROCID / SLURM_NTASKS (the tasks
+of one `srun`), then RANK / WORLD_SIZE (torchrun). The first pair that is set is used; a
+job array runs each element with SLURM_PROCID 0 of 1, so the array must come first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# The scheduler variables read by shard="auto", in the order they are tried:
+# (index, count, the index's first value or None).
+ENVIRONMENT = (("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"),
+               ("SLURM_PROCID", "SLURM_NTASKS", None),
+               ("RANK", "WORLD_SIZE", None))
+
+
+class ShardError(ValueError):
+    """A shard cannot be read, or shards cannot be merged; the message says why."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @property
+    def name(self) -> str:
+        """The shard's partial output is named by this: 3-of-64."""
+        return f"{self.index}-of-{self.count}"
+
+    def owns(self, key: str) -> bool:
+        return owner(key, self.count) == self.index
+
+
+WHOLE = Shard(0, 1)  # the whole job is the one shard of one
+
+
+def owner(key: str, count: int) -> int:
+    """The shard (0 .. count-1) that owns the input called `key`."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()[:8],
+                          "big") % count
+
+
+def parse(text: str, what: str = "SHARD") -> Shard:
+    """"i/n" as a Shard; ShardError naming `what` unless 0 <= i < n."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not int(match[1]) < int(match[2]):
+        raise ShardError(f"{what}={text!r}: give i/n with 0 <= i < n (task i of n, counted "
+                         "from 0), e.g. 3/64; or auto to read the scheduler's environment")
+    return Shard(int(match[1]), int(match[2]))
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> Shard:
+    """The shard the scheduler's environment gives (the module's docstring has the order)."""
+    environ = os.environ if environ is None else environ
+    for index, count, first in ENVIRONMENT:
+        if index in environ and count in environ:
+            try:
+                i = int(environ[index]) - (int(environ[first]) if first and first in environ
+                                           else 0)
+                return parse(f"{i}/{int(environ[count])}", f"{index}/{count}")
+            except ValueError:
+                raise ShardError(f"{index}={environ[index]!r} with {count}="
+                                 f"{environ[count]!r} is not a task of a job") from None
+    names = ", ".join(f"{i} and {c}" for i, c, _ in ENVIRONMENT)
+    raise ShardError(f"SHARD=auto found no scheduler's variables ({names}): run it as a task "
+                     "of a job array, srun or torchrun, or give SHARD=i/n")
+
+
+def resolve(text: str, environ: Mapping[str, str] | None = None, what: str = "SHARD"
+            ) -> Shard | None:
+    """The `shard` parameter as a Shard; None for the whole job ("")."""
+    if not text.strip():
+        return None
+    if text.strip() == "auto":
+        return from_environment(environ)
+    return parse(text, what)

@@ -1,0 +1,247 @@
+"""The faces step over the tasks of a cluster job (dfutils.shards): the partition, the
+scheduler's environment, the merge against a single run, and a killed run's resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import frame_of, one_line_error, write_clip
+
+from dfutils import faces, files, shards
+from dfutils.__main__ import main
+from dfutils.params import FacesParams
+
+PARAMS = {"frames_per_video": 3, "face_size": 48}
+WORDS = [f"{k.upper()}={v}" for k, v in PARAMS.items()]
+
+
+def contents(root: Path) -> dict[str, str]:
+    """Every file under root with its content hash."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    """Eight clips, two photos and an unreadable clip, over both classes."""
+    root = tmp_path_factory.mktemp("cluster") / "raw"
+    for i in range(4):
+        write_clip(root / "real" / f"r{i}.mp4", 4, shade=40 + 10 * i)
+        write_clip(root / "fake" / "swaps" / f"f{i}.mp4", 4, shade=90 + 10 * i)
+    cv2.imwrite(str(root / "real" / "photo.jpg"), cv2.cvtColor(frame_of(1)[0], cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(root / "fake" / "photo.png"),
+                cv2.cvtColor(frame_of(2, shade=150)[0], cv2.COLOR_RGB2BGR))
+    (root / "fake" / "broken.mp4").write_text("not a video")
+    return root
+
+
+@pytest.fixture(scope="module")
+def single(raw, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "faces"
+    faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(out), **PARAMS))
+    return out
+
+
+def run_cli(*words: str) -> int:
+    return main(list(words))
+
+
+def test_the_partition_is_stable_when_files_are_added():
+    keys = [f"real/clip_{i}.mp4" for i in range(2000)]
+    before = {key: shards.owner(key, 7) for key in keys}
+    after = {key: shards.owner(key, 7) for key in [*keys, "real/new.mp4", "fake/x/new.mp4"]}
+    assert all(after[key] == owner for key, owner in before.items())  # nobody moved
+    sizes = np.bincount(list(before.values()), minlength=7)
+    assert sizes.min() > 2000 / 7 * 0.8  # and the shards are near even
+
+
+@pytest.mark.parametrize("environ,expected", [
+    ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "64", "SLURM_ARRAY_TASK_MIN": "0",
+      "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, shards.Shard(5, 64)),  # the array wins
+    ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"},
+     shards.Shard(3, 4)),  # --array=1-4
+    ({"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "RANK": "0", "WORLD_SIZE": "1"},
+     shards.Shard(2, 3)),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, shards.Shard(1, 2)),
+])
+def test_the_schedulers_environment_gives_the_shard(environ, expected):
+    assert shards.resolve("auto", environ) == expected
+    assert shards.resolve("0/9", environ) == shards.Shard(0, 9)  # given by hand, it wins
+    assert shards.resolve("", environ) is None
+
+
+@pytest.mark.parametrize("text,environ,words", [
+    ("3/3", {}, "SHARD='3/3'"), ("x", {}, "i/n"), ("-1/2", {}, "i/n"),
+    ("auto", {}, "no scheduler's variables"),
+    ("auto", {"RANK": "a", "WORLD_SIZE": "2"}, "RANK='a'"),
+])
+def test_a_bad_shard_is_named(text, environ, words):
+    with pytest.raises(shards.ShardError, match=words):
+        shards.resolve(text, environ)
+
+
+SCHEDULERS = {  # the variables each scheduler sets for task k of n
+    "slurm-array": lambda k, n: {"SLURM_ARRAY_TASK_ID": str(k), "SLURM_ARRAY_TASK_COUNT": str(n),
+                                 "SLURM_ARRAY_TASK_MIN": "0", "SLURM_PROCID": "0",
+                                 "SLURM_NTASKS": "1"},
+    "srun": lambda k, n: {"SLURM_PROCID": str(k), "SLURM_NTASKS": str(n)},
+    "torchrun": lambda k, n: {"RANK": str(k), "WORLD_SIZE": str(n), "LOCAL_RANK": str(k)},
+}
+
+
+@pytest.mark.parametrize("scheduler,n", [("slurm-array", 2), ("srun", 3), ("torchrun", 3)])
+def test_sharded_runs_merge_to_the_bytes_of_a_single_run(raw, single, tmp_path, monkeypatch,
+                                                         scheduler, n):
+    out = tmp_path / "faces"
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_PROCID", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+    for k in range(n):
+        with monkeypatch.context() as m:
+            for name, value in SCHEDULERS[scheduler](k, n).items():
+                m.setenv(name, value)
+            assert run_cli("faces", f"RAW_DIR={raw}", f"FACES_DIR={out}", "SHARD=auto",
+                           *WORDS) == 0
+        part = out / files.FACES_PARTS / f"{k}-of-{n}"
+        seen += [json.loads(line)["source"] for line in
+                 (part / "journal.jsonl").read_text().splitlines()[1:]]
+        assert not (out / files.FACES).exists()  # a shard writes only its part
+    assert sorted(seen) == sorted(e["source"] for e in faces.read_report(single)["sources"])
+    assert run_cli("merge", f"RAW_DIR={raw}", f"FACES_DIR={out}", *WORDS) == 0
+    assert contents(out) == contents(single)  # crops, faces.csv and report, byte for byte
+    assert not (out / files.FACES_PARTS).exists()
+
+
+def shard_all(raw: Path, out: Path, n: int, changed: dict | None = None) -> None:
+    changed = changed or {}
+    for k in range(n):
+        faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(out),
+                                        **{**PARAMS, **changed.get(k, {})}),
+                            workers=1, shard=shards.Shard(k, n))
+
+
+def test_merge_names_a_missing_a_foreign_and_a_half_written_shard(raw, tmp_path, capsys):
+    out = tmp_path / "faces"
+    shard_all(raw, out, 4, {1: {"face_margin": 1.5}})
+    parts = out / files.FACES_PARTS
+    (parts / "2-of-4" / "done.json").unlink()  # as a kill mid-shard leaves it
+    journal = parts / "2-of-4" / "journal.jsonl"
+    journal.write_text(journal.read_text()[:-20])  # with its last line cut short
+    shutil.rmtree(parts / "3-of-4")
+    before = contents(out)
+    assert run_cli("merge", f"RAW_DIR={raw}", f"FACES_DIR={out}", *WORDS) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert "shard 1/4 was made with other parameters (face_margin)" in error
+    assert "shard 2/4 is not complete" in error and "SHARD=2/4" in error
+    assert "shard 3/4 is missing" in error and "shard 0/4" not in error
+    assert contents(out) == before  # nothing changed
+    for k in (1, 2, 3):  # re-running one shard replaces only it
+        kept = {p: h for p, h in contents(out).items() if not p.startswith(f"parts/{k}-of-4")}
+        faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(out), **PARAMS),
+                            workers=1, shard=shards.Shard(k, 4))
+        assert {p: h for p, h in contents(out).items() if p in kept} == kept
+    assert faces.merge_faces(FacesParams(raw_dir=str(raw), faces_dir=str(out), **PARAMS))
+
+
+def test_merge_refuses_shards_made_before_the_inputs_changed(raw, tmp_path):
+    moved = tmp_path / "raw"
+    shutil.copytree(raw, moved)
+    out = tmp_path / "faces"
+    shard_all(moved, out, 2)
+    write_clip(moved / "real" / "late.mp4", 4, shade=70)
+    with pytest.raises(faces.FacesError, match="made from other inputs"):
+        faces.merge_faces(FacesParams(raw_dir=str(moved), faces_dir=str(out), **PARAMS))
+
+
+def test_merge_without_shards_and_with_two_jobs_says_what_to_do(raw, tmp_path):
+    out = tmp_path / "faces"
+    params = FacesParams(raw_dir=str(raw), faces_dir=str(out), **PARAMS)
+    with pytest.raises(faces.FacesError, match="holds no shards to merge"):
+        faces.merge_faces(params)
+    faces.extract_faces(params, workers=1, shard=shards.Shard(0, 2))
+    faces.extract_faces(params, workers=1, shard=shards.Shard(0, 3))
+    with pytest.raises(faces.FacesError, match="jobs of 2 and 3 tasks"):
+        faces.merge_faces(params)
+
+
+def test_a_killed_faces_run_resumes_without_decoding_the_finished_clips(raw, single, tmp_path,
+                                                                        monkeypatch):
+    out = tmp_path / "faces"
+    command = [sys.executable, "-m", "dfutils", "faces", f"RAW_DIR={raw}", f"FACES_DIR={out}",
+               *WORDS]
+    journal = out / files.FACES_PARTS / "0-of-1" / "journal.jsonl"
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None and not (
+                journal.exists() and len(journal.read_text().splitlines()) >= 4):
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the runner and its workers, mid-way
+        process.wait()
+    finished = [json.loads(line)["source"] for line in journal.read_text().splitlines()[1:]
+                if line.strip()]
+    assert 3 <= len(finished) < 11, "the run was not killed mid-way"
+    assert not (out / files.FACES).exists()
+
+    decoded = []
+    real_faces_of = faces.faces_of
+    monkeypatch.setattr(faces, "faces_of", lambda path, *a: decoded.append(path.relative_to(
+        raw).as_posix()) or real_faces_of(path, *a))
+    faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(out), **PARAMS), workers=1)
+    assert not set(decoded) & set(finished) and len(decoded) + len(finished) == 11
+    assert contents(out) == contents(single)
+
+
+def test_a_frame_over_the_detection_cap_is_scaled_down_and_said(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    write_clip(raw / "real" / "a.mp4", 2)
+    write_clip(raw / "fake" / "b.mp4", 2, shade=90)
+    plain = faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(tmp_path / "plain"),
+                                            **PARAMS), workers=1)
+    monkeypatch.setattr(faces, "DETECT_PIXELS", 250 * 300)  # frames are 300 x 360
+    capped = faces.extract_faces(FacesParams(raw_dir=str(raw),
+                                             faces_dir=str(tmp_path / "capped"), **PARAMS),
+                                 workers=1)
+    entry = next(e for e in capped["sources"] if e["source"] == "real/a.mp4")
+    assert "scaled by 0.833 before detection" in entry["downscaled"]
+    assert "downscaled" not in next(e for e in plain["sources"] if e["source"] == "real/a.mp4")
+    plain_rows, capped_rows = (faces.read_faces(tmp_path / f) for f in ("plain", "capped"))
+    assert plain_rows.keys() == capped_rows.keys()
+    for path, row in plain_rows.items():  # the box stays in the source's pixels
+        centres = [np.reshape(rows[path]["box"], (2, 2)).mean(axis=0)
+                   for rows in (capped_rows, plain_rows)]  # (in the detector's: 20 px off)
+        assert np.abs(centres[0] - centres[1]).max() < 10
+
+
+def test_a_clip_over_the_pixel_cap_is_refused_before_decoding(tmp_path, small_pixel_limit):
+    raw = tmp_path / "raw"
+    write_clip(raw / "real" / "a.mp4", 2)
+    (raw / "fake").mkdir()
+    report = faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(tmp_path / "f"),
+                                             **PARAMS), workers=1)
+    reason = report["unreadable"][0]["reason"]
+    assert reason.startswith("frames of 360 x 300 pixels are over the cap of 500")
+
+
+def test_frames_decoded_ahead_stop_with_the_consumer_and_carry_errors():
+    def frames():
+        yield 1
+        yield 2
+        raise faces.FacesError("broken at frame 3")
+
+    assert next(iter(faces.ahead(iter(range(10**6))))) == 0  # stops without draining
+    with pytest.raises(faces.FacesError, match="frame 3"):
+        list(faces.ahead(frames()))
