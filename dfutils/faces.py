@@ -28,7 +28,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -78,12 +78,18 @@ class FaceFinder:
     def __init__(self, params: FacesParams):
         import dlib  # heavy, and not needed by the rest of the package
 
-        self.params = params
+        self.params, self.settings = params, self.settings_of(params)
         self.detector = dlib.get_frontal_face_detector()
         self.landmarks68 = dlib.shape_predictor(str(model_file(
             "shape_predictor_68_face_landmarks.dat")))
         self.landmarks5 = (dlib.shape_predictor(str(model_file(
             "shape_predictor_5_face_landmarks.dat"))) if params.align else None)
+
+    @staticmethod
+    def settings_of(params: FacesParams) -> tuple:
+        """What a FaceFinder does depends on these parameters alone."""
+        return (params.upsample, params.min_score, params.align, params.face_margin,
+                params.face_size)
 
     def detect(self, rgb: np.ndarray, upsample: int | None = None
                ) -> tuple[object, float, np.ndarray] | None:
@@ -266,8 +272,10 @@ _FINDER: FaceFinder | None = None  # one per worker process: dlib's models do no
 
 
 def _finder(params: FacesParams) -> FaceFinder:
+    """This process's FaceFinder, loaded again only when a setting it uses changed (loading
+    the landmark models takes about a second)."""
     global _FINDER
-    if _FINDER is None or _FINDER.params != params:
+    if _FINDER is None or _FINDER.settings != FaceFinder.settings_of(params):
         _FINDER = FaceFinder(params)
     return _FINDER
 
@@ -278,9 +286,10 @@ class Found(NamedTuple):
     scale: float  # the smallest scale `bounded` applied before detection (1.0: none)
 
 
-def faces_of(path: Path, finder: FaceFinder, frames_per_video: int) -> Found:
-    """The faces of one photo or clip. FacesError or ImageLoadError when the file cannot be
-    read."""
+def faces_of(path: Path, finder: FaceFinder, frames_per_video: int,
+             each: Callable[[int, Face], None] | None = None) -> Found:
+    """The faces of one photo or clip; `each(index, face)` hears each one as it is found.
+    FacesError or ImageLoadError when the file cannot be read."""
     if path.suffix.lower() in VIDEO_SUFFIXES:
         frames = ahead(read_frames(path, frames_per_video))
     else:
@@ -294,6 +303,8 @@ def faces_of(path: Path, finder: FaceFinder, frames_per_video: int) -> Found:
             if scale != 1.0:
                 face = dataclasses.replace(face, box=tuple(round(v / scale) for v in face.box))
             found.append((index, face))
+            if each is not None:
+                each(index, face)
     return Found(found, n_frames, smallest)
 
 
@@ -308,17 +319,34 @@ def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: Item
     carried = {"group": item.group, "split": item.split, "method": item.method}
     entry: dict = {"source": item.path, "label": item.label,
                    "kind": "video" if video else "photo", **carried}
-    try:
-        found = faces_of(raw_dir / item.path, _finder(params), params.frames_per_video)
-    except (FacesError, ImageLoadError) as error:
-        return [], {**entry, "reason": getattr(error, "reason", None) or str(error)}
-    stem, rows, n_frames = crop_stem(item, params.dataset), [], found.n_frames
+    stem, rows = crop_stem(item, params.dataset), []
+
+    def crop_of(index: int) -> Path:
+        return stem / f"{index:06d}.png" if video else stem.with_suffix(".png")
+
+    def write(index: int, face: Face) -> None:
+        (out / crop_of(index)).parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(out / crop_of(index)), cv2.cvtColor(face.crop,
+                                                                   cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {out / crop_of(index)}")
+
+    # Crops are encoded and written by a thread (OpenCV lets go of the GIL) while the next
+    # frame's face is found; every write is done before the source counts as finished.
+    with ThreadPoolExecutor(1) as writer:
+        written: list[Future] = []
+        try:
+            found = faces_of(raw_dir / item.path, _finder(params), params.frames_per_video,
+                             lambda index, face: written.append(writer.submit(write, index,
+                                                                             face)))
+        except (FacesError, ImageLoadError) as error:
+            return [], {**entry, "reason": getattr(error, "reason", None) or str(error)}
+        for future in written:
+            future.result()
+    n_frames = found.n_frames
     for index, face in found.faces:
-        crop = stem / f"{index:06d}.png" if video else stem.with_suffix(".png")
-        (out / crop).parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(out / crop), cv2.cvtColor(face.crop, cv2.COLOR_RGB2BGR))
-        rows.append({"path": crop.as_posix(), "label": item.label, "source": item.path,
-                     "frame": index, "box": json.dumps(face.box), "score": round(face.score, 4),
+        rows.append({"path": crop_of(index).as_posix(), "label": item.label,
+                     "source": item.path, "frame": index, "box": json.dumps(face.box),
+                     "score": round(face.score, 4),
                      "landmarks": json.dumps(np.round(face.landmarks, 2).tolist()), **carried})
     entry.update(frames_read=n_frames, faces_found=len(rows))
     if found.scale != 1.0:
