@@ -68,7 +68,7 @@ faces: $(STAMP) ## Run 00-faces headlessly into FACES_DIR, its notebook in FACES
 		--replace-run --beside-data STEPS=00-faces $(call args,RUN STEPS))
 
 faces-merge: $(STAMP) ## Build FACES_DIR from the shards of `make faces SHARD=i/n` (the same variables, SHARD aside)
-	$(PY) -m dfutils merge $(call args,RUN STEPS SHARD)
+	$(PY) -m dfutils merge faces $(call args,RUN STEPS SHARD)
 
 split: $(STAMP) ## Run 01-split headlessly into DATA_DIR, its notebook in DATA_DIR/split-run (RAW_DIR= DATA_DIR= ...)
 	$(PY) -m dfutils run-all --replace-run --beside-data STEPS=01-split $(call args,RUN STEPS)

@@ -114,10 +114,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from dfutils import shards
     from dfutils.inference import predict_run
 
     params = _params(PredictParams, args, run_dir=str(_here(args.run)), faces=not args.no_faces)
-    predictions = predict_run(params, log=lambda line: print(line, file=sys.stderr))
+    shard = shards.resolve(args.shard, what="--shard")
+    predictions = predict_run(params, log=lambda line: print(line, file=sys.stderr),
+                              shard=shard)
     for row in predictions.rows:
         if row["status"] != "ok":
             print(f"cannot score {row['path']}: {row['status'][len('error: '):]}",
@@ -130,18 +133,33 @@ def _predict(args: argparse.Namespace) -> int:
         writer.writerows(predictions.rows)
     if params.cam_dir and predictions.n_scored:
         print(f"Grad-CAM overlays: {params.cam_dir}", file=sys.stderr)
-    print(f"{predictions.n_scored} of {len(predictions.rows)} files scored", file=sys.stderr)
-    return 0 if predictions.n_scored else 1
+    print(f"{f'shard {shard}: ' if shard else ''}{predictions.n_scored} of "
+          f"{len(predictions.rows)} files scored", file=sys.stderr)
+    return 0 if predictions.n_scored or shard else 1
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dfutils.inference import evaluate_folder
-    from dfutils.metrics import metrics_line
-    from dfutils.model import threshold_text
+    from dfutils import shards
+    from dfutils.inference import evaluate_folder, report_name
 
     params = _params(EvalParams, args, run_dir=str(_here(args.run)),
                      eval_dir=str(_here(args.data)), faces=not args.no_faces)
-    report, _ = evaluate_folder(params)
+    shard = shards.resolve(args.shard, what="--shard")
+    report, _ = evaluate_folder(params, shard=shard)
+    if shard is not None:
+        parts = files.eval_folder(Path(args.run), report_name(params)) / files.EVAL_PARTS
+        print(f"shard {shard}: scored into {parts}; `dfutils merge evaluate --run {args.run} "
+              f"--name {report_name(params)}` writes the report from every part",
+              file=sys.stderr)
+        return 0
+    _print_evaluation(report, Path(args.run))
+    return 0
+
+
+def _print_evaluation(report: dict, run: Path) -> None:
+    from dfutils.metrics import metrics_line
+    from dfutils.model import threshold_text
+
     m = report["metrics"]
     print(threshold_text(report["threshold"], report["threshold_rule"]))
     print(f"{report['n_images']} images: {metrics_line(m)}  ECE "
@@ -155,8 +173,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                                   for r in levels))
     for item in report["unreadable"]:
         print(f"cannot read {item['path']}: {item['reason']}", file=sys.stderr)
-    print(f"report: {files.eval_folder(Path(args.run), report['name']) / files.EVAL_REPORT}")
-    return 0
+    print(f"report: {files.eval_folder(run, report['name']) / files.EVAL_REPORT}")
 
 
 def _faces_params(words: list[str]) -> tuple[Params, str]:
@@ -184,7 +201,7 @@ def _faces(args: argparse.Namespace) -> int:
     return 0
 
 
-def _merge(args: argparse.Namespace) -> int:
+def _merge_faces(args: argparse.Namespace) -> int:
     from dfutils import faces
 
     params, shard = _faces_params(args.assignments)
@@ -193,6 +210,23 @@ def _merge(args: argparse.Namespace) -> int:
     report = faces.merge_faces(params)
     print(f"{report['n_sources']} sources, {report['n_crops']} crops: "
           f"{Path(params.faces_dir) / files.FACES_REPORT}", file=sys.stderr)
+    return 0
+
+
+def _merge_predict(args: argparse.Namespace) -> int:
+    from dfutils.inference import merge_predictions
+
+    predictions = merge_predictions(_here(args.out))
+    print(f"{predictions.n_scored} of {len(predictions.rows)} files scored: {args.out}",
+          file=sys.stderr)
+    return 0
+
+
+def _merge_evaluate(args: argparse.Namespace) -> int:
+    from dfutils.inference import merge_evaluation
+
+    report, _ = merge_evaluation(_here(args.run), args.name)
+    _print_evaluation(report, Path(args.run))
     return 0
 
 
@@ -217,6 +251,12 @@ def _install_kernel(args: argparse.Namespace) -> int:
 
     print(f"kernel installed: {install_kernel()}")
     return 0
+
+
+def _shard_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--shard", default="", metavar="i/n|auto",
+                        help=f"run task i of n (from 0) of a cluster job: {what}; auto reads "
+                        "i and n from SLURM's or torchrun's environment (docs/cluster.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,13 +302,29 @@ def build_parser() -> argparse.ArgumentParser:
     faces.set_defaults(func=_faces)
 
     merge = commands.add_parser(
-        "merge", help="build FACES_DIR from the shards of a cluster job (make faces-merge)",
-        description="Checks that every shard in FACES_DIR/parts is there and complete, made "
-        "with the same parameters (the same KEY=VALUE words as the shards, SHARD aside) from "
-        "the same inputs, names each one that is not, and builds FACES_DIR exactly as one "
-        "run would have. docs/cluster.md")
-    merge.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
-    merge.set_defaults(func=_merge)
+        "merge", help="join the parts of a job run as shards (faces, predict, evaluate)",
+        description="Checks that every shard's part is there and complete, made with the same "
+        "parameters from the same inputs, names each one that is not (nothing changes then), "
+        "and writes the result exactly as one run would have; the parts go once it is in "
+        "place. docs/cluster.md")
+    merged = merge.add_subparsers(dest="what", required=True)
+    merge_faces = merged.add_parser(
+        "faces", help="build FACES_DIR from FACES_DIR/parts (make faces-merge)",
+        description="The same KEY=VALUE words as the shards were given (PARAMS=<yaml> and "
+        "the parameters of 00-faces), SHARD aside: the merge checks every shard against them "
+        "and against the files in RAW_DIR.")
+    merge_faces.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
+    merge_faces.set_defaults(func=_merge_faces)
+    merge_predict = merged.add_parser(
+        "predict", help="write --out (and the tasks' --frames-out) from <out>.parts/")
+    merge_predict.add_argument("--out", required=True, help="the --out the tasks were given")
+    merge_predict.set_defaults(func=_merge_predict)
+    merge_evaluate = merged.add_parser(
+        "evaluate", help="write <run>/eval/<name>/report.json from its parts/")
+    merge_evaluate.add_argument("--run", required=True, help="the run the tasks evaluated")
+    merge_evaluate.add_argument("--name", required=True, help="the report's name (the folder "
+                                "under <run>/eval/ that holds parts/)")
+    merge_evaluate.set_defaults(func=_merge_evaluate)
 
     train = commands.add_parser(
         "train", help="the training step of 02-train as a command (also under torchrun)",
@@ -302,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--no-faces", action="store_true",
                          help="score the files as they are, even when the run was trained "
                          "on face crops (FACES=1)")
+    _shard_option(predict, "the inputs it owns, into <out>.parts/; `merge predict` writes "
+                  "--out")
     predict.set_defaults(func=_predict)
 
     evaluate = commands.add_parser(
@@ -322,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-faces", action="store_true",
                           help="score the images as they are, even when the run was trained "
                           "on face crops (FACES=1)")
+    _shard_option(evaluate, "the images it owns, into <run>/eval/<name>/parts/; `merge "
+                  "evaluate` writes the report")
     evaluate.set_defaults(func=_evaluate)
 
     demo = commands.add_parser("demo", help="build the demo data set (data/demo_raw)")

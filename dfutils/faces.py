@@ -606,7 +606,7 @@ class Part:
         entries = [finished[item.path][2] for item in sources]
         return {**_report(self.header["params"], self.header["fingerprint"],
                           Listing([], [], {}), rows, entries), "shard": str(self.shard),
-                "folder": str(self.folder)}
+                "folder": str(self.folder), "rows": rows}
 
     def remove(self) -> None:
         shutil.rmtree(self.folder)

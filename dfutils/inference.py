@@ -4,6 +4,7 @@ labelled folder or a split's val or test images (`evaluate_folder`) with robustn
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
-from dfutils import LABELS, archs, files
+from dfutils import LABELS, archs, files, shards
 from dfutils.data import ImageLoadError, eval_transform, load_image, read_manifest
 from dfutils.distributed import device as default_device
 from dfutils.folders import IMAGE_SUFFIXES, scan_classes
@@ -29,7 +30,14 @@ from dfutils.metrics import (
 )
 from dfutils.model import Checkpoint, for_inference, forward, load_checkpoint, threshold_text
 from dfutils.params import Amp, EvalParams, PredictParams
-from dfutils.paths import file_problem, is_plain_name, resolve, write_csv, write_json
+from dfutils.paths import (
+    file_problem,
+    fingerprint,
+    is_plain_name,
+    resolve,
+    write_csv,
+    write_json,
+)
 from dfutils.progress import tqdm
 
 Perturb = Callable[[Image.Image], Image.Image]
@@ -232,24 +240,37 @@ def labelled_files(data_dir: str | os.PathLike) -> tuple[list[Path], np.ndarray,
             np.array([LABELS[label] for _, label in candidates]), skipped)
 
 
-def face_crops(checkpoint: Checkpoint, data_dir: str | os.PathLike, out: Path
-               ) -> tuple[list[Path], np.ndarray, list[str], list[dict]]:
-    """Crop the faces of a labelled folder of photos and clips into `out` the way the run's
-    training images were made: the crops, their labels, their source (a clip's crops share
-    one) and what was skipped or unreadable."""
+def _faces_params(checkpoint: Checkpoint, data_dir: str | os.PathLike, out: Path):
+    """The faces step's parameters for a labelled folder: the run's, into `out`."""
     import dataclasses
 
     from dfutils import faces
 
-    params = dataclasses.replace(faces.params_of(checkpoint.faces), overwrite=True,
-                                 raw_dir=str(resolve(data_dir)), faces_dir=str(out),
-                                 dataset="folder", methods="")  # a labelled folder
-    report = faces.extract_faces(params)
-    table = faces.read_faces(out)
-    return ([out / path for path in table], np.array([LABELS[r["label"]] for r in table.values()]),
-            [r["source"] for r in table.values()],
-            [{"path": e["source"], "reason": e["reason"]}
-             for e in report["skipped"] + report["unreadable"]])
+    return dataclasses.replace(faces.params_of(checkpoint.faces), overwrite=True,
+                               raw_dir=str(resolve(data_dir)), faces_dir=str(out),
+                               dataset="folder", methods="")  # a labelled folder
+
+
+def face_crops(checkpoint: Checkpoint, data_dir: str | os.PathLike, out: Path,
+               shard: shards.Shard | None = None) -> Labelled:
+    """Crop the faces of a labelled folder of photos and clips into `out` the way the run's
+    training images were made (with a `shard`, only its sources, into its part): the crops,
+    their labels, their source (a clip's crops share one) and what was skipped or
+    unreadable; each crop's key is its path in `out`."""
+    from dfutils import faces
+
+    report = faces.extract_faces(_faces_params(checkpoint, data_dir, out), shard=shard)
+    if "shard" in report:  # this task's part
+        folder, table = Path(report["folder"]), {r["path"]: r for r in report["rows"]}
+    else:
+        folder = out
+        table = {path: row for path, row in faces.read_faces(out).items()
+                 if shard is None or shard.owns(row["source"])}
+    return Labelled([folder / path for path in table],
+                    np.array([LABELS[r["label"]] for r in table.values()]),
+                    [r["source"] for r in table.values()],
+                    [{"path": e["source"], "reason": e["reason"]}
+                     for e in report["skipped"] + report["unreadable"]], list(table))
 
 
 def report_name(params: EvalParams) -> str:
@@ -261,18 +282,33 @@ def report_name(params: EvalParams) -> str:
 @dataclass
 class Labelled:
     """What evaluate scores: image files, their labels, the video each belongs to, and what
-    was skipped on the way."""
+    was skipped on the way; each file's key names it alike in every task of a sharded job."""
 
     files: list[Path]
     labels: np.ndarray
     videos: list[str]
     skipped: list[dict]
+    keys: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.keys = self.keys or [str(f) for f in self.files]
+
+    def subset(self, shard: shards.Shard | None) -> Labelled:
+        """The files a shard owns (by key)."""
+        if shard is None:
+            return self
+        mine = [i for i, key in enumerate(self.keys) if shard.owns(key)]
+        return Labelled([self.files[i] for i in mine], self.labels[mine],
+                        [self.videos[i] for i in mine], self.skipped,
+                        [self.keys[i] for i in mine])
 
 
-def labelled_inputs(params: EvalParams, checkpoint: Checkpoint, out: Path) -> Labelled:
+def labelled_inputs(params: EvalParams, checkpoint: Checkpoint, out: Path,
+                    shard: shards.Shard | None = None) -> Labelled:
     """The images of eval_dir: a split's val or test rows (`params.split`), the crops of a
     folder of photos and clips made as the run's training images were, or the images of a
-    labelled folder (a subfolder below a class folder is one clip's frames)."""
+    labelled folder (a subfolder below a class folder is one clip's frames); with a
+    `shard`, those it owns."""
     root = resolve(params.eval_dir)
     if params.split:
         samples = read_manifest(root, params.split)
@@ -280,34 +316,33 @@ def labelled_inputs(params: EvalParams, checkpoint: Checkpoint, out: Path) -> La
             raise ValueError(f"the split in {root} has no {params.split} images: evaluate "
                              "another split, or a labelled folder (without split)")
         return Labelled([s.path for s in samples], np.array([s.label for s in samples]),
-                        [s.video for s in samples], [])
+                        [s.video for s in samples], []).subset(shard)
     if checkpoint.faces is not None and params.faces:
-        return Labelled(*face_crops(checkpoint, root, out / files.EVAL_FACES))
+        return face_crops(checkpoint, root, out / files.EVAL_FACES, shard)
     paths, labels, skipped = labelled_files(root)
     videos = [f.parent.relative_to(root).as_posix() if len(f.relative_to(root).parts) > 2
               else str(f) for f in paths]
-    return Labelled(paths, labels, videos, skipped)
+    return Labelled(paths, labels, videos, skipped).subset(shard)
 
 
-def sweep(checkpoint: Checkpoint, inputs: Labelled, ok: np.ndarray, clean: np.ndarray,
-          params: EvalParams, sweeps: dict[str, Sequence]) -> dict[str, list[dict]]:
-    """AUC, AP, accuracy and EER at each level of each perturbation (in memory)."""
-    results = {}
-    for kind, levels in sweeps.items():
-        results[kind] = []
-        for level in levels:
-            scores = clean if (kind, level) in (("blur", 0), ("downscale", 1)) else score_files(
-                checkpoint.model, inputs.files, checkpoint.image_size, params.batch_size,
-                params.num_workers, PERTURBATIONS[kind](level), desc=f"{kind} {level}",
-                arch=checkpoint.params.arch, amp=params.amp)[0]
-            m = binary_metrics(inputs.labels[ok], scores[ok], checkpoint.threshold)
-            results[kind].append({"level": level, "auc": m["auc"], "ap": m["ap"],
-                                  "accuracy": m["accuracy"], "eer": m["eer"]})
-    return results
+def score_sweeps(checkpoint: Checkpoint, inputs: Labelled, params: EvalParams,
+                 sweeps: dict[str, Sequence]) -> tuple[np.ndarray, list[str], dict]:
+    """P(fake) of every file as it is, each file's error ("" when read), and P(fake) at
+    each level of each perturbation ({kind: {level: scores}}; in memory)."""
+    def scores(perturb: Perturb | None, desc: str) -> tuple[np.ndarray, list[str]]:
+        return score_files(checkpoint.model, inputs.files, checkpoint.image_size,
+                           params.batch_size, params.num_workers, perturb, desc=desc,
+                           arch=checkpoint.params.arch, amp=params.amp)
+
+    clean, errors = scores(None, "clean")
+    swept = {kind: {level: clean if (kind, level) in (("blur", 0), ("downscale", 1))
+                    else scores(PERTURBATIONS[kind](level), f"{kind} {level}")[0]
+                    for level in levels} for kind, levels in sweeps.items()}
+    return clean, errors, swept
 
 
-def evaluate_folder(params: EvalParams, sweeps: dict[str, Sequence] = SWEEPS
-                    ) -> tuple[dict, dict]:
+def evaluate_folder(params: EvalParams, sweeps: dict[str, Sequence] = SWEEPS,
+                    shard: shards.Shard | None = None) -> tuple[dict, dict]:
     """Metrics at the run's threshold, robustness sweeps and calibration on a labelled folder
     or on a split's val or test images.
 
@@ -317,19 +352,75 @@ def evaluate_folder(params: EvalParams, sweeps: dict[str, Sequence] = SWEEPS
     same way first (into the report's folder, faces/), and the report adds video-level
     metrics; so it does for a folder of images in one subfolder per clip, and for a split
     whose images belong to clips.
-    """
-    from dfutils import viz
 
+    With a `shard`, only the files it owns are scored (every perturbation too) into a part,
+    <report folder>/parts/<i>-of-<n>.json, and ({}, {}) is returned; `merge_evaluation`
+    writes the report from every part, computed over all the scores as one run would.
+    """
     run_dir, name = resolve(params.run_dir), report_name(params)
     if not is_plain_name(name):
         raise ValueError(f"report name {name!r} must be a plain name (letters, digits, '.', "
                          "'_' or '-'): it becomes a folder under <run>/eval/; give name=")
     checkpoint = load_checkpoint(run_dir / files.MODEL)
     out = files.eval_folder(run_dir, name)
+    inputs = labelled_inputs(params, checkpoint, out, shard)
+    clean, errors, swept = score_sweeps(checkpoint, inputs, params, sweeps)
+    if shard is None:
+        return _evaluation(params, checkpoint, inputs, clean, errors, swept, name, out)
+    shards.write_part(out / files.EVAL_PARTS, shard, {
+        "params": params.to_dict() | {"sweeps": {k: list(v) for k, v in sweeps.items()}},
+        "inputs": {"model": fingerprint(run_dir, [files.MODEL])},
+        "keys": inputs.keys, "errors": errors, "clean": clean.tolist(),
+        "swept": {kind: [levels[level].tolist() for level in sweeps[kind]]
+                  for kind, levels in swept.items()}})
+    return {}, {}
+
+
+def merge_evaluation(run_dir: str | os.PathLike, name: str) -> tuple[dict, dict]:
+    """The report of a sharded evaluate (<run>/eval/<name>/) from every part: the faces
+    merged first when the tasks cropped them, then the metrics, intervals and figures over
+    all the scores, as one run computes them; the parts go once the report is written."""
+    run_dir = resolve(run_dir)
+    out = files.eval_folder(run_dir, name)
+    parts = shards.read_parts(out / files.EVAL_PARTS, "--shard")
+    recorded = dict(parts[0]["params"])
+    sweeps = recorded.pop("sweeps")
+    params = EvalParams.from_mapping(recorded)
+    if parts[0]["inputs"]["model"] != fingerprint(run_dir, [files.MODEL]):
+        raise ValueError(f"{run_dir / files.MODEL} changed since the tasks scored with it: run "
+                         "every task again")
+    checkpoint = load_checkpoint(run_dir / files.MODEL)
+    if checkpoint.faces is not None and params.faces and not params.split:
+        from dfutils import faces
+
+        faces.merge_faces(_faces_params(checkpoint, params.eval_dir, out / files.EVAL_FACES))
     inputs = labelled_inputs(params, checkpoint, out)
-    scores, errors = score_files(checkpoint.model, inputs.files, checkpoint.image_size,
-                                 params.batch_size, params.num_workers, desc="clean",
-                                 arch=checkpoint.params.arch, amp=params.amp)
+    where = {key: (part, i) for part in parts for i, key in enumerate(part["keys"])}
+    if sorted(where) != sorted(inputs.keys):
+        raise ValueError(f"the parts in {out / files.EVAL_PARTS} do not cover the "
+                         f"{len(inputs.keys)} images of {params.eval_dir} once each: run every "
+                         "task again")
+    at = [where[key] for key in inputs.keys]
+
+    def gathered(get: Callable[[dict], list]) -> np.ndarray:
+        return np.array([get(part)[i] for part, i in at], dtype=float)
+
+    clean = gathered(lambda part: part["clean"])
+    errors = [part["errors"][i] for part, i in at]
+    swept = {kind: {level: gathered(lambda part, k=kind, j=j: part["swept"][k][j])
+                    for j, level in enumerate(levels)} for kind, levels in sweeps.items()}
+    result = _evaluation(params, checkpoint, inputs, clean, errors, swept, name, out)
+    shards.remove_parts(out / files.EVAL_PARTS, parts)
+    return result
+
+
+def _evaluation(params: EvalParams, checkpoint: Checkpoint, inputs: Labelled,
+                clean: np.ndarray, errors: list[str], swept: dict, name: str, out: Path
+                ) -> tuple[dict, dict]:
+    """The report and figures from the scores of every file (`score_sweeps`), written."""
+    from dfutils import viz
+
+    scores = clean
     ok = np.array([not e for e in errors], dtype=bool)  # typed: no crop at all is possible
     labels, threshold = np.asarray(inputs.labels, dtype=int), checkpoint.threshold
     for label, value in LABELS.items():
@@ -346,9 +437,17 @@ def evaluate_folder(params: EvalParams, sweeps: dict[str, Sequence] = SWEEPS
         _, label, mean = by_group(videos, labels[ok], scores[ok])
         metrics["video"] = with_intervals(binary_metrics(label, mean, threshold), label, mean,
                                           None, params.n_bootstrap)
+    sweep_metrics = {}
+    for kind, levels in swept.items():
+        sweep_metrics[kind] = []
+        for level, at_level in levels.items():
+            m = binary_metrics(labels[ok], at_level[ok], threshold)
+            sweep_metrics[kind].append({"level": level, "auc": m["auc"], "ap": m["ap"],
+                                        "accuracy": m["accuracy"], "eer": m["eer"]})
     report = {
-        "run": str(run_dir), "data": str(resolve(params.eval_dir)), "split": params.split,
-        "name": name, "threshold": threshold, "threshold_rule": checkpoint.threshold_rule,
+        "run": str(resolve(params.run_dir)), "data": str(resolve(params.eval_dir)),
+        "split": params.split, "name": name, "threshold": threshold,
+        "threshold_rule": checkpoint.threshold_rule,
         "n_images": int(ok.sum()),
         "unreadable": [{"path": str(f), "reason": e}
                        for f, e in zip(inputs.files, errors, strict=True) if e],
@@ -356,7 +455,7 @@ def evaluate_folder(params: EvalParams, sweeps: dict[str, Sequence] = SWEEPS
         "metrics": metrics,
         "calibration": {"ece": expected_calibration_error(labels[ok], scores[ok], 15),
                         "bins": calibration_bins(labels[ok], scores[ok], 15)},
-        "sweeps": sweep(checkpoint, inputs, ok, scores, params, sweeps),
+        "sweeps": sweep_metrics,
     }
     figures = dict(zip(files.EVAL_FIGURES, (
         viz.plot_roc(labels[ok], scores[ok], title=f"ROC ({name})", groups=videos),
@@ -441,14 +540,23 @@ class Predictions:
         return sum(row["status"] == "ok" for row in self.rows)
 
 
-def predict_run(params: PredictParams, log: Callable[[str], None] = lambda line: None
-                ) -> Predictions:
+def predict_run(params: PredictParams, log: Callable[[str], None] = lambda line: None,
+                shard: shards.Shard | None = None) -> Predictions:
     """The `predict` command: check every output first, score the inputs (cropped as the run's
     training images were, when it was trained on face crops), write the CSVs and overlays
     asked for. Paths in `params` are as the user gave them (relative to the working
-    directory). `log` hears the decision rule (and the cropping) before scoring starts."""
+    directory). `log` hears the decision rule (and the cropping) before scoring starts.
+
+    With a `shard` only the inputs it owns are scored, and the rows go to a part beside
+    --out (`parts_of`) instead of --out; `merge_predictions` writes --out (and --frames-out)
+    from every part as one run would have. Overlays go to --cam-dir from each task.
+    """
     inputs = collect_files(params.paths)
-    check_outputs(params, inputs)
+    if shard is not None and not params.out:
+        raise ValueError("--shard writes its part beside --out: give --out, the CSV that "
+                         "`dfutils merge predict` writes from the parts")
+    mine = [i for i, item in enumerate(inputs) if shard is None or shard.owns(str(item.path))]
+    check_outputs(params, [inputs[i] for i in mine])
     checkpoint = load_checkpoint(Path(params.run_dir) / files.MODEL)
     with_faces = checkpoint.faces is not None and params.faces
     if params.frames_out and not with_faces:
@@ -458,19 +566,38 @@ def predict_run(params: PredictParams, log: Callable[[str], None] = lambda line:
     if with_faces:
         log(f"cropping faces as the training images were: {checkpoint.faces}")
     cam_dir = Path(params.cam_dir) if params.cam_dir else None
+    scoring = [inputs[i] for i in mine]
     if with_faces:
-        rows, frames = predict_faces(checkpoint, inputs, params.batch_size, cam_dir,
+        rows, frames = predict_faces(checkpoint, scoring, params.batch_size, cam_dir,
                                      params.layer, params.amp)
         result = Predictions(rows, FACE_FIELDS)
+    else:
+        rows, _ = predict(checkpoint, scoring, params.batch_size, params.num_workers,
+                          params.amp)
+        result, frames = Predictions(rows, PREDICTION_FIELDS), []
+    if shard is not None:
+        per_input, start = [], 0  # each input's frame rows: as many as the faces it scored
+        for row in rows:
+            per_input.append(frames[start:start + int(row.get("n_faces") or 0)])
+            start += len(per_input[-1])
+        absolute = {name: str(Path(value).absolute()) if value else "" for name, value in (
+            ("run_dir", params.run_dir), ("cam_dir", params.cam_dir),
+            ("frames_out", params.frames_out))}
+        shards.write_part(parts_of(params.out), shard, {
+            "params": {**absolute, "paths": [str(Path(p).absolute()) for p in params.paths],
+                       "faces": with_faces, "layer": params.layer, "amp": params.amp,
+                       "fields": result.fields},
+            "inputs": {"files": fingerprint(Path("/"), [str(i.path.absolute())
+                                                        for i in inputs]),
+                       "n_files": len(inputs), "model": fingerprint(
+                           Path(params.run_dir).absolute(), [files.MODEL])},
+            "indices": mine, "rows": rows, "frames": per_input})
+    else:
         if params.frames_out:
             write_csv(params.frames_out, frames, FRAME_FIELDS)
-    else:
-        rows, _ = predict(checkpoint, inputs, params.batch_size, params.num_workers,
-                          params.amp)
-        result = Predictions(rows, PREDICTION_FIELDS)
-    if params.out:
-        write_csv(params.out, rows, result.fields)
-    scored = [item for item, row in zip(inputs, rows, strict=True) if row["status"] == "ok"]
+        if params.out:
+            write_csv(params.out, rows, result.fields)
+    scored = [item for item, row in zip(scoring, rows, strict=True) if row["status"] == "ok"]
     if cam_dir is not None and scored and not with_faces:  # (with faces: written per crop)
         from dfutils.gradcam import write_overlays
 
@@ -478,3 +605,36 @@ def predict_run(params: PredictParams, log: Callable[[str], None] = lambda line:
                        [cam_dir / cam_name(i.name) for i in scored], layer=params.layer,
                        batch_size=params.batch_size, replace=False)
     return result
+
+
+def parts_of(out: str | os.PathLike) -> Path:
+    """Where the tasks of a sharded predict put their parts: beside --out, <out>.parts/."""
+    return Path(f"{out}.parts")
+
+
+def merge_predictions(out: str | os.PathLike) -> Predictions:
+    """--out (and the --frames-out the tasks were given) from every part of a sharded
+    predict, row for row as one run writes them; the parts go once both are written."""
+    folder = parts_of(out)
+    parts = shards.read_parts(folder, "--shard")
+    first = parts[0]
+    by_index = {i: (row, frames) for part in parts
+                for i, row, frames in zip(part["indices"], part["rows"], part["frames"],
+                                          strict=True)}
+    n_files = first["inputs"]["n_files"]
+    if sorted(by_index) != list(range(n_files)):
+        raise ValueError(f"the parts in {folder} do not cover the {n_files} inputs once each: "
+                         "run every task again")
+    fields, frames_out = first["params"]["fields"], first["params"]["frames_out"]
+    for target, headers in ((out, (fields,)), (frames_out, (FRAME_FIELDS,))):
+        if target and Path(target).exists():
+            with open(target, newline="", errors="replace") as f:
+                if f.readline().strip() not in {",".join(h) for h in headers}:
+                    raise ValueError(f"{target} exists and is not a CSV that predict wrote: "
+                                     "move it, then merge again")
+    rows = [by_index[i][0] for i in range(n_files)]
+    if frames_out:
+        write_csv(frames_out, [f for i in range(n_files) for f in by_index[i][1]], FRAME_FIELDS)
+    write_csv(out, rows, fields)
+    shards.remove_parts(folder, parts)
+    return Predictions(rows, fields)

@@ -16,11 +16,16 @@ job array runs each element with SLURM_PROCID 0 of 1, so the array must come fir
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+
+from dfutils.paths import write_json
 
 # The scheduler variables read by shard="auto", in the order they are tried:
 # (index, count, the index's first value or None).
@@ -93,3 +98,58 @@ def resolve(text: str, environ: Mapping[str, str] | None = None, what: str = "SH
     if text.strip() == "auto":
         return from_environment(environ)
     return parse(text, what)
+
+
+# The parts of a sharded predict or evaluate: one JSON file per task, <i>-of-<n>.json in a
+# folder beside the output, written atomically (so a part is complete or absent). Each
+# records what must agree across tasks ("params", "inputs") and the task's results.
+PART = re.compile(r"(\d+)-of-(\d+)\.json")
+
+
+def write_part(folder: Path, shard: Shard, record: dict) -> Path:
+    """A task's part: `record` (with "params" and "inputs") and its shard."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"{shard.name}.json", {**record, "shard": str(shard)})
+    return folder / f"{shard.name}.json"
+
+
+def read_parts(folder: Path, option: str) -> list[dict]:
+    """Every part of one job in `folder`, in shard order, once each is there and all agree
+    on "params" and "inputs"; ShardError naming each part that is missing or differs, with
+    the `option` that runs it again ("--shard")."""
+    found = sorted(folder.iterdir()) if folder.is_dir() else []
+    counts = sorted({int(m[2]) for p in found if (m := PART.fullmatch(p.name))})
+    if not counts:
+        raise ShardError(f"{folder} holds no parts to merge: run each task with {option} i/n "
+                         "first (docs/cluster.md)")
+    if len(counts) > 1:
+        raise ShardError(f"{folder} holds parts of jobs of {' and '.join(map(str, counts))} "
+                         "tasks: delete the parts of the job you do not want, then merge")
+    n, parts, problems = counts[0], [], []
+    for k in range(n):
+        path = folder / f"{k}-of-{n}.json"
+        try:
+            parts.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            problems.append(f"shard {k}/{n} is missing: run it again ({option} {k}/{n})")
+    for part in parts[1:]:
+        for key, what in (("params", "parameters"), ("inputs", "inputs or another model")):
+            if part.get(key) != parts[0].get(key):
+                mine, first = part.get(key) or {}, parts[0].get(key) or {}
+                changed = ", ".join(sorted(k for k in {*mine, *first}
+                                           if mine.get(k) != first.get(k)))
+                problems.append(f"shard {part['shard']} was made with other {what} than shard "
+                                f"{parts[0]['shard']} ({changed}): run it again ({option} "
+                                f"{part['shard']}) with the same")
+                break
+    if problems:
+        raise ShardError(f"cannot merge the parts in {folder}: " + "; ".join(problems))
+    return parts
+
+
+def remove_parts(folder: Path, parts: list[dict]) -> None:
+    """The parts once merged (the folder too, when nothing else is in it)."""
+    for part in parts:
+        (folder / f"{Shard(*map(int, part['shard'].split('/'))).name}.json").unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()

@@ -26,6 +26,18 @@ PARAMS = {"frames_per_video": 3, "face_size": 48}
 WORDS = [f"{k.upper()}={v}" for k, v in PARAMS.items()]
 
 
+def leaves(value, path: str = ""):
+    """(path, value) for each number or string in nested JSON."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from leaves(inner, f"{path}/{key}")
+    elif isinstance(value, list):
+        for i, inner in enumerate(value):
+            yield from leaves(inner, f"{path}/{i}")
+    else:
+        yield path, value
+
+
 def contents(root: Path) -> dict[str, str]:
     """Every file under root with its content hash."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -220,7 +232,7 @@ def test_a_frame_over_the_detection_cap_is_scaled_down_and_said(tmp_path, monkey
     assert "downscaled" not in next(e for e in plain["sources"] if e["source"] == "real/a.mp4")
     plain_rows, capped_rows = (faces.read_faces(tmp_path / f) for f in ("plain", "capped"))
     assert plain_rows.keys() == capped_rows.keys()
-    for path, row in plain_rows.items():  # the box stays in the source's pixels
+    for path in plain_rows:  # the box stays in the source's pixels
         centres = [np.reshape(rows[path]["box"], (2, 2)).mean(axis=0)
                    for rows in (capped_rows, plain_rows)]  # (in the detector's: 20 px off)
         assert np.abs(centres[0] - centres[1]).max() < 10
@@ -245,3 +257,98 @@ def test_frames_decoded_ahead_stop_with_the_consumer_and_carry_errors():
     assert next(iter(faces.ahead(iter(range(10**6))))) == 0  # stops without draining
     with pytest.raises(faces.FacesError, match="frame 3"):
         list(faces.ahead(frames()))
+
+
+@pytest.fixture(scope="module")
+def face_run(raw, tmp_path_factory) -> Path:
+    """A run whose (random, 32 px) model was 'trained' on crops made with PARAMS."""
+    import torch
+
+    from dfutils.model import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("face_run") / "run"
+    recorded = faces.recorded(FacesParams(raw_dir=str(raw), **PARAMS), raw)
+    save_checkpoint(run / files.MODEL, build_model(None, "all").eval(),
+                    params={"image_size": 32, "trainable": "all"}, threshold=0.5,
+                    threshold_rule="0.5", metrics={}, epoch=1, faces=recorded)
+    return run
+
+
+def in_tasks(monkeypatch, scheduler: str, n: int, *words: str) -> None:
+    """The command `words`, run as each of the n tasks of `scheduler` in turn."""
+    for k in range(n):
+        with monkeypatch.context() as m:
+            for name, value in SCHEDULERS[scheduler](k, n).items():
+                m.setenv(name, value)
+            assert run_cli(*words) == 0
+
+
+def test_sharded_predict_merges_to_the_csvs_of_a_single_run(raw, face_run, tmp_path,
+                                                           monkeypatch):
+    def predict(out: Path, *extra: str) -> list[str]:
+        return ["predict", "--run", str(face_run), str(raw), "--out", str(out),
+                "--frames-out", str(out.with_suffix(".frames.csv")), *extra]
+
+    assert run_cli(*predict(tmp_path / "one.csv")) == 0
+    in_tasks(monkeypatch, "torchrun", 3, *predict(tmp_path / "sharded.csv", "--shard", "auto"))
+    assert not (tmp_path / "sharded.csv").exists()
+    assert sorted(p.name for p in (tmp_path / "sharded.csv.parts").iterdir()) == [
+        "0-of-3.json", "1-of-3.json", "2-of-3.json"]
+    assert run_cli("merge", "predict", "--out", str(tmp_path / "sharded.csv")) == 0
+    for suffix in (".csv", ".frames.csv"):
+        assert (tmp_path / f"sharded{suffix}").read_bytes() == (
+            tmp_path / f"one{suffix}").read_bytes()
+    assert not (tmp_path / "sharded.csv.parts").exists()
+
+
+def test_merging_predict_names_a_missing_shard_and_one_made_otherwise(raw, face_run, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "p.csv"
+    for k, extra in ((0, []), (1, ["--layer", "layer3"])):  # 2/3 never ran
+        assert run_cli("predict", "--run", str(face_run), str(raw), "--out", str(out),
+                       "--shard", f"{k}/3", *extra) == 0
+    capsys.readouterr()
+    assert run_cli("merge", "predict", "--out", str(out)) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert "shard 1/3 was made with other parameters than shard 0/3 (layer)" in error
+    assert "shard 2/3 is missing: run it again (--shard 2/3)" in error
+    assert not out.exists()
+
+
+def test_sharded_evaluate_merges_to_the_report_of_a_single_run(raw, face_run, monkeypatch):
+    def evaluate(name: str, *extra: str) -> list[str]:
+        return ["evaluate", "--run", str(face_run), "--data", str(raw), "--name", name,
+                "--batch-size", "8", *extra]
+
+    assert run_cli(*evaluate("one")) == 0
+    in_tasks(monkeypatch, "slurm-array", 2, *evaluate("sharded", "--shard", "auto"))
+    sharded = face_run / files.EVAL / "sharded"
+    assert not (sharded / files.EVAL_REPORT).exists()
+    assert run_cli("merge", "evaluate", "--run", str(face_run), "--name", "sharded") == 0
+    one = face_run / files.EVAL / "one"
+    reports = [json.loads((folder / files.EVAL_REPORT).read_text()) for folder in (one, sharded)]
+    assert reports[0].pop("name") == "one" and reports[1].pop("name") == "sharded"
+    # The metrics over the merged scores, intervals and all; equal to float32's last digits
+    # (a network's output depends a little on the batch it is computed in).
+    flat = [dict(leaves(report)) for report in reports]
+    assert flat[1] == pytest.approx(flat[0], abs=1e-6)
+    assert reports[1]["metrics"]["auc"] == reports[0]["metrics"]["auc"]
+    assert contents(sharded / files.EVAL_FACES) == contents(one / files.EVAL_FACES)
+    assert not (sharded / files.EVAL_PARTS).exists()
+
+
+def test_sharded_evaluate_of_a_split_merges_to_the_single_runs_metrics(run_dir,
+                                                                       separable_split,
+                                                                       monkeypatch):
+    def evaluate(name: str, *extra: str) -> list[str]:
+        return ["evaluate", "--run", str(run_dir), "--data", str(separable_split), "--split",
+                "val", "--name", name, *extra]
+
+    assert run_cli(*evaluate("one")) == 0
+    in_tasks(monkeypatch, "srun", 3, *evaluate("sharded", "--shard", "auto"))
+    assert run_cli("merge", "evaluate", "--run", str(run_dir), "--name", "sharded") == 0
+    one, sharded = (dict(leaves(json.loads((run_dir / files.EVAL / name / files.EVAL_REPORT
+                                            ).read_text()))) for name in ("one", "sharded"))
+    assert one.pop("/name") == "one" and sharded.pop("/name") == "sharded"
+    assert sharded == pytest.approx(one, abs=1e-6)
