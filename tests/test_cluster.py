@@ -352,3 +352,29 @@ def test_sharded_evaluate_of_a_split_merges_to_the_single_runs_metrics(run_dir,
                                             ).read_text()))) for name in ("one", "sharded"))
     assert one.pop("/name") == "one" and sharded.pop("/name") == "sharded"
     assert sharded == pytest.approx(one, abs=1e-6)
+
+
+def test_the_docs_slurm_array_runs_as_written_and_merges_to_a_single_run(raw, single,
+                                                                        tmp_path):
+    """docs/cluster.md's faces.sbatch, run by hand for each task as the page shows, then its
+    merge: only the data set's paths are replaced by this test's."""
+    import re
+
+    from dfutils.paths import REPO_ROOT
+
+    page = (REPO_ROOT / "docs" / "cluster.md").read_text()
+    script, commands, loop = (block for block in re.findall(r"```bash\n(.*?)```", page, re.S)
+                              if "SBATCH" in block or "faces-merge" in block
+                              or "for i in" in block)
+    ours = f"RAW_DIR={raw} FACES_DIR={tmp_path / 'faces'} " + " ".join(WORDS)
+    data = "DATASET=dfdc RAW_DIR=/shared/dfdc FACES_DIR=/shared/faces/dfdc"
+    assert data in script and data in commands
+    (tmp_path / "faces.sbatch").write_text(script.replace(data, ours))
+    merge = next(line for line in commands.splitlines() if "faces-merge" in line)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK"))}
+    for line in (loop.replace("faces.sbatch", str(tmp_path / "faces.sbatch")),
+                 merge.replace(data, ours)):
+        done = subprocess.run(["bash", "-c", line], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert contents(tmp_path / "faces") == contents(single)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import resource
 import shutil
@@ -305,6 +306,38 @@ def faces_rates(root: Path, n_clips: int, repeats: int) -> dict:
             "step_2": median_rate(lambda: step(2), len(frames), repeats)}
 
 
+def faces_bookkeeping(root: Path, n_clips: int) -> dict:
+    """The faces step's cost per clip beyond decoding and detection, at n_clips one-frame
+    64 x 64 clips (copies of one): the whole step in one process against the same clip's
+    decode + detect alone, and the merge of two shards, each per clip."""
+    from dfutils import faces, shards
+    from dfutils.params import FacesParams
+
+    one = root / "one.mp4"
+    writer = cv2.VideoWriter(str(one), cv2.VideoWriter_fourcc(*"mp4v"), 25, (64, 64))
+    writer.write(np.full((64, 64, 3), 90, np.uint8))
+    writer.release()
+    for i in range(n_clips):
+        target = root / "raw" / ("real", "fake")[i % 2] / f"{i // 100:03d}" / f"{i}.mp4"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(one, target)
+    params = FacesParams(raw_dir=str(root / "raw"), faces_dir=str(root / "whole"),
+                         frames_per_video=1)
+    finder = faces.FaceFinder(params)
+    alone = median_rate(lambda: [faces.faces_of(one, finder, 1) for _ in range(200)], 200, 3)
+    start = time.perf_counter()
+    faces.extract_faces(params, workers=1)
+    whole = (time.perf_counter() - start) / n_clips
+    sharded = dataclasses.replace(params, faces_dir=str(root / "sharded"))
+    for k in range(2):
+        faces.extract_faces(sharded, workers=1, shard=shards.Shard(k, 2))
+    start = time.perf_counter()
+    faces.merge_faces(sharded)
+    merge = (time.perf_counter() - start) / n_clips
+    return {"n_clips": n_clips, "per_clip_ms": 1000 * whole, "work_ms": 1000 / alone,
+            "merge_ms": 1000 * merge}
+
+
 MEMORY_CHILD = """
 import sys
 from dfutils import data
@@ -429,6 +462,14 @@ def main() -> None:
         ">= 0.8 of the slower part")
     row("faces step, 2 processes", rates["step_2"], "frames/s",
         rates["step_2"] / rates["step_1"], "near 2x one process")
+    with tempfile.TemporaryDirectory() as tmp:
+        kept = faces_bookkeeping(Path(tmp), 1000 if args.quick else 10_000)
+    row(f"faces step per tiny clip, {kept['n_clips']} clips (its decode + detect alone "
+        f"{kept['work_ms']:.2f} ms)", kept["per_clip_ms"], "ms", kept["per_clip_ms"]
+        / kept["work_ms"])
+    row("  bookkeeping per clip (the step less decode + detect)",
+        kept["per_clip_ms"] - kept["work_ms"], "ms")
+    row("  merging two shards, per clip", kept["merge_ms"], "ms")
 
     L, fmt = limit(device, repeats)
     results["limit_memory_format"] = fmt
