@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -26,9 +28,14 @@ def install_kernel() -> str:
                    prefix=sys.prefix)
 
 
+# Every path handed to git is a file's name, never a pattern: `nb[ab].ipynb` names that
+# notebook alone, not nba.ipynb and nbb.ipynb.
+_LITERAL = {**os.environ, "GIT_LITERAL_PATHSPECS": "1"}
+
+
 def _git(where: Path, *args: str) -> subprocess.CompletedProcess:
-    """git run in folder `where`; output as bytes."""
-    return subprocess.run(["git", *args], cwd=where, capture_output=True)
+    """git run in folder `where`, paths taken literally; output as bytes."""
+    return subprocess.run(["git", *args], cwd=where, capture_output=True, env=_LITERAL)
 
 
 def staged_text(path: Path, as_path: Path | None = None) -> tuple[bytes, str]:
@@ -50,22 +57,46 @@ def staged_text(path: Path, as_path: Path | None = None) -> tuple[bytes, str]:
     if not clean:
         return content, (f"git filter {name!r} is not installed (run `make setup`): the file "
                          "as it is")
-    relative = where.resolve().relative_to(Path(root).resolve()).as_posix()
+    try:
+        relative = where.resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        raise RuntimeError(f"it leads outside the repository {root} (a link?), where git does "
+                           "not track it") from None
     filtered = subprocess.run(clean.replace("%f", shlex.quote(relative)), shell=True,
                               cwd=root, input=content, capture_output=True)
     if filtered.returncode != 0:
-        raise RuntimeError(f"{path}: git filter {name!r} failed: {filtered.stderr.decode()}")
+        said = filtered.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"git filter {name!r} failed ({said[-1] if said else 'no message'}): "
+                           "run `make setup` in this checkout to install it again")
     return filtered.stdout, f"through git filter {name!r}"
 
 
-def refresh_git_stat(os_path: str, **_: Any) -> bool:
+_SAID: set[str] = set()  # what the hook could not do, said once each in the server's log
+
+
+def refresh_git_stat(os_path: str, contents_manager: Any = None, **_: Any) -> bool:
     """`make lab`'s post-save hook. A notebook saved with outputs differs on disk from what
     git stores, and `git status` lists every file whose size changed, even when the filter
     would stage nothing new. When what `git add` would stage of the saved notebook is
     exactly what is staged already, stage it (the same content: only git's record of the
     file's size and time changes), so `git status` shows no change; any other change is
-    left for the user. True when it refreshed."""
-    path = Path(os_path)
+    left for the user. True when it refreshed.
+
+    It never makes a save fail: when it cannot work (a notebook linked from outside the
+    repository, a filter whose program moved), the save stands, and the server's log says
+    why, once."""
+    try:
+        return _refresh(Path(os_path))
+    except Exception as error:  # a save hook that raises fails the user's save (HTTP 500)
+        why = f"dfutils post-save hook: git status not refreshed for {os_path}: {error}"
+        if why not in _SAID:
+            _SAID.add(why)
+            log = getattr(contents_manager, "log", None) or logging.getLogger("dfutils")
+            log.warning(why)
+        return False
+
+
+def _refresh(path: Path) -> bool:
     text, how = staged_text(path) if path.suffix == ".ipynb" else (b"", "")
     if not how.startswith("through git filter"):
         return False
@@ -87,7 +118,10 @@ def commit_problems(path: Path) -> list[str]:
     counts (in what `git add` would stage, and in what is staged now), or, in what `git add`
     would stage, another kernel than the project's."""
     problems = []
-    text, how = staged_text(path)
+    try:
+        text, how = staged_text(path)
+    except (RuntimeError, OSError) as error:
+        return [f"{path}: cannot tell what git would commit: {error}"]
     versions = [(text, f"as git would stage it ({how})")]
     index = _git(path.parent, "show", f":./{path.name}")
     if index.returncode == 0:

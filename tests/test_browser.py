@@ -32,7 +32,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from dfutils.jupyter import KERNEL
+from dfutils.jupyter import KERNEL, staged_text
 from dfutils.paths import REPO_ROOT
 from dfutils.progress import TEXT_ONLY
 
@@ -151,6 +151,12 @@ def _git(repo: Path, *args: str) -> str:
                           text=True).stdout
 
 
+def as_committed(notebook: Path) -> bytes:
+    """A notebook of this checkout as git would commit it: the working file may carry the
+    outputs and kernel details of a run in JupyterLab, which the filter strips."""
+    return staged_text(notebook)[0]
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Iterator[Lab]:
     """JupyterLab on a git repository of notebook copies, with this checkout's nbstripout
@@ -240,7 +246,9 @@ def test_each_notebook_runs_in_jupyterlab(lab, parameters, name, tmp_path_factor
 
     tracked = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
     before = _digest(tracked)
-    nb = load_notebook_node(str(REPO_ROOT / "notebooks" / f"{name}.ipynb"))
+    committed = lab.root.parent / f"{name}.committed.ipynb"
+    committed.write_bytes(as_committed(REPO_ROOT / "notebooks" / f"{name}.ipynb"))
+    nb = load_notebook_node(str(committed))
     copy = lab.root / f"{name}.ipynb"
     nbformat.write(parameterize_notebook(nb, parameters[name]), copy)
     _git(lab.root, "add", copy.name)
@@ -303,7 +311,8 @@ def test_a_jupyter_without_the_projects_kernel_asks_for_one(tmp_path):
     kernel silently (which fails at the first import): JupyterLab asks which to use."""
     only_python3 = {"KernelSpecManager": {"allowed_kernelspecs": ["python3"]}}
     with running_lab(tmp_path, only_python3) as other:
-        shutil.copy(REPO_ROOT / "notebooks" / "01-split.ipynb", other.root)
+        (other.root / "01-split.ipynb").write_bytes(
+            as_committed(REPO_ROOT / "notebooks" / "01-split.ipynb"))
         other.driver.get(f"{other.url}/lab/tree/01-split.ipynb?token={other.token}")
         dialog = _wait(lambda: other.driver.execute_script(
             "const d = document.querySelector('.jp-Dialog'); return d && d.textContent;"),

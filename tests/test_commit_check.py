@@ -108,3 +108,69 @@ def test_a_notebook_must_name_the_projects_kernel(repo):
 def test_the_tracked_notebooks_pass_the_check():
     for path in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")):
         assert jupyter.commit_problems(path) == []
+
+
+def test_the_hook_hands_git_literal_names_only(repo):
+    """Issue 26, item 1: `nb[ab].ipynb` as a pathspec also staged nba.ipynb's unstaged edit
+    and added the untracked nbb.ipynb."""
+    notebooks = repo / "notebooks"
+    source = notebooks / "01-split.ipynb"
+    for name in ("nb[ab].ipynb", "nba.ipynb"):
+        shutil.copy(source, notebooks / name)
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "two more")
+    shutil.copy(source, notebooks / "nbb.ipynb")  # untracked
+    edited = json.loads((notebooks / "nba.ipynb").read_text())
+    edited["cells"][0]["source"] = ["# a researcher's edit, not staged\n"]
+    (notebooks / "nba.ipynb").write_text(json.dumps(edited, indent=1))
+    save_as_jupyterlab_does(notebooks / "nb[ab].ipynb")
+    assert jupyter.refresh_git_stat(os_path=str(notebooks / "nb[ab].ipynb"))
+    assert status(repo) == " M notebooks/nba.ipynb\n?? notebooks/nbb.ipynb\n"
+
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, line):
+        self.lines.append(line)
+
+
+def test_the_hook_never_fails_a_save_and_says_why_once(repo, tmp_path, capsys):
+    """Issue 26, item 1: a notebook linked from outside the repository, or a filter whose
+    program is gone, made every save fail (HTTP 500); check-notebooks gave a traceback."""
+    from dfutils.__main__ import main
+
+    outside = tmp_path / "elsewhere.ipynb"
+    shutil.copy(repo / "notebooks" / "01-split.ipynb", outside)
+    (repo / "notebooks" / "linked.ipynb").symlink_to(outside)
+    manager = type("ContentsManager", (), {"log": Log()})()
+    for _ in range(2):
+        assert not jupyter.refresh_git_stat(str(repo / "notebooks" / "linked.ipynb"),
+                                            contents_manager=manager)
+    assert len(manager.log.lines) == 1 and "leads outside the repository" in (
+        manager.log.lines[0])
+
+    notebook = repo / "notebooks" / "01-split.ipynb"
+    save_as_jupyterlab_does(notebook)
+    git(repo, "config", "filter.nbstripout.clean", f"{tmp_path / 'moved' / 'python'} -m x")
+    assert not jupyter.refresh_git_stat(str(notebook), contents_manager=manager)
+    assert "git filter 'nbstripout' failed" in manager.log.lines[-1]
+    assert main(["check-notebooks", str(notebook)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot tell what git would commit" in err
+    assert "run `make setup`" in err
+
+
+def test_a_notebook_saved_in_jupyterlab_is_read_as_git_commits_it(repo):
+    """Issue 26, item 14: the browser tests copied the working file, which a JupyterLab
+    save fills with outputs and language_info (hidden from git by the filter); they read
+    each notebook as git would commit it."""
+    from test_browser import as_committed
+
+    notebook = repo / "notebooks" / "01-split.ipynb"
+    save_as_jupyterlab_does(notebook)
+    committed = json.loads(as_committed(notebook))
+    assert "language_info" not in committed["metadata"]
+    assert all(not c.get("outputs") for c in committed["cells"] if c["cell_type"] == "code")
+    assert committed == json.loads(as_committed(REPO_ROOT / "notebooks" / "01-split.ipynb"))
