@@ -20,6 +20,15 @@ args = $(foreach v,$(call cli_vars,$(1)),$(call quote,$(2)$(v)=$(value $(v))))
 # Make would also export them to every recipe's environment, expanding each value (and
 # running any $(shell ...) in it) to do so: they reach the runner as arguments only.
 unexport $(call cli_vars)
+# A line break in a value would end the recipe's command line and run the rest as a
+# command (under make -i): refused before any recipe runs. The runner refuses the other
+# control characters.
+define newline
+
+
+endef
+$(foreach v,$(call cli_vars),$(if $(findstring $(newline),$(value $(v))),$(error $(v)= holds \
+	a line break: give the value on one line)))
 
 .PHONY: help setup lab browser-deps test unit lint check-notebooks faces faces-merge split run-all benchmark demo train-ddp bench clean
 

@@ -28,7 +28,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from dfutils import CLASSES, datasets, files, shards
+from dfutils import CLASSES, datasets, files, processes, shards
 from dfutils.data import ImageLoadError, load_image
 from dfutils.datasets import Item, Listing
 from dfutils.folders import VIDEO_SUFFIXES, OwnedFolder
@@ -258,7 +258,21 @@ def scan(raw_dir: Path, params: FacesParams) -> Listing:
             listing.items.remove(item)
             listing.problem(item.path, f"{first} has the same name without its suffix, and "
                             "the crops are named by it: rename one")
+    # A clip's crops fill a folder of their own (the group the split keeps together): a
+    # photo whose crop would land in it, or be named like it, collides with the clip.
+    clips = {crop_stem(i, params.dataset): i.path for i in listing.items if is_clip(i.path)}
+    for item in [i for i in listing.items if not is_clip(i.path)]:
+        crop = crop_path(item, params.dataset)
+        clip = clips.get(crop.parent) or clips.get(crop)
+        if clip is not None:
+            listing.items.remove(item)
+            listing.problem(item.path, f"its crop {crop.as_posix()} would land among the "
+                            f"crops of the clip {clip}: rename or move one of them")
     return listing
+
+
+def is_clip(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
 def crop_stem(item: Item, dataset: str) -> Path:
@@ -266,6 +280,13 @@ def crop_stem(item: Item, dataset: str) -> Path:
     for real/ + fake/, <label>/<its path> for a data set."""
     parts = Path(item.path).with_suffix("").parts
     return Path(item.label, *(parts[1:] if dataset == "folder" else parts))
+
+
+def crop_path(item: Item, dataset: str, index: int = 0) -> Path:
+    """A crop's path in faces_dir: <stem>/<frame:06d>.png for a clip's frame, <stem>.png
+    for a photo (a.v2.jpg gives a.v2.png, not a.png)."""
+    stem = crop_stem(item, dataset)
+    return stem / f"{index:06d}.png" if is_clip(item.path) else stem.parent / f"{stem.name}.png"
 
 
 _FINDER: FaceFinder | None = None  # one per worker process: dlib's models do not pickle
@@ -290,7 +311,7 @@ def faces_of(path: Path, finder: FaceFinder, frames_per_video: int,
              each: Callable[[int, Face], None] | None = None) -> Found:
     """The faces of one photo or clip; `each(index, face)` hears each one as it is found.
     FacesError or ImageLoadError when the file cannot be read."""
-    if path.suffix.lower() in VIDEO_SUFFIXES:
+    if is_clip(path):
         frames = ahead(read_frames(path, frames_per_video))
     else:
         photo, scale = bounded(np.asarray(load_image(path)))
@@ -315,14 +336,14 @@ def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: Item
     A clip's crops go to <stem>/<frame:06d>.png (one folder per clip, the group the split
     keeps together), a photo's to <stem>.png (`crop_stem`).
     """
-    video = Path(item.path).suffix.lower() in VIDEO_SUFFIXES
+    video = is_clip(item.path)
     carried = {"group": item.group, "split": item.split, "method": item.method}
     entry: dict = {"source": item.path, "label": item.label,
                    "kind": "video" if video else "photo", **carried}
-    stem, rows = crop_stem(item, params.dataset), []
+    rows = []
 
     def crop_of(index: int) -> Path:
-        return stem / f"{index:06d}.png" if video else stem.with_suffix(".png")
+        return crop_path(item, params.dataset, index)
 
     def write(index: int, face: Face) -> None:
         (out / crop_of(index)).parent.mkdir(parents=True, exist_ok=True)
@@ -405,6 +426,13 @@ def _inputs(params: FacesParams) -> tuple[Path, Path, Listing, dict, str]:
     stamp = hashlib.sha256((fingerprint(raw_dir, [item.path for item in sources]) + json.dumps(
         [(i.label, i.group, i.split, i.method) for i in sources])).encode()).hexdigest()
     return raw_dir, faces_dir, listing, recorded(params, raw_dir), stamp
+
+
+def preflight(params: FacesParams) -> None:
+    """Every check of the faces step that needs nothing written (the folders, the inputs,
+    what faces_dir holds): the runner makes them before it writes a run folder."""
+    _, faces_dir, _, settings, stamp = _inputs(params)
+    FOLDER.current(faces_dir, settings, stamp, params.overwrite)
 
 
 def extract_faces(params: FacesParams, workers: int | None = None,
@@ -619,13 +647,13 @@ def _map(one: Callable, items: list, workers: int) -> Iterator[tuple]:
     if workers == 1:
         yield from ((item, one(item)) for item in items)
         return
-    with ProcessPoolExecutor(workers) as pool:
-        futures = {pool.submit(one, item): item for item in items}
+    with processes.pool(workers) as workers_pool:
+        futures = {workers_pool.submit(one, item): item for item in items}
         try:
             for future in as_completed(futures):
                 yield futures.pop(future), future.result()
         except BaseException:  # Ctrl-C: what is running finishes, the rest never starts
-            pool.shutdown(wait=False, cancel_futures=True)
+            workers_pool.shutdown(wait=False, cancel_futures=True)
             raise
 
 

@@ -67,6 +67,8 @@ def scan_classes(raw_dir: Path, suffixes: frozenset[str], what: str,
     return found, skipped
 
 
+_OWNERS: list[OwnedFolder] = []  # every step's OwnedFolder, so each can tell the others'
+
 # Build folders carry this marker, so a later run removes its own leftovers of a killed
 # run, and nothing else.
 _PARTIAL = ".dfutils-partial"
@@ -87,6 +89,9 @@ class OwnedFolder:
     prefix: str  # build folders are .<prefix>-tmp-*, old results on their way out .<prefix>-old-*
     error: type[Exception] = ValueError
 
+    def __post_init__(self) -> None:
+        _OWNERS.append(self)
+
     def read_report(self, folder: Path) -> dict | None:
         """The report of a complete result in `folder`, or None."""
         if not all((folder / name).is_file() for name in (self.report, self.entries[-1])):
@@ -104,6 +109,11 @@ class OwnedFolder:
         answer (same parameters, same inputs); otherwise None once it is safe to build:
         a result made with other parameters is refused unless `overwrite`, and anything in
         the way that the step did not write is refused whatever `overwrite` says."""
+        for other in _OWNERS:  # both may write one name (faces.csv): one folder, one step
+            if other.step != self.step and (folder / other.report).is_file():
+                raise self.error(
+                    f"{folder} holds {other.result} ({other.report}, written by {other.step}): "
+                    f"{self.step} needs a folder of its own; choose another {self.option}")
         report = self.read_report(folder)
         if report is not None:
             if report["params"] == params and report.get("fingerprint") == fingerprint:

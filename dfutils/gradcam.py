@@ -445,11 +445,14 @@ def gradcam_run(params: GradCamParams) -> CamReport:
     from dfutils.data import read_predictions
     from dfutils.paths import resolve, write_json
     from dfutils.runs import seed_everything
+    from dfutils.split import check_identity
 
     seed_everything(params.seed)
     run = resolve(params.run_dir)
     out = run / files.GRADCAM
     checkpoint = load_checkpoint(run / files.MODEL)
+    check_identity(checkpoint.split, params.data_dir, checkpoint.path,
+                   "explain its validation images")
     predictions = read_predictions(run / files.PREDICTIONS, params.data_dir)
     labels = np.array([p.label for p in predictions])
     scores = np.array([p.p_fake for p in predictions])

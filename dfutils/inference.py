@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from dfutils import LABELS, archs, files, shards
 from dfutils.data import ImageLoadError, eval_transform, load_image, read_manifest
 from dfutils.distributed import device as default_device
-from dfutils.folders import IMAGE_SUFFIXES, scan_classes
+from dfutils.folders import IMAGE_SUFFIXES, VIDEO_SUFFIXES, scan_classes
 from dfutils.metrics import (
     binary_metrics,
     by_group,
@@ -39,6 +39,7 @@ from dfutils.paths import (
     write_json,
 )
 from dfutils.progress import tqdm
+from dfutils.split import check_identity
 
 Perturb = Callable[[Image.Image], Image.Image]
 SWEEPS: dict[str, tuple] = {
@@ -162,6 +163,12 @@ def predict(run: str | os.PathLike | Checkpoint, inputs: Sequence[Input], batch_
     checkpoint used (`run`: a run folder or a loaded checkpoint)."""
     checkpoint = run if isinstance(run, Checkpoint) else load_checkpoint(
         resolve(run) / files.MODEL)
+    clip = ("a video clip: scored as images here, so drop --no-faces to crop and score its "
+            "faces as this run's training images were" if checkpoint.faces is not None else
+            "a video clip: this run was trained on images, not on face crops (FACES=1), "
+            "and scores images only")
+    inputs = [dataclasses.replace(i, problem=clip) if not i.problem and i.path.suffix.lower()
+              in VIDEO_SUFFIXES else i for i in inputs]
     readable = [i for i in inputs if not i.problem]
     scores, errors = score_files(checkpoint.model, [i.path for i in readable],
                                  checkpoint.image_size, batch_size, num_workers,
@@ -358,10 +365,18 @@ def evaluate_folder(params: EvalParams, sweeps: dict[str, Sequence] = SWEEPS,
     writes the report from every part, computed over all the scores as one run would.
     """
     run_dir, name = resolve(params.run_dir), report_name(params)
+    eval_dir = resolve(params.eval_dir).resolve()
+    if eval_dir == run_dir.resolve() or run_dir.resolve() in eval_dir.parents:
+        raise ValueError(f"the data to evaluate, {eval_dir}, is inside the run folder {run_dir}: "
+                         "give a folder with real/ and fake/ (or a split made by 01-split) "
+                         "outside the run")
     if not is_plain_name(name):
         raise ValueError(f"report name {name!r} must be a plain name (letters, digits, '.', "
                          "'_' or '-'): it becomes a folder under <run>/eval/; give name=")
     checkpoint = load_checkpoint(run_dir / files.MODEL)
+    if params.split:
+        check_identity(checkpoint.split, params.eval_dir, checkpoint.path,
+                       f"evaluate on its {params.split} split")
     out = files.eval_folder(run_dir, name)
     inputs = labelled_inputs(params, checkpoint, out, shard)
     clean, errors, swept = score_sweeps(checkpoint, inputs, params, sweeps)

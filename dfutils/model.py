@@ -189,11 +189,12 @@ def forward(model: nn.Module, images: torch.Tensor, device: torch.device | None 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module | Mapping[str, torch.Tensor], *,
                     params: dict[str, Any], threshold: float, threshold_rule: str,
                     metrics: dict[str, Any], epoch: int, faces: dict | None = None,
-                    training: dict[str, Any] | None = None) -> None:
+                    training: dict[str, Any] | None = None, split: dict | None = None) -> None:
     """Weights (of a model, or its state dict) at `epoch`, the parameters that made them,
     the decision threshold and metrics of the kept epoch, the faces step's parameters when
     the training images were face crops (so that predict crops new inputs the same way),
-    and `training`, the state to resume from (last.pt); atomic."""
+    the split it trained on (`split.identity`), and `training`, the state to resume from
+    (last.pt); atomic."""
     state = model.state_dict() if isinstance(model, nn.Module) else model
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
@@ -206,6 +207,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module | Mapping[str, tor
         "metrics": metrics,
         "epoch": int(epoch),
         "faces": faces,
+        "split": split,
         "training": training,
     }
     with atomic_path(path) as tmp:
@@ -218,10 +220,12 @@ def read_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict[str, 
     (a run's last.pt). Only this module reads its keys."""
     path = resolve(path)
     if not path.is_file():
+        from dfutils.runs import why_no_model
+
         raise CheckpointError(
             f"nothing to resume: {path} not found (the run finished, or was stopped before its "
             "first epoch ended); train without resume" if resume else
-            f"checkpoint {path} not found: train a model first (02-train)")
+            f"checkpoint {path} not found: {why_no_model(path.parent)}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
@@ -266,6 +270,7 @@ class Checkpoint:
     metrics: dict[str, Any]
     path: Path
     faces: dict | None = None  # the faces step's parameters, when trained on its crops
+    split: dict | None = None  # the split it trained on (split.identity)
 
     @property
     def image_size(self) -> int:
@@ -306,4 +311,4 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     model.eval()
     return Checkpoint(model, params, float(raw["threshold"]), str(raw["threshold_rule"]),
                       int(raw.get("epoch", 0)), dict(raw.get("metrics") or {}), path,
-                      raw.get("faces"))
+                      raw.get("faces"), raw.get("split"))

@@ -69,6 +69,10 @@ def assignment(word: str) -> tuple[str, str]:
     key, sep, value = word.partition("=")
     if not sep or not key:
         raise ParameterError(f"expected KEY=VALUE, got {word!r}")
+    control = next((c for c in word if ord(c) < 32 or ord(c) == 127), None)
+    if control is not None:
+        raise ParameterError(f"{key}= holds a control character ({control!r}): give the "
+                             "value on one line, in plain characters")
     return ALIASES.get(key.lower(), key.lower()), value
 
 

@@ -80,15 +80,43 @@ def fingerprint(root: Path, paths: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
+def tree(folder: Path, seen: set[tuple[int, int]] | None = None
+         ) -> Iterator[tuple[Path, str]]:
+    """Every file below `folder`, depth first in sorted order (the order of
+    sorted(folder.rglob("*"))), as (path, ""). Links to folders are followed, each real
+    folder once: a link back to a folder already walked (a loop, or the same folder twice)
+    comes out as (link, why it was not followed), so a loop ends and nothing is silent."""
+    seen = seen if seen is not None else set()
+    info = folder.stat()
+    seen.add((info.st_dev, info.st_ino))
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as error:
+        yield folder, f"the folder cannot be read ({error.strerror}): check its permissions"
+        return
+    for path in entries:
+        if not path.is_dir():
+            yield path, ""
+            continue
+        info = path.stat()
+        if (info.st_dev, info.st_ino) in seen:
+            yield path, (f"a link to {os.path.realpath(path)}, a folder already read (a "
+                         "loop, or the same folder twice): not followed")
+            continue
+        yield from tree(path, seen)
+
+
 def walk_files(root: Path, folder: Path, suffixes: set[str], kinds: str
                ) -> Iterator[tuple[Path, str, str]]:
     """Every file below `folder`, sorted, as (path relative to `root`, that path as text,
     why it is skipped or ""): not a regular file, a name that is not UTF-8, or a suffix
-    (any letter case) outside `suffixes`, which `kinds` names for the user."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_dir():
-            continue
+    (any letter case) outside `suffixes`, which `kinds` names for the user. Links to
+    folders are followed (`tree`)."""
+    for path, loop in tree(folder):
         rel = path.relative_to(root)
+        if loop:
+            yield rel, display_path(rel), loop
+            continue
         shown, problem = display_path(rel), file_problem(path)
         if not problem and shown != rel.as_posix():
             problem = ("the file name is not valid UTF-8 (reports and manifests are UTF-8 "

@@ -30,7 +30,15 @@ from dfutils.params import (
 )
 from dfutils.paths import REPO_ROOT, is_plain_name, remove_stale_temps, resolve
 from dfutils.progress import TEXT_ONLY
-from dfutils.runs import ensure_run, finish_step, read_run, record_step, start_step, write_run
+from dfutils.runs import (
+    ensure_run,
+    finish_step,
+    read_run,
+    record_step,
+    start_step,
+    why_no_model,
+    write_run,
+)
 
 NOTEBOOKS = {
     "00-faces": "notebooks/00-faces.ipynb",  # run when FACES=1 is given
@@ -130,6 +138,19 @@ def check_split(params: Mapping[str, Any]) -> None:
         raise ChainError(f"{error}\nNo data yet? `make demo` runs the whole chain on a built-in "
                          "demo data set.") from None
     except split_step.SplitError as error:
+        raise ChainError(str(error)) from None
+
+
+def check_faces(params: Mapping[str, Any]) -> None:
+    """Stop before anything is written when the faces step would refuse (raw and faces
+    folders inside each other, no raw folder, faces made otherwise, a user's file in the
+    way)."""
+    from dfutils import faces
+    from dfutils.params import FacesParams
+
+    try:
+        faces.preflight(FacesParams.from_mapping(params))
+    except (faces.FacesError, MissingInput) as error:
         raise ChainError(str(error)) from None
 
 
@@ -353,12 +374,15 @@ def run_all(run: str | None = None, params_file: str | None = None,
         shown = run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir
         per_step = plan(params_file, overrides, steps, shown.as_posix(), overwrite)
         faces_first(per_step, overrides, params_file)
+    if "00-faces" in steps:
+        check_faces(per_step["00-faces"])
     if "01-split" in steps and "00-faces" not in steps:  # else its input does not exist yet
         check_split(per_step["01-split"])
     if "02-train" not in steps and not (run_dir / files.MODEL).is_file() and any(
             s in steps for s in ("03-gradcam", *ASKED_BY)):
-        raise ChainError(f"{run_dir / files.MODEL} not found: RUN=<name> must name a trained "
-                         "run in runs/ (or add 02-train to STEPS)")
+        raise ChainError(f"{run_dir / files.MODEL} not found: " + (
+            why_no_model(run_dir) if (run_dir / files.RUN_RECORD).is_file() else
+            "RUN=<name> must name a trained run in runs/ (or add 02-train to STEPS)"))
     made = resolve(per_step["01-split"]["data_dir"]) if "01-split" in per_step else None
     for folder in (per_step.get("05-benchmark") or {}).get("test_sets", []):
         if resolve(folder) != made and not (resolve(folder) / files.MANIFEST).is_file():

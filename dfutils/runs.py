@@ -102,12 +102,51 @@ def ensure_run(run_dir: Path, name: str, params_file: str | None) -> dict:
 
 
 def start_step(run_dir: Path, step: str, **fields: object) -> float:
-    """A fresh entry for a step that starts now (nothing of an earlier run of it survives);
-    returns the clock value `finish_step` measures the step's seconds from."""
+    """A fresh entry for a step that starts now (nothing of an earlier run of it survives),
+    with the process that runs it; returns the clock value `finish_step` measures the
+    step's seconds from."""
     record = read_run(run_dir)
-    record.setdefault("steps", {})[step] = {**fields, "started": now(), "status": "running"}
+    record.setdefault("steps", {})[step] = {**fields, "started": now(), "status": "running",
+                                            "pid": os.getpid(), "host": platform.node()}
     write_run(run_dir, record)
     return time.perf_counter()
+
+
+def why_no_model(run_dir: Path) -> str:
+    """What to do about a run folder without model.pt, from what its run record says of
+    02-train: train first, wait for it, see why it failed, or resume it."""
+    try:
+        step = read_run(run_dir).get("steps", {}).get("02-train") or {}
+    except (OSError, ValueError):
+        step = {}
+    status, started = step.get("status"), step.get("started")
+    if status == "running":
+        pid, host = step.get("pid"), step.get("host")
+        if host == platform.node() and isinstance(pid, int) and _alive(pid):
+            return (f"02-train is still running there (process {pid}, since {started}): "
+                    "wait until it keeps its first epoch")
+        where = "" if host in (None, platform.node()) else f" on {host}"
+        return (f"02-train started {started}{where} and stopped before it kept an epoch (its "
+                "process is gone: killed?): train again")
+    if status == "failed":
+        return (f"02-train failed ({step.get('finished')}): the error is in its notebook there "
+                "(02-train.ipynb); fix it and train again")
+    if status == "interrupted":
+        return ("02-train was interrupted before it kept an epoch: train again (RESUME=1 "
+                "continues it when it saved last.pt)")
+    if status == "done":
+        return "02-train finished, but model.pt was removed since: train again"
+    return "train a model first (02-train)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process holds that number
+        return True
+    return True
 
 
 def record_step(run_dir: Path, step: str, **fields: object) -> dict:

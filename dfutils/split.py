@@ -21,14 +21,19 @@ import posixpath
 import re
 import shutil
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dfutils import CLASSES, files
+from dfutils import CLASSES, files, processes
 from dfutils.data import SPLITS, ImageLoadError, load_image
 from dfutils.datasets import KEY_SEPARATOR
-from dfutils.folders import IMAGE_SUFFIXES, MissingInput, OwnedFolder, scan_classes
+from dfutils.folders import (
+    IMAGE_SUFFIXES,
+    VIDEO_SUFFIXES,
+    MissingInput,
+    OwnedFolder,
+    scan_classes,
+)
 from dfutils.params import GroupBy, SplitParams
 from dfutils.paths import fingerprint, resolve, write_json
 from dfutils.progress import tqdm
@@ -116,7 +121,7 @@ def inspect_all(raw_dir: Path, candidates: list[tuple[Path, str]],
         results = list(progress(map(one, candidates)))
     else:
         chunk = max(16, len(candidates) // (workers * 8))
-        with ProcessPoolExecutor(workers) as pool:
+        with processes.pool(workers) as pool:
             results = list(progress(pool.map(one, candidates, chunksize=chunk)))
     good = [r for r in results if isinstance(r, ImageInfo)]
     return good, [r for r in results if isinstance(r, dict)]
@@ -141,17 +146,60 @@ def n_held_out(n: int, val_fraction: float, test_fraction: float) -> tuple[int, 
     return test, min(n - test - 1, max(1, math.floor(n * val_fraction + 0.5)))
 
 
-def groups(images: list[ImageInfo], group_by: GroupBy, pattern: str = "") -> dict[str, str]:
+# The longest group_pattern may take over every path: a pattern that backtracks without
+# end (`(a+)+$`) is stopped there and named, instead of holding a core at 100 % for ever.
+PATTERN_SECONDS = 30.0
+
+
+def _match_all(pattern: str, paths: list[str]) -> list[str | None]:
+    keys = []
+    for path in paths:
+        found = re.search(pattern, path)
+        key = found and (found.group(1) if found.groups() else found.group(0))
+        keys.append(key)  # an optional first group that took no part: not matched
+    return keys
+
+
+def pattern_keys(pattern: str, paths: list[str]) -> dict[str, str]:
+    """The key `pattern` gives each path it matches (its first group, if it has one, else
+    the whole match), found in a child process stopped after PATTERN_SECONDS; SplitError
+    naming the pattern when it takes longer, matches no path, or puts every path in one
+    group."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        try:
+            keys = pool.apply_async(_match_all, (pattern, paths)).get(PATTERN_SECONDS)
+        except multiprocessing.TimeoutError:
+            pool.terminate()
+            raise SplitError(f"group_pattern {pattern!r} took more than {PATTERN_SECONDS:.0f} s "
+                             f"on {len(paths)} paths and was stopped: it backtracks without end "
+                             "(nested repeats such as (a+)+); write it without them") from None
+    matched = {path: key for path, key in zip(paths, keys, strict=True) if key is not None}
+    example = paths[0] if paths else ""
+    if not matched:
+        raise SplitError(f"group_pattern {pattern!r} matches none of the {len(paths)} paths "
+                         f"below the class folders (one is {example!r}): grouping would not "
+                         "change; fix the pattern or leave it empty")
+    if len(set(paths)) > 1 and None not in keys and len(set(matched.values())) == 1:
+        raise SplitError(f"group_pattern {pattern!r} gives every one of the {len(paths)} paths "
+                         f"the same key {next(iter(matched.values()))!r}: one group cannot be "
+                         "split; capture what tells scenes apart (e.g. ^([^_]+)_)")
+    return matched
+
+
+def groups(images: list[ImageInfo], group_by: GroupBy, keys: dict[str, str] | None = None,
+           singles: frozenset[str] = frozenset()) -> dict[str, str]:
     """The group of each image (by source path): what must stay in one split.
 
     "file": an image and its exact duplicates (named by their content hash). "folder": every
-    image in one folder, which is what the faces step writes for a clip; folders that share
-    an exact duplicate are joined, so no content straddles the split. `pattern` (a regular
-    expression) also joins the images whose paths below the class folder give the same
-    match (its first group, if it has one), real and fake alike: a real clip and its
-    face-swapped twin of the same scene, say.
+    image in one folder, which is what the faces step writes for a clip (a photo's crop,
+    one of `singles`, is its own); folders that share an exact duplicate are joined, so no
+    content straddles the split. `keys` (from `pattern_keys`, by path below the class
+    folder) also join the images with the same key, real and fake alike: a real clip and
+    its face-swapped twin of the same scene, say.
     """
-    if group_by == "file" and not pattern:
+    if group_by == "file" and not keys:
         return {i.source: i.sha256 for i in images}
     parent: dict[str, str] = {}
 
@@ -166,24 +214,27 @@ def groups(images: list[ImageInfo], group_by: GroupBy, pattern: str = "") -> dic
         parent[max(first, second)] = min(first, second)
 
     def own(info: ImageInfo) -> str:
-        return posixpath.dirname(info.source) if group_by == "folder" else info.sha256
+        if group_by == "folder" and info.source not in singles:
+            return posixpath.dirname(info.source)
+        return info.sha256
 
     for info in images:
         join(own(info), "sha:" + info.sha256)  # one content never straddles the split
-        found = re.search(pattern, info.source.split("/", 1)[1]) if pattern else None
-        if found:
-            join(own(info), "pattern:" + (found.group(1) if found.groups() else found.group(0)))
+        key = (keys or {}).get(info.source.split("/", 1)[1])
+        if key is not None:
+            join(own(info), "pattern:" + key)
     return {i.source: root(own(i)) for i in images}
 
 
 def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: GroupBy = "file",
-           pattern: str = "", test_fraction: float = 0.0
+           keys: dict[str, str] | None = None, test_fraction: float = 0.0,
+           singles: frozenset[str] = frozenset()
            ) -> tuple[dict[str, str], dict[str, str], list[dict], list[dict]]:
     """Split by group: {source: split}, {source: group}, duplicate sets and label conflicts.
 
     Each class's groups are ranked by a seeded hash of their name, the lowest going to test
     (test_fraction), the next to validation: stratified, independent of file order, and
-    adding one group moves at most one other of its class. When `pattern` makes groups that
+    adding one group moves at most one other of its class. When `keys` make groups that
     hold both classes, all groups are ranked together and each goes to test (then
     validation) while every class it holds is short of that share.
     """
@@ -194,7 +245,7 @@ def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: Gr
                  for sha, members in by_content.items() if len({i.label for i in members}) > 1]
     conflicted = {c["sha256"] for c in conflicts}
     kept = [i for i in images if i.sha256 not in conflicted]
-    group_of = groups(kept, group_by, pattern)
+    group_of = groups(kept, group_by, keys, singles)
     labels_of: dict[str, set[str]] = defaultdict(set)
     for info in kept:
         labels_of[group_of[info.source]].add(info.label)
@@ -205,7 +256,7 @@ def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: Gr
     for label in CLASSES:
         n = sum(label in labs for labs in labels_of.values())
         if n < needed:
-            unit = "distinct image(s)" if group_by == "file" and not pattern else "group(s)"
+            unit = "distinct image(s)" if group_by == "file" and not keys else "group(s)"
             raise SplitError(
                 f"class {label!r} has {n} usable {unit} after removing unreadable "
                 f"files, duplicates and label conflicts; it needs at least {in_words}: add "
@@ -301,7 +352,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dict[str, str],
                 group_of: dict[str, str], group_by: GroupBy = "file",
-                carried: dict[str, dict] | None = None) -> list[dict]:
+                carried: dict[str, dict] | None = None,
+                singles: frozenset[str] = frozenset()) -> list[dict]:
     """Link (or copy) each image into out/<split>/<label>/, return the manifest rows.
 
     `group` is what the split kept together; `video` is what video-level metrics score as
@@ -328,7 +380,8 @@ def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dic
             (out / mask).parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(raw_dir / info.mask, out / mask)
         clip = carried.get(info.source, {})
-        video = clip.get("source") or (posixpath.dirname(info.source) if group_by == "folder"
+        video = clip.get("source") or (posixpath.dirname(info.source)
+                                       if group_by == "folder" and info.source not in singles
                                        else info.source)
         rows.append({"path": dest, "label": info.label, "split": split,
                      "sha256": info.sha256, "width": info.width, "height": info.height,
@@ -356,6 +409,30 @@ FOLDER = OwnedFolder(
 def read_report(data_dir: str | os.PathLike) -> dict | None:
     """The report of the split in data_dir, or None when there is no complete split."""
     return FOLDER.read_report(resolve(data_dir))
+
+
+def identity(data_dir: str | os.PathLike) -> dict | None:
+    """Which split a model trained on: its folder and its manifest's SHA-256 (which changes
+    with any image's side); None where there is no manifest."""
+    manifest = resolve(data_dir).resolve() / files.MANIFEST
+    if not manifest.is_file():
+        return None
+    return {"data_dir": str(manifest.parent),
+            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
+
+
+def check_identity(recorded: dict | None, data_dir: str | os.PathLike, checkpoint: Path,
+                   doing: str) -> None:
+    """Refuse to `doing` with the split in data_dir when it is the folder `checkpoint` was
+    trained on but no longer the same split (re-split since). A checkpoint that recorded
+    none (older than this check), or another folder, passes."""
+    now = identity(data_dir)
+    if recorded and now and now["data_dir"] == recorded.get("data_dir") and (
+            now["manifest_sha256"] != recorded.get("manifest_sha256")):
+        raise ValueError(f"cannot {doing}: the split in {now['data_dir']} is not the one "
+                         f"{checkpoint} was trained on ({files.MANIFEST} changed: re-split "
+                         "since?), so its validation images may have been trained on; train "
+                         "again on this split, or put the old split back")
 
 
 def faces_of(raw_dir: Path) -> tuple[dict | None, dict[str, dict]]:
@@ -469,9 +546,14 @@ def split(params: SplitParams) -> dict:
     # A published data set's crops carry keys or an official split; real/ + fake/ do not.
     keyed = {src: row for src, row in table.items() if row.get("group") or row.get("split")}
     plain = [i for i in images if i.source not in keyed]
+    # A photo's crop is its own group and its own video, wherever it lies.
+    photos = frozenset(crop for crop, row in table.items()
+                       if Path(row["source"]).suffix.lower() not in VIDEO_SUFFIXES)
+    paths = [i.source.split("/", 1)[1] for i in plain]
+    keys = pattern_keys(params.group_pattern, paths) if params.group_pattern and plain else None
     split_of, group_of, duplicates, conflicts = assign(
-        plain, params.val_fraction, params.seed, params.group_by, params.group_pattern,
-        params.test_fraction) if plain else ({}, {}, [], [])
+        plain, params.val_fraction, params.seed, params.group_by, keys,
+        params.test_fraction, photos) if plain else ({}, {}, [], [])
     conflicted = {c["sha256"] for c in conflicts}
     kept = [i for i in plain if i.sha256 not in conflicted]
     left_out, val_keys = [], None
@@ -484,7 +566,7 @@ def split(params: SplitParams) -> dict:
         kept += [i for i in from_keys if i.source in keyed_split]
     with FOLDER.build(plan.data_dir) as built:
         rows = materialise(plan.raw_dir, built, kept, split_of, group_of, params.group_by,
-                           keyed)
+                           keyed, photos)
         present = [s for s in SPLITS if any(r["split"] == s for r in rows)]  # no empty test
         report = {
             "params": plan.recorded,
@@ -503,6 +585,11 @@ def split(params: SplitParams) -> dict:
             "left_out": left_out,
             "duplicates": duplicates,
             "conflicts": conflicts,
+            **({"group_pattern": {
+                "pattern": params.group_pattern, "paths": len(paths),
+                "matched": sum(p in keys for p in paths),
+                "unmatched": sum(p not in keys for p in paths),
+                "keys": len(set(keys.values()))}} if keys is not None else {}),
             "faces": faces_report and faces_report["params"],  # its parameters, or None
             "faceless": faceless(faces_report, val_keys or set()) if keyed else [],
         }

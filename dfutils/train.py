@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from dfutils.metrics import (
     with_intervals,
 )
 from dfutils.model import (
+    CheckpointError,
     autocast,
     forward,
     grad_scaler,
@@ -41,6 +43,7 @@ from dfutils.model import (
 from dfutils.params import Amp, OptimizerName, TrainParams
 from dfutils.paths import jsonable, remove_stale_temps, resolve, write_csv, write_json
 from dfutils.progress import tqdm
+from dfutils.split import check_identity
 
 
 @dataclass
@@ -285,13 +288,15 @@ class Outputs:
     checkpoint: str | os.PathLike | None = None  # the kept epoch: model.pt
     last: str | os.PathLike | None = None  # the last completed epoch: last.pt
     faces: dict | None = None  # the faces step's parameters, when the images are its crops
+    split: dict | None = None  # the split trained on (split.identity)
     resumed: dict | None = None  # last.pt as read_checkpoint(resume=True) gave it, if read
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, params: TrainParams,
         checkpoint: str | os.PathLike | None = None, device: torch.device | None = None,
         last: str | os.PathLike | None = None, faces: dict | None = None,
-        blends_loader: DataLoader | None = None, resumed: dict | None = None) -> FitResult:
+        blends_loader: DataLoader | None = None, resumed: dict | None = None,
+        split: dict | None = None) -> FitResult:
     """Train until the monitored column stops improving; keep (and save) the best epoch.
 
     Each new best is written to `checkpoint` at once, with its threshold and metrics, so
@@ -301,17 +306,18 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
     cover the whole split, and rank 0's early-stopping decision holds for all ranks.
     With `params.ema` an exponential moving average of the weights (and BatchNorm
     statistics) is updated after every step, and it is what is validated and kept.
-    `faces` (the faces step's parameters, when the images are its crops) goes into the
-    checkpoint. `blends_loader` (fakes="sbi": the validation reals and their self-blends) is
-    scored every epoch too, as `sbi_loss` and `sbi_auc`; `params.monitored` names the
-    history column that early stopping and the kept epoch follow. `resumed` is `last`
-    already read (by the caller, to refuse early); without it a resume reads `last`.
+    `faces` (the faces step's parameters, when the images are its crops) and `split` (the
+    split's identity, which a resume checks) go into the checkpoint. `blends_loader`
+    (fakes="sbi": the validation reals and their self-blends) is scored every epoch too,
+    as `sbi_loss` and `sbi_auc`; `params.monitored` names the history column that early
+    stopping and the kept epoch follow. `resumed` is `last` already read (by the caller,
+    to refuse early); without it a resume reads `last`.
     """
     device = device or distributed.device()
     model.to(device, memory_format=torch.channels_last)
     samples = getattr(val_loader.dataset, "samples", None)
     groups = np.array([s.video for s in samples]) if samples else None
-    outputs = Outputs(checkpoint, last, faces, resumed)
+    outputs = Outputs(checkpoint, last, faces, split, resumed)
     if params.caches_features:
         return fit_head(model, train_loader, val_loader, params, device, outputs, groups)
     return train_loop(Learner.build(model, model, params, device), train_loader, val_loader,
@@ -413,7 +419,8 @@ def train_loop(learner: Learner, train_loader: DataLoader, val_loader: DataLoade
                 if outputs.checkpoint is not None and rank == 0:
                     save_checkpoint(outputs.checkpoint, best_state, params=params.to_dict(),
                                     threshold=threshold, threshold_rule=params.threshold,
-                                    metrics=result.metrics, epoch=epoch, faces=outputs.faces)
+                                    metrics=result.metrics, epoch=epoch, faces=outputs.faces,
+                                    split=outputs.split)
             if outputs.last is not None and rank == 0:
                 save_last(outputs, epoch, learner, stopper, result, params)
             if distributed.broadcast_flag(stopper.should_stop):
@@ -490,7 +497,17 @@ def save_last(outputs: Outputs, epoch: int, learner: Learner, stopper: EarlyStop
     save_checkpoint(outputs.last, learner.model, params=params.to_dict(),
                     threshold=result.threshold, threshold_rule=params.threshold,
                     metrics=jsonable(result.metrics), epoch=epoch, faces=outputs.faces,
-                    training=training)
+                    training=training, split=outputs.split)
+
+
+# What a last.pt whose training state was altered raises while it is put back.
+DAMAGED = (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError)
+
+
+def _damaged(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot resume from {path}: its training state is damaged "
+                           f"({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
+                           "train again without RESUME=1")
 
 
 def restore(outputs: Outputs, learner: Learner, stopper: EarlyStopping, result: FitResult,
@@ -516,14 +533,19 @@ def restore(outputs: Outputs, learner: Learner, stopper: EarlyStopping, result: 
     if changed:
         raise ValueError(f"cannot resume {path.parent}: it was trained with other values of "
                          f"{', '.join(changed)}; resume with the parameters it recorded")
-    learner.model.load_state_dict(state["model_state"])
-    learner.load_state_dict(training["learner"])
-    stopper.best, stopper.bad_epochs = (training["stopper"]["best"],
-                                        training["stopper"]["bad_epochs"])
-    result.history, result.best_epoch = training["history"], training["best_epoch"]
-    result.threshold, result.metrics = state["threshold"], state["metrics"]
-    result.best_eval = _evaluation_from(training["best_eval"])
-    result.best_blends = _evaluation_from(training.get("best_blends"))
+    check_identity(state.get("split"), params.data_dir, path, "resume")
+    try:
+        learner.model.load_state_dict(state["model_state"])
+        learner.load_state_dict(training["learner"])
+        stopper.best, stopper.bad_epochs = (training["stopper"]["best"],
+                                            training["stopper"]["bad_epochs"])
+        result.history, result.best_epoch = training["history"], training["best_epoch"]
+        result.threshold, result.metrics = state["threshold"], state["metrics"]
+        result.best_eval = _evaluation_from(training["best_eval"])
+        result.best_blends = _evaluation_from(training.get("best_blends"))
+        rng = training["rng"]
+    except DAMAGED as error:
+        raise _damaged(path, error) from None
     best_state = (load_checkpoint(outputs.checkpoint).model.state_dict()
                   if outputs.checkpoint is not None and result.best_epoch else None)
     if train_loader.num_workers > 0:
@@ -532,7 +554,10 @@ def restore(outputs: Outputs, learner: Learner, stopper: EarlyStopping, result: 
             train_loader.sampler.set_epoch(epoch)
             for _ in train_loader:
                 pass
-    _set_rng_state(training["rng"])
+    try:
+        _set_rng_state(rng)
+    except DAMAGED as error:
+        raise _damaged(path, error) from None
     tqdm.write(f"resuming {path.parent} after epoch {state['epoch']}")
     return state["epoch"] + 1, best_state
 
@@ -612,6 +637,7 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
     from dfutils import runs, sbi, viz
     from dfutils.data import train_val_loaders, val_loader
     from dfutils.model import build_model
+    from dfutils.split import identity as split_identity
     from dfutils.split import read_report
 
     runs.seed_everything(params.seed)
@@ -641,7 +667,8 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
     faces = (read_report(params.data_dir) or {}).get("faces")
     result = fit(model, train_loader, loader, params, checkpoint=out / files.MODEL,
                  device=distributed.device(), last=out / files.LAST, faces=faces,
-                 blends_loader=blends_loader, resumed=resumed)
+                 blends_loader=blends_loader, resumed=resumed,
+                 split=split_identity(params.data_dir))
     if found is not None:
         result.metrics["self_blend_faces"] = found
     figures = {}

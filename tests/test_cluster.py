@@ -130,7 +130,7 @@ def test_sharded_runs_merge_to_the_bytes_of_a_single_run(raw, single, tmp_path, 
                  (part / "journal.jsonl").read_text().splitlines()[1:]]
         assert not (out / files.FACES).exists()  # a shard writes only its part
     assert sorted(seen) == sorted(e["source"] for e in faces.read_report(single)["sources"])
-    assert run_cli("merge", f"RAW_DIR={raw}", f"FACES_DIR={out}", *WORDS) == 0
+    assert run_cli("merge", "faces", f"RAW_DIR={raw}", f"FACES_DIR={out}", *WORDS) == 0
     assert contents(out) == contents(single)  # crops, faces.csv and report, byte for byte
     assert not (out / files.FACES_PARTS).exists()
 
@@ -152,7 +152,7 @@ def test_merge_names_a_missing_a_foreign_and_a_half_written_shard(raw, tmp_path,
     journal.write_text(journal.read_text()[:-20])  # with its last line cut short
     shutil.rmtree(parts / "3-of-4")
     before = contents(out)
-    assert run_cli("merge", f"RAW_DIR={raw}", f"FACES_DIR={out}", *WORDS) == 2
+    assert run_cli("merge", "faces", f"RAW_DIR={raw}", f"FACES_DIR={out}", *WORDS) == 2
     error = one_line_error(capsys.readouterr().err)
     assert "shard 1/4 was made with other parameters (face_margin)" in error
     assert "shard 2/4 is not complete" in error and "SHARD=2/4" in error
@@ -378,3 +378,50 @@ def test_the_docs_slurm_array_runs_as_written_and_merges_to_a_single_run(raw, si
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
     assert contents(tmp_path / "faces") == contents(single)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: the step runs no workers")
+def test_the_workers_end_when_the_faces_runner_is_killed(raw, tmp_path):
+    """Issue 26, item 8: after SIGKILL of the runner its two workers waited for ever,
+    600 MB each."""
+    out = tmp_path / "faces"
+    process = subprocess.Popen([sys.executable, "-m", "dfutils", "faces", f"RAW_DIR={raw}",
+                                f"FACES_DIR={out}", *WORDS], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline, workers = time.monotonic() + 120, []
+        while time.monotonic() < deadline and process.poll() is None and len(workers) < 2:
+            workers = children(process.pid)
+            time.sleep(0.05)
+        assert len(workers) >= 2, "the pool did not start"
+    finally:
+        process.kill()  # the runner alone, as the out-of-memory killer does
+        process.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(map(alive, workers)):
+        time.sleep(0.1)
+    left = [pid for pid in workers if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "workers outlived their parent"

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import write_image
+from conftest import evaluate as evaluate_run
+from conftest import make_split, write_image
 from PIL import Image
 
 from dfutils import data, files
@@ -320,6 +321,49 @@ def test_resume_refuses_other_parameters_and_a_run_without_state(separable_split
     assert (tmp_path / "r" / LAST).is_file()
     with pytest.raises(ValueError, match="other values of lr"):
         train_run(TrainParams.from_mapping({**base, "resume": True, "lr": 0.5}))
+
+
+def test_a_changed_split_and_a_damaged_last_pt_are_refused_by_name(separable_split, tmp_path,
+                                                                   monkeypatch):
+    """Issue 26, items 6 and 12: resuming after a re-split trained on validation images
+    without a word, and a tampered last.pt gave a bare KeyError."""
+    import dfutils.train as T
+    from dfutils.files import LAST
+    from dfutils.gradcam import gradcam_run
+    from dfutils.model import CheckpointError
+    from dfutils.params import GradCamParams
+
+    base = {"data_dir": str(separable_split), "weights": None, "trainable": "all",
+            "image_size": 32, "batch_size": 8, "max_epochs": 2, "num_workers": 0,
+            "run_dir": str(tmp_path / "r")}
+    real = T.train_loop
+
+    def stop_after_saving(*args, **kwargs):  # a run killed after its first epoch
+        result = real(*args, **kwargs)
+        result.interrupted = True
+        return result
+    monkeypatch.setattr(T, "train_loop", stop_after_saving)
+    T.train_run(TrainParams.from_mapping(base))
+    monkeypatch.undo()
+    last = tmp_path / "r" / LAST
+    kept = last.read_bytes()
+    state = torch.load(last, weights_only=True)
+    state["training"]["learner"] = {"optimizer": {"state": 1}}
+    torch.save(state, last)
+    with pytest.raises(CheckpointError, match=f"cannot resume from {last}: its training state "
+                                              "is damaged"):
+        T.train_run(TrainParams.from_mapping({**base, "resume": True}))
+    last.write_bytes(kept)
+
+    make_split(separable_split.parent / "raw", separable_split, seed=0, val_fraction=0.4,
+               overwrite=True)
+    changed = f"the split in {separable_split} is not the one .* was trained on"
+    with pytest.raises(ValueError, match=f"cannot resume: {changed}"):
+        T.train_run(TrainParams.from_mapping({**base, "resume": True}))
+    with pytest.raises(ValueError, match=f"cannot evaluate on its val split: {changed}"):
+        evaluate_run(tmp_path / "r", separable_split, "val", split="val")
+    with pytest.raises(ValueError, match=f"cannot explain its validation images: {changed}"):
+        gradcam_run(GradCamParams(run_dir=str(tmp_path / "r"), data_dir=str(separable_split)))
 
 
 def test_a_progress_bar_starts_no_pass_of_its_loader():

@@ -286,3 +286,51 @@ def test_the_chain_with_faces_reports_frame_and_video_level_metrics(raw, tmp_pat
     with open(run / "val_predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len({r["video"] for r in rows}) == 2 and all(r["group"] == r["video"] for r in rows)
+
+
+def test_a_photo_is_its_own_group_and_video_beside_clips(tmp_path):
+    """Issue 26, item 4: with group_by="folder" every photo of a class formed one group and
+    one video, and a folder of photos alone failed at the split."""
+    raw = tmp_path / "raw"
+    for label, shade in (("real", 40), ("fake", 120)):
+        write_clip(raw / label / "clip.mp4", 3, shade=shade + 50)
+        for i in range(4):
+            photo = cv2.cvtColor(frame_of(i, shade=shade + 5 * i)[0], cv2.COLOR_RGB2BGR)
+            cv2.imwrite(str(raw / label / f"p{i}.jpg"), photo)
+    faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(tmp_path / "f"), **PARAMS))
+    make_split(tmp_path / "f", tmp_path / "d", group_by="folder", val_fraction=0.4, seed=0)
+    with open(tmp_path / "d" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    photos = [r for r in rows if "clip" not in r["source"]]
+    clip = [r for r in rows if "clip" in r["source"]]
+    assert len(photos) == 8 and len({r["group"] for r in photos}) == 8
+    assert {r["video"] for r in photos} == {r["source"] for r in photos}
+    assert len({r["group"] for r in clip}) == 2 and len({r["video"] for r in clip}) == 2
+
+
+def test_inputs_whose_crops_would_coincide_are_named_before_any_work(tmp_path):
+    """Issue 26, item 3: a clip and a photo whose crops map to one name gave two rows in
+    faces.csv for one file (the surviving crop depending on worker timing), and so did
+    x.v1.jpg and x.v2.jpg (both cropped to x.png)."""
+    raw = tmp_path / "raw"
+    write_clip(raw / "real" / "a.mp4", 3)
+    write_clip(raw / "fake" / "b.mp4", 3, shade=90)
+    photo = cv2.cvtColor(frame_of(1, shade=70)[0], cv2.COLOR_RGB2BGR)
+    for name in ("a/000001.png", "a/note.png", "x.v1.jpg", "x.v2.jpg", "d.png"):
+        (raw / "real" / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(raw / "real" / name), photo)
+    write_clip(raw / "real" / "d.png.mp4", 2, shade=60)  # its crops' folder: real/d.png/
+    report = faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(tmp_path / "f"),
+                                             **PARAMS), workers=1)
+    skipped = {s["source"]: s["reason"] for s in report["skipped"]}
+    assert skipped == {
+        "real/a/000001.png": "its crop real/a/000001.png would land among the crops of the "
+                             "clip real/a.mp4: rename or move one of them",
+        "real/a/note.png": "its crop real/a/note.png would land among the crops of the clip "
+                           "real/a.mp4: rename or move one of them",
+        "real/d.png": "its crop real/d.png would land among the crops of the clip "
+                      "real/d.png.mp4: rename or move one of them"}
+    with open(tmp_path / "f" / files.FACES, newline="") as f:
+        paths = [row["path"] for row in csv.DictReader(f)]
+    assert len(paths) == len(set(paths))  # one row per crop
+    assert {"real/x.v1.png", "real/x.v2.png"} <= set(paths)

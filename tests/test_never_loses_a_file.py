@@ -286,3 +286,39 @@ def test_the_demo_keeps_a_users_file_and_an_interrupted_build_keeps_the_old_demo
     (out / "real" / "mine.png").unlink()
     demo.build_demo(DemoParams(out=str(out), n_per_class=4, size=32, seed=2))
     assert len(list((out / "fake").glob("*.png"))) == 4
+
+
+def test_two_steps_never_share_one_folder(tmp_path):
+    """Issue 26, item 2: a faces folder re-split in place lost its faces.csv (both steps
+    write that name), and the faces step then refused its own folder."""
+    from dfutils import faces
+    from dfutils.params import FacesParams
+
+    raw = make_raw(tmp_path / "raw", 4, 4)
+    make_split(raw, tmp_path / "d")
+    before = tree_digest(tmp_path / "d")
+    with pytest.raises(faces.FacesError, match="holds a split .* the faces step needs a "
+                                               "folder of its own"):
+        faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(tmp_path / "d")))
+    assert tree_digest(tmp_path / "d") == before
+
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "faces_report.json").write_text(json.dumps({"params": {},
+                                                                  "fingerprint": ""}))
+    (tmp_path / "f" / "faces.csv").write_text("path,label\n")
+    before = tree_digest(tmp_path / "f")
+    with pytest.raises(SplitError, match="holds faces .* the split needs a folder of its own"):
+        make_split(raw, tmp_path / "f", overwrite=True)
+    assert tree_digest(tmp_path / "f") == before
+
+
+def test_a_refused_faces_step_writes_nothing_first(tmp_path, notebooks_that):
+    """Issue 26, item 7: RAW_DIR=FACES_DIR was refused only after faces-run/ (a notebook and
+    run.json) had been written inside the raw folder."""
+    raw = make_raw(tmp_path / "raw", 2, 2)
+    before = tree_digest(raw)
+    calls = notebooks_that()
+    with pytest.raises(pipeline.ChainError, match="must not contain each other"):
+        pipeline.run_all(None, None, {"raw_dir": str(raw), "faces_dir": str(raw)},
+                         steps=["00-faces"], replace_run=True, beside_data=True)
+    assert tree_digest(raw) == before and not calls

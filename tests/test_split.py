@@ -2,6 +2,7 @@ import csv
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -238,11 +239,36 @@ def test_a_group_pattern_keeps_both_clips_of_a_scene_in_one_split(tmp_path):
     assert all(len(s) == 1 for s in _scene_splits(tmp_path / "paired").values())
     assert report["group_counts"]["val"] == {"real": 2, "fake": 2}  # 12 scenes, 20 %
     assert report["params"]["group_pattern"] == r"^(s\d+)_"
+    assert report["group_pattern"] == {"pattern": r"^(s\d+)_", "paths": 48, "matched": 48,
+                                       "unmatched": 0, "keys": 12}  # what it did
     rows = manifest(tmp_path / "paired")  # the video is the clip, not the pair of clips
     assert all(r["video"] == r["source"].rsplit("/", 1)[0] for r in rows)
     assert len({r["video"] for r in rows}) == 24 and len({r["group"] for r in rows}) == 12
     make_split(root, tmp_path / "apart", group_by="folder", seed=0)  # the leak it prevents
     assert any(len(s) == 2 for s in _scene_splits(tmp_path / "apart").values())
+
+
+@pytest.mark.parametrize("pattern,words", [
+    ("(x)?", "matches none of the 16 paths"),  # its group takes no part: was a TypeError
+    ("zzz", "matches none of the 16 paths"),
+    ("^", "gives every one of the 16 paths the same key ''"),
+    ("^(a+)+b", "took more than 1 s on 16 paths and was stopped"),
+])
+def test_a_useless_or_runaway_group_pattern_is_refused_by_name(tmp_path, monkeypatch, pattern,
+                                                               words):
+    """Issue 26, item 5: `(x)?` crashed, `^` and `zzz` changed or disabled grouping without
+    a word, and catastrophic backtracking hung at 100 % CPU."""
+    from dfutils import split
+
+    monkeypatch.setattr(split, "PATTERN_SECONDS", 1.0)
+    root = tmp_path / "raw"
+    for label in ("real", "fake"):
+        for i in range(8):
+            write_image(root / label / f"{'a' * 40}{i}.png", seed=i + (100 if label == "fake"
+                                                                      else 0))
+    with pytest.raises(split.SplitError, match=re.escape(f"group_pattern {pattern!r} {words}")):
+        make_split(root, tmp_path / "data", group_pattern=pattern)
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_group_pattern_must_be_a_regular_expression():
@@ -284,3 +310,20 @@ def test_a_test_split_is_read_but_never_trained_or_selected_on(tmp_path, raw, ru
     assert report["n_images"] == 4 and report["name"] == "data-test"
     with pytest.raises(ValueError, match="split must be one of train, val, test"):
         read_manifest(data, "holdout")
+
+
+def test_linked_folders_are_followed_and_a_loop_is_named(tmp_path):
+    """Issue 26, item 11: a linked folder inside a class folder was ignored without a word
+    (and the split then said the class held no images)."""
+    raw = tmp_path / "raw"
+    make_raw(tmp_path / "elsewhere", 4, 4)
+    (raw / "real").mkdir(parents=True)
+    (raw / "fake").mkdir()
+    (raw / "real" / "linked").symlink_to(tmp_path / "elsewhere" / "real")
+    (raw / "fake" / "linked").symlink_to(tmp_path / "elsewhere" / "fake")
+    (raw / "fake" / "loop").symlink_to(raw / "fake")
+    report = make_split(raw, tmp_path / "data", val_fraction=0.25)
+    assert report["counts"]["train"]["real"] + report["counts"]["val"]["real"] == 4
+    assert report["counts"]["train"]["fake"] + report["counts"]["val"]["fake"] == 4
+    (skipped,) = report["skipped"]
+    assert skipped["path"] == "fake/loop" and "a folder already read" in skipped["reason"]

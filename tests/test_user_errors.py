@@ -4,6 +4,7 @@ command-line values mean what they would mean to any command-line tool."""
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -153,3 +154,79 @@ def test_stale_temporary_files_are_ours_only(tmp_path):
         p.write_bytes(b"")
     assert sorted(remove_stale_temps(tmp_path)) == sorted(ours)
     assert all(p.exists() for p in theirs) and not any(p.exists() for p in ours)
+
+
+@pytest.mark.parametrize("flags", [[], ["-i"]])
+def test_a_line_break_in_a_make_value_is_refused_before_anything_runs(tmp_path, flags):
+    """Issue 26, item 9: the text after a newline ran as a command under make -i."""
+    stub = tmp_path / "python"
+    stub.write_text(f"#!{sys.executable}\nopen({str(tmp_path / 'ran')!r}, 'w')\n")
+    stub.chmod(0o755)
+    done = subprocess.run(["make", "-s", *flags, "-C", str(REPO_ROOT), "faces", f"PY={stub}",
+                           f"STAMP={stub}", "FACES_DIR=x\ntouch pwned #"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode != 0 and not (tmp_path / "ran").exists()
+    assert not (tmp_path / "pwned").exists() and not (REPO_ROOT / "pwned").exists()
+    assert "FACES_DIR= holds a line break" in one_line_error(done.stderr)
+
+
+@pytest.mark.parametrize("value", ["a\rb", "x\x1b[2J", "tab\there"])
+def test_a_control_character_in_a_value_is_named(value, capsys):
+    assert main(["run-all", f"RUN={value}"]) == 2
+    assert "RUN= holds a control character" in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("word", ["RESUME=on", "RESUME=y", "FACES=", "OVERWRITE="])
+def test_a_flag_takes_the_usual_spellings_or_is_refused_by_name(word, capsys):
+    """Issue 26, item 12 (already refused by name before this round; kept as a test)."""
+    assert main(["run-all", "RUN=x", word]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert f"{word.split('=')[0]} takes true or false" in error
+
+
+@pytest.mark.parametrize("status,words", [
+    (None, "train a model first"),
+    ("running-alive", "02-train is still running there"),
+    ("running-dead", "stopped before it kept an epoch (its process is gone"),
+    ("failed", "02-train failed (2026-01-01T00:00:00): the error is in its notebook"),
+])
+def test_a_run_without_model_pt_says_why(tmp_path, status, words, capsys):
+    """Issue 26, item 12: "train a model first" even while training ran or after it failed."""
+    import os
+
+    from dfutils.runs import write_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    if status:
+        dead = subprocess.Popen([sys.executable, "-c", ""])
+        dead.wait()
+        pid = os.getpid() if status == "running-alive" else dead.pid
+        write_run(run, {"steps": {"02-train": {
+            "status": status.split("-")[0], "started": "2026-01-01T00:00:00",
+            "finished": "2026-01-01T00:00:00", "pid": pid, "host": platform.node()}}})
+    assert main(["predict", "--run", str(run), str(tmp_path)]) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert f"{run / files.MODEL} not found: " in error and words in error
+
+
+def test_evaluate_data_inside_the_run_is_refused_by_name(run_dir, capsys):
+    """Issue 26, item 12: --data inside the run folder named the run's internal folders."""
+    (run_dir / "eval" / "x").mkdir(parents=True)
+    assert main(["evaluate", "--run", str(run_dir), "--data", str(run_dir / "eval" / "x")]) == 2
+    assert "is inside the run folder" in one_line_error(capsys.readouterr().err)
+
+
+def test_a_clip_scored_as_an_image_says_what_to_do(run_dir, tmp_path, capsys):
+    """Issue 26, item 12: --no-faces on a clip (or a run not trained on faces) said only
+    "not an image"."""
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\x00" * 64)
+    write_image(tmp_path / "photo.png", seed=1)
+    assert main(["predict", "--run", str(run_dir), str(clip), str(tmp_path / "photo.png"),
+                 "--no-faces"]) == 0
+    captured = capsys.readouterr()
+    rows = rows_of(captured.out)
+    assert rows[str(clip)]["status"] == ("error: a video clip: this run was trained on images, "
+                                         "not on face crops (FACES=1), and scores images only")
+    assert rows[str(tmp_path / "photo.png")]["status"] == "ok"
