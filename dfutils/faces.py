@@ -42,7 +42,14 @@ from dfutils.data import ImageLoadError, load_image
 from dfutils.datasets import Item, Listing
 from dfutils.folders import VIDEO_SUFFIXES, OwnedFolder
 from dfutils.params import FacesParams
-from dfutils.paths import atomic_path, fingerprint, resolve, write_json
+from dfutils.paths import (
+    atomic_path,
+    fingerprint,
+    is_temp,
+    remove_stale_temps,
+    resolve,
+    write_json,
+)
 from dfutils.progress import tqdm
 
 # of faces.csv; group, split and method come from the data set (empty for real/ + fake/)
@@ -212,20 +219,26 @@ def ahead(frames: Iterator, depth: int = 2) -> Iterator:
     out: queue.Queue = queue.Queue(depth)
     stop, end = threading.Event(), object()
 
+    def offer(item: object, error: BaseException | None = None) -> bool:
+        """Put (item, error) on the queue unless the consumer stops first."""
+        while not stop.is_set():
+            try:
+                out.put((item, error), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in frames:
-                while not stop.is_set():
-                    try:
-                        out.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
-            out.put((end, None))
+            offer(end)
         except BaseException as error:  # handed to the consumer, raised there
-            out.put((end, error))
+            offer(end, error)
+        finally:  # the clip is released here, in the thread that read it
+            getattr(frames, "close", lambda: None)()
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
@@ -577,7 +590,8 @@ class Part:
             if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
                 raise FacesError(f"{folder} is in the way and was not written by the faces "
                                  "step: move it or choose another faces_dir")
-        if self.folder.is_dir() and any(self.folder.iterdir()) and not self._lines():
+        if self.folder.is_dir() and any(not is_temp(p) for p in self.folder.iterdir()) and (
+                not self._lines()):  # (a temporary file alone: a kill during the first write)
             raise FacesError(f"{self.folder} holds files but no journal of the faces step: it "
                              "was not written by it; move it or choose another faces_dir")
 
@@ -614,12 +628,14 @@ class Part:
         finished = self.done()
         if not finished and self.folder.exists():  # another run's part, or an empty start
             shutil.rmtree(self.folder)
+        elif finished:
+            remove_stale_temps(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         kept = [self.header, *self._lines()[1:]] if finished else [self.header]
         with atomic_path(self.folder / self.JOURNAL) as tmp:  # without a cut line
             tmp.write_text("".join(json.dumps(line) + "\n" for line in kept), encoding="utf-8")
         todo = [item for item in sources if item.path not in finished]
-        workers = workers or min(len(todo), os.cpu_count() or 1) or 1
+        workers = workers or min(len(todo), processes.usable_cpus()) or 1
         with open(self.folder / self.JOURNAL, "a", encoding="utf-8") as journal, \
                 tqdm(total=len(sources), initial=len(sources) - len(todo), desc="faces",
                      unit="source") as bar:

@@ -150,10 +150,15 @@ def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]
         tmp.unlink(missing_ok=True)
 
 
+def is_temp(path: Path) -> bool:
+    """Whether `path` is a temporary file of `atomic_path`."""
+    return bool(_TEMP.match(path.name)) and path.is_file()
+
+
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files an interrupted atomic write left under `folder`."""
     folder = Path(folder)
-    stale = [p for p in folder.rglob(".*.tmp") if _TEMP.match(p.name) and p.is_file()]
+    stale = [p for p in folder.rglob(".*.tmp") if is_temp(p)]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

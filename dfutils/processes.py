@@ -29,6 +29,15 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: a cluster task's allocation (SLURM's
+    --cpus-per-task, a container's cpuset), not every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def pool(workers: int) -> ProcessPoolExecutor:
     """A process pool whose workers end with this process."""
     return ProcessPoolExecutor(workers, initializer=_die_with, initargs=(os.getpid(),))

@@ -115,7 +115,7 @@ def inspect_all(raw_dir: Path, candidates: list[tuple[Path, str]],
     processes given chunks of files do (`make bench` measures the split; docs/performance.md).
     """
     one = functools.partial(_inspect_or_reason, raw_dir)
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or min(8, processes.usable_cpus())
     progress = functools.partial(tqdm, total=len(candidates), desc="reading images", unit="img")
     if workers == 1 or len(candidates) < 256:  # a pool's start-up would cost more
         results = list(progress(map(one, candidates)))

@@ -425,3 +425,22 @@ def test_the_workers_end_when_the_faces_runner_is_killed(raw, tmp_path):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, "workers outlived their parent"
+
+
+def test_a_part_killed_during_its_first_write_is_started_again(raw, single, tmp_path):
+    """A kill while the journal's first version was written leaves only a temporary file:
+    the part is this step's own, not a stranger's folder."""
+    out = tmp_path / "faces"
+    part = out / files.FACES_PARTS / "0-of-1"
+    part.mkdir(parents=True)
+    (part / ".journal.jsonl.abcd1234.tmp").write_text('{"params"')
+    faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(out), **PARAMS), workers=1)
+    assert contents(out) == contents(single)
+
+
+def test_a_task_uses_the_cores_it_is_given_not_the_machines():
+    """SLURM's --cpus-per-task (a CPU affinity) bounds the workers, not os.cpu_count()."""
+    done = subprocess.run([sys.executable, "-c", "import os; os.sched_setaffinity(0, {0}); "
+                           "from dfutils.processes import usable_cpus; print(usable_cpus())"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "1", done.stderr
