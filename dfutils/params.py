@@ -36,8 +36,8 @@ ThresholdRule = Literal["0.5", "eer"]
 Schedule = Literal["constant", "cosine"]
 OptimizerName = Literal["adam", "sgd"]
 GroupBy = Literal["file", "folder"]
-Fakes = Literal["data", "sbi"]
-Monitor = Literal["auto", "val_loss", "val_auc", "sbi_loss", "sbi_auc"]
+Fakes = Literal["data", "sbi", "sbi+data"]
+Monitor = Literal["auto", "val_loss", "val_auc", "sbi_loss", "sbi_auc", "mean_loss", "mean_auc"]
 EvalSplit = Literal["", "val", "test"]
 Dataset = Literal["folder", "ffpp", "dfd", "celebdf", "dfdc"]
 Compression = Literal["c0", "c23", "c40"]
@@ -338,11 +338,15 @@ class TrainParams(Params):
                                 "backbone once")
     resume: bool = param(False, "continue an interrupted run from run_dir/last.pt, to the "
                          "history it would have had")
-    fakes: Fakes = param("data", 'the training fakes: the split\'s fake images, or "sbi": a '
+    fakes: Fakes = param("data", 'the training fakes: the split\'s fake images; "sbi": a '
                          "self-blend of each real face, made on the fly (real fakes then only "
-                         "validate)")
+                         'validate); "sbi+data": both in each batch (sbi_share)')
+    sbi_share: float = param(0.5, "the share of the fakes in each batch that are self-blends "
+                             "of its reals, the others being fake images of the split (with "
+                             'fakes="sbi+data")')
     monitor: Monitor = param("auto", "what early stopping and the kept epoch follow: auto is "
-                             'sbi_loss with fakes="sbi", else val_loss')
+                             'sbi_loss with fakes="sbi", mean_loss (of the split\'s validation '
+                             'set and the self-blends) with "sbi+data", else val_loss')
     arch: str = param(archs.DEFAULT, "the network, as torchvision names it: "
                       f"{', '.join(archs.ARCHS)} (docs/training.md)")
     n_bootstrap: int = param(1000, "resamples of the 95% bootstrap intervals in metrics.json "
@@ -367,8 +371,13 @@ class TrainParams(Params):
     def monitored(self) -> str:
         """The history column early stopping follows (lower is better for losses)."""
         if self.monitor == "auto":
-            return "sbi_loss" if self.fakes == "sbi" else "val_loss"
+            return {"sbi": "sbi_loss", "sbi+data": "mean_loss"}.get(self.fakes, "val_loss")
         return self.monitor
+
+    @property
+    def self_blends(self) -> bool:
+        """Whether training makes self-blends (and validates on the fixed ones too)."""
+        return self.fakes in ("sbi", "sbi+data")
 
     def check(self) -> None:
         for name in ("image_size", "batch_size", "max_epochs"):
@@ -404,9 +413,12 @@ class TrainParams(Params):
             raise ParameterError(f"parameter 'arch': {error}") from None
         if self.trainable not in entry.stages:
             raise ParameterError(f"trainable={self.trainable!r} is not defined for {self.arch}")
-        if self.monitor.startswith("sbi_") and self.fakes != "sbi":
-            raise ParameterError(f"monitor={self.monitor!r} needs fakes=\"sbi\" (the "
-                                 "self-blended validation set exists only then)")
+        if self.monitor.startswith(("sbi_", "mean_")) and not self.self_blends:
+            raise ParameterError(f"monitor={self.monitor!r} needs fakes=\"sbi\" or "
+                                 "\"sbi+data\" (the self-blended validation set exists only "
+                                 "then)")
+        if not 0.0 <= self.sbi_share <= 1.0:
+            raise ParameterError(f"sbi_share must be between 0 and 1, got {self.sbi_share}")
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,52 @@ def collate_pairs(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return torch.cat(images), torch.cat(labels), torch.cat(indices)
 
 
+class MixedPairs(Dataset):
+    """fakes="sbi+data": each training real with what its fake is made from, decided per
+    batch by `MixedCollate`: a self-blend of it, or one of the split's fake images. An item
+    is (real RGB, its landmarks, the blend's seed, a split fake's index, its index): the
+    work (blending, or loading the fake) is done only for the fake the batch keeps."""
+
+    def __init__(self, samples: Sequence[Sample], landmarks: Sequence[np.ndarray],
+                 fakes: Sequence[Sample]):
+        self.samples, self.landmarks, self.fakes = list(samples), list(landmarks), list(fakes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple:
+        # Both draws from torch's generator, seeded per worker by the loader: the batches
+        # repeat with the seed, and a resumed run replays them.
+        seed = int(torch.randint(2**62, ()))
+        fake = int(torch.randint(len(self.fakes), ()))
+        return (np.array(load_image(self.samples[index].path)), self.landmarks[index], seed,
+                fake, index)
+
+
+class MixedCollate:
+    """A batch of k `MixedPairs` items as 2k images, real then fake: the first
+    round(share k) fakes are self-blends of their reals, the others the split's fakes
+    (exactly, in every batch); labels (0, 1) each; indices: the real's, for both."""
+
+    def __init__(self, dataset: MixedPairs, share: float, transform):
+        self.dataset, self.share, self.transform = dataset, share, transform
+
+    def blends(self, k: int) -> int:
+        return int(round(self.share * k))
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, indices = [], []
+        for position, (real, landmarks, seed, fake, index) in enumerate(batch):
+            if position < self.blends(len(batch)):
+                other, _ = self_blend(real, np.random.default_rng(seed), landmarks)
+            else:
+                other = np.array(load_image(self.dataset.fakes[fake].path))
+            images += [self.transform(real), self.transform(other)]
+            indices += [index, index]
+        return (torch.stack(images), torch.tensor([0.0, 1.0] * len(batch)),
+                torch.tensor(indices))
+
+
 class ValidationBlends(Dataset):
     """The validation reals, then one self-blend of each: 2n images labelled 0 then 1, the
     same in every run on the split (each blend is drawn from VAL_SEED and its image's path),
@@ -175,8 +221,10 @@ def validation_blends(data_dir: str | os.PathLike, limit: int | None = None, tra
 
 def loaders(params) -> tuple[DataLoader, DataLoader, dict]:
     """For a TrainParams with fakes="sbi": the training loader of real/self-blend pairs (a
-    batch of batch_size images holds batch_size // 2 reals and their blends), the loader of
-    the validation self-blends, and what was found: {"train": counts, "val": counts}."""
+    batch of batch_size images holds batch_size // 2 reals and their blends; with
+    "sbi+data", sbi_share of those fakes are blends and the rest the split's fake images),
+    the loader of the validation self-blends, and what was found: {"train": counts, "val":
+    counts}."""
     from dfutils.data import eval_transform, train_transform
 
     train, train_landmarks, train_counts = reals_with_faces(params.data_dir, "train")
@@ -191,9 +239,19 @@ def loaders(params) -> tuple[DataLoader, DataLoader, dict]:
     if not val.samples:
         raise ValueError(f"fakes='sbi' found no face in the validation reals of "
                          f"{resolve(params.data_dir)}: there is nothing to validate on")
-    pairs = make_loader(TrainPairs(train, train_landmarks, augment),
-                        max(params.batch_size // 2, 1), True, params.num_workers, params.seed,
-                        collate_fn=collate_pairs)
+    if params.fakes == "sbi+data":
+        fakes = [s for s in read_manifest(params.data_dir, "train") if s.label == 1]
+        if not fakes:
+            raise ValueError(f'fakes="sbi+data" found no fake image in the training split of '
+                             f'{resolve(params.data_dir)}: use fakes="sbi", or add fakes')
+        mixed = MixedPairs(train, train_landmarks, fakes)
+        pairs = make_loader(mixed, max(params.batch_size // 2, 1), True, params.num_workers,
+                            params.seed, collate_fn=MixedCollate(mixed, params.sbi_share,
+                                                                 augment))
+    else:
+        pairs = make_loader(TrainPairs(train, train_landmarks, augment),
+                            max(params.batch_size // 2, 1), True, params.num_workers,
+                            params.seed, collate_fn=collate_pairs)
     blends = make_loader(val, params.batch_size, False, params.num_workers, params.seed)
     return pairs, blends, {"train": train_counts, "val": val_counts}
 

@@ -372,7 +372,9 @@ def history_row(epoch: int, train: dict, val: Evaluation, blends: Evaluation | N
         "val_acc": metrics["accuracy"],
         "val_auc": metrics["auc"],
         **({"val_video_auc": metrics["video"]["auc"]} if "video" in metrics else {}),
-        **({"sbi_loss": blends.loss, "sbi_auc": metrics["sbi"]["auc"]}
+        **({"sbi_loss": blends.loss, "sbi_auc": metrics["sbi"]["auc"],
+            "mean_loss": (val.loss + blends.loss) / 2,
+            "mean_auc": (metrics["auc"] + metrics["sbi"]["auc"]) / 2}
            if blends is not None else {}),
         "lr": lr,
         "seconds": seconds,
@@ -649,7 +651,7 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # of a killed earlier run
     blends_loader, found = None, None
-    if params.fakes == "sbi":
+    if params.self_blends:
         train_loader, blends_loader, found = sbi.loaders(params)
         loader = val_loader(params)
         if rank == 0:

@@ -334,3 +334,36 @@ def test_inputs_whose_crops_would_coincide_are_named_before_any_work(tmp_path):
         paths = [row["path"] for row in csv.DictReader(f)]
     assert len(paths) == len(set(paths))  # one row per crop
     assert {"real/x.v1.png", "real/x.v2.png"} <= set(paths)
+
+
+def test_one_split_from_several_raw_folders_keeps_each_sources_groups(tmp_path):
+    """Issue 27, item 2: photos of one data set and clips of another, linked into one raw
+    folder (links to folders are followed), through the faces step and one split: each
+    photo is its own group, each clip's crops one group, and a real clip and its swapped
+    twin (joined by a pattern that only the clips' paths match) one group."""
+    photos, clips, raw = tmp_path / "photos", tmp_path / "clips", tmp_path / "raw"
+    for label, shade in (("real", 40), ("fake", 120)):
+        for i in range(4):
+            (photos / label).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(photos / label / f"p{i}.jpg"),
+                        cv2.cvtColor(frame_of(i, shade=shade + 5 * i)[0], cv2.COLOR_RGB2BGR))
+        for scene in range(3):
+            side = "left_orig" if label == "real" else "right_swap"
+            write_clip(clips / label / f"s{scene}_{side}.mp4", 3, shade=shade + 10 * scene)
+        (raw / label).mkdir(parents=True)
+        (raw / label / "photos").symlink_to(photos / label)
+        (raw / label / "clips").symlink_to(clips / label)
+    faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(tmp_path / "f"), **PARAMS))
+    report = make_split(tmp_path / "f", tmp_path / "d", group_by="folder", val_fraction=0.4,
+                        seed=0, group_pattern=r"^clips/(s\d+)_")
+    assert report["group_pattern"]["unmatched"] == 8  # the photos: each its own group
+    with open(tmp_path / "d" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    photo_rows = [r for r in rows if "/photos/" in r["source"]]
+    assert len(photo_rows) == 8 and len({r["group"] for r in photo_rows}) == 8
+    scenes: dict[str, set] = {}
+    for r in rows:
+        if "/clips/" in r["source"]:
+            scenes.setdefault(r["source"].split("/clips/")[1][:2], set()).add(
+                (r["group"], r["split"]))
+    assert len(scenes) == 3 and all(len(s) == 1 for s in scenes.values())  # pairs together

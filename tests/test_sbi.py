@@ -268,3 +268,79 @@ def test_monitor_picks_the_kept_epoch_by_the_named_column(separable_split, tmp_p
     aucs = [row["val_auc"] for row in result.history]
     assert result.best_epoch == 1 + aucs.index(max(aucs))
     assert result.metrics["monitor"] == "val_auc"
+
+
+@pytest.mark.parametrize("share,k,blends", [(0.5, 4, 2), (0.25, 4, 1), (1.0, 3, 3),
+                                            (0.0, 3, 0), (0.5, 3, 2)])
+def test_a_mixed_batch_holds_the_stated_share_each_blend_with_its_real(face_split, share, k,
+                                                                        blends):
+    from dfutils.data import make_loader
+
+    reals, landmarks, _ = sbi.reals_with_faces(face_split, "train")
+    fakes = [s for s in read_manifest(face_split, "train") if s.label == 1]
+    transform = eval_transform(64)  # no augmentation: each image comes out as it went in
+    mixed = sbi.MixedPairs(reals, landmarks, fakes)
+
+    def first_batch():
+        torch.manual_seed(0)  # in this process (num_workers=0) the draws come from it
+        return next(iter(make_loader(mixed, k, shuffle=True, seed=3,
+                                     collate_fn=sbi.MixedCollate(mixed, share, transform))))
+
+    images, labels, indices = first_batch()
+    assert len(images) == 2 * k and labels.tolist() == [0.0, 1.0] * k
+    split_fakes = [transform(load_image(s.path)) for s in fakes]
+    for i in range(k):
+        real, fake = images[2 * i], images[2 * i + 1]
+        assert torch.equal(real, transform(load_image(reals[int(indices[2 * i])].path)))
+        is_split_fake = any(torch.equal(fake, f) for f in split_fakes)
+        assert is_split_fake == (i >= blends)  # the first round(share k) are blends
+        if i < blends:  # a blend of its own real: most of it is that real, unchanged
+            assert (fake == real).float().mean() > 0.3
+    assert torch.equal(first_batch()[0], images)  # the same seed, the same batch
+
+
+def test_mixed_training_validates_both_families_and_resumes_exactly(face_split, tmp_path,
+                                                                    monkeypatch):
+    import dfutils.train as T
+
+    settings = {"data_dir": str(face_split), "weights": None, "trainable": "all",
+                "image_size": 32, "batch_size": 4, "max_epochs": 3, "patience": 3,
+                "num_workers": 0, "seed": 5, "fakes": "sbi+data", "sbi_share": 0.5}
+
+    def run(name: str, **extra):
+        return T.train_run(TrainParams.from_mapping(
+            {**settings, "run_dir": str(tmp_path / name), **extra}))[0]
+
+    whole = run("whole")
+    for row in whole.history:
+        assert {"val_auc", "sbi_auc", "mean_loss", "mean_auc"} <= set(row)
+        assert row["mean_auc"] == pytest.approx((row["val_auc"] + row["sbi_auc"]) / 2)
+    assert whole.metrics["monitor"] == "mean_loss"
+    assert whole.best_epoch == 1 + min(range(3), key=lambda e: whole.history[e]["mean_loss"])
+    from test_data_and_train import interrupt_epoch
+
+    interrupt_epoch(monkeypatch, 3)
+    cut = run("cut")
+    assert cut.interrupted and len(cut.history) == 2
+    monkeypatch.undo()
+    resumed = run("cut", resume=True)
+
+    def strip(history):
+        return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")}
+                for row in history]
+    assert strip(resumed.history) == strip(whole.history)
+
+    def kept(metrics):  # (where the landmarks came from differs: the cache, the 2nd time)
+        return {k: v for k, v in metrics.items() if k != "self_blend_faces"}
+    assert kept(resumed.metrics) == kept(whole.metrics)
+    weights = [torch.load(tmp_path / n / "model.pt", weights_only=True)["model_state"]
+               for n in ("whole", "cut")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_the_mixed_modes_parameters_are_checked():
+    with pytest.raises(ParameterError, match="sbi_share must be between 0 and 1"):
+        TrainParams(fakes="sbi+data", sbi_share=1.5)
+    with pytest.raises(ParameterError, match="needs fakes"):
+        TrainParams(monitor="mean_auc")
+    assert TrainParams(fakes="sbi+data").monitored == "mean_loss"
