@@ -24,7 +24,6 @@ import importlib.util
 import json
 import os
 import queue
-import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -487,16 +486,12 @@ def merge_faces(params: FacesParams) -> dict:
     if existing is not None:
         return existing
     parts_dir = faces_dir / files.FACES_PARTS
-    found = sorted(p.name for p in parts_dir.iterdir()) if parts_dir.is_dir() else []
-    counts = sorted({int(m[2]) for m in map(Part.NAME.fullmatch, found) if m})
-    if not counts:
-        raise FacesError(f"{parts_dir} holds no shards to merge: run the faces step with "
-                         "SHARD=i/n (or auto) for every i first (docs/cluster.md)")
-    if len(counts) > 1:
-        raise FacesError(f"{parts_dir} holds shards of jobs of {' and '.join(map(str, counts))} "
-                         "tasks: delete the parts of the job you do not want, then merge")
-    parts = [Part(faces_dir, shards.Shard(i, counts[0]), settings, stamp)
-             for i in range(counts[0])]
+    try:
+        n = shards.job_size(parts_dir, "", "run the faces step with SHARD=i/n (or auto) for "
+                                           "every i first")
+    except shards.ShardError as error:
+        raise FacesError(str(error)) from None
+    parts = [Part(faces_dir, shards.Shard(i, n), settings, stamp) for i in range(n)]
     problems = [problem for part in parts if (problem := part.problem()) is not None]
     if problems:
         raise FacesError(f"cannot merge the shards in {parts_dir}: " + "; ".join(problems))
@@ -563,7 +558,6 @@ class Part:
     from other inputs starts afresh (it is this step's own scratch, never a result).
     """
 
-    NAME = re.compile(r"(\d+)-of-(\d+)")
     JOURNAL, DONE = "journal.jsonl", "done.json"
 
     def __init__(self, faces_dir: Path, shard: shards.Shard, settings: dict, stamp: str):
@@ -602,8 +596,7 @@ class Part:
             return f"shard {self.shard} is missing: {again}"
         head = lines[0]
         if head.get("params") != self.header["params"]:
-            changed = sorted(k for k in {*head.get("params", {}), *self.header["params"]}
-                             if head.get("params", {}).get(k) != self.header["params"].get(k))
+            changed = shards.differing(self.header["params"], head.get("params") or {})
             return (f"shard {self.shard} was made with other parameters ({', '.join(changed)}"
                     f"): {again} with these")
         if head.get("fingerprint") != self.header["fingerprint"]:

@@ -495,6 +495,15 @@ def cam_name(name: str) -> str:
     return f"{name}.cam.png"
 
 
+def _written_by_predict(target: str | os.PathLike, headers: Sequence[Sequence[str]]) -> bool:
+    """Whether `target` is absent, or a CSV with one of predict's headers (so predict may
+    replace it)."""
+    if not Path(target).exists():
+        return True
+    with open(target, newline="", errors="replace") as f:
+        return f.readline().strip() in {",".join(fields) for fields in headers}
+
+
 def check_outputs(params: PredictParams, inputs: Sequence[Input]) -> None:
     """Refuse, before anything is scored, outputs that could overwrite a user's file."""
     import glob
@@ -528,12 +537,9 @@ def check_outputs(params: PredictParams, inputs: Sequence[Input]) -> None:
                              "place outside the inputs, so no input is overwritten or read back")
     for option, target, headers in (("--out", params.out, (PREDICTION_FIELDS, FACE_FIELDS)),
                                     ("--frames-out", params.frames_out, (FRAME_FIELDS,))):
-        if target and Path(target).exists():
-            with open(target, newline="", errors="replace") as f:
-                header = f.readline().strip()
-            if header not in {",".join(fields) for fields in headers}:
-                raise ValueError(f"{option} {target} exists and is not a CSV that predict "
-                                 "wrote: choose another file name")
+        if target and not _written_by_predict(target, headers):
+            raise ValueError(f"{option} {target} exists and is not a CSV that predict "
+                             "wrote: choose another file name")
     if params.cam_dir:
         cam_dir = Path(params.cam_dir)  # any overlay of an input (per crop: <name>.<frame>...)
         taken = [i.name for i in inputs if (cam_dir / cam_name(i.name)).exists()
@@ -642,11 +648,9 @@ def merge_predictions(out: str | os.PathLike) -> Predictions:
                          "run every task again")
     fields, frames_out = first["params"]["fields"], first["params"]["frames_out"]
     for target, headers in ((out, (fields,)), (frames_out, (FRAME_FIELDS,))):
-        if target and Path(target).exists():
-            with open(target, newline="", errors="replace") as f:
-                if f.readline().strip() not in {",".join(h) for h in headers}:
-                    raise ValueError(f"{target} exists and is not a CSV that predict wrote: "
-                                     "move it, then merge again")
+        if target and not _written_by_predict(target, headers):
+            raise ValueError(f"{target} exists and is not a CSV that predict wrote: "
+                             "move it, then merge again")
     rows = [by_index[i][0] for i in range(n_files)]
     if frames_out:
         write_csv(frames_out, [f for i in range(n_files) for f in by_index[i][1]], FRAME_FIELDS)

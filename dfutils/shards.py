@@ -100,10 +100,28 @@ def resolve(text: str, environ: Mapping[str, str] | None = None, what: str = "SH
     return parse(text, what)
 
 
+def job_size(folder: Path, suffix: str, how: str) -> int:
+    """The n of the job whose parts (<i>-of-<n><suffix>) are in `folder`; ShardError when
+    there are none (`how` says what to run) or parts of jobs of several sizes."""
+    name = re.compile(r"(\d+)-of-(\d+)" + re.escape(suffix))
+    found = sorted(folder.iterdir()) if folder.is_dir() else []
+    counts = sorted({int(m[2]) for p in found if (m := name.fullmatch(p.name))})
+    if not counts:
+        raise ShardError(f"{folder} holds no shards to merge: {how} (docs/cluster.md)")
+    if len(counts) > 1:
+        raise ShardError(f"{folder} holds shards of jobs of {' and '.join(map(str, counts))} "
+                         "tasks: delete the parts of the job you do not want, then merge")
+    return counts[0]
+
+
+def differing(first: dict, other: dict) -> list[str]:
+    """The keys whose values differ between two records, sorted."""
+    return sorted(k for k in {*first, *other} if first.get(k) != other.get(k))
+
+
 # The parts of a sharded predict or evaluate: one JSON file per task, <i>-of-<n>.json in a
 # folder beside the output, written atomically (so a part is complete or absent). Each
 # records what must agree across tasks ("params", "inputs") and the task's results.
-PART = re.compile(r"(\d+)-of-(\d+)\.json")
 
 
 def write_part(folder: Path, shard: Shard, record: dict) -> Path:
@@ -117,15 +135,8 @@ def read_parts(folder: Path, option: str) -> list[dict]:
     """Every part of one job in `folder`, in shard order, once each is there and all agree
     on "params" and "inputs"; ShardError naming each part that is missing or differs, with
     the `option` that runs it again ("--shard")."""
-    found = sorted(folder.iterdir()) if folder.is_dir() else []
-    counts = sorted({int(m[2]) for p in found if (m := PART.fullmatch(p.name))})
-    if not counts:
-        raise ShardError(f"{folder} holds no parts to merge: run each task with {option} i/n "
-                         "first (docs/cluster.md)")
-    if len(counts) > 1:
-        raise ShardError(f"{folder} holds parts of jobs of {' and '.join(map(str, counts))} "
-                         "tasks: delete the parts of the job you do not want, then merge")
-    n, parts, problems = counts[0], [], []
+    n = job_size(folder, ".json", f"run each task with {option} i/n first")
+    parts, problems = [], []
     for k in range(n):
         path = folder / f"{k}-of-{n}.json"
         try:
@@ -135,9 +146,7 @@ def read_parts(folder: Path, option: str) -> list[dict]:
     for part in parts[1:]:
         for key, what in (("params", "parameters"), ("inputs", "inputs or another model")):
             if part.get(key) != parts[0].get(key):
-                mine, first = part.get(key) or {}, parts[0].get(key) or {}
-                changed = ", ".join(sorted(k for k in {*mine, *first}
-                                           if mine.get(k) != first.get(k)))
+                changed = ", ".join(differing(parts[0].get(key) or {}, part.get(key) or {}))
                 problems.append(f"shard {part['shard']} was made with other {what} than shard "
                                 f"{parts[0]['shard']} ({changed}): run it again ({option} "
                                 f"{part['shard']}) with the same")
