@@ -50,6 +50,13 @@ def _option(parser: argparse.ArgumentParser, cls: type[Params], name: str,
                         **({"choices": options} if options else {}), **kind, **overrides)
 
 
+def _flag(parser: argparse.ArgumentParser, cls: type[Params], name: str) -> None:
+    """A switch for boolean parameter `name` of `cls` (off unless given), with its help."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    parser.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true",
+                        help=f.metadata["help"])
+
+
 def _params(cls: type[Params], args: argparse.Namespace, **values: Any) -> Params:
     """The parameters of `cls` found among the parsed options, validated."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
@@ -157,6 +164,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _print_evaluation(report: dict, run: Path) -> None:
+    from dfutils.inference import source_table
     from dfutils.metrics import metrics_line
     from dfutils.model import threshold_text
 
@@ -168,6 +176,8 @@ def _print_evaluation(report: dict, run: Path) -> None:
         print(f"{m['video']['n']} videos (mean P(fake) of their frames): "
               f"{metrics_line(m['video'])}")
     print(f"confusion (rows: true real, fake; columns: predicted real, fake): {m['confusion']}")
+    for row in source_table(report):
+        print(f"source {row.pop('source')}: " + "  ".join(f"{k} {v}" for k, v in row.items()))
     for kind, levels in report["sweeps"].items():
         print(f"AUC under {kind:9s} " + "  ".join(f"{r['level']}: {r['auc']:.4f}"
                                                   for r in levels))
@@ -380,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-faces", action="store_true",
                           help="score the images as they are, even when the run was trained "
                           "on face crops (FACES=1)")
+    for name in ("by_source", "self_blends"):
+        _flag(evaluate, EvalParams, name)
     _shard_option(evaluate, "the images it owns, into <run>/eval/<name>/parts/; `merge "
                   "evaluate` writes the report")
     evaluate.set_defaults(func=_evaluate)

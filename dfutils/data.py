@@ -49,6 +49,7 @@ class Sample:
     video: str = ""  # the clip it comes from (video-level metrics score each clip as one)
     group: str = ""  # what the split kept together (a clip, or the clips of one scene)
     method: str = ""  # the manipulation of a fake of a published data set (FF++'s, say)
+    source: str = ""  # its path in the folder the split was made from (real/..., fake/...)
 
 
 def read_manifest(data_dir: str | os.PathLike, split: str | None = None) -> list[Sample]:
@@ -65,7 +66,7 @@ def read_manifest(data_dir: str | os.PathLike, split: str | None = None) -> list
         rows = [r for r in csv.DictReader(f) if split is None or r["split"] == split]
     return [Sample(data_dir / r["path"], LABELS[r["label"]],
                    data_dir / r["mask"] if r.get("mask") else None, r.get("video") or r["path"],
-                   r.get("group") or r["path"], r.get("method", ""))
+                   r.get("group") or r["path"], r.get("method", ""), r.get("source", ""))
             for r in rows]
 
 

@@ -23,6 +23,7 @@ CAM_FIGURES = ("grid.png", "deletion.png")
 EVAL = "eval"  # eval/<name>/: one report of `evaluate` each
 EVAL_REPORT = "report.json"
 EVAL_FACES = "faces"  # the crops evaluate makes of a folder of photos and clips
+EVAL_BLENDS = "self_blends"  # evaluate --self-blends: the blends of the split's reals, as PNG
 EVAL_PARTS = "parts"  # the parts of a sharded evaluate, until `merge evaluate` joins them
 EVAL_FIGURES = ("roc.png", "confusion.png", "robustness.png", "reliability.png")
 BENCHMARK = "benchmark.csv"  # 05-benchmark: the table, per test set, method, level and rule

@@ -31,6 +31,7 @@ from dfutils.metrics import (
 from dfutils.model import Checkpoint, for_inference, forward, load_checkpoint, threshold_text
 from dfutils.params import Amp, EvalParams, PredictParams
 from dfutils.paths import (
+    atomic_path,
     file_problem,
     fingerprint,
     is_plain_name,
@@ -39,7 +40,7 @@ from dfutils.paths import (
     write_json,
 )
 from dfutils.progress import tqdm
-from dfutils.split import check_identity
+from dfutils.split import check_identity, source_folder
 
 Perturb = Callable[[Image.Image], Image.Image]
 SWEEPS: dict[str, tuple] = {
@@ -277,7 +278,8 @@ def face_crops(checkpoint: Checkpoint, data_dir: str | os.PathLike, out: Path,
                     np.array([LABELS[r["label"]] for r in table.values()]),
                     [r["source"] for r in table.values()],
                     [{"path": e["source"], "reason": e["reason"]}
-                     for e in report["skipped"] + report["unreadable"]], list(table))
+                     for e in report["skipped"] + report["unreadable"]], list(table),
+                    [source_folder(r["source"]) for r in table.values()])
 
 
 def report_name(params: EvalParams) -> str:
@@ -289,16 +291,19 @@ def report_name(params: EvalParams) -> str:
 @dataclass
 class Labelled:
     """What evaluate scores: image files, their labels, the video each belongs to, and what
-    was skipped on the way; each file's key names it alike in every task of a sharded job."""
+    was skipped on the way; each file's key names it alike in every task of a sharded job,
+    and its source is the folder below real/ or fake/ it came from ("" when none)."""
 
     files: list[Path]
     labels: np.ndarray
     videos: list[str]
     skipped: list[dict]
     keys: list[str] = dataclasses.field(default_factory=list)
+    sources: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.keys = self.keys or [str(f) for f in self.files]
+        self.sources = self.sources or [""] * len(self.files)
 
     def subset(self, shard: shards.Shard | None) -> Labelled:
         """The files a shard owns (by key)."""
@@ -307,29 +312,63 @@ class Labelled:
         mine = [i for i, key in enumerate(self.keys) if shard.owns(key)]
         return Labelled([self.files[i] for i in mine], self.labels[mine],
                         [self.videos[i] for i in mine], self.skipped,
-                        [self.keys[i] for i in mine])
+                        [self.keys[i] for i in mine], [self.sources[i] for i in mine])
 
 
 def labelled_inputs(params: EvalParams, checkpoint: Checkpoint, out: Path,
                     shard: shards.Shard | None = None) -> Labelled:
-    """The images of eval_dir: a split's val or test rows (`params.split`), the crops of a
-    folder of photos and clips made as the run's training images were, or the images of a
-    labelled folder (a subfolder below a class folder is one clip's frames); with a
-    `shard`, those it owns."""
+    """The images of eval_dir: a split's val or test rows (`params.split`; with
+    `params.self_blends`, its reals and their self-blends), the crops of a folder of photos
+    and clips made as the run's training images were, or the images of a labelled folder (a
+    subfolder below a class folder is one clip's frames); with a `shard`, those it owns."""
     root = resolve(params.eval_dir)
     if params.split:
         samples = read_manifest(root, params.split)
         if not samples:
             raise ValueError(f"the split in {root} has no {params.split} images: evaluate "
                              "another split, or a labelled folder (without split)")
+        if params.self_blends:
+            return self_blend_inputs(root, params.split, out / files.EVAL_BLENDS).subset(shard)
         return Labelled([s.path for s in samples], np.array([s.label for s in samples]),
-                        [s.video for s in samples], []).subset(shard)
+                        [s.video for s in samples], [], [],
+                        [source_folder(s.source) for s in samples]).subset(shard)
     if checkpoint.faces is not None and params.faces:
         return face_crops(checkpoint, root, out / files.EVAL_FACES, shard)
     paths, labels, skipped = labelled_files(root)
     videos = [f.parent.relative_to(root).as_posix() if len(f.relative_to(root).parts) > 2
               else str(f) for f in paths]
-    return Labelled(paths, labels, videos, skipped).subset(shard)
+    return Labelled(paths, labels, videos, skipped, [],
+                    [source_folder(f.relative_to(root).as_posix()) for f in paths]
+                    ).subset(shard)
+
+
+def self_blend_inputs(data_dir: Path, split: str, out: Path) -> Labelled:
+    """The reals of a split that have a face, and one self-blend of each written to `out`
+    as PNG: the blends training with fakes="sbi" validates on (`sbi.ValidationBlends`,
+    the same in every run on the split), so any run can be scored on them. Each blend is
+    its own video; its source is its real's."""
+    from dfutils import sbi
+
+    blends, counts = sbi.validation_blends(data_dir, split=split)
+    reals = blends.samples
+    if not reals:
+        raise ValueError(f"none of the {counts['reals']} {split} reals of {data_dir} has a "
+                         "face to self-blend: self-blends need the faces step's crops")
+    kept = {r.path for r in reals}
+    skipped = [{"path": s.path.relative_to(data_dir).as_posix(),
+                "reason": "no face landmarks: no self-blend"}
+               for s in read_manifest(data_dir, split) if s.label == 0 and s.path not in kept]
+    made = []
+    for i, real in enumerate(tqdm(reals, desc="self-blends", unit="image")):
+        rgb, _, _ = blends.image(len(reals) + i)
+        target = out / f"{real.path.relative_to(data_dir).as_posix()}.png"
+        with atomic_path(target) as tmp:
+            Image.fromarray(rgb).save(tmp, format="PNG")
+        made.append(target)
+    return Labelled([r.path for r in reals] + made,
+                    np.array([0] * len(reals) + [1] * len(made)),
+                    [r.video for r in reals] + [f"self-blend:{m}" for m in made], skipped, [],
+                    [source_folder(r.source) for r in reals] * 2)
 
 
 def score_sweeps(checkpoint: Checkpoint, inputs: Labelled, params: EvalParams,
@@ -429,6 +468,54 @@ def merge_evaluation(run_dir: str | os.PathLike, name: str) -> tuple[dict, dict]
     return result
 
 
+def scored(labels: np.ndarray, scores: np.ndarray, videos: np.ndarray, threshold: float,
+           n_resamples: int) -> dict:
+    """Metrics with 95% bootstrap intervals (whole clips resampled when images belong to
+    clips), and then the same per video (its frames' mean P(fake)) under "video"."""
+    clusters = videos if grouped(videos) else None
+    metrics = with_intervals(binary_metrics(labels, scores, threshold), labels, scores,
+                             clusters, n_resamples)
+    if clusters is not None:
+        _, label, mean = by_group(videos, labels, scores)
+        metrics["video"] = with_intervals(binary_metrics(label, mean, threshold), label, mean,
+                                          None, n_resamples)
+    return metrics
+
+
+def by_source(sources: np.ndarray, labels: np.ndarray, scores: np.ndarray,
+              videos: np.ndarray, threshold: float, n_resamples: int) -> dict[str, dict]:
+    """Per source folder (one data set of a combined split): `scored` on its fakes against
+    its reals, or why not ({"n", "why"}) when it holds one class only."""
+    found = {}
+    for name in sorted(set(sources.tolist()) - {""}):
+        at = sources == name
+        missing = [label for label, value in LABELS.items() if not (labels[at] == value).any()]
+        found[name] = ({"n": int(at.sum()), "why": f"no {missing[0]} image from {name}"}
+                       if missing else
+                       scored(labels[at], scores[at], videos[at], threshold, n_resamples))
+    return found
+
+
+def source_table(report: dict) -> list[dict]:
+    """The report's `by_source` as rows to show: per source, its images' AUC and AP and,
+    when its images belong to clips, its videos' AUC, each with its 95% interval."""
+    from dfutils.metrics import shown
+
+    rows = []
+    for name, found in report.get("by_source", {}).items():
+        row = {"source": name, "images": found["n"]}
+        if "why" in found:
+            rows.append(row | {"AUC": f"not scored: {found['why']}"})
+            continue
+        row |= {"AUC": shown(found["auc"], found["ci"]["auc"]),
+                "AP": shown(found["ap"], found["ci"]["ap"])}
+        video = found.get("video")
+        if video:
+            row |= {"videos": video["n"], "video AUC": shown(video["auc"], video["ci"]["auc"])}
+        rows.append(row)
+    return rows
+
+
 def _evaluation(params: EvalParams, checkpoint: Checkpoint, inputs: Labelled,
                 clean: np.ndarray, errors: list[str], swept: dict, name: str, out: Path
                 ) -> tuple[dict, dict]:
@@ -445,13 +532,7 @@ def _evaluation(params: EvalParams, checkpoint: Checkpoint, inputs: Labelled,
             raise ValueError(f"no {label} image of {resolve(params.eval_dir)} could be read"
                              f"{why}: AUC, AP and EER need both classes")
     videos = np.asarray(inputs.videos)[ok]
-    clusters = videos if grouped(videos) else None  # intervals resample whole clips
-    metrics = with_intervals(binary_metrics(labels[ok], scores[ok], threshold), labels[ok],
-                             scores[ok], clusters, params.n_bootstrap)
-    if clusters is not None:
-        _, label, mean = by_group(videos, labels[ok], scores[ok])
-        metrics["video"] = with_intervals(binary_metrics(label, mean, threshold), label, mean,
-                                          None, params.n_bootstrap)
+    metrics = scored(labels[ok], scores[ok], videos, threshold, params.n_bootstrap)
     sweep_metrics = {}
     for kind, levels in swept.items():
         sweep_metrics[kind] = []
@@ -461,13 +542,17 @@ def _evaluation(params: EvalParams, checkpoint: Checkpoint, inputs: Labelled,
                                         "accuracy": m["accuracy"], "eer": m["eer"]})
     report = {
         "run": str(resolve(params.run_dir)), "data": str(resolve(params.eval_dir)),
-        "split": params.split, "name": name, "threshold": threshold,
+        "split": params.split, "self_blends": params.self_blends, "name": name,
+        "threshold": threshold,
         "threshold_rule": checkpoint.threshold_rule,
         "n_images": int(ok.sum()),
         "unreadable": [{"path": str(f), "reason": e}
                        for f, e in zip(inputs.files, errors, strict=True) if e],
         "skipped": inputs.skipped,
         "metrics": metrics,
+        **({"by_source": by_source(np.asarray(inputs.sources)[ok], labels[ok], scores[ok],
+                                   videos, threshold, params.n_bootstrap)}
+           if params.by_source else {}),
         "calibration": {"ece": expected_calibration_error(labels[ok], scores[ok], 15),
                         "bins": calibration_bins(labels[ok], scores[ok], 15)},
         "sweeps": sweep_metrics,

@@ -36,6 +36,7 @@ ThresholdRule = Literal["0.5", "eer"]
 Schedule = Literal["constant", "cosine"]
 OptimizerName = Literal["adam", "sgd"]
 GroupBy = Literal["file", "folder"]
+Stratify = Literal["class", "source"]
 Fakes = Literal["data", "sbi", "sbi+data"]
 Monitor = Literal["auto", "val_loss", "val_auc", "sbi_loss", "sbi_auc", "mean_loss", "mean_auc"]
 EvalSplit = Literal["", "val", "test"]
@@ -267,6 +268,9 @@ class SplitParams(Params):
     group_pattern: str = param("", "a regular expression: images whose paths below the class "
                                "folder give the same match (its first group) stay in one "
                                "split, real and fake alike (pairs of one scene)")
+    stratify: Stratify = param("class", "what each share is taken from: each class's groups, "
+                               "or each class's groups in each source folder (the first "
+                               "folder below real/ and fake/: the data sets of a combined split)")
 
     def check(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -473,8 +477,17 @@ class EvalParams(Params):
     n_bootstrap: int = param(1000, "resamples of the 95% bootstrap intervals of the metrics "
                              "(whole videos when images belong to clips)")
     amp: Amp = amp_param()
+    by_source: bool = param(False, "also score each source folder on its own (the first "
+                            "folder below real/ and fake/, one data set of a combined split): "
+                            "its fakes against its reals")
+    self_blends: bool = param(False, "with split: score the split's reals against one fixed "
+                              'self-blend of each (those fakes="sbi" validates on) instead of '
+                              "its fakes")
 
     def check(self) -> None:
+        if self.self_blends and not self.split:
+            raise ParameterError("self_blends needs split=val or split=test: the self-blends "
+                                 "are made from a split's reals and their landmarks")
         if not self.eval_dir:
             raise ParameterError("eval_dir is required: a folder with real/ and fake/ inside, "
                                  "or a split (with split=val or test)")

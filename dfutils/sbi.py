@@ -211,11 +211,11 @@ class ValidationBlends(Dataset):
         return self.transform(rgb), torch.tensor(float(label)), index
 
 
-def validation_blends(data_dir: str | os.PathLike, limit: int | None = None, transform=None
-                      ) -> tuple[ValidationBlends, dict[str, int]]:
+def validation_blends(data_dir: str | os.PathLike, limit: int | None = None, transform=None,
+                      split: str = "val") -> tuple[ValidationBlends, dict[str, int]]:
     """The validation self-blends of a split (of those of its first `limit` reals that have
-    a face) and the counts of `reals_with_faces`."""
-    reals, landmarks, counts = reals_with_faces(data_dir, "val", limit)
+    a face; of another `split`'s reals alike) and the counts of `reals_with_faces`."""
+    reals, landmarks, counts = reals_with_faces(data_dir, split, limit)
     return ValidationBlends(data_dir, reals, landmarks, transform), counts
 
 

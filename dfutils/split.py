@@ -20,7 +20,7 @@ import os
 import posixpath
 import re
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from dfutils.folders import (
     OwnedFolder,
     scan_classes,
 )
-from dfutils.params import GroupBy, SplitParams
+from dfutils.params import GroupBy, SplitParams, Stratify
 from dfutils.paths import fingerprint, resolve, write_json
 from dfutils.progress import tqdm
 
@@ -226,17 +226,25 @@ def groups(images: list[ImageInfo], group_by: GroupBy, keys: dict[str, str] | No
     return {i.source: root(own(i)) for i in images}
 
 
+def source_folder(source: str) -> str:
+    """The first folder below the class folder of a path like real/<folder>/..., or "" for
+    a file directly in the class folder: the data set a combined split took it from."""
+    parts = source.split("/")
+    return parts[1] if len(parts) > 2 else ""
+
+
 def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: GroupBy = "file",
            keys: dict[str, str] | None = None, test_fraction: float = 0.0,
-           singles: frozenset[str] = frozenset()
+           singles: frozenset[str] = frozenset(), stratify: Stratify = "class"
            ) -> tuple[dict[str, str], dict[str, str], list[dict], list[dict]]:
     """Split by group: {source: split}, {source: group}, duplicate sets and label conflicts.
 
-    Each class's groups are ranked by a seeded hash of their name, the lowest going to test
-    (test_fraction), the next to validation: stratified, independent of file order, and
-    adding one group moves at most one other of its class. When `keys` make groups that
-    hold both classes, all groups are ranked together and each goes to test (then
-    validation) while every class it holds is short of that share.
+    Each class's groups (with stratify="source", each class's groups in each source folder)
+    are ranked by a seeded hash of their name, the lowest going to test (test_fraction),
+    the next to validation: stratified, independent of file order, and adding one group
+    moves at most one other of its stratum. When `keys` make groups that hold both classes,
+    all groups are ranked together and each goes to test (then validation) while every
+    stratum it holds is short of that share.
     """
     by_content: dict[str, list[ImageInfo]] = defaultdict(list)
     for info in images:
@@ -246,34 +254,44 @@ def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: Gr
     conflicted = {c["sha256"] for c in conflicts}
     kept = [i for i in images if i.sha256 not in conflicted]
     group_of = groups(kept, group_by, keys, singles)
-    labels_of: dict[str, set[str]] = defaultdict(set)
+
+    def stratum(info: ImageInfo) -> tuple[str, str]:
+        return info.label, source_folder(info.source) if stratify == "source" else ""
+
+    strata_of: dict[str, set[tuple[str, str]]] = defaultdict(set)
     for info in kept:
-        labels_of[group_of[info.source]].add(info.label)
-    ranked = sorted(labels_of, key=lambda g: rank_key(g, seed))
-    wanted: dict[str, dict[str, int]] = {"test": {}, "val": {}}
+        strata_of[group_of[info.source]].add(stratum(info))
+    ranked = sorted(strata_of, key=lambda g: rank_key(g, seed))
+    wanted: dict[str, dict[tuple[str, str], int]] = {"test": {}, "val": {}}
     needed, in_words = (3, "three (one for each split)") if test_fraction else (
         2, "two (one for train, one for val)")
+    counts = Counter(s for strata in strata_of.values() for s in strata)
     for label in CLASSES:
-        n = sum(label in labs for labs in labels_of.values())
+        if not any(s[0] == label for s in counts):
+            counts[(label, "")] = 0
+    for (label, folder), n in sorted(counts.items(),
+                                     key=lambda c: (CLASSES.index(c[0][0]), c[0][1])):
         if n < needed:
             unit = "distinct image(s)" if group_by == "file" and not keys else "group(s)"
+            where = f" in source folder {label}/{folder}" if folder else ""
             raise SplitError(
-                f"class {label!r} has {n} usable {unit} after removing unreadable "
+                f"class {label!r}{where} has {n} usable {unit} after removing unreadable "
                 f"files, duplicates and label conflicts; it needs at least {in_words}: add "
                 "images or fix the ones in the report"
+                + (", or split with stratify=class" if folder else "")
             )
-        wanted["test"][label], wanted["val"][label] = n_held_out(n, val_fraction,
-                                                                 test_fraction)
+        wanted["test"][(label, folder)], wanted["val"][(label, folder)] = n_held_out(
+            n, val_fraction, test_fraction)
     split_of_group: dict[str, str] = {}
-    taken = {split: dict.fromkeys(CLASSES, 0) for split in wanted}
-    for name in ranked:  # with one class per group, this is each class's ranking alone
+    taken = {split: dict.fromkeys(counts, 0) for split in wanted}
+    for name in ranked:  # with one stratum per group, this is each stratum's ranking alone
         split_of_group[name] = next(
             (split for split in wanted
-             if all(taken[split][label] < wanted[split][label] for label in labels_of[name])),
+             if all(taken[split][s] < wanted[split][s] for s in strata_of[name])),
             "train")
-        for label in labels_of[name]:
+        for s in strata_of[name]:
             if split_of_group[name] != "train":
-                taken[split_of_group[name]][label] += 1
+                taken[split_of_group[name]][s] += 1
     split_of = {i.source: split_of_group[group_of[i.source]] for i in kept}
     duplicates = [{"sha256": sha, "label": members[0].label,
                    "split": split_of[members[0].source],
@@ -522,6 +540,8 @@ def preflight(params: SplitParams) -> SplitPlan:
         recorded["group_pattern"] = params.group_pattern
     if params.test_fraction:
         recorded["test_fraction"] = params.test_fraction
+    if params.stratify != "class":
+        recorded["stratify"] = params.stratify
     stamp = fingerprint(raw_dir, [rel.as_posix() for rel, _ in candidates]
                         + [s["path"] for s in skipped])
     current = FOLDER.current(data_dir, recorded, stamp, params.overwrite)
@@ -553,7 +573,7 @@ def split(params: SplitParams) -> dict:
     keys = pattern_keys(params.group_pattern, paths) if params.group_pattern and plain else None
     split_of, group_of, duplicates, conflicts = assign(
         plain, params.val_fraction, params.seed, params.group_by, keys,
-        params.test_fraction, photos) if plain else ({}, {}, [], [])
+        params.test_fraction, photos, params.stratify) if plain else ({}, {}, [], [])
     conflicted = {c["sha256"] for c in conflicts}
     kept = [i for i in plain if i.sha256 not in conflicted]
     left_out, val_keys = [], None
@@ -617,6 +637,7 @@ def rules(params: SplitParams, faces_report: dict | None, by_keys: bool = False
     unit = {"file": "image (and its exact duplicates)", "folder": "folder (a clip's frames)"}
     group = unit[params.group_by] + (f", joined by group_pattern {params.group_pattern!r}"
                                      if params.group_pattern else "")
-    return {"train/val/test": f"per class, each {group} {ranked}: the lowest "
+    per = "per class" if params.stratify == "class" else "per class and source folder"
+    return {"train/val/test": f"{per}, each {group} {ranked}: the lowest "
             f"test_fraction={params.test_fraction} to test, the next "
             f"val_fraction={params.val_fraction} to val, the rest to train"}

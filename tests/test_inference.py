@@ -114,6 +114,38 @@ def test_evaluate_writes_the_report_and_leaves_the_images_untouched(run_dir, tmp
     assert sum(b["n"] for b in report["calibration"]["bins"]) == 12
 
 
+def _sources(root, layout: dict[str, dict[str, int]], seed: int = 0):
+    """A labelled folder with a folder per source below each class: {class: {source: n}}."""
+    for label, sources in layout.items():
+        for source, n in sources.items():
+            for i in range(n):
+                write_image(root / label / source / f"{i}.png", seed=seed + 1000 * len(source)
+                            + (500 if label == "fake" else 0) + i)
+    return root
+
+
+def test_each_source_folder_is_scored_as_if_evaluated_alone(run_dir, tmp_path, capsys):
+    """A combined data set's sources, each on its own: its fakes against its reals, the same
+    numbers (intervals too) as evaluating that source's folder alone; a source with one
+    class only is named, not scored."""
+    both = _sources(tmp_path / "both", {"real": {"ab": 7, "cde": 5},
+                                        "fake": {"ab": 6, "f": 4}})
+    alone = _sources(tmp_path / "alone", {"real": {"ab": 7}, "fake": {"ab": 6}})
+    assert main(["evaluate", "--run", str(run_dir), "--data", str(both), "--by-source",
+                 "--num-workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    report = __import__("json").loads((run_dir / "eval" / "both" / "report.json").read_text())
+    single, _ = evaluate(run_dir, alone, "alone", sweeps={"blur": (0,)}, num_workers=0)
+    assert report["by_source"]["ab"] == single["metrics"]
+    assert report["by_source"]["cde"] == {"n": 5, "why": "no fake image from cde"}
+    assert report["by_source"]["f"] == {"n": 4, "why": "no real image from f"}
+    assert report["n_images"] == 22 and report["metrics"] != single["metrics"]
+    assert "source ab: images 13  AUC " in printed
+    assert "source f: images 4  AUC not scored: no real image from f" in printed
+    plain, _ = evaluate(run_dir, alone, "plain", sweeps={"blur": (0,)}, num_workers=0)
+    assert "by_source" not in plain  # only when asked
+
+
 @pytest.mark.parametrize("command", ["run-all", "train", "predict", "evaluate", "demo",
                                      "check-notebooks", "params"])
 def test_every_command_has_help(command):
@@ -124,9 +156,10 @@ def test_every_command_has_help(command):
 
 @pytest.mark.notebooks
 def test_evaluate_notebook_runs(run_dir, tmp_path):
-    data = make_raw(tmp_path / "labelled", 4, 4)
+    data = _sources(tmp_path / "labelled", {"real": {"a": 4, "b": 2}, "fake": {"a": 4, "b": 2}})
     papermill.execute_notebook(REPO_ROOT / "notebooks/04-evaluate.ipynb", tmp_path / "o.ipynb",
                                parameters={"run_dir": str(run_dir), "eval_dir": str(data),
-                                           "num_workers": 0},
+                                           "num_workers": 0, "by_source": True},
                                kernel_name="python3", progress_bar=False)
-    assert (run_dir / "eval" / "labelled" / "report.json").is_file()
+    report = (run_dir / "eval" / "labelled" / "report.json").read_text()
+    assert '"by_source"' in report and "By source" in (tmp_path / "o.ipynb").read_text()

@@ -240,6 +240,29 @@ def test_training_on_self_blends_validates_on_both_sets(sbi_run, face_split):
     assert n_train == len(sbi.reals_with_faces(face_split, "train")[0])
 
 
+def test_any_run_can_be_scored_on_the_self_blends_training_validated_on(sbi_run, face_split):
+    """evaluate --split val --self-blends scores the split's reals against the fixed
+    validation blends: for the run that trained on them, the numbers its training kept."""
+    from conftest import evaluate, tree_digest
+
+    from dfutils.data import read_manifest
+
+    run, _ = sbi_run
+    before = tree_digest(face_split)
+    report, _ = evaluate(run, face_split, "blends", sweeps={"blur": (0,)}, split="val",
+                         self_blends=True, num_workers=0)
+    kept = json.loads((run / "metrics.json").read_text())["sbi"]
+    assert report["n_images"] == kept["n"] and report["self_blends"]
+    assert report["metrics"]["auc"] == pytest.approx(kept["auc"], abs=1e-9)
+    assert report["metrics"]["confusion"] == kept["confusion"]
+    val_reals = [s for s in read_manifest(face_split, "val") if s.label == 0]
+    assert len(report["skipped"]) == len(val_reals) - kept["n"] // 2  # a sky has no face
+    written = sorted((run / "eval" / "blends" / "self_blends").rglob("*.png"))
+    assert len(written) == kept["n"] // 2 and tree_digest(face_split) == before
+    with pytest.raises(ValueError, match="self_blends needs split=val or split=test"):
+        evaluate(run, face_split, "x", self_blends=True)
+
+
 def test_gradcam_scores_localization_on_the_self_blends(sbi_run, face_split):
     from dfutils.gradcam import SELF_BLENDS_SHOWN, gradcam_run
     from dfutils.params import GradCamParams

@@ -327,3 +327,54 @@ def test_linked_folders_are_followed_and_a_loop_is_named(tmp_path):
     assert report["counts"]["train"]["fake"] + report["counts"]["val"]["fake"] == 4
     (skipped,) = report["skipped"]
     assert skipped["path"] == "fake/loop" and "a folder already read" in skipped["reason"]
+
+
+def test_a_combined_split_can_take_each_share_from_each_source_folder(tmp_path):
+    """A split of two data sets, one of many single images and one of few large clips:
+    by class alone, the clips' share of validation is left to chance (the DeepFaceLive
+    clips beside 1,100 FFHQ/StyleGAN photos got 1 of 22 scenes); stratify=source takes
+    val_fraction of each source folder's groups in each class."""
+    root = tmp_path / "raw"
+    for label, offset in (("real", 0), ("fake", 50_000)):
+        for i in range(60):
+            write_image(root / label / "photos" / f"p{i:03d}.png", seed=offset + i)
+        for clip in range(10):
+            for frame in range(3):
+                write_image(root / label / "clips" / f"c{clip}" / f"{frame}.png",
+                            seed=offset + 1000 + 10 * clip + frame)
+
+    def val_groups(data_dir: Path) -> dict[tuple[str, str], int]:
+        found: dict[tuple[str, str], set] = {}
+        for row in manifest(data_dir):
+            if row["split"] == "val":
+                key = (row["label"], row["source"].split("/")[1])
+                found.setdefault(key, set()).add(row["group"])
+        return {key: len(groups) for key, groups in sorted(found.items())}
+
+    pattern = r"^clips/(c\d+)/"  # a clip's frames and its twin in the other class: one group
+
+    for seed in range(4):
+        report = make_split(root, tmp_path / f"s{seed}", seed=seed, stratify="source",
+                            group_pattern=pattern)
+        assert val_groups(tmp_path / f"s{seed}") == {
+            ("fake", "clips"): 2, ("fake", "photos"): 12, ("real", "clips"): 2,
+            ("real", "photos"): 12}
+        assert report["params"]["stratify"] == "source"
+        assert "per class and source folder" in report["rules"]["train/val/test"]
+    by_class = [val_groups(tmp_path / f"c{seed}") for seed in range(4)
+                if make_split(root, tmp_path / f"c{seed}", seed=seed, group_pattern=pattern)]
+    assert any(v.get(("real", "clips"), 0) != 2 for v in by_class)  # what stratify prevents
+    assert all(sum(n for (label, _), n in v.items() if label == "real") == 14
+               for v in by_class)  # the class's share is the same either way
+
+
+def test_a_source_folder_too_small_to_split_is_named(tmp_path):
+    for label, offset in (("real", 0), ("fake", 500)):
+        for i in range(6):
+            write_image(tmp_path / "raw" / label / "big" / f"{i}.png", seed=offset + i)
+    write_image(tmp_path / "raw" / "real" / "small" / "only.png", seed=999)
+    with pytest.raises(SplitError, match=r"class 'real' in source folder real/small has 1 "
+                       r"usable distinct image\(s\).*or split with stratify=class"):
+        make_split(tmp_path / "raw", tmp_path / "data", stratify="source")
+    assert not (tmp_path / "data").exists()
+    assert make_split(tmp_path / "raw", tmp_path / "data")["counts"]["val"]["real"] == 1
