@@ -77,18 +77,20 @@ class Prediction:
     p_fake: float
     mask: Path | None
     video: str = ""  # the clip it comes from (intervals resample whole clips)
+    source: str = ""  # its path in the folder the split was made from (real/..., fake/...)
 
 
 def read_predictions(csv_path: str | os.PathLike, data_dir: str | os.PathLike
                      ) -> list[Prediction]:
     """A run's val_predictions.csv joined with the manifest (for ground-truth masks)."""
     data_dir = resolve(data_dir)
-    masks = {s.path: s.mask for s in read_manifest(data_dir)}
+    samples = {s.path: s for s in read_manifest(data_dir)}
     with open(resolve(csv_path), newline="") as f:
         rows = list(csv.DictReader(f))
+    found = [(r, samples.get(data_dir / r["path"])) for r in rows]
     return [Prediction(data_dir / r["path"], int(r["label"]), float(r["p_fake"]),
-                       masks.get(data_dir / r["path"]), r.get("video") or r["path"])
-            for r in rows]
+                       s and s.mask, r.get("video") or r["path"], s.source if s else "")
+            for r, s in found]
 
 
 def load_image(source: str | os.PathLike | IO[bytes]) -> Image.Image:

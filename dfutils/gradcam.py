@@ -290,17 +290,29 @@ def localization(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
 
 
 def select_images(labels: np.ndarray, scores: np.ndarray, n: int, mode: Selection = "mixed",
-                  threshold: float = 0.5, seed: int = 0) -> list[int]:
+                  threshold: float = 0.5, seed: int = 0, sources: Sequence[str] = ()
+                  ) -> list[int]:
     """Which validation images to show.
 
     "mixed": the most confident correct and wrong predictions of each class, taken in turn
     from the four groups, so the grid shows what the model gets right and what it gets
-    wrong; "random": a seeded random sample.
+    wrong; "random": a seeded random sample; "sources": a seeded random sample of each
+    source folder's fakes (`sources`, one per image), n shared evenly, one source after the
+    other, so a grid row shows one data set's fakes as they come, not the best of them.
     """
     labels, scores = np.asarray(labels), np.asarray(scores)
     n = min(n, len(labels))
     if mode == "random":
         return sorted(np.random.default_rng(seed).choice(len(labels), n, replace=False).tolist())
+    if mode == "sources":
+        names = np.asarray(sources) if len(sources) else np.full(len(labels), "")
+        folders = sorted(set(names[labels == 1].tolist()))
+        rng, chosen = np.random.default_rng(seed), []
+        for k, folder in enumerate(folders):
+            fakes = np.flatnonzero((labels == 1) & (names == folder))
+            share = n // len(folders) + (k < n % len(folders))
+            chosen += rng.permutation(fakes)[:share].tolist()
+        return [int(i) for i in chosen]
     if mode not in choices(Selection):
         raise ValueError(f"select must be one of {', '.join(choices(Selection))}, got {mode!r}")
     predicted = (scores >= threshold).astype(int)
@@ -445,7 +457,7 @@ def gradcam_run(params: GradCamParams) -> CamReport:
     from dfutils.data import read_predictions
     from dfutils.paths import resolve, write_json
     from dfutils.runs import seed_everything
-    from dfutils.split import check_identity
+    from dfutils.split import check_identity, source_folder
 
     seed_everything(params.seed)
     run = resolve(params.run_dir)
@@ -457,14 +469,19 @@ def gradcam_run(params: GradCamParams) -> CamReport:
     labels = np.array([p.label for p in predictions])
     scores = np.array([p.p_fake for p in predictions])
     pick = functools.partial(select_images, labels, scores, threshold=checkpoint.threshold,
-                             seed=params.seed)
+                             seed=params.seed,
+                             sources=[source_folder(p.source) for p in predictions])
 
     chosen = pick(params.n_images, params.select)
+
+    def named(i: int) -> str:  # what a title says an image is: its source, or its truth
+        return source_folder(predictions[i].source) if params.select == "sources" else "true"
+
     paths = [predictions[i].path for i in chosen]
     cams, overlays = write_overlays(checkpoint, paths, [out / f"{p.stem}.png" for p in paths],
                                     params.target, params.layer, params.alpha,
                                     params.batch_size)
-    titles = [f"true {'fake' if labels[i] else 'real'} · P(fake) {p:.2f}"
+    titles = [f"{named(i)} {'fake' if labels[i] else 'real'}".strip() + f" · P(fake) {p:.2f}"
               for i, p in zip(chosen, cams.p_fake, strict=True)]
 
     eval_index = pick(params.n_eval, "random")

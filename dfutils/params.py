@@ -31,7 +31,7 @@ Trainable = Literal["fc", "layer4", "all"]
 CamLayer = Literal["auto", "layer4", "layer3", "layer2"]
 Amp = Literal["auto", "off", "bf16", "fp16"]
 CamTarget = Literal["predicted", "fake", "real"]
-Selection = Literal["mixed", "random"]
+Selection = Literal["mixed", "random", "sources"]
 ThresholdRule = Literal["0.5", "eer"]
 Schedule = Literal["constant", "cosine"]
 OptimizerName = Literal["adam", "sgd"]
@@ -436,7 +436,9 @@ class GradCamParams(Params):
     data_dir: str = param("data", "the split the run was trained on", path=True)
     n_images: int = param(16, "overlays to write and show")
     select: Selection = param("mixed", "which images: the most confident right and wrong of "
-                              "each class, or a random sample")
+                              "each class, a random sample, or a random sample of each source "
+                              "folder's fakes in turn (a combined split's data sets side by "
+                              "side)")
     target: CamTarget = param("predicted", "the class explained: the predicted one, or always "
                               "fake, or always real")
     alpha: float = param(0.5, "heatmap weight in the overlay")

@@ -219,6 +219,23 @@ def test_selection(mode):
         assert chosen == [0, 2, 3, 5]
 
 
+def test_the_sources_selection_shows_each_source_folders_fakes_side_by_side():
+    """select="sources": a seeded sample of each source folder's fakes, the share split
+    evenly and each source's together (a grid row per data set), reals never; the same
+    seed the same images, and not simply the most confident ones."""
+    rng = np.random.default_rng(3)
+    sources = np.array(["swaps"] * 20 + ["gan"] * 30 + ["gan"] * 10)
+    labels = np.array([1] * 50 + [0] * 10)
+    scores = rng.random(60)
+    chosen = select_images(labels, scores, 7, "sources", seed=1, sources=sources)
+    assert [sources[i] for i in chosen] == ["gan"] * 4 + ["swaps"] * 3
+    assert all(labels[i] == 1 for i in chosen) and len(set(chosen)) == 7
+    assert chosen == select_images(labels, scores, 7, "sources", seed=1, sources=sources)
+    assert chosen != select_images(labels, scores, 7, "sources", seed=2, sources=sources)
+    gan = np.flatnonzero((labels == 1) & (sources == "gan"))
+    assert sorted(chosen[:4]) != sorted(gan[np.argsort(-scores[gan])][:4].tolist())
+
+
 @pytest.mark.parametrize("difference,said", [([0.1, 0.3], "better"), ([-0.3, -0.1], "worse"),
                                              ([-0.1, 0.2], "not distinguishable")])
 def test_the_verdict_on_random_maps_follows_the_paired_difference(difference, said):

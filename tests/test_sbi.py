@@ -278,6 +278,10 @@ def test_gradcam_scores_localization_on_the_self_blends(sbi_run, face_split):
     assert len(report.overlays) == 4 + shown
     assert sum(t.startswith("self-blend") for t in report.titles) == shown
     assert len(list((run / "gradcam").glob("self-blend-*.png"))) == shown
+    # select="sources": fakes only (this split has no source folders: one source)
+    report = gradcam_run(GradCamParams(run_dir=str(run), data_dir=str(face_split), n_images=2,
+                                       n_eval=16, select="sources"))
+    assert [t.split(" · ")[0] for t in report.titles[:2]] == ["fake", "fake"]
 
 
 def test_monitor_picks_the_kept_epoch_by_the_named_column(separable_split, tmp_path):
