@@ -663,6 +663,8 @@ def predict_run(params: PredictParams, log: Callable[[str], None] = lambda line:
                          "`dfutils merge predict` writes from the parts")
     mine = [i for i, item in enumerate(inputs) if shard is None or shard.owns(str(item.path))]
     check_outputs(params, [inputs[i] for i in mine])
+    if shard is not None:
+        shards.check_part(parts_of(params.out), shard)
     checkpoint = load_checkpoint(Path(params.run_dir) / files.MODEL)
     with_faces = checkpoint.faces is not None and params.faces
     if params.frames_out and not with_faces:

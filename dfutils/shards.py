@@ -124,6 +124,24 @@ def differing(first: dict, other: dict) -> list[str]:
 # records what must agree across tasks ("params", "inputs") and the task's results.
 
 
+def check_part(folder: Path, shard: Shard) -> None:
+    """Refuse, before any work, a task whose part would replace something that is not an
+    earlier part of the same shard (a file of the user's that happens to bear its name)."""
+    path = folder / f"{shard.name}.json"
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a folder of parts: move it, or give "
+                         "another --out")
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        ours = json.loads(path.read_text(encoding="utf-8")).get("shard") == str(shard)
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"{path} is not a part this job wrote, and shard {shard} would "
+                         "replace it: move it, or give another --out")
+
+
 def write_part(folder: Path, shard: Shard, record: dict) -> Path:
     """A task's part: `record` (with "params" and "inputs") and its shard."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -314,6 +314,16 @@ def test_merging_predict_names_a_missing_shard_and_one_made_otherwise(raw, face_
     assert "shard 1/3 was made with other parameters than shard 0/3 (layer)" in error
     assert "shard 2/3 is missing: run it again (--shard 2/3)" in error
     assert not out.exists()
+    assert run_cli("predict", "--run", str(face_run), str(raw), "--out", str(out),
+                   "--shard", "0/3") == 0  # a task run again replaces its own part
+    mine = tmp_path / "q.csv.parts" / "0-of-2.json"  # a user's file that bears a part's name
+    mine.parent.mkdir()
+    mine.write_text('{"my": "notes"}')
+    capsys.readouterr()
+    assert run_cli("predict", "--run", str(face_run), str(raw), "--out",
+                   str(tmp_path / "q.csv"), "--shard", "0/2") == 2
+    assert f"{mine} is not a part this job wrote" in one_line_error(capsys.readouterr().err)
+    assert mine.read_text() == '{"my": "notes"}'
 
 
 def test_sharded_evaluate_merges_to_the_report_of_a_single_run(raw, face_run, monkeypatch):
