@@ -283,9 +283,11 @@ def face_crops(checkpoint: Checkpoint, data_dir: str | os.PathLike, out: Path,
 
 
 def report_name(params: EvalParams) -> str:
-    """The name of an evaluation report: as given, or the folder's (and the split's)."""
+    """The name of an evaluation report: as given, or the folder's (and the split's, and
+    "self-blends" when the split's fakes are its reals' self-blends)."""
     folder = resolve(params.eval_dir).name
-    return params.name or (f"{folder}-{params.split}" if params.split else folder)
+    blends = "-self-blends" if params.self_blends else ""
+    return params.name or (f"{folder}-{params.split}{blends}" if params.split else folder)
 
 
 @dataclass

@@ -469,7 +469,7 @@ class EvalParams(Params):
     eval_dir: str = param("", "a labelled folder: eval_dir/real and eval_dir/fake; or, with "
                           "split, a split made by 01-split", path=True)
     name: str = param("", "report name under run_dir/eval/; empty: the folder's name (and the "
-                      "split's)")
+                      "split's, and -self-blends)")
     batch_size: int = param(32, "images per forward pass")
     num_workers: int = param(2, "image-loading processes (0: load in this process)")
     split: EvalSplit = param("", "empty: eval_dir is a labelled folder; val or test: score "

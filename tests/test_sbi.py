@@ -246,6 +246,8 @@ def test_any_run_can_be_scored_on_the_self_blends_training_validated_on(sbi_run,
     from conftest import evaluate, tree_digest
 
     from dfutils.data import read_manifest
+    from dfutils.inference import report_name
+    from dfutils.params import EvalParams
 
     run, _ = sbi_run
     before = tree_digest(face_split)
@@ -259,6 +261,8 @@ def test_any_run_can_be_scored_on_the_self_blends_training_validated_on(sbi_run,
     assert len(report["skipped"]) == len(val_reals) - kept["n"] // 2  # a sky has no face
     written = sorted((run / "eval" / "blends" / "self_blends").rglob("*.png"))
     assert len(written) == kept["n"] // 2 and tree_digest(face_split) == before
+    assert report_name(EvalParams(eval_dir=str(face_split), split="val", self_blends=True)
+                       ) == "data-val-self-blends"  # beside data-val, not over it
     with pytest.raises(ValueError, match="self_blends needs split=val or split=test"):
         evaluate(run, face_split, "x", self_blends=True)
 
