@@ -330,7 +330,7 @@ def labelled_inputs(params: EvalParams, checkpoint: Checkpoint, out: Path,
             raise ValueError(f"the split in {root} has no {params.split} images: evaluate "
                              "another split, or a labelled folder (without split)")
         if params.self_blends:
-            return self_blend_inputs(root, params.split, out / files.EVAL_BLENDS).subset(shard)
+            return self_blend_inputs(root, params.split, out / files.EVAL_BLENDS, shard)
         return Labelled([s.path for s in samples], np.array([s.label for s in samples]),
                         [s.video for s in samples], [], [],
                         [source_folder(s.source) for s in samples]).subset(shard)
@@ -344,11 +344,13 @@ def labelled_inputs(params: EvalParams, checkpoint: Checkpoint, out: Path,
                     ).subset(shard)
 
 
-def self_blend_inputs(data_dir: Path, split: str, out: Path) -> Labelled:
+def self_blend_inputs(data_dir: Path, split: str, out: Path,
+                      shard: shards.Shard | None = None) -> Labelled:
     """The reals of a split that have a face, and one self-blend of each written to `out`
     as PNG: the blends training with fakes="sbi" validates on (`sbi.ValidationBlends`,
-    the same in every run on the split), so any run can be scored on them. Each blend is
-    its own video; its source is its real's."""
+    the same in every run on the split), so any run can be scored on them. The blends of
+    a clip's frames make a video of their own; a blend's source is its real's. With a
+    `shard`, those it owns (and only their blends are written)."""
     from dfutils import sbi
 
     blends, counts = sbi.validation_blends(data_dir, split=split)
@@ -360,17 +362,15 @@ def self_blend_inputs(data_dir: Path, split: str, out: Path) -> Labelled:
     skipped = [{"path": s.path.relative_to(data_dir).as_posix(),
                 "reason": "no face landmarks: no self-blend"}
                for s in read_manifest(data_dir, split) if s.label == 0 and s.path not in kept]
-    made = []
-    for i, real in enumerate(tqdm(reals, desc="self-blends", unit="image")):
-        rgb, _, _ = blends.image(len(reals) + i)
-        target = out / f"{real.path.relative_to(data_dir).as_posix()}.png"
-        with atomic_path(target) as tmp:
-            Image.fromarray(rgb).save(tmp, format="PNG")
-        made.append(target)
+    made = [out / f"{r.path.relative_to(data_dir).as_posix()}.png" for r in reals]
+    for i, target in enumerate(tqdm(made, desc="self-blends", unit="image")):
+        if shard is None or shard.owns(str(target)):
+            with atomic_path(target) as tmp:
+                Image.fromarray(blends.image(len(reals) + i)[0]).save(tmp, format="PNG")
     return Labelled([r.path for r in reals] + made,
                     np.array([0] * len(reals) + [1] * len(made)),
-                    [r.video for r in reals] + [f"self-blend:{m}" for m in made], skipped, [],
-                    [source_folder(r.source) for r in reals] * 2)
+                    [r.video for r in reals] + [f"self-blend:{r.video}" for r in reals],
+                    skipped, [], [source_folder(r.source) for r in reals] * 2).subset(shard)
 
 
 def score_sweeps(checkpoint: Checkpoint, inputs: Labelled, params: EvalParams,
