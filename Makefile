@@ -95,7 +95,7 @@ demo: $(STAMP) ## Build the demo data set and run the whole chain on it into run
 NPROC ?= 2
 train-ddp: $(STAMP) ## Train (02-train's step) with torchrun on NPROC CPU processes (PARAMS= KEY=value ...)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(call quote,$(value NPROC)) -m dfutils train \
-		$(if $(value PARAMS),--params $(call quote,$(value PARAMS))) $(call args,PARAMS,--set=)
+		$(call args)
 
 bench: $(STAMP) ## Benchmarks as ratios to a bare forward pass; writes runs/bench/results.json (QUICK=1: shorter)
 	$(PY) tests/benchmarks/bench.py $(if $(value QUICK),--quick)

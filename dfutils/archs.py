@@ -43,24 +43,28 @@ class Arch:
     # state-dict file is the only pretrained start
     imagenet: WeightsEnum | None
     head: str  # the classifier's module path: replaced by one linear layer with one logit
-    # `trainable` value -> the module paths that train (None: all of them); "layer4" is
-    # the stride-32 stage and the head, whatever the network calls it
+    # `trainable` value -> the module paths that train (None: all of them), one of
+    # TRAINABLE: "head" is the classifier alone, "last" the network's last stage and the
+    # head, whatever the network calls them
     stages: dict[str, tuple[str, ...] | None]
     # Grad-CAM `layer` value -> (module path of the block explained, its total stride),
-    # deepest first; named by ResNet's stages: "layer4" is the last block of stride 32,
-    # "layer3" of stride 16, "layer2" of stride 8
+    # deepest first, named from the output: "last" is the last block of the last stage,
+    # "last-1" that of the stage before it, "last-2" of the one before that (ResNet's
+    # layer4, layer3, layer2: strides 32, 16 and 8)
     cam_layers: dict[str, tuple[str, int]]
     size: int  # the input side its ImageNet weights were made for (docs/training.md)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation
     std: tuple[float, float, float] = IMAGENET_STD
 
     def new(self) -> nn.Module:
-        """The network, randomly initialised, with a one-logit head (the log-odds of fake)."""
+        """The network, randomly initialised, with a one-logit head (the log-odds of fake),
+        marked with its architecture (`of` reads it)."""
         model = self.build()
         old = [m for m in model.get_submodule(self.head).modules() if isinstance(m, nn.Linear)]
         parent, _, name = self.head.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name,
                 nn.Linear(old[-1].in_features, 1))
+        model.arch_name = self.name
         return model
 
     def head_module(self, model: nn.Module) -> nn.Module:
@@ -68,6 +72,7 @@ class Arch:
 
     def frozen(self, model: nn.Module, trainable: str) -> list[nn.Module]:
         """The modules that `trainable` keeps frozen, each as high in the tree as it can be."""
+        trainable = OLD_NAMES["trainable"].get(trainable, trainable)
         if trainable not in self.stages:
             raise ValueError(f"trainable must be one of {', '.join(self.stages)} for "
                              f"{self.name}, got {trainable!r}")
@@ -89,6 +94,7 @@ class Arch:
 
     def cam_layer(self, model: nn.Module, layer: str) -> nn.Module:
         """The block Grad-CAM explains for a `layer` value."""
+        layer = OLD_NAMES["layer"].get(layer, layer)
         if layer not in self.cam_layers:
             raise ValueError(f"layer must be one of {', '.join(self.cam_layers)} for "
                              f"{self.name}, got {layer!r}")
@@ -96,7 +102,7 @@ class Arch:
 
     def grid(self, size: tuple[int, int], layer: str) -> tuple[int, int]:
         """The resolution of the explained layer's output for an input size."""
-        stride = self.cam_layers[layer][1]
+        stride = self.cam_layers[OLD_NAMES["layer"].get(layer, layer)][1]
         return math.ceil(size[0] / stride), math.ceil(size[1] / stride)
 
     def layer_for(self, layer: str, size: tuple[int, int]) -> str:
@@ -104,37 +110,57 @@ class Arch:
         the deepest whose grid is at least MIN_CAM_GRID on each side (the shallowest when
         none is): a map of 3 x 3 cells has nine places to point at."""
         if layer != "auto":
-            return layer
+            return OLD_NAMES["layer"].get(layer, layer)
         return next((name for name in self.cam_layers
                      if min(self.grid(size, name)) >= MIN_CAM_GRID), list(self.cam_layers)[-1])
 
 
-RESNET_STAGES = {"fc": ("fc",), "layer4": ("layer4", "fc"), "all": None}
+# The names every entry gives its trainable parts and its Grad-CAM layers (the parameters'
+# allowed values), and the names of earlier versions, which mean the same and stay accepted.
+TRAINABLE = ("head", "last", "all")
+CAM_LAYERS = ("last", "last-1", "last-2")
+OLD_NAMES = {"trainable": {"fc": "head", "layer4": "last"},
+             "layer": {"layer4": "last", "layer3": "last-1", "layer2": "last-2"}}
+
+RESNET_STAGES = {"head": ("fc",), "last": ("layer4", "fc"), "all": None}
 # The head is one linear layer for every network (EfficientNet's dropout before it goes):
 # the layer that the feature cache trains alone, with what it would see in the network.
 ARCHS: dict[str, Arch] = {
     "resnet18": Arch(
         name="resnet18", build=lambda: resnet18(weights=None),
         imagenet=ResNet18_Weights.IMAGENET1K_V1, head="fc", stages=RESNET_STAGES,
-        cam_layers={"layer4": ("layer4.1", 32), "layer3": ("layer3.1", 16),
-                    "layer2": ("layer2.1", 8)}, size=224),
+        cam_layers={"last": ("layer4.1", 32), "last-1": ("layer3.1", 16),
+                    "last-2": ("layer2.1", 8)}, size=224),
     "resnet50": Arch(
         name="resnet50", build=lambda: resnet50(weights=None),
         imagenet=ResNet50_Weights.IMAGENET1K_V2, head="fc", stages=RESNET_STAGES,
-        cam_layers={"layer4": ("layer4.2", 32), "layer3": ("layer3.5", 16),
-                    "layer2": ("layer2.3", 8)}, size=224),
+        cam_layers={"last": ("layer4.2", 32), "last-1": ("layer3.5", 16),
+                    "last-2": ("layer2.3", 8)}, size=224),
     "efficientnet_b4": Arch(
         name="efficientnet_b4", build=lambda: efficientnet_b4(weights=None),
         imagenet=EfficientNet_B4_Weights.IMAGENET1K_V1, head="classifier",
-        stages={"fc": ("classifier",),
-                "layer4": ("features.6", "features.7", "features.8", "classifier"),
+        stages={"head": ("classifier",),
+                "last": ("features.6", "features.7", "features.8", "classifier"),
                 "all": None},
-        cam_layers={"layer4": ("features.8", 32), "layer3": ("features.5", 16),
-                    "layer2": ("features.3", 8)}, size=380),
+        cam_layers={"last": ("features.8", 32), "last-1": ("features.5", 16),
+                    "last-2": ("features.3", 8)}, size=380),
 }
 DEFAULT = "resnet18"
 # Names checkpoints of earlier versions recorded.
 ALIASES = {"resnet18-1logit": "resnet18"}
+
+
+def of(model: nn.Module) -> Arch:
+    """The registry entry of a network made by `Arch.new` (also inside the wrappers of
+    DistributedDataParallel and torch.compile): a network carries its architecture, so no
+    caller can name the wrong one."""
+    while not hasattr(model, "arch_name") and isinstance(
+            getattr(model, "module", getattr(model, "_orig_mod", None)), nn.Module):
+        model = getattr(model, "module", None) or model._orig_mod
+    if not hasattr(model, "arch_name"):
+        raise UnknownArch(f"{type(model).__name__} was not made by dfutils.archs: build it "
+                          "with dfutils.model.build_model")
+    return get(model.arch_name)
 
 
 def get(name: str) -> Arch:

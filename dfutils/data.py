@@ -1,138 +1,26 @@
-"""Images in, tensors out: the manifest-backed dataset, its transforms and loaders.
+"""Images in, tensors out: the transforms (normalisation from the architecture registry),
+the datasets that feed training and scoring, and their seeded loaders.
 
-Labels come from the manifest (fake = 1, real = 0), never from folder order:
-torchvision's ImageFolder would sort `fake` before `real` and give the opposite.
+Labels come from the manifest (fake = 1, real = 0), never from folder order.
 """
 
 from __future__ import annotations
 
-import csv
-import os
 import random
-import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from dfutils import LABELS, archs, files
+from dfutils import archs
+from dfutils.corruptions import Perturb
 from dfutils.distributed import per_rank_batch, world
-from dfutils.paths import resolve
-
-if TYPE_CHECKING:
-    from dfutils.params import TrainParams
-
-# The splits a manifest may hold. `test` comes from a data set's official test list; nothing
-# trains or selects on it: the loaders of training read train and val only.
-SPLITS = ("train", "val", "test")
-
-
-class ImageLoadError(OSError):
-    """A file that cannot be loaded as an image; `reason` says why without the path."""
-
-    def __init__(self, path: object, reason: str):
-        super().__init__(f"cannot read image {path}: {reason}")
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: Path  # absolute
-    label: int  # fake = 1, real = 0
-    mask: Path | None  # ground-truth mask of a fake image, if known
-    video: str = ""  # the clip it comes from (video-level metrics score each clip as one)
-    group: str = ""  # what the split kept together (a clip, or the clips of one scene)
-    method: str = ""  # the manipulation of a fake of a published data set (FF++'s, say)
-    source: str = ""  # its path in the folder the split was made from (real/..., fake/...)
-
-
-def read_manifest(data_dir: str | os.PathLike, split: str | None = None) -> list[Sample]:
-    """The rows of data_dir/manifest.csv (optionally one split of SPLITS), in file order."""
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    data_dir = resolve(data_dir)
-    manifest = data_dir / files.MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(
-            f"{manifest} not found: run the split first (notebook 01-split or `make split`)"
-        )
-    with open(manifest, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if split is None or r["split"] == split]
-    return [Sample(data_dir / r["path"], LABELS[r["label"]],
-                   data_dir / r["mask"] if r.get("mask") else None, r.get("video") or r["path"],
-                   r.get("group") or r["path"], r.get("method", ""), r.get("source", ""))
-            for r in rows]
-
-
-@dataclass(frozen=True)
-class Prediction:
-    path: Path  # absolute
-    label: int
-    p_fake: float
-    mask: Path | None
-    video: str = ""  # the clip it comes from (intervals resample whole clips)
-    source: str = ""  # its path in the folder the split was made from (real/..., fake/...)
-
-
-def read_predictions(csv_path: str | os.PathLike, data_dir: str | os.PathLike
-                     ) -> list[Prediction]:
-    """A run's val_predictions.csv joined with the manifest (for ground-truth masks)."""
-    data_dir = resolve(data_dir)
-    samples = {s.path: s for s in read_manifest(data_dir)}
-    with open(resolve(csv_path), newline="") as f:
-        rows = list(csv.DictReader(f))
-    found = [(r, samples.get(data_dir / r["path"])) for r in rows]
-    return [Prediction(data_dir / r["path"], int(r["label"]), float(r["p_fake"]),
-                       s and s.mask, r.get("video") or r["path"], s.source if s else "")
-            for r, s in found]
-
-
-def load_image(source: str | os.PathLike | IO[bytes]) -> Image.Image:
-    """An RGB image as displayed: EXIF orientation applied, any mode (L, RGBA, P, I;16) made RGB.
-
-    The split checks every file with this same function, so what it accepts, training can
-    load. Any failure is an ImageLoadError naming the file: Pillow's decoders and its EXIF
-    parser raise many types (OSError, SyntaxError, struct.error, ...), and one odd file must
-    be reported, not crash a batch. An image over Pillow's pixel limit is refused too (a
-    decompression bomb), not only those over twice the limit.
-    """
-    name = getattr(source, "name", source)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
-                image = ImageOps.exif_transpose(image)
-                if image.mode == "I;16" or image.mode == "I":
-                    # 16-bit grey: scale to 8 bits rather than clipping everything to white.
-                    array = np.asarray(image, dtype=np.float32) / 256.0
-                    image = Image.fromarray(array.clip(0, 255).astype(np.uint8))
-                return image.convert("RGB")
-    except UnidentifiedImageError:
-        raise ImageLoadError(name, "not an image (the content is not a format Pillow can "
-                             "read)") from None
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as error:
-        raise ImageLoadError(name, error.strerror or type(error).__name__) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageLoadError(name, f"too many pixels: {error}") from None
-    except MemoryError:
-        raise ImageLoadError(name, "too large to decode in memory") from None
-    except Exception as error:  # noqa: BLE001 - see the docstring
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ImageLoadError(name, f"corrupt or unreadable image ({type(error).__name__}: "
-                             f"{reason})") from error
-
-
-def load_mask(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
-    """A ground-truth mask as a boolean array of `size` (width, height): True = manipulated."""
-    with Image.open(path) as mask:
-        mask = mask.convert("L").resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(mask) >= 128
+from dfutils.images import ImageLoadError, load_image
+from dfutils.manifest import LabelledSet, Sample, read_manifest
+from dfutils.params import TrainParams
 
 
 def _normalise(arch: str) -> v2.Compose:
@@ -140,7 +28,7 @@ def _normalise(arch: str) -> v2.Compose:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(entry.mean, entry.std)])
 
 
-def eval_transform(image_size: int, arch: str = archs.DEFAULT) -> v2.Compose:
+def eval_transform(image_size: int, arch: str) -> v2.Compose:
     """Resize to a square and normalise as the architecture's weights expect."""
     return v2.Compose([v2.ToImage(), v2.Resize((image_size, image_size), antialias=True),
                        *_normalise(arch).transforms])
@@ -175,6 +63,54 @@ def train_transform(params: TrainParams) -> v2.Compose:
     if params.erasing > 0:
         steps.append(v2.RandomErasing(p=params.erasing, scale=(0.02, 0.25), value=0))
     return v2.Compose(steps)
+
+
+def _rgb(item: Path | Sample | np.ndarray | torch.Tensor):
+    """An item of an ImageSet as an image: a file (or a sample's) loaded as training loads
+    it; an RGB array or a tensor as it is."""
+    if isinstance(item, Sample):
+        item = item.path
+    return load_image(item) if isinstance(item, str | Path) else item
+
+
+class ImageSet(Dataset):
+    """What scoring reads: (tensor, index, error) for each of `items` (image files, samples,
+    decoded RGB arrays such as face crops, or inputs already made: `transform` None),
+    optionally corrupted first (`perturb`, a robustness sweep's); `load` makes an item an
+    image when it is neither (a self-blend drawn on demand). A file that cannot be read
+    gives a blank `size` x `size` tensor and its reason, never an exception, so one bad
+    file does not stop a batch. `labels` (fake = 1) are known for a labelled set."""
+
+    def __init__(self, items: Sequence, transform: Callable | None = None, size: int = 0,
+                 perturb: Perturb | None = None, load: Callable | None = None,
+                 labels: Sequence[int] | None = None):
+        self.items, self.transform, self.size = list(items), transform, size
+        self.perturb, self.load = perturb, load or _rgb
+        self.labels = None if labels is None else np.asarray(labels, dtype=int)
+
+    @classmethod
+    def of(cls, labelled: LabelledSet | Sequence[Sample], transform: Callable, size: int,
+           perturb: Perturb | None = None) -> ImageSet:
+        """The images of a labelled set, with their labels."""
+        samples = list(getattr(labelled, "samples", labelled))
+        return cls(samples, transform, size, perturb, labels=[s.label for s in samples])
+
+    @property
+    def samples(self) -> list[Sample]:
+        """The labelled samples it reads ([] when its items are not samples)."""
+        return list(self.items) if self.items and isinstance(self.items[0], Sample) else []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            image = self.load(self.items[index])
+        except ImageLoadError as error:
+            return torch.zeros(3, self.size, self.size), index, error.reason
+        if self.perturb is not None:
+            image = self.perturb(image)
+        return (image if self.transform is None else self.transform(image)), index, ""
 
 
 class ManifestDataset(Dataset):
@@ -227,9 +163,10 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
 
 
 def val_loader(params: TrainParams) -> DataLoader:
-    """The validation loader of a TrainParams: the split's val images, not augmented."""
-    val = ManifestDataset(read_manifest(params.data_dir, "val"),
-                          eval_transform(params.image_size, params.arch))
+    """The validation loader of a TrainParams: the split's val images, not augmented, as
+    scoring reads them (with their labels)."""
+    val = ImageSet.of(read_manifest(params.data_dir, "val"),
+                      eval_transform(params.image_size, params.arch), params.image_size)
     return make_loader(val, params.batch_size, False, params.num_workers, params.seed)
 
 

@@ -1,6 +1,10 @@
-"""The field's data sets read as their authors publish them: FaceForensics++ (and its
-DeepFakeDetection part), Celeb-DF v1/v2 and DFDC, beside the toolkit's own real/ + fake/
-folders.
+"""Input data as it lies on disk: every layout the toolkit reads, one reader each in READERS.
+
+A folder is walked safely (`tree`, `walk_files`): links to folders are followed once, loops
+are named, FIFOs and devices are never opened, names that are not UTF-8 are reported. The
+toolkit's own layout is raw_dir/real and raw_dir/fake (`scan_classes`, the reader
+"folder"); the field's data sets are read as their authors publish them: FaceForensics++
+(and its DeepFakeDetection part), Celeb-DF v1/v2 and DFDC.
 
 Each reader walks one layout and returns a `Listing`: for every clip (or photo) its path
 relative to the data set's root, its label, its group keys (what must stay on one side of
@@ -15,13 +19,142 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
-from collections.abc import Callable, Iterable
+import stat
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dfutils.folders import IMAGE_SUFFIXES, VIDEO_SUFFIXES, scan_classes
-from dfutils.params import FFPP_METHODS  # FF++'s manipulations, by folder name
+# Labels everywhere: fake = 1, real = 0, by the names of the class folders (never by their
+# order: torchvision's ImageFolder would sort `fake` first and give the opposite).
+LABELS = {"real": 0, "fake": 1}
+CLASSES = ("real", "fake")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
+# FF++'s manipulations, by folder name.
+FFPP_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures", "FaceShifter")
+
+
+class MissingInput(ValueError):
+    """The raw folder, a class folder, or the files in one are missing."""
+
+
+# -- Walking a folder --------------------------------------------------------------------
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as text that any UTF-8 writer accepts: bytes that are not UTF-8 (Linux allows
+    them in names) are shown as backslash escapes such as \\xe9."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def file_problem(path: str | os.PathLike) -> str:
+    """Why `path` cannot be read as a regular file, or "" when it can be.
+
+    Opening a FIFO would block for ever and a device may never end, so they are named and
+    left alone instead of read.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "broken symbolic link" if path.is_symlink() else "does not exist"
+    except OSError as error:
+        return f"cannot be examined: {error.strerror or error}"
+    kinds = ((stat.S_ISREG, ""), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    kind = next((k for test, k in kinds if test(mode)), "of an unknown kind")
+    return kind and f"not a regular file: {kind}"
+
+
+def tree(folder: Path, seen: set[tuple[int, int]] | None = None
+         ) -> Iterator[tuple[Path, str]]:
+    """Every file below `folder`, depth first in sorted order (the order of
+    sorted(folder.rglob("*"))), as (path, ""). Links to folders are followed, each real
+    folder once: a link back to a folder already walked (a loop, or the same folder twice)
+    comes out as (link, why it was not followed), so a loop ends and nothing is silent."""
+    seen = seen if seen is not None else set()
+    info = folder.stat()
+    seen.add((info.st_dev, info.st_ino))
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as error:
+        yield folder, f"the folder cannot be read ({error.strerror}): check its permissions"
+        return
+    for path in entries:
+        if not path.is_dir():
+            yield path, ""
+            continue
+        info = path.stat()
+        if (info.st_dev, info.st_ino) in seen:
+            yield path, (f"a link to {os.path.realpath(path)}, a folder already read (a "
+                         "loop, or the same folder twice): not followed")
+            continue
+        yield from tree(path, seen)
+
+
+def walk_files(root: Path, folder: Path, suffixes: set[str], kinds: str
+               ) -> Iterator[tuple[Path, str, str]]:
+    """Every file below `folder`, sorted, as (path relative to `root`, that path as text,
+    why it is skipped or ""): not a regular file, a name that is not UTF-8, or a suffix
+    (any letter case) outside `suffixes`, which `kinds` names for the user. Links to
+    folders are followed (`tree`)."""
+    for path, loop in tree(folder):
+        rel = path.relative_to(root)
+        if loop:
+            yield rel, display_path(rel), loop
+            continue
+        shown, problem = display_path(rel), file_problem(path)
+        if not problem and shown != rel.as_posix():
+            problem = ("the file name is not valid UTF-8 (reports and manifests are UTF-8 "
+                       "text): rename the file")
+        if not problem and path.suffix.lower() not in suffixes:
+            problem = f"unsupported file type {path.suffix or '(no extension)'!r}; use {kinds}"
+        yield rel, shown, problem
+
+
+def is_clip(path: str | os.PathLike) -> bool:
+    """Whether a file is a video clip (by its suffix, any letter case)."""
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def suffix_list(suffixes: frozenset[str]) -> str:
+    """Suffixes for a message: `.jpeg, .jpg or .png`."""
+    names = sorted(suffixes)
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
+def scan_classes(raw_dir: Path, suffixes: frozenset[str], what: str,
+                 leave_out: Callable[[Path], bool] = lambda rel: False, need_each: bool = False
+                 ) -> tuple[list[tuple[Path, str]], list[dict]]:
+    """Every file below raw_dir/real and raw_dir/fake as (path relative to raw_dir, label),
+    and the files skipped, each {"path", "reason"}; `leave_out` drops files silently (masks),
+    `what` names the files in messages ("images"). MissingInput when a folder is missing,
+    or, with `need_each`, when a class has no usable file."""
+    if not raw_dir.is_dir():
+        raise MissingInput(f"raw folder {raw_dir} does not exist: create {raw_dir}/real and "
+                           f"{raw_dir}/fake and put your {what} there")
+    kinds = suffix_list(suffixes)
+    found, skipped = [], []
+    for label in CLASSES:
+        class_dir = raw_dir / label
+        if not class_dir.is_dir():
+            raise MissingInput(f"class folder {class_dir} is missing: put your {label} {what} "
+                               "in it (subfolders are fine)")
+        before = len(found)
+        for rel, shown, problem in walk_files(raw_dir, class_dir, suffixes, kinds):
+            if problem:
+                skipped.append({"path": shown, "reason": problem})
+            elif not leave_out(rel):
+                found.append((rel, label))
+        if need_each and len(found) == before:
+            raise MissingInput(f"class folder {class_dir} holds no {kinds} files: add at "
+                               "least two")
+    return found, skipped
+
+
+# -- The data sets ------------------------------------------------------------------------
 
 CELEBDF_LIST = "List_of_testing_videos.txt"
 DFDC_METADATA, DFDC_LABELS = "metadata.json", "labels.csv"
@@ -155,7 +288,7 @@ def read_ffpp(root: Path, methods: Iterable[str] = (), compression: str = "c23")
     return listing
 
 
-def read_dfd(root: Path, compression: str = "c23") -> Listing:
+def read_dfd(root: Path, methods: Iterable[str] = (), compression: str = "c23") -> Listing:
     """DeepFakeDetection (FF++'s DFD part), a test-only set: original_sequences/actors/
     <comp>/videos/AA__scene.mp4 and manipulated_sequences/DeepFakeDetection/<comp>/videos/
     AA_BB__scene__XXXX.mp4; a fake's actors are its keys."""
@@ -177,7 +310,7 @@ CELEBDF_FOLDERS = {"Celeb-real": "real", "YouTube-real": "real", "Celeb-synthesi
 _IDENTITY = re.compile(r"^(id\d+)_(?:(id\d+)_)?\d+$")
 
 
-def read_celebdf(root: Path) -> Listing:
+def read_celebdf(root: Path, methods: Iterable[str] = (), compression: str = "c23") -> Listing:
     """Celeb-DF v1/v2: Celeb-real/idX_NNNN.mp4, YouTube-real/NNNNN.mp4,
     Celeb-synthesis/idX_idY_NNNN.mp4 and List_of_testing_videos.txt.
 
@@ -232,7 +365,7 @@ def read_celebdf(root: Path) -> Listing:
 
 # -- DFDC --------------------------------------------------------------------------------
 
-def read_dfdc(root: Path) -> Listing:
+def read_dfdc(root: Path, methods: Iterable[str] = (), compression: str = "c23") -> Listing:
     """DFDC: dfdc_train_part_N/metadata.json ({"x.mp4": {"label": "REAL"|"FAKE",
     "original": "y.mp4"}}) beside its clips, and the public test set's labels.csv
     (`filename,label`, 1 = fake) beside its clips (or their videos/ folder).
@@ -308,7 +441,7 @@ def read_dfdc(root: Path) -> Listing:
 
 # -- The toolkit's own layout ------------------------------------------------------------
 
-def read_folder(root: Path) -> Listing:
+def read_folder(root: Path, methods: Iterable[str] = (), compression: str = "c23") -> Listing:
     """raw_dir/real and raw_dir/fake, any depth: no keys, no official split (the split step
     groups and assigns them)."""
     found, skipped = scan_classes(root, IMAGE_SUFFIXES | VIDEO_SUFFIXES, "photos or clips")
@@ -323,9 +456,7 @@ READERS: dict[str, Callable[..., Listing]] = {
 
 def read(dataset: str, root: Path, methods: Iterable[str] = (), compression: str = "c23"
          ) -> Listing:
-    """The items of data set `dataset` (a key of READERS) under root."""
-    if dataset == "ffpp":
-        return read_ffpp(root, methods, compression)
-    if dataset == "dfd":
-        return read_dfd(root, compression)
-    return READERS[dataset](root)
+    """The items of data set `dataset` (a key of READERS) under root; `methods` and
+    `compression` are read by the readers they apply to (FF++, DFD) and ignored by the
+    others."""
+    return READERS[dataset](root, methods, compression)

@@ -19,11 +19,13 @@ import skimage
 import skimage.data
 from PIL import Image
 
-from dfutils import CLASSES, files
+from dfutils import paths
+from dfutils.atomic import jsonable, write_json
 from dfutils.blend import Alteration, self_blend
-from dfutils.folders import OwnedFolder
+from dfutils.datasets import CLASSES
+from dfutils.owned import OwnedFolder
 from dfutils.params import DemoParams
-from dfutils.paths import jsonable, resolve, write_json
+from dfutils.paths import resolve
 from dfutils.progress import tqdm
 
 # Photographs that ship inside scikit-image (no download needed); grey ones are made RGB.
@@ -73,7 +75,7 @@ def _written(out_dir: Path, report: dict) -> set[str]:
 # step's (a user's file there is never replaced).
 FOLDER = OwnedFolder(
     step="the demo builder", result="a demo data set", option="out",
-    entries=(*CLASSES, files.DEMO_RECORD), folders=CLASSES, report=files.DEMO_RECORD,
+    entries=(*CLASSES, paths.DEMO_RECORD), folders=CLASSES, report=paths.DEMO_RECORD,
     listed=_written, prefix="demo")
 
 
@@ -81,7 +83,7 @@ def build_demo(params: DemoParams) -> Path:
     """Write out/{real,fake}/*.png and out/fake/masks/*.png; deterministic for a seed.
 
     A demo built with the same settings is kept as it is; other settings rebuild it aside
-    and swap it in (`folders.OwnedFolder`), so an interrupted build leaves the old one.
+    and swap it in (`owned.OwnedFolder`), so an interrupted build leaves the old one.
     """
     out_dir = resolve(params.out)
     settings = jsonable({**{k: v for k, v in params.to_dict().items() if k != "out"},
@@ -102,5 +104,5 @@ def build_demo(params: DemoParams) -> Path:
                                     alteration=ALTERATION)
             Image.fromarray(fake).save(built / fake_name)
             Image.fromarray(np.uint8(mask * 255 + 0.5)).save(built / mask_name)
-        write_json(built / files.DEMO_RECORD, {"params": settings, "fingerprint": version})
+        write_json(built / paths.DEMO_RECORD, {"params": settings, "fingerprint": version})
     return out_dir

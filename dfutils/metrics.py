@@ -1,4 +1,7 @@
-"""The numbers this field reports, from scikit-learn where it has them.
+"""The numbers this field reports, from scikit-learn where it has them, each with its 95%
+bootstrap interval: `NAMES` lists them once for every table, line and record that shows
+them; `video_scores` is the one place a video gets its P(fake) from its frames'; `assess`
+is the one evaluation of scored images (frame level, then video level).
 
 Inputs are labels (fake = 1) and scores P(fake).
 """
@@ -11,7 +14,17 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from sklearn import metrics as skm
 
-from dfutils.params import ThresholdRule, choices
+# The metrics reported everywhere, in the order they are shown: what `binary_metrics`
+# computes, what each interval bounds, what printed lines, run records and tables show.
+NAMES = ("auc", "ap", "eer", "accuracy")
+TITLES = {"auc": "AUC", "ap": "AP", "eer": "EER", "accuracy": "accuracy"}
+THRESHOLD_RULES = ("0.5", "eer")  # the decision threshold: fixed 0.5, or the validation EER
+# Video-level rules: how a video's P(fake) comes from its frames' (`video_scores`).
+VIDEO_RULES = {
+    "mean": "video P(fake) = mean of its frames'; videos without a face left out (n_no_face)",
+    "sbi": "per frame the highest P(fake) among faces >= half the largest, then the mean; a "
+           "video without a face scores 0.5"}
+NO_FACE_SCORE = 0.5  # the SBI rule's score of a video without a face
 
 
 def _both_classes(labels: np.ndarray) -> bool:
@@ -34,14 +47,14 @@ def eer(labels, scores) -> tuple[float, float]:
     return float((fpr[i] + fnr[i]) / 2), float(min(thresholds[i], 1.0))
 
 
-def choose_threshold(rule: ThresholdRule, labels, scores) -> float:
+def choose_threshold(rule: str, labels, scores) -> float:
     """The decision threshold on P(fake): 0.5, or the validation EER threshold."""
     if rule == "0.5":
         return 0.5
     if rule == "eer":
         _, threshold = eer(labels, scores)
         return 0.5 if math.isnan(threshold) else threshold
-    raise ValueError(f"threshold rule must be one of {', '.join(choices(ThresholdRule))}, "
+    raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, "
                      f"got {rule!r}")
 
 
@@ -65,18 +78,40 @@ def binary_metrics(labels, scores, threshold: float = 0.5) -> dict:
     }
 
 
-def by_group(groups, labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One entry per group (a video, when a group is a clip's frames): its name, its label
-    and its P(fake), the mean of its members' (as video-level scores are usually made)."""
-    groups, labels = np.asarray(groups), np.asarray(labels).astype(int)
+def video_scores(videos, labels, scores, rule: str = "mean", frames=None, areas=None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One entry per video (a clip's frames, or an image alone): its name, its label and its
+    P(fake) by `rule` (VIDEO_RULES): "mean" of its frames' (as DeepfakeBench scores), or
+    "sbi": per frame (`frames`, -1 when unknown) the highest P(fake) among the faces at
+    least half the size (`areas`) of the frame's largest, then the mean over frames (as
+    the Self-Blended Images evaluation does). Videos in the order of their names."""
+    videos, labels = np.asarray(videos), np.asarray(labels).astype(int)
     scores = np.asarray(scores, dtype=float)
-    names, inverse = np.unique(groups, return_inverse=True)
+    names, inverse = np.unique(videos, return_inverse=True)
     counts = np.bincount(inverse)
-    mean = np.bincount(inverse, weights=scores) / counts
     label = np.bincount(inverse, weights=labels) / counts
     if not np.all((label == 0) | (label == 1)):
-        raise ValueError("a group holds both real and fake images")
-    return names, label.astype(int), mean
+        raise ValueError("a video holds both real and fake images")
+    if rule == "mean":
+        return names, label.astype(int), np.bincount(inverse, weights=scores) / counts
+    if rule != "sbi":
+        raise ValueError(f"video rule must be one of {', '.join(VIDEO_RULES)}, got {rule!r}")
+    frames = np.full(len(videos), -1) if frames is None else np.asarray(frames)
+    areas = np.ones(len(videos)) if areas is None else np.asarray(areas, dtype=float)
+    per_video = [[] for _ in names]
+    for k, (v, frame) in enumerate(zip(inverse, frames, strict=True)):
+        per_video[v].append((frame if frame >= 0 else -1 - k, areas[k], scores[k]))
+    return names, label.astype(int), np.array([_sbi_score(f) for f in per_video])
+
+
+def _sbi_score(faces: list[tuple[int, float, float]]) -> float:
+    """The SBI rule for one video's faces (frame, area, P(fake))."""
+    by_frame: dict[int, list[tuple[float, float]]] = {}
+    for frame, area, p in faces:
+        by_frame.setdefault(frame, []).append((area, p))
+    per_frame = [max(p for a, p in found if a >= max(a for a, _ in found) / 2)
+                 for found in by_frame.values()]
+    return float(np.mean(per_frame))
 
 
 def grouped(groups) -> bool:
@@ -84,9 +119,9 @@ def grouped(groups) -> bool:
     return groups is not None and len(np.unique(np.asarray(groups))) < len(groups)
 
 
-def video_metrics(groups, labels, scores, threshold: float = 0.5) -> dict:
-    """binary_metrics over groups, each scored by its mean P(fake)."""
-    _, label, mean = by_group(groups, labels, scores)
+def video_metrics(videos, labels, scores, threshold: float = 0.5) -> dict:
+    """binary_metrics over videos, each scored by its mean P(fake)."""
+    _, label, mean = video_scores(videos, labels, scores)
     return binary_metrics(label, mean, threshold)
 
 
@@ -114,13 +149,14 @@ BOOTSTRAP_SEED = 0  # every interval is drawn with this seed: the same data, the
 LEVEL = 0.95
 
 
-def resamples(n: int, clusters=None, n_resamples: int = 1000, seed: int = BOOTSTRAP_SEED
-              ) -> Iterator[np.ndarray]:
+def resamples(n: int, clusters=None, seed: int = BOOTSTRAP_SEED) -> Iterator[np.ndarray]:
     """Bootstrap resamples of n items as integer weights (how often each item is drawn).
 
-    With `clusters` (a video per frame), whole clusters are drawn: the frames of one video
-    are not independent evidence, and drawing them one by one would give intervals far too
-    narrow. Endless: the caller takes what it needs.
+    With `clusters` (a name per item: its video), whole clusters are drawn, by their names
+    in sorted order: the frames of one video are not independent evidence, and drawing them
+    one by one would give intervals far too narrow; and the same items in another order get
+    the same interval. Without, each item is drawn alone, in the order given. Endless: the
+    caller takes what it needs.
     """
     names, cluster = np.unique(np.arange(n) if clusters is None else np.asarray(clusters),
                                return_inverse=True)
@@ -139,17 +175,16 @@ def percentile_interval(values: Sequence[float], level: float = LEVEL) -> list[f
     return [float(v) for v in np.percentile(values, [tail, 100 - tail])]
 
 
-def binary_intervals(labels, scores, threshold: float = 0.5, clusters=None,
-                     n_resamples: int = 1000) -> dict[str, list[float]]:
-    """95% percentile-bootstrap intervals of accuracy, AUC, AP and EER (clustered by video
-    when `clusters` is given); resamples that lack a class are drawn again."""
+def binary_intervals(labels, scores, threshold: float, clusters, n_resamples: int
+                     ) -> dict[str, list[float]]:
+    """95% percentile-bootstrap intervals of every metric of NAMES (whole clusters drawn
+    when `clusters` names them); resamples that lack a class are drawn again."""
     labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
-    keys = ("accuracy", "auc", "ap", "eer")
     if not _both_classes(labels):
-        return {k: [math.nan, math.nan] for k in keys}
+        return {k: [math.nan, math.nan] for k in NAMES}
     correct = ((scores >= threshold).astype(int) == labels).astype(float)
-    drawn: dict[str, list[float]] = {k: [] for k in keys}
-    for weights in resamples(len(labels), clusters, n_resamples):
+    drawn: dict[str, list[float]] = {k: [] for k in NAMES}
+    for weights in resamples(len(labels), clusters):
         if not _both_classes(labels[weights > 0]):
             continue
         fpr, tpr, _ = skm.roc_curve(labels, scores, sample_weight=weights)
@@ -164,15 +199,14 @@ def binary_intervals(labels, scores, threshold: float = 0.5, clusters=None,
     return {k: percentile_interval(v) for k, v in drawn.items()}
 
 
-def with_intervals(metrics: dict, labels, scores, clusters=None, n_resamples: int = 1000
-                   ) -> dict:
-    """binary_metrics' result with `ci`: the intervals of its accuracy, AUC, AP and EER."""
+def with_intervals(metrics: dict, labels, scores, clusters, n_resamples: int) -> dict:
+    """binary_metrics' result with `ci`: the interval of each metric of NAMES."""
     return {**metrics, "ci": binary_intervals(labels, scores, metrics["threshold"], clusters,
                                               n_resamples)}
 
 
-def mean_intervals(values: np.ndarray, baseline: np.ndarray | None = None, clusters=None,
-                   n_resamples: int = 1000) -> dict[str, list[float]]:
+def mean_intervals(values: np.ndarray, baseline: np.ndarray | None, clusters,
+                   n_resamples: int) -> dict[str, list[float]]:
     """Intervals of the mean of per-item values (a hit, a deletion AUC), and with a paired
     baseline (the same items under random maps) of the baseline's mean and of the mean
     difference: `difference` excludes 0 when the two really differ."""
@@ -188,9 +222,34 @@ def mean_intervals(values: np.ndarray, baseline: np.ndarray | None = None, clust
     return {k: percentile_interval(v) for k, v in drawn.items() if v}
 
 
-def bootstrap_auc(labels, scores, clusters=None, n_resamples: int = 1000) -> list[float]:
-    """The 95% bootstrap interval of the ROC-AUC (clustered by video when given)."""
-    return binary_intervals(labels, scores, 0.5, clusters, n_resamples)["auc"]
+def assess(labels, scores, videos, threshold: float, n_resamples: int) -> dict:
+    """The one evaluation of scored images: binary_metrics at `threshold` with the 95%
+    bootstrap interval of each (whole videos resampled; an image that is no clip's frame
+    is its own video), and, when a video holds several images, the same per video (its
+    frames' mean P(fake)) under "video"."""
+    videos = np.asarray(videos)
+    metrics = with_intervals(binary_metrics(labels, scores, threshold), labels, scores,
+                             videos, n_resamples)
+    if grouped(videos):
+        names, label, mean = video_scores(videos, labels, scores)
+        metrics["video"] = with_intervals(binary_metrics(label, mean, threshold), label, mean,
+                                          names, n_resamples)
+    return metrics
+
+
+def subgroups(labels, names, reals: str, among: Sequence[str] | None = None
+              ) -> dict[str, np.ndarray]:
+    """The images of each subgroup, as boolean masks, by the one rule of a kind: per
+    source folder (`reals="own"`: its fakes against its own reals, a combined split's
+    data sets one by one), or per manipulation method (`reals="all"`: its fakes against
+    every real, as FF++'s originals are shared by its methods). `names` is each image's
+    source folder or method; images without one ("") make no subgroup. `among`: the
+    subgroups to make (default: every name found; for a method, among the fakes)."""
+    labels, names = np.asarray(labels).astype(int), np.asarray(names)
+    if among is None:
+        among = sorted(set((names[labels == 1] if reals == "all" else names).tolist()) - {""})
+    every_real = labels == 0 if reals == "all" else np.zeros(len(labels), dtype=bool)
+    return {name: (names == name) | every_real for name in among}
 
 
 def shown(value: float, interval: Sequence[float] | None, digits: int = 3) -> str:
@@ -200,11 +259,22 @@ def shown(value: float, interval: Sequence[float] | None, digits: int = 3) -> st
     return f"{value:.{digits}f} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
-NAMES = {"auc": "AUC", "ap": "AP", "eer": "EER", "accuracy": "accuracy"}
+def headline(prefix: str, metrics: dict) -> dict:
+    """A run summary's entries of one set of metrics: <prefix>_<name> and its interval,
+    <prefix>_<name>_ci, for every name of NAMES (None where not measured)."""
+    intervals = metrics.get("ci") or {}
+    return {key: value for name in NAMES for key, value in (
+        (f"{prefix}_{name}", metrics.get(name)), (f"{prefix}_{name}_ci", intervals.get(name)))}
 
 
-def metrics_line(metrics: dict, keys: Sequence[str] = ("auc", "ap", "eer", "accuracy")) -> str:
+def headline_line(prefix: str, summary: dict) -> str:
+    """`AUC 0.563 [0.41, 0.71]  AP ...` of a summary's entries with `prefix` (`headline`)."""
+    return metrics_line({**{name: summary.get(f"{prefix}_{name}") for name in NAMES},
+                         "ci": {name: summary.get(f"{prefix}_{name}_ci") for name in NAMES}})
+
+
+def metrics_line(metrics: dict, keys: Sequence[str] = NAMES) -> str:
     """`AUC 0.563 [0.41, 0.71]  AP ...`: binary_metrics' numbers with their intervals."""
     intervals = metrics.get("ci") or {}
-    return "  ".join(f"{NAMES[k]} {shown(metrics[k], intervals.get(k))}" for k in keys
+    return "  ".join(f"{TITLES[k]} {shown(metrics[k], intervals.get(k))}" for k in keys
                      if metrics.get(k) is not None)

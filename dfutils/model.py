@@ -22,8 +22,10 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from dfutils import archs
+from dfutils.atomic import atomic_path
 from dfutils.params import Amp, ParameterError, Trainable, TrainParams
-from dfutils.paths import atomic_path, resolve
+from dfutils.paths import resolve
+from dfutils.runs import why_no_model
 
 CHECKPOINT_FORMAT = "dfutils.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -45,12 +47,12 @@ def _imagenet(arch: str) -> WeightsEnum:
     return weights
 
 
-def imagenet_cache_file(arch: str = archs.DEFAULT) -> Path:
+def imagenet_cache_file(arch: str) -> Path:
     """Where torchvision keeps (and looks for) an architecture's ImageNet weights."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_imagenet(arch).url)
 
 
-def imagenet_state_dict(arch: str = archs.DEFAULT) -> dict[str, torch.Tensor]:
+def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     """An architecture's ImageNet weights through torchvision's cache (downloading if it can)."""
     weights = _imagenet(arch)
     try:
@@ -84,13 +86,13 @@ def _load_state_file(path: Path, model: nn.Module, arch: str) -> dict[str, torch
     return state
 
 
-def build_model(weights: str | os.PathLike | None = None, trainable: Trainable = "fc",
-                arch: str = archs.DEFAULT) -> nn.Module:
+def build_model(arch: str, weights: str | os.PathLike | None, trainable: Trainable
+                ) -> nn.Module:
     """The network of `arch` with a one-logit head; `weights` is "imagenet", a file, or None.
 
     A backbone state dict with ImageNet's 1000-way head loads everything but the head,
     which is always new; a file with a one-logit head loads whole. Nothing falls back to
-    random weights silently.
+    random weights silently. The network knows its architecture (`archs.of`).
     """
     entry = archs.get(arch)
     model = entry.new()
@@ -108,28 +110,28 @@ def build_model(weights: str | os.PathLike | None = None, trainable: Trainable =
                 f"weights {weights!r} do not fit {arch}: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}"
             )
-    set_trainable(model, trainable, arch)
+    set_trainable(model, trainable)
     return model
 
 
-def set_trainable(model: nn.Module, trainable: str, arch: str = archs.DEFAULT) -> None:
+def set_trainable(model: nn.Module, trainable: str) -> None:
     """Freeze every parameter outside the trainable part."""
     for p in model.parameters():
         p.requires_grad_(True)
-    for module in archs.get(arch).frozen(model, trainable):
+    for module in archs.of(model).frozen(model, trainable):
         for p in module.parameters():
             p.requires_grad_(False)
 
 
-def train_mode(model: nn.Module, trainable: str, arch: str = archs.DEFAULT) -> None:
+def train_mode(model: nn.Module, trainable: str) -> None:
     """model.train(), except frozen parts stay in eval() so BatchNorm statistics do not drift."""
     model.train()
-    for module in archs.get(arch).frozen(model, trainable):
+    for module in archs.of(model).frozen(model, trainable):
         module.eval()
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch on `device`; images (4-D) in channels-last layout, which ResNet runs faster in
+    """A batch on `device`; images (4-D) in channels-last layout, which CNNs run faster in
     (docs/performance.md has the measurement)."""
     if x.dim() == 4:
         return x.to(device, non_blocking=True, memory_format=torch.channels_last)
@@ -199,7 +201,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module | Mapping[str, tor
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "arch": params.get("arch", archs.DEFAULT),
+        "arch": archs.of(model).name if isinstance(model, nn.Module) else params["arch"],
         "model_state": {k: v.detach().cpu().clone() for k, v in state.items()},
         "params": params,
         "threshold": float(threshold),
@@ -220,8 +222,6 @@ def read_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict[str, 
     (a run's last.pt). Only this module reads its keys."""
     path = resolve(path)
     if not path.is_file():
-        from dfutils.runs import why_no_model
-
         raise CheckpointError(
             f"nothing to resume: {path} not found (the run finished, or was stopped before its "
             "first epoch ended); train without resume" if resume else
@@ -249,7 +249,7 @@ def read_checkpoint(path: str | os.PathLike, resume: bool = False) -> dict[str, 
             f"{path} lacks {', '.join(missing) or 'params.image_size'}: it was not written by "
             "02-train's save_checkpoint; train again (02-train) or re-save it with "
             "dfutils.model.save_checkpoint, giving the training parameters")
-    try:
+    try:  # a checkpoint older than the registry holds the one network there was
         archs.get(str(checkpoint.get("arch", archs.DEFAULT)))
     except archs.UnknownArch as error:
         raise CheckpointError(f"{path}: {error}") from None
@@ -299,7 +299,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"{path} holds training parameters this dfutils does not accept ({error}); "
             "re-save it with dfutils.model.save_checkpoint, giving TrainParams(...).to_dict()"
         ) from None
-    model = build_model(weights=None, trainable=params.trainable, arch=arch)
+    model = build_model(arch, None, params.trainable)
     try:
         model.load_state_dict(raw["model_state"])
     except (RuntimeError, TypeError, AttributeError) as error:

@@ -18,7 +18,7 @@ import nbformat
 import papermill
 
 from dfutils.jupyter import commit_problems
-from dfutils.params import NOTEBOOK_PARAMS, Params, choices, parameters_of
+from dfutils.params import Params, choices
 
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -107,11 +107,11 @@ def read_parameters_cell(source: str) -> list[tuple[str, Any, str]]:
 
 
 
-def reference() -> str:
-    """Every parameter of every notebook as Markdown tables: docs/parameters.md."""
-    hints = {cls: typing.get_type_hints(cls) for cls in NOTEBOOK_PARAMS}
+def reference(classes: Sequence[type[Params]]) -> str:
+    """Every parameter of the steps' classes as Markdown tables: docs/parameters.md."""
+    hints = {cls: typing.get_type_hints(cls) for cls in classes}
     parts = []
-    for cls in NOTEBOOK_PARAMS:
+    for cls in classes:
         rows = [f"**`{cls.step}`** ({cls.__doc__.split(': ', 1)[1].rstrip('.')})", "",
                 "| parameter | default | what it does |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
@@ -122,14 +122,21 @@ def reference() -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def check_notebooks(paths: Sequence[str | Path], fix: bool = False) -> list[str]:
-    """Problems with notebooks: what a commit would carry (`commit_problems`), and their
+def check_notebooks(paths: Sequence[str | Path], steps: Mapping[str, Any],
+                    fix: bool = False) -> list[str]:
+    """Problems with notebooks: what a commit would carry (`commit_problems`), that each is
+    the notebook of a step of `steps` (name -> an entry with its `params` class), and their
     parameters cells: exactly one, the first code cell, and the same names, order, defaults
-    and comments as the notebook's parameter class. `fix` rewrites a cell that differs from
+    and comments as the step's parameter class. `fix` rewrites a cell that differs from
     the class (the class is the one source)."""
     problems = []
     for path in paths:
         problems += commit_problems(Path(path))
+        if Path(path).stem not in steps:
+            problems.append(f"{path}: no step of dfutils.pipeline.STEPS is called "
+                            f"{Path(path).stem!r}: add its entry, or name the notebook after "
+                            "its step")
+            continue
         nb = nbformat.read(str(path), as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         tagged = [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]
@@ -137,7 +144,7 @@ def check_notebooks(paths: Sequence[str | Path], fix: bool = False) -> list[str]
             problems.append(f"{path}: needs exactly one cell tagged 'parameters', as its first "
                             f"code cell (found at code cells {tagged})")
             continue
-        cls = parameters_of(str(path))
+        cls = steps[Path(path).stem].params
         expected = read_parameters_cell(parameters_cell(cls))
         try:
             found = read_parameters_cell(code[0].source)

@@ -17,22 +17,26 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from dfutils import archs
+import yaml
+
+from dfutils import archs, datasets, metrics
 from dfutils.paths import is_plain_name, resolve
 
 # The options with a fixed set of values: the dataclasses, the modules that act on them and
-# the command line's `choices` all use these.
-Trainable = Literal["fc", "layer4", "all"]
-CamLayer = Literal["auto", "layer4", "layer3", "layer2"]
+# the command line's `choices` all use these. Where a registry holds the values, they come
+# from it: the trainable parts and the Grad-CAM layers from the architectures', the data
+# set layouts from the readers.
+Trainable = Literal[archs.TRAINABLE]
+CamLayer = Literal[("auto", *archs.CAM_LAYERS)]
 Amp = Literal["auto", "off", "bf16", "fp16"]
 CamTarget = Literal["predicted", "fake", "real"]
 Selection = Literal["mixed", "random", "sources"]
-ThresholdRule = Literal["0.5", "eer"]
+ThresholdRule = Literal[metrics.THRESHOLD_RULES]
 Schedule = Literal["constant", "cosine"]
 OptimizerName = Literal["adam", "sgd"]
 GroupBy = Literal["file", "folder"]
@@ -40,9 +44,8 @@ Stratify = Literal["class", "source"]
 Fakes = Literal["data", "sbi", "sbi+data"]
 Monitor = Literal["auto", "val_loss", "val_auc", "sbi_loss", "sbi_auc", "mean_loss", "mean_auc"]
 EvalSplit = Literal["", "val", "test"]
-Dataset = Literal["folder", "ffpp", "dfd", "celebdf", "dfdc"]
+Dataset = Literal[tuple(datasets.READERS)]
 Compression = Literal["c0", "c23", "c40"]
-FFPP_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures", "FaceShifter")
 
 # Values of `weights` that are not paths.
 WEIGHT_NAMES = ("imagenet", "none", "null", "")
@@ -82,10 +85,12 @@ def choices(kind: Any) -> tuple[str, ...]:
     return typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
 
 
-def param(default: Any, help: str, path: bool = False) -> Any:
+def param(default: Any, help: str, path: bool = False, old: dict[str, str] | None = None
+          ) -> Any:
     """A parameter's default and one-line help; `path`: it names a file or folder (on the
-    command line relative to the working directory, elsewhere to the repository root)."""
-    metadata = {"help": help, "path": path}
+    command line relative to the working directory, elsewhere to the repository root);
+    `old`: values of earlier versions, each accepted as the value it maps to."""
+    metadata = {"help": help, "path": path, "old": old or {}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -165,8 +170,10 @@ class Params:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _check_type(f.name, getattr(self, f.name),
-                                                         hints[f.name]))
+            value = getattr(self, f.name)
+            if isinstance(value, str):  # a value of an earlier version: the one it means now
+                value = f.metadata["old"].get(value, value)
+            object.__setattr__(self, f.name, _check_type(f.name, value, hints[f.name]))
         self.check()
 
     def check(self) -> None:
@@ -180,6 +187,14 @@ class Params:
     def defaults(cls) -> dict[str, Any]:
         return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def current(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Recorded values with those of earlier versions given as what they mean now
+        (`param`'s `old`): "fc" as "head", say."""
+        old = {f.name: f.metadata["old"] for f in dataclasses.fields(cls)}
+        return {k: old.get(k, {}).get(v, v) if isinstance(v, str) else v
+                for k, v in values.items()}
 
     @classmethod
     def coerce(cls, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -198,6 +213,13 @@ class Params:
                 f"known: {', '.join(cls.names())}"
             )
         return cls(**values)
+
+    @classmethod
+    def from_record(cls, values: Mapping[str, Any]) -> Params:
+        """The parameters a record holds (a report's, a checkpoint's), what it holds of
+        other steps or versions passed over."""
+        return cls.from_mapping({k: v for k, v in cls.current(values).items()
+                                 if k in cls.names()})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,10 +261,10 @@ class FacesParams(Params):
             raise ParameterError(f"face_margin must be >= 1 (the crop holds the whole face), "
                                  f"got {self.face_margin}")
         unknown = [m for m in self.methods.split(",")
-                   if m.strip() and m.strip() not in FFPP_METHODS]
+                   if m.strip() and m.strip() not in datasets.FFPP_METHODS]
         if unknown:
             raise ParameterError(f"methods: {unknown[0].strip()!r} is not an FF++ manipulation; "
-                                 f"choose among {', '.join(FFPP_METHODS)}")
+                                 f"choose among {', '.join(datasets.FFPP_METHODS)}")
         if self.methods and self.dataset != "ffpp":
             raise ParameterError(f"methods applies to dataset=ffpp only, not {self.dataset}")
 
@@ -285,6 +307,30 @@ class SplitParams(Params):
                                  f"expression: {error}") from None
 
 
+def bootstrap_param(what: str) -> Any:
+    """The `n_bootstrap` option of every step that reports an interval: `what` it bounds."""
+    return param(1000, f"resamples of the 95% bootstrap intervals of {what} (whole videos "
+                 "when images belong to clips)")
+
+
+def cam_layer_param() -> Any:
+    """The `layer` option of every step that explains with Grad-CAM."""
+    return param("auto", "the block Grad-CAM explains: the last block of the network's last "
+                 "stage, or of the stage before it (last-1) or before that (last-2); auto: the "
+                 "deepest whose grid is at least 6 x 6 at the run's image size (layer4, layer3 "
+                 "and layer2 mean last, last-1 and last-2)", old=archs.OLD_NAMES["layer"])
+
+
+def batch_param() -> Any:
+    """The `batch_size` option of every step that scores images."""
+    return param(32, "images per forward pass")
+
+
+def workers_param() -> Any:
+    """The `num_workers` option of every step that scores images."""
+    return param(2, "image-loading processes (0: load in this process)")
+
+
 def amp_param() -> Any:
     """The `amp` option of every step that runs the model forward (Grad-CAM runs in float32)."""
     return param("auto", "mixed precision: auto is bf16 on a GPU that has it, fp16 (with loss "
@@ -293,7 +339,7 @@ def amp_param() -> Any:
 
 @dataclass(frozen=True)
 class TrainParams(Params):
-    """02-train: fit ResNet18 with a one-logit head (log-odds of fake)."""
+    """02-train: fit the network (`arch`) with a one-logit head (log-odds of fake)."""
 
     step: ClassVar[str] = "02-train"
 
@@ -302,9 +348,10 @@ class TrainParams(Params):
                          path=True)
     weights: str | None = param("imagenet", '"imagenet" (torchvision\'s cache), a state-dict '
                                 "path, or None (random init)", path=True)
-    trainable: Trainable = param("fc", "what trains: the head alone on a frozen backbone (the "
-                                 "original recipe), layer4 (the stride-32 stage) and the "
-                                 "head, or everything")
+    trainable: Trainable = param("head", "what trains: the head alone on a frozen backbone (the "
+                                 "original recipe), the last stage of the network and the "
+                                 "head, or everything (fc and layer4 mean head and last)",
+                                 old=archs.OLD_NAMES["trainable"])
     image_size: int = param(224, "images are resized to image_size x image_size")
     batch_size: int = param(32, "images per optimisation step")
     max_epochs: int = param(20, "upper bound; early stopping usually ends sooner")
@@ -338,7 +385,7 @@ class TrainParams(Params):
     optimizer: OptimizerName = param("adam", "Adam (the original recipe) or SGD with Nesterov "
                                      "momentum 0.9")
     weight_decay: float = param(0.0, "Adam: > 0 uses AdamW (decoupled); SGD: L2 penalty")
-    feature_cache: bool = param(True, 'trainable "fc" without augmentation: run the frozen '
+    feature_cache: bool = param(True, 'trainable "head" without augmentation: run the frozen '
                                 "backbone once")
     resume: bool = param(False, "continue an interrupted run from run_dir/last.pt, to the "
                          "history it would have had")
@@ -351,10 +398,9 @@ class TrainParams(Params):
     monitor: Monitor = param("auto", "what early stopping and the kept epoch follow: auto is "
                              'sbi_loss with fakes="sbi", mean_loss (of the split\'s validation '
                              'set and the self-blends) with "sbi+data", else val_loss')
-    arch: str = param(archs.DEFAULT, "the network, as torchvision names it: "
+    arch: str = param(archs.DEFAULT, "the network: "
                       f"{', '.join(archs.ARCHS)} (docs/training.md)")
-    n_bootstrap: int = param(1000, "resamples of the 95% bootstrap intervals in metrics.json "
-                             "(whole videos when frames belong to clips)")
+    n_bootstrap: int = bootstrap_param("the validation metrics in metrics.json")
     amp: Amp = amp_param()
     compile: bool = param(False, "torch.compile the model before training (slow to start; "
                           "pays off on long GPU runs)")
@@ -368,7 +414,7 @@ class TrainParams(Params):
     def caches_features(self) -> bool:
         """Whether fit trains the head on backbone features computed once (same result).
         Never with self-blends: each epoch's blends are new, so its features are too."""
-        return (self.feature_cache and self.trainable == "fc" and not self.augmented
+        return (self.feature_cache and self.trainable == "head" and not self.augmented
                 and self.fakes == "data")
 
     @property
@@ -446,10 +492,8 @@ class GradCamParams(Params):
     batch_size: int = param(16, "images per Grad-CAM batch")
     n_eval: int = param(128, "validation images scored for deletion and localization, and "
                         "validation reals whose self-blends are scored for localization")
-    layer: CamLayer = param("auto", "explained layer (its last block); auto: the deepest whose "
-                            "grid is at least 6 x 6 at the run's image size")
-    n_bootstrap: int = param(1000, "resamples of the 95% bootstrap intervals of the pointing "
-                             "game and the deletion AUC")
+    layer: CamLayer = cam_layer_param()
+    n_bootstrap: int = bootstrap_param("the pointing game and the deletion AUC")
 
     def check(self) -> None:
         if min(self.n_images, self.batch_size, self.n_eval, self.n_bootstrap) < 1:
@@ -470,14 +514,13 @@ class EvalParams(Params):
                           "split, a split made by 01-split", path=True)
     name: str = param("", "report name under run_dir/eval/; empty: the folder's name (and the "
                       "split's, and -self-blends)")
-    batch_size: int = param(32, "images per forward pass")
-    num_workers: int = param(2, "image-loading processes (0: load in this process)")
+    batch_size: int = batch_param()
+    num_workers: int = workers_param()
     split: EvalSplit = param("", "empty: eval_dir is a labelled folder; val or test: score "
                              "that split of the split in eval_dir")
     faces: bool = param(True, "when the run was trained on face crops, crop eval_dir's photos "
                         "and clips the same way first")
-    n_bootstrap: int = param(1000, "resamples of the 95% bootstrap intervals of the metrics "
-                             "(whole videos when images belong to clips)")
+    n_bootstrap: int = bootstrap_param("the metrics")
     amp: Amp = amp_param()
     by_source: bool = param(False, "also score each source folder on its own (the first "
                             "folder below real/ and fake/, one data set of a combined split): "
@@ -510,9 +553,9 @@ class BenchmarkParams(Params):
     test_sets: list[str] = param([], "split folders made by 01-split whose test split is "
                                  "scored, comma-separated (TEST_SETS=data/celebdf,data/dfdc)",
                                  path=True)
-    batch_size: int = param(32, "images per forward pass")
-    num_workers: int = param(2, "image-loading processes (0: load in this process)")
-    n_bootstrap: int = param(1000, "resamples of each AUC's 95% bootstrap interval")
+    batch_size: int = batch_param()
+    num_workers: int = workers_param()
+    n_bootstrap: int = bootstrap_param("the table's metrics")
     amp: Amp = amp_param()
 
     def check(self) -> None:
@@ -537,10 +580,9 @@ class PredictParams(Params):
                             "(path, frame, p_fake, box) to this CSV", path=True)
     faces: bool = param(True, "when the run was trained on face crops, crop the inputs the "
                         "same way first")
-    layer: CamLayer = param("auto", "the Grad-CAM layer of the overlays (auto: as 03-gradcam "
-                            "chooses it)")
-    batch_size: int = param(32, "images per forward pass")
-    num_workers: int = param(2, "image-loading processes (0: load in this process)")
+    layer: CamLayer = cam_layer_param()
+    batch_size: int = batch_param()
+    num_workers: int = workers_param()
     amp: Amp = amp_param()
 
     def check(self) -> None:
@@ -566,14 +608,8 @@ class DemoParams(Params):
             raise ParameterError("n_per_class must be >= 1 and size >= 16")
 
 
-NOTEBOOK_PARAMS = (FacesParams, SplitParams, TrainParams, GradCamParams, EvalParams,
-                   BenchmarkParams)
-
-
 def read_params_file(params_file: str | os.PathLike) -> dict[str, Any]:
     """A YAML parameter file as a mapping; anything else is a ParameterError naming the file."""
-    import yaml
-
     path = resolve(params_file)
     try:
         values = yaml.safe_load(path.read_text())
@@ -594,48 +630,19 @@ def read_params_file(params_file: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
-def parameters_of(notebook: str) -> type[Params]:
-    """The parameter class of a notebook ("02-train" or a path to it)."""
-    stem = Path(notebook).stem
-    for cls in NOTEBOOK_PARAMS:
-        if cls.step == stem:
-            return cls
-    raise KeyError(f"no parameters are defined for notebook {notebook!r}")
-
-
-def path_names() -> set[str]:
-    """Every parameter that names a file or folder."""
-    return {f.name for cls in NOTEBOOK_PARAMS for f in dataclasses.fields(cls)
-            if f.metadata.get("path")}
-
-
-def from_working_dir(values: Mapping[str, str], cwd: str | os.PathLike | None = None
-                     ) -> dict[str, str]:
-    """Command-line values with the relative paths among them made absolute against the
-    user's working directory, as every command-line tool reads them."""
+def from_working_dir(values: Mapping[str, str], classes: Sequence[type[Params]],
+                     cwd: str | os.PathLike | None = None) -> dict[str, str]:
+    """Command-line values with the relative paths among them (the parameters `classes`
+    mark as paths) made absolute against the user's working directory, as every
+    command-line tool reads them."""
     base = Path(cwd or os.getcwd())
-    paths = path_names()
-    lists = {name for cls in NOTEBOOK_PARAMS for name, kind in typing.get_type_hints(cls).items()
-             if typing.get_origin(kind) is list}
+    fields = {f.name: typing.get_type_hints(cls)[f.name] for cls in classes
+              for f in dataclasses.fields(cls) if f.metadata.get("path")}
 
     def here(text: str) -> str:
         return str(base / Path(text).expanduser())
 
-    return {k: (json.dumps([here(p) for p in _coerce(k, v, list[str])]) if k in lists else
-                here(v)) if k in paths and v.strip().lower() not in WEIGHT_NAMES else v
-            for k, v in values.items()}
-
-
-def load_params(cls: type[Params], params_file: str | None, sets: Mapping[str, Any]) -> Params:
-    """Parameters from a YAML file and `key=value` strings (which win), validated.
-
-    Keys that belong to the other notebooks (a chain's file holds them all) are passed
-    over; a key no notebook knows is an error.
-    """
-    values: dict[str, Any] = {}
-    if params_file:
-        values.update(read_params_file(params_file))
-    values.update(sets)
-    others = {n for c in NOTEBOOK_PARAMS if c is not cls for n in c.names()}
-    return cls.from_mapping(cls.coerce({k: v for k, v in values.items()
-                                        if k in cls.names() or k not in others}))
+    return {k: (json.dumps([here(p) for p in _coerce(k, v, list[str])])
+                if typing.get_origin(fields[k]) is list else here(v))
+            if k in fields and isinstance(v, str) and v.strip().lower() not in WEIGHT_NAMES
+            else v for k, v in values.items()}

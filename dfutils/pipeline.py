@@ -1,34 +1,46 @@
-"""The runner behind `make run-all`: the notebook chain 00-faces -> 01-split -> 02-train ->
-03-gradcam -> 04-evaluate -> 05-benchmark, executed by papermill into runs/<run>/, recorded
-in its run record (parameters, timings, status and metrics of every step, and a summary).
+"""The steps of the experiment, one entry each in STEPS, and the runner that chains them:
+00-faces -> 01-split -> 02-train -> 03-gradcam -> 04-evaluate -> 05-benchmark.
+
+A step is a notebook, a Params class and one `Step` entry, the way an architecture is
+one entry of `archs.ARCHS`: the entry says which function its notebook and its command
+run, which folder it writes, what it checks before anything is written, and what it adds
+to the run record. Nothing here names a step: the runner (`run_all`, behind `make
+run-all`) executes the entries' notebooks with papermill into a run folder, and every
+command (`python -m dfutils <step>`) calls the entry's function; both record the step in
+run.json through one lifecycle (`recorded`).
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import papermill
 from nbclient.exceptions import DeadKernelError
 
-from dfutils import files
-from dfutils import split as split_step
-from dfutils.folders import MissingInput
+from dfutils import benchmark, evaluate, faces, gradcam, paths, split, train
+from dfutils.atomic import remove_stale_temps
+from dfutils.datasets import MissingInput
 from dfutils.params import (
-    NOTEBOOK_PARAMS,
+    BenchmarkParams,
+    EvalParams,
+    FacesParams,
+    GradCamParams,
     ParameterError,
-    assignment,
-    parameters_of,
-    parse_bool,
+    Params,
+    SplitParams,
+    TrainParams,
     read_params_file,
 )
-from dfutils.paths import REPO_ROOT, is_plain_name, remove_stale_temps, resolve
+from dfutils.paths import REPO_ROOT, is_plain_name, resolve
 from dfutils.progress import TEXT_ONLY
 from dfutils.runs import (
     ensure_run,
@@ -40,86 +52,227 @@ from dfutils.runs import (
     write_run,
 )
 
-NOTEBOOKS = {
-    "00-faces": "notebooks/00-faces.ipynb",  # run when FACES=1 is given
-    "01-split": "notebooks/01-split.ipynb",
-    "02-train": "notebooks/02-train.ipynb",
-    "03-gradcam": "notebooks/03-gradcam.ipynb",
-    "04-evaluate": "notebooks/04-evaluate.ipynb",  # run when EVAL_DIR is given
-    "05-benchmark": "notebooks/05-benchmark.ipynb",  # run when TEST_SETS is given
-}
-# The optional steps, by the parameter whose value asks for them.
-ASKED_BY = {"04-evaluate": "eval_dir", "05-benchmark": "test_sets"}
-# Keys the runner owns; everything else is a notebook parameter. Of those, the flags.
-RUNNER_KEYS = ("run", "params", "overwrite", "steps", "resume", "faces")
-FLAGS = ("overwrite", "resume", "faces")
-# `make faces` and `make split` keep their run folder beside their output (--beside-data):
-# step -> (the parameter naming the output folder, the run folder's name in it)
-BESIDE = {"00-faces": ("faces_dir", files.FACES_RUN), "01-split": ("data_dir", files.SPLIT_RUN)}
-
 
 class ChainError(RuntimeError):
-    """The chain cannot start or a step failed; the message says which and why."""
+    """The chain cannot start or a step failed; the message says why and what to do."""
 
 
 class ChainInterrupted(ChainError):
     """Ctrl-C (or SIGINT) stopped a step; run.json says which steps are complete."""
 
 
-def parse_assignments(args: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """KEY=VALUE words as the runner's settings (its flags as booleans) and the notebook
-    parameters (keys in lower case)."""
-    runner: dict[str, Any] = {}
-    params: dict[str, str] = {}
+# What the steps planned for one chain are: each step's name -> its parameters.
+Chain = Mapping[str, Mapping[str, Any]]
+
+
+def _nothing(*args: Any) -> Any:
+    return None
+
+
+def _no_summary(record: dict) -> dict:
+    return {}
+
+
+def _no_lines(*args: Any) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the experiment. Its name (its Params class's `step`) is its notebook's
+    stem, its record's key in run.json, and, after the dash, its command."""
+
+    params: type[Params]  # its parameters, defined and validated once
+    run: Callable[[Any], Any]  # the function its notebook and its command call with them
+    folder: str = "run_dir"  # the parameter naming the folder it writes
+    # What its run.json entry keeps of what it wrote (read from its files), then what the
+    # run's summary takes of that, and the summary in words (what a chain prints at the end)
+    record: Callable[[Any], dict | None] = _nothing
+    summary: Callable[[dict], dict] = _no_summary
+    summary_lines: Callable[[dict], list[str]] = _no_lines
+    shown: Callable[[Any, Any], list[str]] = _no_lines  # what its command prints when done
+    status: Callable[[Any], str] = lambda result: "done"  # how the run ended: or interrupted
+    # Checks made before anything is written (the chain: every step planned with it)
+    preflight: Callable[[Any, Chain], None] = _nothing
+    # Its planned parameters, adjusted to the steps planned before it (the names given)
+    after: Callable[[dict[str, dict], set[str]], None] = _nothing
+    asked_by: str = ""  # an optional step runs when this parameter (or runner flag) is given
+    beside: str = ""  # its run record in this folder inside `folder` (make faces, make split)
+    starts_run: bool = False  # a chain running every such step makes the run anew
+    resumed: Callable[[dict], dict] = lambda params: params  # recorded params, to continue
+    torchrun: bool = False  # its command joins torchrun's processes (one record, rank 0's)
+
+    @property
+    def name(self) -> str:
+        return self.params.step
+
+    @property
+    def notebook(self) -> str:
+        return f"notebooks/{self.name}.ipynb"
+
+    @property
+    def command(self) -> str:
+        return self.name.split("-", 1)[1]
+
+    @property
+    def help(self) -> str:
+        return (self.params.__doc__ or "").split(": ", 1)[-1].strip().rstrip(".")
+
+
+def _trained(params: Any, chain: Chain) -> None:
+    """A step that reads the run's model: trained in this chain, or before it."""
+    run_dir = resolve(params.run_dir)
+    if "02-train" not in chain and not (run_dir / paths.MODEL).is_file():
+        raise ChainError(f"{run_dir / paths.MODEL} not found: " + (
+            why_no_model(run_dir) if (run_dir / paths.RUN_RECORD).is_file() else
+            "RUN=<name> must name a trained run in runs/ (or add 02-train to STEPS)"))
+
+
+def _faces_ready(params: FacesParams, chain: Chain) -> None:
+    faces.preflight(params)
+
+
+def _split_ready(params: SplitParams, chain: Chain) -> None:
+    if "00-faces" in chain:  # its input does not exist yet
+        return
     try:
-        for word in args:
-            key, value = assignment(word)
-            if key in FLAGS:
-                runner[key] = parse_bool(key.upper(), value)
-            else:
-                (runner if key in RUNNER_KEYS else params)[key] = value
-    except ParameterError as error:
-        raise ChainError(str(error)) from None
-    return runner, params
+        split.preflight(params)
+    except MissingInput as error:
+        raise ChainError(f"{error}\nNo data yet? `make demo` runs the whole chain on a "
+                         "built-in demo data set.") from None
 
 
-def _split_metrics(report: dict) -> dict:
-    return {"counts": report["counts"], "n_images": report["n_images"],
-            "n_masks": report.get("n_masks", 0), "n_rejected": len(report["rejected"]),
-            "n_skipped": len(report["skipped"]), "n_duplicate_groups": len(report["duplicates"]),
-            "group_counts": report.get("group_counts"),
-            "n_conflicts": len(report["conflicts"])}
+def _test_sets_ready(params: BenchmarkParams, chain: Chain) -> None:
+    _trained(params, chain)
+    made = resolve(chain["01-split"]["data_dir"]) if "01-split" in chain else None
+    for folder in params.test_sets:
+        if resolve(folder) != made and not (resolve(folder) / paths.MANIFEST).is_file():
+            raise ChainError(f"TEST_SETS: {resolve(folder)} holds no {paths.MANIFEST}: name "
+                             "split folders made by `make split` (docs/datasets.md)")
 
 
-def step_metrics(step: str, params: Mapping[str, Any]) -> dict | None:
-    """What a finished step wrote that the run record summarises."""
-    from dfutils import faces
-    from dfutils.inference import report_name
-    from dfutils.params import EvalParams
-
-    if step == "00-faces":
-        report = faces.read_report(params["faces_dir"])
-        return {k: report[k] for k in ("n_sources", "n_crops", "frames_read", "faces_found")
-                } | {"n_unreadable": len(report["unreadable"])} if report else None
-    if step == "01-split":
-        report = split_step.read_report(params["data_dir"])
-        return _split_metrics(report) if report else None
-    run_dir = resolve(params["run_dir"])
-    if step == "04-evaluate":
-        name = report_name(EvalParams.from_mapping(params))
-        report = _read_json(files.eval_folder(run_dir, name) / files.EVAL_REPORT)
-        return report and {"name": name, **{k: report["metrics"][k] for k in (
-            "accuracy", "auc", "ap", "eer")}, "ci": report["metrics"].get("ci"),
-            "ece": report["calibration"]["ece"]}
-    if step == "05-benchmark":
-        report = _read_json(run_dir / files.BENCHMARK_JSON)
-        return report and {"video_auc": report["headline"]}
-    return _read_json(run_dir / {"02-train": files.METRICS, "03-gradcam": files.CAM_METRICS}[step])
+STEPS: dict[str, Step] = {step.name: step for step in (
+    Step(FacesParams, faces.extract_faces, folder="faces_dir", record=faces.record,
+         shown=faces.shown_lines, preflight=_faces_ready, asked_by="faces",
+         beside=paths.FACES_RUN),
+    Step(SplitParams, split.split, folder="data_dir", record=split.record,
+         shown=split.shown_lines, preflight=_split_ready, after=split.after_faces,
+         beside=paths.SPLIT_RUN, starts_run=True),
+    Step(TrainParams, train.train_run, record=train.record, summary=train.summary,
+         summary_lines=train.summary_lines, status=train.status, starts_run=True,
+         resumed=train.resumed, torchrun=True),
+    Step(GradCamParams, gradcam.gradcam_run, record=gradcam.record, summary=gradcam.summary,
+         summary_lines=gradcam.summary_lines, shown=gradcam.shown_lines, preflight=_trained),
+    Step(EvalParams, evaluate.evaluate_folder, record=evaluate.record,
+         shown=evaluate.shown_lines, preflight=_trained, asked_by="eval_dir"),
+    Step(BenchmarkParams, benchmark.run_benchmark, record=benchmark.record,
+         summary=benchmark.summary, summary_lines=benchmark.summary_lines,
+         shown=benchmark.shown_lines, preflight=_test_sets_ready, asked_by="test_sets"),
+)}
+# The runner's own settings (RUN=, PARAMS=, ...); everything else is a step's parameter.
+RUNNER_KEYS = ("run", "params", "overwrite", "steps", "resume", "faces")
+FLAGS = ("overwrite", "resume", "faces")  # of those, the yes/no ones
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def parameter_names() -> set[str]:
+    """Every name some step declares."""
+    return {name for step in STEPS.values() for name in step.params.names()}
 
+
+def load_params(cls: type[Params], params_file: str | None, given: Mapping[str, Any]
+                ) -> Params:
+    """One step's parameters from a YAML file and given values (which win), validated.
+    Keys that belong to the other steps (a chain's file holds them all) are passed over; a
+    key no step knows is an error."""
+    values: dict[str, Any] = {}
+    if params_file:
+        values.update(read_params_file(params_file))
+    values.update(given)
+    unknown = sorted(set(values) - parameter_names() - set(cls.names()))
+    if unknown:
+        raise ParameterError(f"unknown parameter {', '.join(map(repr, unknown))} for "
+                             f"{cls.step}; known: {', '.join(cls.names())}")
+    return cls.from_mapping(cls.coerce({k: v for k, v in values.items()
+                                        if k in cls.names()}))
+
+
+# -- One step's record in run.json -------------------------------------------------------------
+
+def record_dir(step: Step, params: Mapping[str, Any]) -> Path:
+    """The folder whose run.json records a step: its run folder, or the folder beside its
+    output (`make faces`, `make split`)."""
+    folder = resolve(params[step.folder])
+    return folder / step.beside if step.beside else folder
+
+
+@contextmanager
+def recorded(run_dir: Path, step: Step, params: dict[str, Any], **fields: Any
+             ) -> Iterator[Callable[[str], None]]:
+    """The one lifecycle of a step in run.json, for a notebook the runner executes and for
+    a command alike: the steps after it that were done become stale (they were made from
+    what it is about to replace), it is recorded as running, then as done (with what it
+    wrote: `Step.record`), failed or interrupted, and the run's summary is made again.
+    The block may call `ended(status)` to record another end than done."""
+    recorded_steps = read_run(run_dir).get("steps", {})
+    order = list(STEPS)
+    for later in order[order.index(step.name) + 1:]:
+        if (recorded_steps.get(later) or {}).get("status") == "done":
+            record_step(run_dir, later, status="stale", stale_because=f"{step.name} was run again")
+    started = start_step(run_dir, step.name, params=params, **fields)
+    end = {"status": "done"}
+    try:
+        yield lambda status: end.update(status=status)
+    except KeyboardInterrupt:
+        finish_step(run_dir, step.name, "interrupted", started)
+        summarise(run_dir)
+        raise
+    except BaseException:
+        finish_step(run_dir, step.name, "failed", started)
+        summarise(run_dir)
+        raise
+    finish_step(run_dir, step.name, end["status"], started,
+                metrics=step.record(step.params.from_mapping(params)))
+    summarise(run_dir)
+
+
+def run_command(step: Step, params: Params, record: bool = True,
+                shard: Any = None, **fields: Any) -> Any:
+    """A step as a command: its function (with a `shard`: one task's share of a cluster
+    job), recorded in its run record unless `record` is False (a task of a cluster job,
+    whose merge records the step; a torchrun rank but the first)."""
+    run = functools.partial(step.run, shard=shard) if shard is not None else step.run
+    if not record:
+        return run(params)
+    run_dir = record_dir(step, params.to_dict())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(run_dir)
+    ensure_run(run_dir, run_dir.name, None)
+    with recorded(run_dir, step, params.to_dict(), **fields) as ended:
+        result = run(params)
+        ended(step.status(result))
+    return result
+
+
+def summarise(run_dir: Path) -> dict:
+    """The headline numbers of a run, each with its 95% interval where it has one, from
+    the steps that are done and current, into its run record's `summary`."""
+    record = read_run(run_dir)
+    current = {name: s for name, s in record.get("steps", {}).items()
+               if s.get("status") == "done"}
+    summary: dict[str, Any] = {}
+    for name, step in STEPS.items():
+        summary |= step.summary((current.get(name) or {}).get("metrics") or {})
+    summary["seconds"] = round(sum(s.get("seconds", 0) for s in current.values()), 1)
+    write_run(run_dir, {**record, "summary": summary})
+    return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """A run's headline numbers in words: what `make run-all` prints at the end."""
+    return [line for step in STEPS.values() for line in step.summary_lines(summary)]
+
+
+# -- The chain ---------------------------------------------------------------------------
 
 def _file_sets(params_file: str | None, key: str) -> bool:
     if not params_file or not resolve(params_file).is_file():
@@ -127,35 +280,8 @@ def _file_sets(params_file: str | None, key: str) -> bool:
     return bool(read_params_file(params_file).get(key))
 
 
-def check_split(params: Mapping[str, Any]) -> None:
-    """Stop before any notebook runs when the split would refuse (no images to split, an
-    existing split made otherwise, a file of the user's in the way)."""
-    from dfutils.params import SplitParams
-
-    try:
-        split_step.preflight(SplitParams.from_mapping(params))
-    except MissingInput as error:
-        raise ChainError(f"{error}\nNo data yet? `make demo` runs the whole chain on a built-in "
-                         "demo data set.") from None
-    except split_step.SplitError as error:
-        raise ChainError(str(error)) from None
-
-
-def check_faces(params: Mapping[str, Any]) -> None:
-    """Stop before anything is written when the faces step would refuse (raw and faces
-    folders inside each other, no raw folder, faces made otherwise, a user's file in the
-    way)."""
-    from dfutils import faces
-    from dfutils.params import FacesParams
-
-    try:
-        faces.preflight(FacesParams.from_mapping(params))
-    except (faces.FacesError, MissingInput) as error:
-        raise ChainError(str(error)) from None
-
-
 def _values(params_file: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """File values, then command-line values, every name known to some notebook."""
+    """File values, then command-line values, every name known to some step."""
     values: dict[str, Any] = {}
     if params_file:
         try:
@@ -163,7 +289,7 @@ def _values(params_file: str | None, overrides: Mapping[str, Any]) -> dict[str, 
         except ParameterError as error:
             raise ChainError(str(error)) from None
     values.update(overrides)
-    known = {name for cls in NOTEBOOK_PARAMS for name in cls.names()}
+    known = parameter_names()
     unknown = sorted(set(values) - known)
     if unknown:
         raise ChainError(f"unknown parameter {', '.join(map(repr, unknown))}; the notebooks "
@@ -175,7 +301,8 @@ def _values(params_file: str | None, overrides: Mapping[str, Any]) -> dict[str, 
 
 def plan(params_file: str | None, overrides: Mapping[str, Any], steps: Sequence[str],
          run_dir: str, overwrite: bool) -> dict[str, dict[str, Any]]:
-    """Every parameter of each step: defaults, then file values, then command-line values.
+    """Every parameter of each step: defaults, then file values, then command-line values,
+    each step's adjusted to the steps before it (`Step.after`).
 
     Each step's values are validated by its parameter class here, before anything runs
     or any file changes, so a bad value never costs an existing run.
@@ -183,67 +310,70 @@ def plan(params_file: str | None, overrides: Mapping[str, Any], steps: Sequence[
     values = {**_values(params_file, overrides), "run_dir": run_dir}
     if overwrite:
         values.setdefault("overwrite", True)
-    per_step = {}
-    for step in steps:
-        cls = parameters_of(step)
+    given = set(overrides) | set(read_params_file(params_file) if params_file else {})
+    planned = {}
+    for name in steps:
+        cls = STEPS[name].params
         try:
-            per_step[step] = cls.from_mapping(cls.coerce(
+            planned[name] = cls.from_mapping(cls.coerce(
                 {k: v for k, v in values.items() if k in cls.names()})).to_dict()
         except ParameterError as error:
-            raise ChainError(f"{step}: {error}") from None
-    return per_step
+            raise ChainError(f"{name}: {error}") from None
+        STEPS[name].after(planned, given)
+    return planned
 
 
-def faces_first(per_step: dict[str, dict[str, Any]], overrides: Mapping[str, Any],
-                params_file: str | None) -> None:
-    """With FACES=1 the split reads the faces step's output, grouped by folder (one clip,
-    one group) unless group_by was set."""
-    if "00-faces" in per_step and "01-split" in per_step:
-        split = per_step["01-split"]
-        split["raw_dir"] = per_step["00-faces"]["faces_dir"]
-        if "group_by" not in overrides and not _file_sets(params_file, "group_by"):
-            split["group_by"] = "folder"
+def choose_steps(steps: Sequence[str] | None, params_file: str | None,
+                 overrides: Mapping[str, Any], flags: Mapping[str, bool]) -> list[str]:
+    """The steps asked for; by default every step, an optional one when the parameter (or
+    runner flag) that asks for it is given (00-faces with FACES=1, 04-evaluate with
+    EVAL_DIR=, 05-benchmark with TEST_SETS=)."""
+    if not steps:
+        def asked(key: str) -> bool:
+            if key in FLAGS:
+                return bool(flags.get(key))
+            return key in overrides or _file_sets(params_file, key)
+
+        steps = [name for name, step in STEPS.items()
+                 if not step.asked_by or asked(step.asked_by)]
+    for name in steps:
+        if name not in STEPS:
+            raise ChainError(f"unknown step {name!r}; steps are {', '.join(STEPS)}")
+    return list(steps)
 
 
-def _later_steps(step: str) -> list[str]:
-    order = list(NOTEBOOKS)
-    return order[order.index(step) + 1:]
-
-
-def _run_step(run_dir: Path, step: str, params: dict[str, Any]) -> None:
-    """Execute one notebook into run_dir and record it; steps after it become stale."""
-    notebook, output = resolve(NOTEBOOKS[step]), run_dir / f"{step}.ipynb"
-    recorded = read_run(run_dir).get("steps", {})
-    for later in _later_steps(step):  # made from what this step is about to replace
-        if (recorded.get(later) or {}).get("status") == "done":
-            record_step(run_dir, later, status="stale", stale_because=f"{step} was run again")
-    started = start_step(run_dir, step, notebook=NOTEBOOKS[step], params=params)
-    print(f"== {step}: {output}", file=sys.stderr, flush=True)
-
-    def failed(status: str, message: str, **fields: Any) -> None:
-        finish_step(run_dir, step, status, started, **fields)
-        remove_stale_temps(run_dir)
-        error = ChainInterrupted if status == "interrupted" else ChainError
-        raise error(f"{step} {message}; the partly executed notebook is {output}")
-
+def _execute(run_dir: Path, step: Step, params: dict[str, Any]) -> None:
+    """Execute a step's notebook into run_dir with papermill, recorded."""
+    notebook, output = resolve(step.notebook), run_dir / f"{step.name}.ipynb"
+    print(f"== {step.name}: {output}", file=sys.stderr, flush=True)
     try:
-        # The kernel runs in its own session, so Ctrl-C reaches only this process; stopping
-        # the kernel at once (not gracefully) keeps it from writing on after the interruption.
-        os.environ[TEXT_ONLY] = "1"  # the kernel inherits it: text bars, for the log
-        papermill.execute_notebook(notebook, output, parameters=params,
-                                   kernel_name="python3", cwd=notebook.parent,
-                                   progress_bar=False, log_output=True,
-                                   shutdown_kernel="immediate")
+        with recorded(run_dir, step, params, notebook=step.notebook):
+            # The kernel runs in its own session, so Ctrl-C reaches only this process;
+            # stopping it at once (not gracefully) keeps it from writing after the stop.
+            os.environ[TEXT_ONLY] = "1"  # the kernel inherits it: text bars, for the log
+            papermill.execute_notebook(notebook, output, parameters=params,
+                                       kernel_name="python3", cwd=notebook.parent,
+                                       progress_bar=False, log_output=True,
+                                       shutdown_kernel="immediate")
     except papermill.PapermillExecutionError as error:
-        failed("failed", f"failed in cell [{error.exec_count}]: {error.ename}: {error.evalue}",
-               error={"cell": error.exec_count, "type": error.ename, "message": error.evalue})
+        record_step(run_dir, step.name, error={"cell": error.exec_count, "type": error.ename,
+                                               "message": error.evalue})
+        _failed(run_dir, step, output, f"failed in cell [{error.exec_count}]: {error.ename}: "
+                f"{error.evalue}")
     except DeadKernelError as error:
-        failed("failed", "failed: the notebook's kernel died (out of memory? try a smaller "
-               "batch_size or image_size)", error={"type": "DeadKernelError",
-                                                   "message": str(error)})
+        record_step(run_dir, step.name, error={"type": "DeadKernelError",
+                                               "message": str(error)})
+        _failed(run_dir, step, output, "failed: the notebook's kernel died (out of memory? try "
+                "a smaller batch_size or image_size)")
     except KeyboardInterrupt:
-        failed("interrupted", "was interrupted")
-    finish_step(run_dir, step, "done", started, metrics=step_metrics(step, params))
+        remove_stale_temps(run_dir)
+        raise ChainInterrupted(f"{step.name} was interrupted; the partly executed notebook "
+                               f"is {output}") from None
+
+
+def _failed(run_dir: Path, step: Step, output: Path, message: str) -> None:
+    remove_stale_temps(run_dir)
+    raise ChainError(f"{step.name} {message}; the partly executed notebook is {output}")
 
 
 RESUMABLE = ("pending", "running", "interrupted", "failed", "stale")
@@ -253,75 +383,56 @@ def resume_steps(run_dir: Path, steps: Sequence[str] | None = None
                  ) -> dict[str, dict[str, Any]]:
     """The steps of a run still to do, each with the parameters it recorded: those not
     `done` (interrupted, failed, pending or stale), in chain order. An interrupted 02-train
-    continues from its last completed epoch (last.pt)."""
+    continues from its last completed epoch (`Step.resumed`)."""
     record = read_run(run_dir)
     if not record:
-        raise ChainError(f"{run_dir} has no {files.RUN_RECORD}: there is no run to resume")
+        raise ChainError(f"{run_dir} has no {paths.RUN_RECORD}: there is no run to resume")
     todo = {}
-    for step in steps or NOTEBOOKS:
-        entry = record.get("steps", {}).get(step)
+    for name in steps or STEPS:
+        entry = record.get("steps", {}).get(name)
         if entry is None or entry.get("status") not in RESUMABLE:
             continue
         if "params" not in entry:
-            raise ChainError(f"{run_dir / files.RUN_RECORD} records no parameters for {step}: "
+            raise ChainError(f"{run_dir / paths.RUN_RECORD} records no parameters for {name}: "
                              "run it again with OVERWRITE=1 instead")
-        params = dict(entry["params"])
-        if step == "02-train":
-            params["resume"] = (resolve(params["run_dir"]) / files.LAST).is_file()
-        todo[step] = params
+        todo[name] = STEPS[name].resumed(dict(entry["params"]))
     return todo
-
-
-def choose_steps(steps: Sequence[str] | None, params_file: str | None,
-                 overrides: Mapping[str, Any], faces: bool) -> list[str]:
-    """The steps asked for; by default the chain, with 00-faces when FACES=1, 04-evaluate
-    when an eval_dir is given and 05-benchmark when test_sets are."""
-    if not steps:
-        asked = {step for step, key in ASKED_BY.items()
-                 if key in overrides or _file_sets(params_file, key)}
-        steps = [s for s in NOTEBOOKS if (s not in ASKED_BY or s in asked)
-                 and (s != "00-faces" or faces)]
-    for step in steps:
-        if step not in NOTEBOOKS:
-            raise ChainError(f"unknown step {step!r}; steps are {', '.join(NOTEBOOKS)}")
-    return list(steps)
 
 
 def make_room(run_dir: Path, steps: Sequence[str], replace: bool) -> Path | None:
     """Before a run starts in run_dir: refuse a folder that is not a run of ours, or an
-    existing run unless `replace`. A whole chain over an existing run moves the old run
-    aside (returned) until the new one succeeds; re-running some steps (STEPS=03-gradcam)
-    keeps the other steps' files and records, and later steps are marked stale as each
-    step starts."""
+    existing run unless `replace`. A chain that makes the run anew (it runs every step that
+    `starts_run`: the split and the training) moves the old run aside (returned) until the
+    new one succeeds; re-running some steps (STEPS=03-gradcam) keeps the other steps' files
+    and records, and later steps are marked stale as each step starts."""
     if not (run_dir.exists() and any(run_dir.iterdir())):
         return None
     if not replace:
         raise ChainError(f"run folder {run_dir} already exists: choose another RUN=<name> "
                          "or pass OVERWRITE=1 to replace it")
-    if not (run_dir / files.RUN_RECORD).is_file():
-        raise ChainError(f"{run_dir} holds files but no {files.RUN_RECORD}, so it is not a run "
+    if not (run_dir / paths.RUN_RECORD).is_file():
+        raise ChainError(f"{run_dir} holds files but no {paths.RUN_RECORD}, so it is not a run "
                          "this tool made and will not be replaced: choose another RUN=<name>")
-    if not {"01-split", "02-train"} <= set(steps):
+    if not {name for name, step in STEPS.items() if step.starts_run} <= set(steps):
         return None
     aside = run_dir.with_name(f".{run_dir.name}.previous-{os.getpid()}")
     os.replace(run_dir, aside)
     return aside
 
 
-def run_steps(run_dir: Path, steps: Sequence[str], per_step: dict[str, dict[str, Any]],
+def run_steps(run_dir: Path, steps: Sequence[str], planned: dict[str, dict[str, Any]],
               aside: Path | None) -> None:
     """Run the steps in order. When one fails or Ctrl-C stops it, the run before it comes
-    back from `aside` (the failed attempt kept as <run>.failed-<time>), or the steps still
-    current are summarised."""
+    back from `aside` (the failed attempt kept as <run>.failed-<time>)."""
     # Headless, every progress-bar refresh becomes a log line: refresh every 15 s at most.
     os.environ.setdefault("TQDM_MININTERVAL", "15")
-    for step in steps:  # recorded before any runs, so RESUME=1 knows the whole plan
-        if read_run(run_dir).get("steps", {}).get(step, {}).get("status") != "done":
-            record_step(run_dir, step, status="pending", params=per_step[step],
-                        notebook=NOTEBOOKS[step])
+    for name in steps:  # recorded before any runs, so RESUME=1 knows the whole plan
+        if read_run(run_dir).get("steps", {}).get(name, {}).get("status") != "done":
+            record_step(run_dir, name, status="pending", params=planned[name],
+                        notebook=STEPS[name].notebook)
     try:
-        for step in steps:
-            _run_step(run_dir, step, per_step[step])
+        for name in steps:
+            _execute(run_dir, STEPS[name], planned[name])
     except (ChainError, KeyboardInterrupt) as error:  # Ctrl-C between steps too
         kind = ChainInterrupted if isinstance(error, KeyboardInterrupt | ChainInterrupted) else (
             ChainError)
@@ -332,8 +443,6 @@ def run_steps(run_dir: Path, steps: Sequence[str], per_step: dict[str, dict[str,
             os.replace(aside, run_dir)
             message = (message.replace(str(run_dir), str(failed))
                        + f"\nthe previous run is unchanged in {run_dir}")
-        else:
-            summarise(run_dir)  # the headline numbers of the steps that are still current
         raise kind(message) from None
 
 
@@ -345,134 +454,47 @@ def run_all(run: str | None = None, params_file: str | None = None,
     """Run the chosen steps into <runs_root>/<run>/ and record everything in its run record.
 
     `beside_data` puts the run folder inside the output folder of the first step instead
-    (`make faces`, `make split`; see BESIDE). Every parameter is validated and every check
-    made before anything changes. Replacing a whole run (OVERWRITE=1) keeps the old run
-    aside until the new chain succeeds (`make_room`, `run_steps`). `resume` continues an
-    interrupted run with the parameters it recorded (`resume_steps`).
+    (`make faces`, `make split`: `Step.beside`). Every parameter is validated and every
+    check made before anything changes. Replacing a whole run (OVERWRITE=1) keeps the old
+    run aside until the new chain succeeds (`make_room`, `run_steps`). `resume` continues
+    an interrupted run with the parameters it recorded (`resume_steps`).
     """
     overrides = overrides or {}
-    if beside_data and (not steps or steps[0] not in BESIDE):
-        raise ChainError(f"--beside-data needs STEPS starting with {' or '.join(BESIDE)}")
-    run = run or (BESIDE[steps[0]][1] if beside_data else time.strftime("%Y%m%d-%H%M%S"))
+    first = STEPS.get(steps[0]) if steps else None
+    if beside_data and (first is None or not first.beside):
+        raise ChainError("--beside-data needs STEPS starting with " + " or ".join(
+            name for name, step in STEPS.items() if step.beside))
+    run = run or (first.beside if beside_data else time.strftime("%Y%m%d-%H%M%S"))
     if not is_plain_name(run):
         raise ChainError(f"RUN={run!r}: use letters, digits, '.', '_' or '-' (a folder name)")
-    steps = choose_steps(steps, params_file, overrides, faces)
+    steps = choose_steps(steps, params_file, overrides, {"faces": faces})
     if beside_data:
-        key = BESIDE[steps[0]][0]
-        output = _values(params_file, overrides).get(key, getattr(parameters_of(steps[0])(), key))
+        output = _values(params_file, overrides).get(first.folder,
+                                                     first.params.defaults()[first.folder])
         runs_root = resolve(str(output))
     run_dir = resolve(runs_root) / run
     if resume:
         if params_file or overrides or overwrite:
             raise ChainError("RESUME=1 continues a run with the parameters it recorded: give "
                              "only RUN=<name> (and STEPS=), nothing else")
-        per_step = resume_steps(run_dir, steps)
-        steps = list(per_step)
+        planned = resume_steps(run_dir, steps)
+        steps = list(planned)
         if not steps:
             raise ChainError(f"{run_dir}: every step is done and current; nothing to resume")
     else:
         shown = run_dir.relative_to(REPO_ROOT) if run_dir.is_relative_to(REPO_ROOT) else run_dir
-        per_step = plan(params_file, overrides, steps, shown.as_posix(), overwrite)
-        faces_first(per_step, overrides, params_file)
-    if "00-faces" in steps:
-        check_faces(per_step["00-faces"])
-    if "01-split" in steps and "00-faces" not in steps:  # else its input does not exist yet
-        check_split(per_step["01-split"])
-    if "02-train" not in steps and not (run_dir / files.MODEL).is_file() and any(
-            s in steps for s in ("03-gradcam", *ASKED_BY)):
-        raise ChainError(f"{run_dir / files.MODEL} not found: " + (
-            why_no_model(run_dir) if (run_dir / files.RUN_RECORD).is_file() else
-            "RUN=<name> must name a trained run in runs/ (or add 02-train to STEPS)"))
-    made = resolve(per_step["01-split"]["data_dir"]) if "01-split" in per_step else None
-    for folder in (per_step.get("05-benchmark") or {}).get("test_sets", []):
-        if resolve(folder) != made and not (resolve(folder) / files.MANIFEST).is_file():
-            raise ChainError(f"TEST_SETS: {resolve(folder)} holds no {files.MANIFEST}: name split "
-                             "folders made by `make split` (docs/datasets.md)")
+        planned = plan(params_file, overrides, steps, shown.as_posix(), overwrite)
+    for name in steps:
+        try:
+            STEPS[name].preflight(STEPS[name].params.from_mapping(planned[name]), planned)
+        except (ValueError, OSError) as error:  # a step's own refusal, in its words
+            raise ChainError(str(error)) from None
     aside = None if resume else make_room(run_dir, steps, overwrite or replace_run)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(run_dir)
     ensure_run(run_dir, run, params_file)
-    run_steps(run_dir, steps, per_step, aside)
+    run_steps(run_dir, steps, planned, aside)
     if aside is not None:
         shutil.rmtree(aside)
     summarise(run_dir)
     return run_dir
-
-
-def summarise(run_dir: Path) -> dict:
-    """The headline numbers of a run, gathered from its steps into its run record's
-    `summary`."""
-    record = read_run(run_dir)
-    steps = record.get("steps", {})
-    current = {name: s for name, s in steps.items() if s.get("status") == "done"}
-    train = (current.get("02-train") or {}).get("metrics") or {}
-    cam = (current.get("03-gradcam") or {}).get("metrics") or {}
-    on_blends = (cam.get("self_blends") or {}).get("localization") or {}
-    deletion = cam.get("deletion") or {}
-    located = cam.get("localization") or {}
-    sbi = train.get("sbi") or {}
-    video = train.get("video") or {}
-
-    def ci(metrics: dict, key: str) -> list | None:
-        return (metrics.get("ci") or {}).get(key)
-
-    summary = {  # each headline with its 95% bootstrap interval (`_ci`) where it has one
-        "val_auc": train.get("auc"), "val_auc_ci": ci(train, "auc"),
-        "val_video_auc": video.get("auc"), "val_video_auc_ci": ci(video, "auc"),
-        "val_accuracy": train.get("accuracy"), "val_accuracy_ci": ci(train, "accuracy"),
-        "best_epoch": train.get("best_epoch"),
-        "cam_layer": cam.get("layer"),
-        "deletion_auc_cam": deletion.get("auc_cam"),
-        "deletion_auc_cam_ci": ci(deletion, "auc_cam"),
-        "deletion_auc_random": deletion.get("auc_random"),
-        "deletion_auc_random_ci": ci(deletion, "auc_random"),
-        "pointing_cam": located.get("pointing_cam"),
-        "pointing_cam_ci": ci(located, "pointing_cam"),
-        "pointing_random": located.get("pointing_random"),
-        "pointing_random_ci": ci(located, "pointing_random"),
-        "sbi_auc": sbi.get("auc"), "sbi_auc_ci": ci(sbi, "auc"),
-        "self_blend_pointing_cam": on_blends.get("pointing_cam"),
-        "self_blend_pointing_cam_ci": ci(on_blends, "pointing_cam"),
-        "self_blend_pointing_random": on_blends.get("pointing_random"),
-        "self_blend_pointing_random_ci": ci(on_blends, "pointing_random"),
-        "test_video_auc": ((current.get("05-benchmark") or {}).get("metrics") or {}).get(
-            "video_auc"),
-        "seconds": round(sum(s.get("seconds", 0) for s in current.values()), 1),
-    }
-    write_run(run_dir, {**record, "summary": summary})
-    return summary
-
-
-def summary_lines(summary: dict) -> list[str]:
-    """A run's headline numbers in words, each with its 95% interval: what `make run-all`
-    prints at the end."""
-    from dfutils.metrics import shown
-
-    def pair(name: str, key: str) -> str:
-        return (f"{name} CAM {shown(summary[key + '_cam'], summary.get(key + '_cam_ci'))} vs "
-                f"random {shown(summary[key + '_random'], summary.get(key + '_random_ci'))}")
-
-    lines = []
-    if summary.get("val_auc") is not None:
-        lines.append(f"validation (epoch {summary['best_epoch']}): AUC "
-                     f"{shown(summary['val_auc'], summary.get('val_auc_ci'))}, accuracy "
-                     f"{shown(summary['val_accuracy'], summary.get('val_accuracy_ci'))}")
-    if summary.get("val_video_auc") is not None:
-        lines.append(f"validation videos: AUC "
-                     f"{shown(summary['val_video_auc'], summary.get('val_video_auc_ci'))}")
-    if summary.get("sbi_auc") is not None:
-        lines.append(f"validation self-blends: AUC "
-                     f"{shown(summary['sbi_auc'], summary.get('sbi_auc_ci'))}")
-    checks = [pair("deletion AUC (lower is better):", "deletion_auc")
-              if summary.get("deletion_auc_cam") is not None else "",
-              pair("pointing game:", "pointing") if summary.get("pointing_cam") is not None
-              else "",
-              pair("pointing on self-blends:", "self_blend_pointing")
-              if summary.get("self_blend_pointing_cam") is not None else ""]
-    if any(checks):
-        lines.append(f"Grad-CAM on {summary.get('cam_layer')}: "
-                     + "; ".join(c for c in checks if c))
-    for name, auc in (summary.get("test_video_auc") or {}).items():
-        lines.append(f"test set {name}: video AUC {shown(auc, None)} (benchmark.csv has the "
-                     "intervals)")
-    return lines

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dfutils import files
-from dfutils.paths import REPO_ROOT, write_json
+from dfutils import paths
+from dfutils.atomic import write_json
+from dfutils.paths import REPO_ROOT
 
 PACKAGES = ("torch", "torchvision", "numpy", "pillow", "opencv-python", "scikit-learn",
             "scikit-image", "matplotlib", "papermill", "tqdm", "dfutils")
@@ -82,13 +83,13 @@ def environment() -> dict:
 
 def read_run(run_dir: Path) -> dict:
     """The run record (run.json) of a run folder, or an empty record."""
-    path = run_dir / files.RUN_RECORD
+    path = run_dir / paths.RUN_RECORD
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def write_run(run_dir: Path, record: dict) -> None:
     """Write a run record, atomically."""
-    write_json(run_dir / files.RUN_RECORD, record)
+    write_json(run_dir / paths.RUN_RECORD, record)
 
 
 def ensure_run(run_dir: Path, name: str, params_file: str | None) -> dict:

@@ -23,10 +23,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dfutils import files
+from dfutils import paths, viz
+from dfutils.atomic import write_csv
 from dfutils.blend import self_blend
-from dfutils.data import ImageLoadError, Sample, load_image, make_loader, read_manifest
-from dfutils.paths import resolve, write_csv
+from dfutils.data import ImageSet, eval_transform, make_loader, train_transform
+from dfutils.detect import FaceFinder
+from dfutils.images import ImageLoadError, load_image
+from dfutils.manifest import Sample, read_manifest
+from dfutils.params import FacesParams, TrainParams
+from dfutils.paths import resolve
 from dfutils.progress import tqdm
 
 VAL_SEED = 0  # the validation self-blends: the same in every run on a split
@@ -67,9 +72,9 @@ def landmarks_of(data_dir: str | os.PathLike, samples: Sequence[Sample]
     the cache, which is keyed by the image's path and content hash."""
     data_dir = resolve(data_dir)
     rel = [s.path.relative_to(data_dir).as_posix() for s in samples]
-    carried = {r["path"]: r["landmarks"] for r in _read_table(data_dir / files.FACES)}
-    sha = {r["path"]: r["sha256"] for r in _read_table(data_dir / files.MANIFEST)}
-    cache = {r["path"]: r for r in _read_table(data_dir / files.LANDMARKS)
+    carried = {r["path"]: r["landmarks"] for r in _read_table(data_dir / paths.FACES)}
+    sha = {r["path"]: r["sha256"] for r in _read_table(data_dir / paths.MANIFEST)}
+    cache = {r["path"]: r for r in _read_table(data_dir / paths.LANDMARKS)
              if sha.get(r["path"]) == r["sha256"]}
     counts = {"faces_step": 0, "cached": 0, "detected": 0, "no_face": 0}
     found: dict[str, np.ndarray | None] = {}
@@ -82,16 +87,13 @@ def landmarks_of(data_dir: str | os.PathLike, samples: Sequence[Sample]
         else:
             missing.append(path)
     if missing:
-        from dfutils.faces import FaceFinder
-        from dfutils.params import FacesParams
-
         finder = FaceFinder(FacesParams())
         for path in tqdm(missing, desc="finding landmarks", unit="img", leave=False):
             found[path] = detect_landmarks(data_dir / path, finder)
             cache[path] = {"path": path, "sha256": sha.get(path, ""), "landmarks": "" if
                            found[path] is None else json.dumps(found[path].round(2).tolist())}
         counts["detected"] = len(missing)
-        write_csv(data_dir / files.LANDMARKS, sorted(cache.values(), key=lambda r: r["path"]),
+        write_csv(data_dir / paths.LANDMARKS, sorted(cache.values(), key=lambda r: r["path"]),
                   ["path", "sha256", "landmarks"])
     counts["no_face"] = sum(found[p] is None for p in rel)
     return [found[p] for p in rel], counts
@@ -182,20 +184,32 @@ class MixedCollate:
                 torch.tensor(indices))
 
 
-class ValidationBlends(Dataset):
+class ValidationBlends:
     """The validation reals, then one self-blend of each: 2n images labelled 0 then 1, the
-    same in every run on the split (each blend is drawn from VAL_SEED and its image's path),
-    as (tensor, label, index); `image(i)` gives the RGB array, label and mask."""
+    same in every run on the split (each blend is drawn from VAL_SEED and its image's path);
+    `image(i)` gives the RGB array, label and mask, `images(transform)` the set scoring
+    reads."""
 
     def __init__(self, data_dir: str | os.PathLike, samples: Sequence[Sample],
-                 landmarks: Sequence[np.ndarray], transform=None):
+                 landmarks: Sequence[np.ndarray]):
         data_dir = resolve(data_dir)
-        self.samples, self.landmarks, self.transform = list(samples), list(landmarks), transform
+        self.samples, self.landmarks = list(samples), list(landmarks)
         self.keys = [zlib.crc32(s.path.relative_to(data_dir).as_posix().encode())
                      for s in self.samples]
 
     def __len__(self) -> int:
         return 2 * len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [0] * len(self.samples) + [1] * len(self.samples)
+
+    def rgb(self, index: int) -> np.ndarray:
+        return self.image(index)[0]
+
+    def images(self, transform, size: int) -> ImageSet:
+        """The 2n images as scoring reads them, each made when it is read."""
+        return ImageSet(range(len(self)), transform, size, load=self.rgb, labels=self.labels)
 
     def image(self, index: int) -> tuple[np.ndarray, int, np.ndarray | None]:
         n = len(self.samples)
@@ -206,27 +220,23 @@ class ValidationBlends(Dataset):
         fake, mask = self_blend(real, rng, self.landmarks[index - n])
         return fake, 1, mask
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        rgb, label, _ = self.image(index)
-        return self.transform(rgb), torch.tensor(float(label)), index
 
 
-def validation_blends(data_dir: str | os.PathLike, limit: int | None = None, transform=None,
+def validation_blends(data_dir: str | os.PathLike, limit: int | None = None,
                       split: str = "val") -> tuple[ValidationBlends, dict[str, int]]:
     """The validation self-blends of a split (of those of its first `limit` reals that have
     a face; of another `split`'s reals alike) and the counts of `reals_with_faces`."""
     reals, landmarks, counts = reals_with_faces(data_dir, split, limit)
-    return ValidationBlends(data_dir, reals, landmarks, transform), counts
+    return ValidationBlends(data_dir, reals, landmarks), counts
 
 
-def loaders(params) -> tuple[DataLoader, DataLoader, dict]:
+def loaders(params: TrainParams
+            ) -> tuple[DataLoader, DataLoader, ValidationBlends, dict]:
     """For a TrainParams with fakes="sbi": the training loader of real/self-blend pairs (a
     batch of batch_size images holds batch_size // 2 reals and their blends; with
     "sbi+data", sbi_share of those fakes are blends and the rest the split's fake images),
-    the loader of the validation self-blends, and what was found: {"train": counts, "val":
-    counts}."""
-    from dfutils.data import eval_transform, train_transform
-
+    the loader of the validation self-blends, those blends, and what was found: {"train":
+    counts, "val": counts}."""
     train, train_landmarks, train_counts = reals_with_faces(params.data_dir, "train")
     if not train:
         raise ValueError(
@@ -234,8 +244,7 @@ def loaders(params) -> tuple[DataLoader, DataLoader, dict]:
             f"{resolve(params.data_dir)}: self-blending needs face images (run the faces step "
             "on photos or clips, or use fakes='data')")
     augment = train_transform(params)
-    val, val_counts = validation_blends(params.data_dir,
-                                        transform=eval_transform(params.image_size, params.arch))
+    val, val_counts = validation_blends(params.data_dir)
     if not val.samples:
         raise ValueError(f"fakes='sbi' found no face in the validation reals of "
                          f"{resolve(params.data_dir)}: there is nothing to validate on")
@@ -252,8 +261,10 @@ def loaders(params) -> tuple[DataLoader, DataLoader, dict]:
         pairs = make_loader(TrainPairs(train, train_landmarks, augment),
                             max(params.batch_size // 2, 1), True, params.num_workers,
                             params.seed, collate_fn=collate_pairs)
-    blends = make_loader(val, params.batch_size, False, params.num_workers, params.seed)
-    return pairs, blends, {"train": train_counts, "val": val_counts}
+    blends = make_loader(val.images(eval_transform(params.image_size, params.arch),
+                                    params.image_size),
+                         params.batch_size, False, params.num_workers, params.seed)
+    return pairs, blends, val, {"train": train_counts, "val": val_counts}
 
 
 def describe(found: dict) -> str:
@@ -269,8 +280,6 @@ def describe(found: dict) -> str:
 
 def plot_examples(blends: ValidationBlends, n: int = 4):
     """A figure of the first `n` validation reals, their self-blends and the masks."""
-    from dfutils import viz
-
     n = min(n, len(blends.samples))
     images, titles = [], []
     for i in range(n):

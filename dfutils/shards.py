@@ -21,11 +21,12 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dfutils.paths import write_json
+from dfutils.atomic import atomic_path, is_temp, remove_stale_temps, write_json
 
 # The scheduler variables read by shard="auto", in the order they are tried:
 # (index, count, the index's first value or None).
@@ -119,64 +120,125 @@ def differing(first: dict, other: dict) -> list[str]:
     return sorted(k for k in {*first, *other} if first.get(k) != other.get(k))
 
 
-# The parts of a sharded predict or evaluate: one JSON file per task, <i>-of-<n>.json in a
-# folder beside the output, written atomically (so a part is complete or absent). Each
-# records what must agree across tasks ("params", "inputs") and the task's results.
+class Part:
+    """One task's partial output, <parts>/<i>-of-<n>/, until `merge` joins the job's: a
+    journal (a header line with what every task of the job must agree on, then one line
+    per finished item, written after that item's files), done.json once every item of the
+    task is in the journal, and whatever files the task writes beside them (the faces
+    step's crops). The faces step, predict and evaluate keep their parts so.
 
+    A journal line that a kill cut short is dropped; a part whose header differs (other
+    parameters, other inputs) is another job's and starts afresh: it is the step's own
+    scratch, never a result.
+    """
 
-def check_part(folder: Path, shard: Shard) -> None:
-    """Refuse, before any work, a task whose part would replace something that is not an
-    earlier part of the same shard (a file of the user's that happens to bear its name)."""
-    path = folder / f"{shard.name}.json"
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file, not a folder of parts: move it, or give "
-                         "another --out")
-    if not path.exists() and not path.is_symlink():
-        return
-    try:
-        ours = json.loads(path.read_text(encoding="utf-8")).get("shard") == str(shard)
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise ValueError(f"{path} is not a part this job wrote, and shard {shard} would "
-                         "replace it: move it, or give another --out")
+    JOURNAL, DONE = "journal.jsonl", "done.json"
 
+    def __init__(self, parts: Path, shard: Shard, header: dict):
+        self.shard, self.folder = shard, parts / shard.name
+        self.header = {**header, "shard": str(shard)}
 
-def write_part(folder: Path, shard: Shard, record: dict) -> Path:
-    """A task's part: `record` (with "params" and "inputs") and its shard."""
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / f"{shard.name}.json", {**record, "shard": str(shard)})
-    return folder / f"{shard.name}.json"
-
-
-def read_parts(folder: Path, option: str) -> list[dict]:
-    """Every part of one job in `folder`, in shard order, once each is there and all agree
-    on "params" and "inputs"; ShardError naming each part that is missing or differs, with
-    the `option` that runs it again ("--shard")."""
-    n = job_size(folder, ".json", f"run each task with {option} i/n first")
-    parts, problems = [], []
-    for k in range(n):
-        path = folder / f"{k}-of-{n}.json"
+    def lines(self) -> list[dict]:
+        """The journal's complete lines; [] when there is none."""
         try:
-            parts.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            problems.append(f"shard {k}/{n} is missing: run it again ({option} {k}/{n})")
-    for part in parts[1:]:
-        for key, what in (("params", "parameters"), ("inputs", "inputs or another model")):
-            if part.get(key) != parts[0].get(key):
-                changed = ", ".join(differing(parts[0].get(key) or {}, part.get(key) or {}))
-                problems.append(f"shard {part['shard']} was made with other {what} than shard "
-                                f"{parts[0]['shard']} ({changed}): run it again ({option} "
-                                f"{part['shard']}) with the same")
+            text = (self.folder / self.JOURNAL).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return []
+        lines = []
+        for line in text.split("\n")[:-1]:  # the last piece lacks its newline: cut short
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
                 break
+        return lines
+
+    def check(self, what: str) -> None:
+        """Refuse, before anything is written, a parts folder that the step did not make
+        (`what` says where to go instead)."""
+        for folder in (self.folder.parent, self.folder):
+            if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+                raise ShardError(f"{folder} is in the way and was not written by this step: "
+                                 f"move it, or {what}")
+        if self.folder.is_dir() and any(not is_temp(p) for p in self.folder.iterdir()) and (
+                not self.lines()):  # (a temporary file alone: a kill during the first write)
+            raise ShardError(f"{self.folder} holds files but no journal of this step: it is "
+                             f"not a part this job wrote; move it, or {what}")
+
+    def problem(self, again: str, expected: dict | None = None, than: str = "") -> str | None:
+        """Why this part cannot be merged, in words with the fix (`again`: the option that
+        runs it, "SHARD=" or "--shard "); None when it can. Its header must be `expected`
+        (made with these parameters from these inputs: those of the merge, or `than` another
+        part's), when given."""
+        lines, rerun = self.lines(), f"run it again ({again}{self.shard})"
+        if not lines:
+            return f"shard {self.shard} is missing: {rerun}"
+        head = lines[0]
+        for key, what in (("params", "parameters"), ("inputs", "inputs")):  # params first
+            if expected is None or head.get(key) == expected.get(key):
+                continue
+            if key == "inputs":
+                return (f"shard {self.shard} was made from other inputs (files were added, "
+                        f"removed or changed since, or another model): {rerun}")
+            changed = ", ".join(differing(expected.get(key) or {}, head.get(key) or {}))
+            return f"shard {self.shard} was made with other {what}{than} ({changed}): {rerun}"
+        if not (self.folder / self.DONE).is_file():
+            return (f"shard {self.shard} is not complete (it was stopped, failed or is still "
+                    f"running): {rerun}; it resumes where it stopped")
+        return None
+
+    def done(self) -> dict[str, dict]:
+        """The finished items of a part of this job (its header is ours): key -> line."""
+        lines = self.lines()
+        if not lines or lines[0] != self.header:
+            return {}
+        return {line["key"]: line for line in lines[1:]}
+
+    def start(self, resume: bool = True) -> dict[str, dict]:
+        """Make the part ready to write, keeping (with `resume`) the items a killed run of
+        this task finished; those items."""
+        finished = self.done() if resume else {}
+        if not finished and self.folder.exists():  # another job's part, or a fresh start
+            shutil.rmtree(self.folder)
+        elif finished:
+            remove_stale_temps(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / self.JOURNAL) as tmp:  # without a cut line
+            tmp.write_text("".join(json.dumps(line) + "\n" for line in
+                                   [self.header, *finished.values()]), encoding="utf-8")
+        return finished
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Callable[[str, dict], None]]:
+        """add(key, record): one finished item, on disk when it returns."""
+        with open(self.folder / self.JOURNAL, "a", encoding="utf-8") as journal:
+            def add(key: str, record: dict) -> None:
+                journal.write(json.dumps({"key": key, **record}) + "\n")
+                journal.flush()
+            yield add
+
+    def finish(self, n_items: int) -> None:
+        """Every item of the task is in the journal."""
+        write_json(self.folder / self.DONE, {**self.header, "n_items": n_items})
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder)
+        with contextlib.suppress(OSError):  # the last part out removes the parts folder
+            self.folder.parent.rmdir()
+
+
+def complete_parts(parts: Path, again: str, header: dict | None = None) -> list[Part]:
+    """Every part of the one job in `parts`, in shard order, once each is there and
+    complete and all were made alike (as `header` says, or as the first part was); a
+    ShardError naming each that is not, with what to run (`again`), otherwise."""
+    n = job_size(parts, "", f"run each task with {again}i/n first")
+    found = [Part(parts, Shard(k, n), {}) for k in range(n)]
+    first = next((p for p in found if p.lines()), None)
+    expected = header or (first.lines()[0] if first else None)
+    than = "" if header or first is None else f" than shard {first.shard}"
+    problems = [problem for part in found
+                if (problem := part.problem(again, expected, than)) is not None]
     if problems:
-        raise ShardError(f"cannot merge the parts in {folder}: " + "; ".join(problems))
-    return parts
-
-
-def remove_parts(folder: Path, parts: list[dict]) -> None:
-    """The parts once merged (the folder too, when nothing else is in it)."""
-    for part in parts:
-        (folder / f"{Shard(*map(int, part['shard'].split('/'))).name}.json").unlink()
-    with contextlib.suppress(OSError):
-        folder.rmdir()
+        raise ShardError(f"cannot merge the shards in {parts}: " + "; ".join(problems))
+    for part in found:
+        part.header = part.lines()[0]
+    return found

@@ -24,22 +24,22 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from dfutils import CLASSES, files, processes
-from dfutils.data import SPLITS, ImageLoadError, load_image
-from dfutils.datasets import KEY_SEPARATOR
-from dfutils.folders import (
+from dfutils import faces, paths, processes
+from dfutils.atomic import write_json
+from dfutils.datasets import (
+    CLASSES,
     IMAGE_SUFFIXES,
-    VIDEO_SUFFIXES,
+    KEY_SEPARATOR,
     MissingInput,
-    OwnedFolder,
+    is_clip,
     scan_classes,
 )
+from dfutils.images import ImageLoadError, load_image
+from dfutils.manifest import MANIFEST_FIELDS, SPLITS, read_report, source_folder
+from dfutils.owned import OwnedFolder, fingerprint
 from dfutils.params import GroupBy, SplitParams, Stratify
-from dfutils.paths import fingerprint, resolve, write_json
+from dfutils.paths import resolve
 from dfutils.progress import tqdm
-
-MANIFEST_FIELDS = ("path", "label", "split", "sha256", "width", "height", "source", "mask",
-                   "group", "video", "method")
 
 
 class SplitError(ValueError):
@@ -226,13 +226,6 @@ def groups(images: list[ImageInfo], group_by: GroupBy, keys: dict[str, str] | No
     return {i.source: root(own(i)) for i in images}
 
 
-def source_folder(source: str) -> str:
-    """The first folder below the class folder of a path like real/<folder>/..., or "" for
-    a file directly in the class folder: the data set a combined split took it from."""
-    parts = source.split("/")
-    return parts[1] if len(parts) > 2 else ""
-
-
 def assign(images: list[ImageInfo], val_fraction: float, seed: int, group_by: GroupBy = "file",
            keys: dict[str, str] | None = None, test_fraction: float = 0.0,
            singles: frozenset[str] = frozenset(), stratify: Stratify = "class"
@@ -409,7 +402,7 @@ def materialise(raw_dir: Path, out: Path, images: list[ImageInfo], split_of: dic
 
 
 def _written(data_dir: Path, report: dict) -> set[str]:
-    with open(data_dir / files.MANIFEST, newline="") as f:
+    with open(data_dir / paths.MANIFEST, newline="") as f:
         return {value for row in csv.DictReader(f) for value in (row["path"], row["mask"])
                 if value}
 
@@ -418,59 +411,26 @@ def _written(data_dir: Path, report: dict) -> set[str]:
 # README.md and the demo data set). Its folders may hold only files the manifest lists.
 FOLDER = OwnedFolder(
     step="the split", result="a split", option="data_dir",
-    entries=(*SPLITS, "masks", files.FACES, files.LANDMARKS, files.SPLIT_REPORT,
-             files.MANIFEST),
-    folders=(*SPLITS, "masks"), report=files.SPLIT_REPORT, listed=_written, prefix="split",
+    entries=(*SPLITS, "masks", paths.FACES, paths.LANDMARKS, paths.SPLIT_REPORT,
+             paths.MANIFEST),
+    folders=(*SPLITS, "masks"), report=paths.SPLIT_REPORT, listed=_written, prefix="split",
     error=SplitError)
-
-
-def read_report(data_dir: str | os.PathLike) -> dict | None:
-    """The report of the split in data_dir, or None when there is no complete split."""
-    return FOLDER.read_report(resolve(data_dir))
-
-
-def identity(data_dir: str | os.PathLike) -> dict | None:
-    """Which split a model trained on: its folder and its manifest's SHA-256 (which changes
-    with any image's side); None where there is no manifest."""
-    manifest = resolve(data_dir).resolve() / files.MANIFEST
-    if not manifest.is_file():
-        return None
-    return {"data_dir": str(manifest.parent),
-            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()}
-
-
-def check_identity(recorded: dict | None, data_dir: str | os.PathLike, checkpoint: Path,
-                   doing: str) -> None:
-    """Refuse to `doing` with the split in data_dir when it is the folder `checkpoint` was
-    trained on but no longer the same split (re-split since). A checkpoint that recorded
-    none (older than this check), or another folder, passes."""
-    now = identity(data_dir)
-    if recorded and now and now["data_dir"] == recorded.get("data_dir") and (
-            now["manifest_sha256"] != recorded.get("manifest_sha256")):
-        raise ValueError(f"cannot {doing}: the split in {now['data_dir']} is not the one "
-                         f"{checkpoint} was trained on ({files.MANIFEST} changed: re-split "
-                         "since?), so its validation images may have been trained on; train "
-                         "again on this split, or put the old split back")
 
 
 def faces_of(raw_dir: Path) -> tuple[dict | None, dict[str, dict]]:
     """When raw_dir is the output of the faces step: its report and its faces.csv rows by
     crop path (the sources of the split); else (None, {})."""
-    from dfutils import faces
-
     report = faces.read_report(raw_dir)
     if report is None:
         return None, {}
-    with open(raw_dir / files.FACES, newline="") as f:
+    with open(raw_dir / paths.FACES, newline="") as f:
         return report, {row["path"]: row for row in csv.DictReader(f)}
 
 
 def carry_faces(out: Path, table: dict[str, dict], rows: list[dict]) -> None:
     """Write out/faces.csv: the faces step's rows of the split's images, each pointing at
     the image's path in data_dir."""
-    from dfutils import faces
-
-    with open(out / files.FACES, "w", newline="", encoding="utf-8") as f:
+    with open(out / paths.FACES, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=faces.FIELDS)
         writer.writeheader()
         writer.writerows({**table[r["source"]], "path": r["path"]}
@@ -567,10 +527,9 @@ def split(params: SplitParams) -> dict:
     keyed = {src: row for src, row in table.items() if row.get("group") or row.get("split")}
     plain = [i for i in images if i.source not in keyed]
     # A photo's crop is its own group and its own video, wherever it lies.
-    photos = frozenset(crop for crop, row in table.items()
-                       if Path(row["source"]).suffix.lower() not in VIDEO_SUFFIXES)
-    paths = [i.source.split("/", 1)[1] for i in plain]
-    keys = pattern_keys(params.group_pattern, paths) if params.group_pattern and plain else None
+    photos = frozenset(crop for crop, row in table.items() if not is_clip(row["source"]))
+    below = [i.source.split("/", 1)[1] for i in plain]  # each path below its class folder
+    keys = pattern_keys(params.group_pattern, below) if params.group_pattern and plain else None
     split_of, group_of, duplicates, conflicts = assign(
         plain, params.val_fraction, params.seed, params.group_by, keys,
         params.test_fraction, photos, params.stratify) if plain else ({}, {}, [], [])
@@ -606,17 +565,17 @@ def split(params: SplitParams) -> dict:
             "duplicates": duplicates,
             "conflicts": conflicts,
             **({"group_pattern": {
-                "pattern": params.group_pattern, "paths": len(paths),
-                "matched": sum(p in keys for p in paths),
-                "unmatched": sum(p not in keys for p in paths),
+                "pattern": params.group_pattern, "paths": len(below),
+                "matched": sum(p in keys for p in below),
+                "unmatched": sum(p not in keys for p in below),
                 "keys": len(set(keys.values()))}} if keys is not None else {}),
             "faces": faces_report and faces_report["params"],  # its parameters, or None
             "faceless": faceless(faces_report, val_keys or set()) if keyed else [],
         }
         if faces_report is not None:
             carry_faces(built, table, rows)
-        write_json(built / files.SPLIT_REPORT, report)
-        with open(built / files.MANIFEST, "w", newline="", encoding="utf-8") as f:
+        write_json(built / paths.SPLIT_REPORT, report)
+        with open(built / paths.MANIFEST, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
@@ -641,3 +600,32 @@ def rules(params: SplitParams, faces_report: dict | None, by_keys: bool = False
     return {"train/val/test": f"{per}, each {group} {ranked}: the lowest "
             f"test_fraction={params.test_fraction} to test, the next "
             f"val_fraction={params.val_fraction} to val, the rest to train"}
+
+
+def record(params: SplitParams) -> dict | None:
+    """What run.json keeps of a finished 01-split: its counts and what it left out."""
+    report = read_report(params.data_dir)
+    if report is None:
+        return None
+    return {"counts": report["counts"], "n_images": report["n_images"],
+            "n_masks": report.get("n_masks", 0), "n_rejected": len(report["rejected"]),
+            "n_skipped": len(report["skipped"]),
+            "n_duplicate_groups": len(report["duplicates"]),
+            "group_counts": report.get("group_counts"), "n_conflicts": len(report["conflicts"])}
+
+
+def shown_lines(params: SplitParams, report: dict) -> list[str]:
+    """What the split command prints: the images of each split, and what was left out."""
+    counts = "; ".join(f"{name} {n['real']} real, {n['fake']} fake"
+                       for name, n in report["counts"].items())
+    return [f"{counts}; {len(report['rejected'])} rejected, {len(report['skipped'])} skipped "
+            f"(why: {resolve(params.data_dir) / paths.SPLIT_REPORT})"]
+
+
+def after_faces(planned: dict[str, dict], given: set[str]) -> None:
+    """In a chain that crops faces first (FACES=1), the split reads the faces step's output,
+    grouped by folder (one clip, one group) unless group_by was given."""
+    if "00-faces" in planned:
+        planned["01-split"]["raw_dir"] = planned["00-faces"]["faces_dir"]
+        if "group_by" not in given:
+            planned["01-split"]["group_by"] = "folder"

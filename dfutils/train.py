@@ -4,6 +4,7 @@ the state of the last epoch to resume from."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -19,19 +20,24 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
-from dfutils import archs, distributed, files
-from dfutils.data import make_loader
+from dfutils import archs, distributed, paths, runs, sbi, viz
+from dfutils.atomic import jsonable, remove_stale_temps, write_csv, write_json
+from dfutils.data import ImageSet, make_loader, train_val_loaders, val_loader
+from dfutils.manifest import Sample, check_identity, identity, read_report
 from dfutils.metrics import (
+    assess,
     binary_metrics,
-    by_group,
     choose_threshold,
     grouped,
+    headline,
+    headline_line,
     video_metrics,
     with_intervals,
 )
 from dfutils.model import (
     CheckpointError,
     autocast,
+    build_model,
     forward,
     grad_scaler,
     load_checkpoint,
@@ -41,9 +47,9 @@ from dfutils.model import (
     train_mode,
 )
 from dfutils.params import Amp, OptimizerName, TrainParams
-from dfutils.paths import jsonable, remove_stale_temps, resolve, write_csv, write_json
+from dfutils.paths import resolve
 from dfutils.progress import tqdm
-from dfutils.split import check_identity
+from dfutils.scoring import score
 
 
 @dataclass
@@ -71,10 +77,11 @@ class EarlyStopping:
 
 @dataclass
 class Evaluation:
+    """A validation set scored: in the set's order."""
+
     loss: float  # mean BCE
     labels: np.ndarray  # fake = 1
     scores: np.ndarray  # P(fake)
-    indices: np.ndarray  # positions in the dataset
 
 
 @dataclass
@@ -99,20 +106,24 @@ def mix(images: torch.Tensor, labels: torch.Tensor, alpha: float
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    device: torch.device, trainable: str = "all", desc: str = "train",
+                    device: torch.device, trainable: str | None, desc: str = "train",
                     mixup: float = 0.0, label_smoothing: float = 0.0,
-                    after_step: Callable[[], None] | None = None,
-                    arch: str = archs.DEFAULT, amp: Amp = "off",
+                    after_step: Callable[[], None] | None = None, amp: Amp = "off",
                     scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One pass over `loader`; returns mean loss, accuracy at 0.5, images and seconds.
 
-    With mixup the targets are blended, and accuracy counts the larger share's label.
-    Label smoothing moves the targets towards 0.5 (the loss reported is against them);
-    `after_step` runs after every optimiser step (the weight average's update). The forward
-    pass runs in the precision `amp` asks for; `scaler` scales float16's loss.
+    `trainable` is the part of the network that trains (the rest stays in eval mode);
+    None: `model` is the part that trains, whole (a head on cached features). With mixup
+    the targets are blended, and accuracy counts the larger share's label. Label smoothing
+    moves the targets towards 0.5 (the loss reported is against them); `after_step` runs
+    after every optimiser step (the weight average's update). The forward pass runs in the
+    precision `amp` asks for; `scaler` scales float16's loss.
     """
     scaler = scaler or grad_scaler("off", device)
-    train_mode(model.module if hasattr(model, "module") else model, trainable, arch)  # DDP wraps
+    if trainable is None:
+        model.train()
+    else:
+        train_mode(model, trainable)
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
@@ -139,29 +150,25 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             "seconds": seconds}
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
              desc: str = "val", amp: Amp = "off") -> Evaluation:
-    """Mean BCE loss and P(fake) for every image of `loader`'s dataset, in eval mode.
+    """Mean BCE loss and P(fake) for every image of a labelled set's loader (an ImageSet
+    with labels), in eval mode: `scoring.score`, the path every score takes.
 
     Under torchrun each rank scores its share; the results are gathered, so every rank
-    returns the metrics of the whole split (each image once, in dataset order).
+    returns the metrics of the whole split (each image once, in the set's order).
     """
-    model.eval()
-    parts = []
-    for images, labels, indices in tqdm(loader, desc=desc, unit="batch", leave=False,
-                                        **distributed.quiet_unless_main()):
-        logits, p_fake = (t.cpu() for t in forward(model, images, device, amp))
-        losses = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-        parts.append((losses.numpy(), labels.numpy(), p_fake.numpy(), indices.numpy()))
-    columns = [np.concatenate(c) for c in zip(*parts, strict=True)] if parts else [
-        np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, dtype=int)]
-    losses, labels, scores, indices = distributed.gather_arrays(*columns)
-    # DistributedSampler pads the last round with repeats: keep each image once.
-    indices, first = np.unique(indices, return_index=True)
-    losses, labels, scores = losses[first], labels[first], scores[first]
-    return Evaluation(float(losses.mean()) if len(losses) else math.nan, labels.astype(int),
-                      scores, indices)
+    labels = loader.dataset.labels
+    found = score(model, loader, device=device, amp=amp, desc=desc)
+    unread = next((e for e in found.errors if e), "")
+    if unread:
+        raise ValueError(f"a validation image could not be read ({unread}): a split holds "
+                         "only images it read; run the split again")
+    losses = nn.functional.binary_cross_entropy_with_logits(
+        torch.from_numpy(found.logits), torch.from_numpy(labels.astype(np.float32)),
+        reduction="none").numpy()
+    return Evaluation(float(losses.mean()) if len(losses) else math.nan, labels,
+                      found.p_fake)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
@@ -251,9 +258,8 @@ class Learner:
 class FeatureDataset(Dataset):
     """(pooled backbone features, label, index): what the head of a frozen model sees."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor):
-        order = torch.argsort(indices)
-        self.features, self.labels = features[order], labels[order]
+    def __init__(self, features: torch.Tensor, labels: np.ndarray):
+        self.features, self.labels = features, torch.tensor(labels, dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -264,21 +270,19 @@ class FeatureDataset(Dataset):
 
 @torch.inference_mode()
 def backbone_features(model: nn.Module, loader: DataLoader, device: torch.device,
-                      desc: str = "features", arch: str = archs.DEFAULT, amp: Amp = "off"
-                      ) -> FeatureDataset:
-    """Run everything but the head once over a loader's dataset (in order, in eval mode)."""
-    head = archs.get(arch).head.split(".")[0]
+                      desc: str = "features", amp: Amp = "off") -> torch.Tensor:
+    """Everything but the head, run once over a loader's dataset (in order, in eval mode):
+    each image's pooled features."""
+    head = archs.of(model).head.split(".")[0]
     backbone = nn.Sequential(*(m for name, m in model.named_children() if name != head),
                              nn.Flatten())
     backbone.eval()
     ordered = DataLoader(loader.dataset, batch_size=loader.batch_size or 64, shuffle=False,
                          num_workers=loader.num_workers, pin_memory=loader.pin_memory)
     with autocast(amp, device):
-        parts = [(backbone(to_device(images, device)).float().cpu(), labels, indices)
-                 for images, labels, indices in tqdm(ordered, desc=desc, unit="batch",
-                                                     leave=False)]
-    features, labels, indices = (torch.cat(p) for p in zip(*parts, strict=True))
-    return FeatureDataset(features, labels, indices)
+        parts = [backbone(to_device(batch[0], device)).float().cpu()
+                 for batch in tqdm(ordered, desc=desc, unit="batch", leave=False)]
+    return torch.cat(parts)
 
 
 @dataclass
@@ -315,7 +319,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
     """
     device = device or distributed.device()
     model.to(device, memory_format=torch.channels_last)
-    samples = getattr(val_loader.dataset, "samples", None)
+    samples = val_samples(val_loader)
     groups = np.array([s.video for s in samples]) if samples else None
     outputs = Outputs(checkpoint, last, faces, split, resumed)
     if params.caches_features:
@@ -331,13 +335,21 @@ def fit_head(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
     them once and train the head on them. The feature loaders come from `make_loader` with
     the image loaders' batch size and seed, so they draw the same shuffles, and the results
     equal those of training on images (tested)."""
-    features = [make_loader(backbone_features(model, loader, device, f"{name} features",
-                                              params.arch, params.amp),
-                            params.batch_size, shuffle=name == "train", seed=params.seed)
-                for name, loader in (("train", train_loader), ("val", val_loader))]
-    head = archs.get(params.arch).head_module(model)
+    train = FeatureDataset(backbone_features(model, train_loader, device, "train features",
+                                             params.amp),
+                           np.array([s.label for s in train_loader.dataset.samples]))
+    val = ImageSet(list(backbone_features(model, val_loader, device, "val features",
+                                          params.amp)), labels=val_loader.dataset.labels)
+    features = [make_loader(dataset, params.batch_size, shuffle=dataset is train,
+                            seed=params.seed) for dataset in (train, val)]
+    head = archs.of(model).head_module(model)
     return train_loop(Learner.build(model, head, params, device), *features, params, device,
                       outputs, groups)
+
+
+def val_samples(loader: DataLoader) -> list[Sample]:
+    """The labelled samples a validation loader scores ([] when it scores other things)."""
+    return getattr(loader.dataset, "samples", [])
 
 
 def validate(learner: Learner, val_loader: DataLoader, blends_loader: DataLoader | None,
@@ -354,7 +366,7 @@ def validate(learner: Learner, val_loader: DataLoader, blends_loader: DataLoader
     threshold = choose_threshold(params.threshold, watched.labels, watched.scores)
     metrics = binary_metrics(val.labels, val.scores, threshold)
     if grouped(groups):
-        metrics["video"] = video_metrics(groups[val.indices], val.labels, val.scores, threshold)
+        metrics["video"] = video_metrics(groups, val.labels, val.scores, threshold)
     if blends is not None:
         metrics["sbi"] = {**binary_metrics(blends.labels, blends.scores, threshold),
                           "loss": blends.loss}
@@ -442,11 +454,12 @@ def train_epoch(learner: Learner, loader: DataLoader, params: TrainParams, devic
                 epoch: int) -> dict[str, float]:
     """One epoch of `train_one_epoch`, its loss and accuracy summed over every rank's share."""
     loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, alike on all ranks
-    train = train_one_epoch(learner.stepped, loader, learner.optimizer, device, params.trainable,
+    train = train_one_epoch(learner.stepped, loader, learner.optimizer, device,
+                            params.trainable if learner.net is learner.model else None,
                             desc=f"epoch {epoch}/{params.max_epochs}", mixup=params.mixup,
                             label_smoothing=params.label_smoothing,
                             after_step=None if learner.average is None else learner.after_step,
-                            arch=params.arch, amp=params.amp, scaler=learner.scaler)
+                            amp=params.amp, scaler=learner.scaler)
     if distributed.world()[1] > 1:
         n, loss, acc = distributed.gather_arrays(
             np.array([train["n"]]), np.array([train["loss"] * train["n"]]),
@@ -529,9 +542,9 @@ def restore(outputs: Outputs, learner: Learner, stopper: EarlyStopping, result: 
     path, training = resolve(outputs.last), state["training"]
     # A parameter newer than the checkpoint was at its default (a new parameter's default is
     # what the toolkit did before it).
-    defaults = type(params).defaults()
+    defaults, recorded = type(params).defaults(), type(params).current(state["params"])
     changed = sorted(k for k, v in params.to_dict().items()
-                     if k != "resume" and state["params"].get(k, defaults[k]) != v)
+                     if k != "resume" and recorded.get(k, defaults[k]) != v)
     if changed:
         raise ValueError(f"cannot resume {path.parent}: it was trained with other values of "
                          f"{', '.join(changed)}; resume with the parameters it recorded")
@@ -570,58 +583,49 @@ def _evaluation_state(evaluation: Evaluation | None) -> dict | None:
         return None
     return {"loss": evaluation.loss,
             "labels": torch.from_numpy(evaluation.labels.astype(np.int64)),
-            "scores": torch.from_numpy(np.asarray(evaluation.scores, dtype=np.float64)),
-            "indices": torch.from_numpy(evaluation.indices.astype(np.int64))}
+            "scores": torch.from_numpy(np.asarray(evaluation.scores, dtype=np.float64))}
 
 
 def _evaluation_from(state: dict | None) -> Evaluation | None:
     if state is None:
         return None
-    return Evaluation(state["loss"], state["labels"].numpy(), state["scores"].numpy(),
-                      state["indices"].numpy())
+    return Evaluation(state["loss"], state["labels"].numpy(), state["scores"].numpy())
 
 
 def metrics_with_intervals(result: FitResult, videos: list[str], n_resamples: int) -> dict:
-    """The kept epoch's metrics with 95% bootstrap intervals (`ci`): frame-level resampling
-    whole videos when frames belong to clips, video-level resampling videos, and the
+    """The kept epoch's metrics with 95% bootstrap intervals (`ci`), as every evaluation
+    gives them (`metrics.assess`: whole videos resampled, then the videos'), and the
     self-blends'."""
-    best, m = result.best_eval, dict(result.metrics)
-    clusters = videos if grouped(videos) else None
-    m = with_intervals(m, best.labels, best.scores, clusters, n_resamples)
-    if "video" in m:
-        _, label, mean = by_group(videos, best.labels, best.scores)
-        m["video"] = with_intervals(m["video"], label, mean, None, n_resamples)
+    best = result.best_eval
+    m = {**result.metrics, **assess(best.labels, best.scores, videos, result.threshold,
+                                    n_resamples)}
     if "sbi" in m and result.best_blends is not None:
         m["sbi"] = with_intervals(m["sbi"], result.best_blends.labels,
                                   result.best_blends.scores, None, n_resamples)
     return m
 
 
-def save_outputs(run_dir: str | os.PathLike, result: FitResult, val_samples: list,
-                 data_dir: str | os.PathLike, n_resamples: int = 1000) -> dict:
-    """history.csv, metrics.json (with intervals), val_predictions.csv and the figures;
-    returns the figures."""
-    from dfutils import viz
-
+def save_outputs(run_dir: str | os.PathLike, result: FitResult, samples: list[Sample],
+                 data_dir: str | os.PathLike, n_resamples: int) -> dict:
+    """history.csv, metrics.json (with intervals), val_predictions.csv and the figures of
+    the validation `samples`; returns the figures."""
     if not result.history or result.best_eval is None:
         raise RuntimeError("training stopped before the first epoch finished; nothing to save")
     out, data_dir = resolve(run_dir), resolve(data_dir)
-    write_csv(out / files.HISTORY, result.history)
+    write_csv(out / paths.HISTORY, result.history)
     best = result.best_eval
-    result.metrics = metrics_with_intervals(result, [val_samples[i].video for i in best.indices],
-                                            n_resamples)
-    write_json(out / files.METRICS, {**result.metrics, "interrupted": result.interrupted,
+    videos = [s.video for s in samples]
+    result.metrics = metrics_with_intervals(result, videos, n_resamples)
+    write_json(out / paths.METRICS, {**result.metrics, "interrupted": result.interrupted,
                                      "epochs_run": len(result.history)})
     m = result.metrics
-    write_csv(out / files.PREDICTIONS,
-              [{"path": val_samples[i].path.relative_to(data_dir).as_posix(),
-                "label": int(label), "p_fake": float(score), "group": val_samples[i].group,
-                "video": val_samples[i].video}
-               for i, label, score in zip(best.indices, best.labels, best.scores, strict=True)])
-    groups = [val_samples[i].video for i in best.indices]
-    figures = dict(zip(files.TRAIN_FIGURES, (
+    write_csv(out / paths.PREDICTIONS,
+              [{"path": s.path.relative_to(data_dir).as_posix(), "label": int(label),
+                "p_fake": float(p), "group": s.group, "video": s.video}
+               for s, label, p in zip(samples, best.labels, best.scores, strict=True)])
+    figures = dict(zip(paths.TRAIN_FIGURES, (
         viz.plot_history(result.history, result.best_epoch),
-        viz.plot_roc(best.labels, best.scores, groups=groups),
+        viz.plot_roc(best.labels, best.scores, groups=videos),
         viz.plot_confusion(m["confusion"], m["threshold"]),
         viz.plot_score_hist(best.labels, best.scores, m["threshold"])), strict=True))
     for name, fig in figures.items():
@@ -636,50 +640,81 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
     Only rank 0 writes: model.pt, last.pt while the run can be resumed, history, metrics,
     predictions and figures.
     """
-    from dfutils import runs, sbi, viz
-    from dfutils.data import train_val_loaders, val_loader
-    from dfutils.model import build_model
-    from dfutils.split import identity as split_identity
-    from dfutils.split import read_report
-
     runs.seed_everything(params.seed)
     rank, _ = distributed.world()
     out = resolve(params.run_dir)
     # Read once, before the loaders are built: "nothing to resume" comes first.
-    resumed = read_checkpoint(out / files.LAST, resume=True) if params.resume else None
+    resumed = read_checkpoint(out / paths.LAST, resume=True) if params.resume else None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # of a killed earlier run
-    blends_loader, found = None, None
+    blends_loader, blends, found = None, None, None
     if params.self_blends:
-        train_loader, blends_loader, found = sbi.loaders(params)
+        train_loader, blends_loader, blends, found = sbi.loaders(params)
         loader = val_loader(params)
         if rank == 0:
             tqdm.write(sbi.describe(found))
     else:
         train_loader, loader = train_val_loaders(params)
     # Resuming loads every weight from last.pt: pretrained weights are not needed again.
-    model = build_model(None if params.resume else params.weights, params.trainable,
-                        params.arch)
+    model = build_model(params.arch, None if params.resume else params.weights,
+                        params.trainable)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
         tqdm.write(f"{params.arch}, weights: {params.weights}; trainable: {params.trainable} "
                    f"({n_trained:,} of {sum(p.numel() for p in model.parameters()):,} "
                    f"parameters); device: {distributed.device()}; outputs: {out}")
     faces = (read_report(params.data_dir) or {}).get("faces")
-    result = fit(model, train_loader, loader, params, checkpoint=out / files.MODEL,
-                 device=distributed.device(), last=out / files.LAST, faces=faces,
-                 blends_loader=blends_loader, resumed=resumed,
-                 split=split_identity(params.data_dir))
+    result = fit(model, train_loader, loader, params, checkpoint=out / paths.MODEL,
+                 device=distributed.device(), last=out / paths.LAST, faces=faces,
+                 blends_loader=blends_loader, resumed=resumed, split=identity(params.data_dir))
     if found is not None:
         result.metrics["self_blend_faces"] = found
     figures = {}
     if rank == 0:
-        figures = save_outputs(out, result, loader.dataset.samples, params.data_dir,
+        figures = save_outputs(out, result, val_samples(loader), params.data_dir,
                                params.n_bootstrap)
-        if blends_loader is not None:
-            figures[files.SELF_BLENDS] = sbi.plot_examples(blends_loader.dataset)
-            viz.save_figure(figures[files.SELF_BLENDS], out / files.SELF_BLENDS)
+        if blends is not None:
+            figures[paths.SELF_BLENDS] = sbi.plot_examples(blends)
+            viz.save_figure(figures[paths.SELF_BLENDS], out / paths.SELF_BLENDS)
         if not result.interrupted:
-            (out / files.LAST).unlink(missing_ok=True)  # finished: nothing left to resume
+            (out / paths.LAST).unlink(missing_ok=True)  # finished: nothing left to resume
     return result, figures
+
+
+def record(params: TrainParams) -> dict | None:
+    """What run.json keeps of a finished 02-train: its metrics.json."""
+    path = resolve(params.run_dir) / paths.METRICS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def status(result: tuple[FitResult, dict]) -> str:
+    """How a training ended: done, or interrupted (Ctrl-C) with the best epoch kept."""
+    return "interrupted" if result[0].interrupted else "done"
+
+
+def resumed(params: dict) -> dict:
+    """Recorded parameters that continue an interrupted run: from its last.pt when it saved
+    one (the last completed epoch), else from the start."""
+    return {**params, "resume": (resolve(params["run_dir"]) / paths.LAST).is_file()}
+
+
+def summary(record: dict) -> dict:
+    """A run's headline numbers from 02-train: validation metrics with their 95% intervals,
+    per image, per video and on the self-blends, and the kept epoch."""
+    return {**headline("val", record), **headline("val_video", record.get("video") or {}),
+            "best_epoch": record.get("best_epoch"),
+            **headline("sbi", record.get("sbi") or {})}
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """02-train's headline numbers in words."""
+    lines = []
+    if summary.get("val_auc") is not None:
+        lines.append(f"validation (epoch {summary['best_epoch']}): "
+                     f"{headline_line('val', summary)}")
+    if summary.get("val_video_auc") is not None:
+        lines.append(f"validation videos: {headline_line('val_video', summary)}")
+    if summary.get("sbi_auc") is not None:
+        lines.append(f"validation self-blends: {headline_line('sbi', summary)}")
+    return lines

@@ -17,7 +17,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from dfutils.paths import atomic_path
+from dfutils.atomic import atomic_path
+from dfutils.datasets import CLASSES
+from dfutils.metrics import grouped, video_scores
 
 COLORMAP = cv2.COLORMAP_JET  # blue = no evidence, red = strongest
 
@@ -143,13 +145,11 @@ def plot_history(history: Sequence[dict], best_epoch: int | None = None) -> Figu
 def plot_roc(labels, scores, title: str = "ROC (validation)", groups=None) -> Figure:
     """ROC curve of P(fake) with the AUC in the legend; with `groups` (a clip's frames share
     one), the video-level curve too (each video scored by its frames' mean P(fake))."""
-    from dfutils.metrics import by_group, grouped
-
     fig, ax = plt.subplots(figsize=(4, 4))
     curves = [("", labels, scores)]
     if grouped(groups):
-        _, video_labels, video_scores = by_group(groups, labels, scores)
-        curves = [("frames, ", labels, scores), ("videos, ", video_labels, video_scores)]
+        _, by_video, video_p = video_scores(groups, labels, scores)
+        curves = [("frames, ", labels, scores), ("videos, ", by_video, video_p)]
     for name, y, p in curves:
         if len(np.unique(y)) == 2:
             fpr, tpr, _ = roc_curve(y, p)
@@ -227,6 +227,30 @@ def markdown_table(rows: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def faces_summary(report: dict) -> list[dict]:
+    """The faces step's report per class: sources, frames read, faces found and the share
+    of frames with a face."""
+    rows = []
+    for label in CLASSES:
+        entries = [e for e in report["sources"] if e["label"] == label]
+        frames = sum(e.get("frames_read", 0) for e in entries)
+        found = sum(e.get("faces_found", 0) for e in entries)
+        rows.append({"class": label, "sources": len(entries), "frames read": frames,
+                     "faces found": found, "found": f"{found / frames:.1%}" if frames else "-"})
+    return rows
+
+
+def faces_problems(report: dict) -> list[dict]:
+    """The sources of the faces step's report that could not be read, gave no face, were
+    skipped or missing (a data set's list names them), or were shorter than
+    frames_per_video, with the reason."""
+    rows = [{"source": e["source"], "why": e["reason"]} for e in report["unreadable"]]
+    rows += [{"source": e["source"], "why": "no face in any frame read"}
+             for e in report["sources"] if "reason" not in e and e["faces_found"] == 0]
+    rows += [{"source": e["source"], "why": e["short"]} for e in report["sources"] if "short" in e]
+    return rows + [{"source": e["source"], "why": e["reason"]} for e in report["skipped"]]
 
 
 def counts_table(counts: dict[str, dict[str, int]]) -> str:

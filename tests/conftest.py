@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 import struct
 from pathlib import Path
@@ -15,6 +16,10 @@ import numpy as np
 import pytest
 import skimage.data
 from PIL import Image, ImageOps
+
+from dfutils import datasets, faces, paths
+from dfutils.params import FacesParams, SplitParams
+from dfutils.split import split
 
 
 def write_image(path: Path, seed: int, size: int = 32, mode: str = "RGB", fmt: str | None = None,
@@ -50,16 +55,14 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 def make_split(raw_dir: Path, data_dir: Path, **values) -> dict:
     """dfutils.split.split on raw_dir into data_dir, other parameters as given."""
-    from dfutils.params import SplitParams
-    from dfutils.split import split
-
     return split(SplitParams(raw_dir=str(raw_dir), data_dir=str(data_dir), **values))
 
 
 def evaluate(run_dir: Path, data: Path, name: str, sweeps: dict | None = None, **values
              ) -> tuple[dict, dict]:
-    """dfutils.inference.evaluate_folder of a run on a folder (or, with split=, a split)."""
-    from dfutils.inference import SWEEPS, evaluate_folder
+    """dfutils.evaluate.evaluate_folder of a run on a folder (or, with split=, a split)."""
+    from dfutils.corruptions import SWEEPS
+    from dfutils.evaluate import evaluate_folder
     from dfutils.params import EvalParams
 
     params = EvalParams(run_dir=str(run_dir), eval_dir=str(data), name=name, **values)
@@ -88,7 +91,7 @@ def run_dir(tmp_path: Path) -> Path:
     from dfutils.model import build_model, save_checkpoint
 
     torch.manual_seed(0)
-    model = build_model(None, "all").eval()
+    model = build_model("resnet18", None, "all").eval()
     run = tmp_path / "run"
     save_checkpoint(run / "model.pt", model, params={"image_size": 32, "trainable": "all"},
                     threshold=0.5, threshold_rule="0.5", metrics={}, epoch=1)
@@ -188,3 +191,110 @@ def write_clip(path: Path, n: int, face: bool = True, shade: int = 40) -> list[n
         boxes.append(box)
     writer.release()
     return boxes
+
+
+# -- The published data sets' layouts, from tiny clips (test_datasets, test_benchmark) ----
+
+# Three pairs of ondyari/FaceForensics dataset/splits/{train,val,test}.json.
+FFPP_SPLITS = {"train": [["071", "054"]], "val": [["720", "672"]], "test": [["953", "974"]]}
+FAST = {"frames_per_video": 2, "face_size": 48}
+
+
+def clip(path: Path, shade: int, n: int = 3, face: bool = True) -> None:
+    """A short clip of the moving face on a background of grey `shade` (any int)."""
+    write_clip(path, n, face=face, shade=shade % 230)
+
+
+def make_ffpp(root: Path, methods=("Deepfakes", "Face2Face"), touch: bool = False) -> Path:
+    """FF++ c23: the originals and both fakes of each pair, per method; `touch`: empty files
+    (enough for the reader), else real clips."""
+    write = (lambda p, shade: (p.parent.mkdir(parents=True, exist_ok=True), p.touch())
+             ) if touch else clip
+    (root / "splits").mkdir(parents=True)
+    for split_name, pairs in FFPP_SPLITS.items():
+        (root / "splits" / f"{split_name}.json").write_text(json.dumps(pairs))
+    shade = 20
+    for a, b in [pair for pairs in FFPP_SPLITS.values() for pair in pairs]:
+        for name in (a, b):
+            write(root / f"original_sequences/youtube/c23/videos/{name}.mp4", shade := shade + 9)
+        for method in methods:
+            for name in (f"{a}_{b}", f"{b}_{a}"):
+                write(root / f"manipulated_sequences/{method}/c23/videos/{name}.mp4",
+                      shade := shade + 9)
+    return root
+
+
+def make_celebdf(root: Path, touch: bool = False) -> Path:
+    """Celeb-DF v2: six identities, a ring of swaps, three YouTube clips, the test list
+    (1 = real) with one line that contradicts its folder."""
+    write = (lambda p, shade: (p.parent.mkdir(parents=True, exist_ok=True), p.touch())
+             ) if touch else clip
+    shade = 20
+    for k in range(6):
+        write(root / f"Celeb-real/id{k}_0000.mp4", shade := shade + 9)
+        write(root / f"Celeb-synthesis/id{k}_id{(k + 1) % 6}_0000.mp4", shade := shade + 9)
+    for k in range(3):
+        write(root / f"YouTube-real/{k:05d}.mp4", shade := shade + 9)
+    (root / datasets.CELEBDF_LIST).write_text(
+        "1 YouTube-real/00000.mp4\n0 Celeb-synthesis/id5_id0_0000.mp4\n"
+        "1 Celeb-real/id5_0000.mp4\n0 Celeb-real/id4_0000.mp4\n")
+    return root
+
+
+def make_dfdc(root: Path) -> Path:
+    """Two training parts (fakes with their originals, one original missing) and the
+    public test set's labels.csv (1 = fake) with a clip that shows no face."""
+    parts = {"dfdc_train_part_0": {"aaa.mp4": {"label": "REAL", "split": "train"},
+                                   "bbb.mp4": {"label": "FAKE", "original": "aaa.mp4"},
+                                   "ccc.mp4": {"label": "REAL"},
+                                   "ddd.mp4": {"label": "FAKE", "original": "ccc.mp4"}},
+             "dfdc_train_part_1": {"eee.mp4": {"label": "REAL"},
+                                   "fff.mp4": {"label": "FAKE", "original": "eee.mp4"},
+                                   "ggg.mp4": {"label": "FAKE", "original": "zzz.mp4"},
+                                   "hhh.mp4": {"label": "REAL"},
+                                   "iii.mp4": {"label": "FAKE", "original": "hhh.mp4"}}}
+    shade = 20
+    for part, metadata in parts.items():
+        (root / part).mkdir(parents=True)
+        (root / part / datasets.DFDC_METADATA).write_text(json.dumps(metadata))
+        for name in metadata:
+            clip(root / part / name, shade := shade + 9)
+    (root / "test").mkdir()
+    (root / "test" / datasets.DFDC_LABELS).write_text(
+        "filename,label\nt1.mp4,0\nt2.mp4,1\nt3.mp4,1\nt4.mp4,0\nmissing.mp4,1\n")
+    for name in ("t1", "t2", "t4"):
+        clip(root / "test" / f"{name}.mp4", shade := shade + 9)
+    clip(root / "test" / "t3.mp4", 0, face=False)  # a fake test video without a face
+    return root
+
+
+def prepare(tmp_path: Path, name: str, raw: Path, dataset: str, **split_values
+            ) -> tuple[Path, dict, dict]:
+    """The faces step and the split of one data set: (split folder, faces report, split
+    report); the data set's folder is only read."""
+    before = tree_digest(raw)
+    faces_dir, data_dir = tmp_path / f"{name}-faces", tmp_path / name
+    face_report = faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(faces_dir),
+                                                  dataset=dataset, **FAST), workers=1)
+    report = split(SplitParams(raw_dir=str(faces_dir), data_dir=str(data_dir),
+                               group_by="folder", **split_values))
+    assert tree_digest(raw) == before
+    return data_dir, face_report, report
+
+
+def manifest(data_dir: Path) -> list[dict]:
+    with open(data_dir / paths.MANIFEST, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> dict[str, tuple[Path, dict, dict]]:
+    root = tmp_path_factory.mktemp("sets")
+    return {
+        "ffpp": prepare(root, "ffpp", make_ffpp(root / "FaceForensics++"), "ffpp"),
+        "celebdf": prepare(root, "celebdf", make_celebdf(root / "Celeb-DF-v2"), "celebdf",
+                           val_fraction=0.34),
+        "dfdc": prepare(root, "dfdc", make_dfdc(root / "DFDC"), "dfdc", val_fraction=0.4),
+    }
+
+

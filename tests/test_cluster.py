@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import frame_of, one_line_error, write_clip
 
-from dfutils import faces, files, shards
+from dfutils import faces, frames, paths, shards
 from dfutils.__main__ import main
 from dfutils.params import FacesParams
 
@@ -39,9 +39,11 @@ def leaves(value, path: str = ""):
 
 
 def contents(root: Path) -> dict[str, str]:
-    """Every file under root with its content hash."""
+    """Every file under root with its content hash, but the run record a command keeps
+    beside its output (faces-run/: when it ran, not what it made)."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != paths.FACES_RUN}
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +127,18 @@ def test_sharded_runs_merge_to_the_bytes_of_a_single_run(raw, single, tmp_path, 
                 m.setenv(name, value)
             assert run_cli("faces", f"RAW_DIR={raw}", f"FACES_DIR={out}", "SHARD=auto",
                            *WORDS) == 0
-        part = out / files.FACES_PARTS / f"{k}-of-{n}"
-        seen += [json.loads(line)["source"] for line in
+        part = out / paths.FACES_PARTS / f"{k}-of-{n}"
+        seen += [json.loads(line)["key"] for line in
                  (part / "journal.jsonl").read_text().splitlines()[1:]]
-        assert not (out / files.FACES).exists()  # a shard writes only its part
+        assert not (out / paths.FACES).exists()  # a shard writes only its part
     assert sorted(seen) == sorted(e["source"] for e in faces.read_report(single)["sources"])
     assert run_cli("merge", "faces", f"RAW_DIR={raw}", f"FACES_DIR={out}", *WORDS) == 0
     assert contents(out) == contents(single)  # crops, faces.csv and report, byte for byte
-    assert not (out / files.FACES_PARTS).exists()
+    assert not (out / paths.FACES_PARTS).exists()
+    record = json.loads((out / paths.FACES_RUN / paths.RUN_RECORD).read_text())
+    assert record["steps"]["00-faces"]["status"] == "done"  # the merge finished the step
+    assert record["steps"]["00-faces"]["metrics"]["n_crops"] == faces.read_report(
+        single)["n_crops"]
 
 
 def shard_all(raw: Path, out: Path, n: int, changed: dict | None = None) -> None:
@@ -146,7 +152,7 @@ def shard_all(raw: Path, out: Path, n: int, changed: dict | None = None) -> None
 def test_merge_names_a_missing_a_foreign_and_a_half_written_shard(raw, tmp_path, capsys):
     out = tmp_path / "faces"
     shard_all(raw, out, 4, {1: {"face_margin": 1.5}})
-    parts = out / files.FACES_PARTS
+    parts = out / paths.FACES_PARTS
     (parts / "2-of-4" / "done.json").unlink()  # as a kill mid-shard leaves it
     journal = parts / "2-of-4" / "journal.jsonl"
     journal.write_text(journal.read_text()[:-20])  # with its last line cut short
@@ -192,7 +198,7 @@ def test_a_killed_faces_run_resumes_without_decoding_the_finished_clips(raw, sin
     out = tmp_path / "faces"
     command = [sys.executable, "-m", "dfutils", "faces", f"RAW_DIR={raw}", f"FACES_DIR={out}",
                *WORDS]
-    journal = out / files.FACES_PARTS / "0-of-1" / "journal.jsonl"
+    journal = out / paths.FACES_PARTS / "0-of-1" / "journal.jsonl"
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
@@ -203,10 +209,10 @@ def test_a_killed_faces_run_resumes_without_decoding_the_finished_clips(raw, sin
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the runner and its workers, mid-way
         process.wait()
-    finished = [json.loads(line)["source"] for line in journal.read_text().splitlines()[1:]
+    finished = [json.loads(line)["key"] for line in journal.read_text().splitlines()[1:]
                 if line.strip()]
     assert 3 <= len(finished) < 11, "the run was not killed mid-way"
-    assert not (out / files.FACES).exists()
+    assert not (out / paths.FACES).exists()
 
     decoded = []
     real_faces_of = faces.faces_of
@@ -223,7 +229,7 @@ def test_a_frame_over_the_detection_cap_is_scaled_down_and_said(tmp_path, monkey
     write_clip(raw / "fake" / "b.mp4", 2, shade=90)
     plain = faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(tmp_path / "plain"),
                                             **PARAMS), workers=1)
-    monkeypatch.setattr(faces, "DETECT_PIXELS", 250 * 300)  # frames are 300 x 360
+    monkeypatch.setattr(frames, "DETECT_PIXELS", 250 * 300)  # frames are 300 x 360
     capped = faces.extract_faces(FacesParams(raw_dir=str(raw),
                                              faces_dir=str(tmp_path / "capped"), **PARAMS),
                                  workers=1)
@@ -249,14 +255,14 @@ def test_a_clip_over_the_pixel_cap_is_refused_before_decoding(tmp_path, small_pi
 
 
 def test_frames_decoded_ahead_stop_with_the_consumer_and_carry_errors():
-    def frames():
+    def decoded():
         yield 1
         yield 2
-        raise faces.FacesError("broken at frame 3")
+        raise frames.UnreadableClip("broken at frame 3")
 
-    assert next(iter(faces.ahead(iter(range(10**6))))) == 0  # stops without draining
-    with pytest.raises(faces.FacesError, match="frame 3"):
-        list(faces.ahead(frames()))
+    assert next(iter(frames.ahead(iter(range(10**6))))) == 0  # stops without draining
+    with pytest.raises(frames.UnreadableClip, match="frame 3"):
+        list(frames.ahead(decoded()))
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +275,7 @@ def face_run(raw, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("face_run") / "run"
     recorded = faces.recorded(FacesParams(raw_dir=str(raw), **PARAMS), raw)
-    save_checkpoint(run / files.MODEL, build_model(None, "all").eval(),
+    save_checkpoint(run / paths.MODEL, build_model("resnet18", None, "all").eval(),
                     params={"image_size": 32, "trainable": "all"}, threshold=0.5,
                     threshold_rule="0.5", metrics={}, epoch=1, faces=recorded)
     return run
@@ -294,7 +300,7 @@ def test_sharded_predict_merges_to_the_csvs_of_a_single_run(raw, face_run, tmp_p
     in_tasks(monkeypatch, "torchrun", 3, *predict(tmp_path / "sharded.csv", "--shard", "auto"))
     assert not (tmp_path / "sharded.csv").exists()
     assert sorted(p.name for p in (tmp_path / "sharded.csv.parts").iterdir()) == [
-        "0-of-3.json", "1-of-3.json", "2-of-3.json"]
+        "0-of-3", "1-of-3", "2-of-3"]
     assert run_cli("merge", "predict", "--out", str(tmp_path / "sharded.csv")) == 0
     for suffix in (".csv", ".frames.csv"):
         assert (tmp_path / f"sharded{suffix}").read_bytes() == (
@@ -316,14 +322,14 @@ def test_merging_predict_names_a_missing_shard_and_one_made_otherwise(raw, face_
     assert not out.exists()
     assert run_cli("predict", "--run", str(face_run), str(raw), "--out", str(out),
                    "--shard", "0/3") == 0  # a task run again replaces its own part
-    mine = tmp_path / "q.csv.parts" / "0-of-2.json"  # a user's file that bears a part's name
-    mine.parent.mkdir()
-    mine.write_text('{"my": "notes"}')
+    mine = tmp_path / "q.csv.parts" / "0-of-2"  # a user's folder that bears a part's name
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text('{"my": "notes"}')
     capsys.readouterr()
     assert run_cli("predict", "--run", str(face_run), str(raw), "--out",
                    str(tmp_path / "q.csv"), "--shard", "0/2") == 2
-    assert f"{mine} is not a part this job wrote" in one_line_error(capsys.readouterr().err)
-    assert mine.read_text() == '{"my": "notes"}'
+    assert f"{mine} holds files but no journal" in one_line_error(capsys.readouterr().err)
+    assert (mine / "notes.txt").read_text() == '{"my": "notes"}'
 
 
 def test_sharded_evaluate_merges_to_the_report_of_a_single_run(raw, face_run, monkeypatch):
@@ -333,19 +339,19 @@ def test_sharded_evaluate_merges_to_the_report_of_a_single_run(raw, face_run, mo
 
     assert run_cli(*evaluate("one")) == 0
     in_tasks(monkeypatch, "slurm-array", 2, *evaluate("sharded", "--shard", "auto"))
-    sharded = face_run / files.EVAL / "sharded"
-    assert not (sharded / files.EVAL_REPORT).exists()
+    sharded = face_run / paths.EVAL / "sharded"
+    assert not (sharded / paths.EVAL_REPORT).exists()
     assert run_cli("merge", "evaluate", "--run", str(face_run), "--name", "sharded") == 0
-    one = face_run / files.EVAL / "one"
-    reports = [json.loads((folder / files.EVAL_REPORT).read_text()) for folder in (one, sharded)]
+    one = face_run / paths.EVAL / "one"
+    reports = [json.loads((folder / paths.EVAL_REPORT).read_text()) for folder in (one, sharded)]
     assert reports[0].pop("name") == "one" and reports[1].pop("name") == "sharded"
     # The metrics over the merged scores, intervals and all; equal to float32's last digits
     # (a network's output depends a little on the batch it is computed in).
     flat = [dict(leaves(report)) for report in reports]
     assert flat[1] == pytest.approx(flat[0], abs=1e-6)
     assert reports[1]["metrics"]["auc"] == reports[0]["metrics"]["auc"]
-    assert contents(sharded / files.EVAL_FACES) == contents(one / files.EVAL_FACES)
-    assert not (sharded / files.EVAL_PARTS).exists()
+    assert contents(sharded / paths.EVAL_FACES) == contents(one / paths.EVAL_FACES)
+    assert not (sharded / paths.EVAL_PARTS).exists()
 
 
 def test_sharded_evaluate_of_a_split_merges_to_the_single_runs_metrics(run_dir,
@@ -358,7 +364,7 @@ def test_sharded_evaluate_of_a_split_merges_to_the_single_runs_metrics(run_dir,
     assert run_cli(*evaluate("one")) == 0
     in_tasks(monkeypatch, "srun", 3, *evaluate("sharded", "--shard", "auto"))
     assert run_cli("merge", "evaluate", "--run", str(run_dir), "--name", "sharded") == 0
-    one, sharded = (dict(leaves(json.loads((run_dir / files.EVAL / name / files.EVAL_REPORT
+    one, sharded = (dict(leaves(json.loads((run_dir / paths.EVAL / name / paths.EVAL_REPORT
                                             ).read_text()))) for name in ("one", "sharded"))
     assert one.pop("/name") == "one" and sharded.pop("/name") == "sharded"
     assert sharded == pytest.approx(one, abs=1e-6)
@@ -441,7 +447,7 @@ def test_a_part_killed_during_its_first_write_is_started_again(raw, single, tmp_
     """A kill while the journal's first version was written leaves only a temporary file:
     the part is this step's own, not a stranger's folder."""
     out = tmp_path / "faces"
-    part = out / files.FACES_PARTS / "0-of-1"
+    part = out / paths.FACES_PARTS / "0-of-1"
     part.mkdir(parents=True)
     (part / ".journal.jsonl.abcd1234.tmp").write_text('{"params"')
     faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(out), **PARAMS), workers=1)

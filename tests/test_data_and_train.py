@@ -5,14 +5,14 @@ from conftest import evaluate as evaluate_run
 from conftest import make_split, write_image
 from PIL import Image
 
-from dfutils import data, files
+from dfutils import data, images, manifest, paths
 from dfutils.model import build_model
 from dfutils.params import TrainParams
 from dfutils.train import EarlyStopping, evaluate, fit, make_optimizer, train_one_epoch
 
 
 def test_labels_come_from_the_manifest_fake_is_one(separable_split):
-    samples = data.read_manifest(separable_split)
+    samples = manifest.read_manifest(separable_split)
     assert {s.label for s in samples if s.path.parent.name == "fake"} == {1}
     assert {s.label for s in samples if s.path.parent.name == "real"} == {0}
 
@@ -24,7 +24,7 @@ def test_any_image_mode_loads_as_rgb(tmp_path, mode):
         Image.fromarray(np.full((8, 8), 40_000, np.uint16)).save(path)
     else:
         path = write_image(tmp_path / "x.png", seed=0, mode=mode)
-    image = data.load_image(path)
+    image = images.load_image(path)
     assert image.mode == "RGB"
     if mode == "I;16":  # scaled from 16 bits, not clipped to white
         assert np.asarray(image)[0, 0, 0] == 40_000 // 256
@@ -35,30 +35,31 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif)
-    assert data.load_image(tmp_path / "r.jpg").size == (10, 30)
+    assert images.load_image(tmp_path / "r.jpg").size == (10, 30)
 
 
 def test_a_file_that_breaks_mid_training_is_named(tmp_path):
     path = write_image(tmp_path / "ok.png", seed=0)
-    dataset = data.ManifestDataset([data.Sample(path, 1, None)], data.eval_transform(32))
+    dataset = data.ManifestDataset([manifest.Sample(path, 1, None)],
+                                   data.eval_transform(32, "resnet18"))
     path.write_bytes(b"broken")
-    with pytest.raises(data.ImageLoadError, match="ok.png"):
+    with pytest.raises(images.ImageLoadError, match="ok.png"):
         dataset[0]
 
 
 @pytest.mark.parametrize("jpeg,blur", [(0.0, 0.0), (1.0, 1.0)])
 def test_transforms_give_normalised_square_tensors(tmp_path, jpeg, blur):
-    image = data.load_image(write_image(tmp_path / "x.png", seed=0, size=50))
+    image = images.load_image(write_image(tmp_path / "x.png", seed=0, size=50))
     augmented = TrainParams(image_size=40, jpeg_prob=jpeg, blur_prob=blur)
-    for transform in (data.eval_transform(40), data.train_transform(augmented)):
+    for transform in (data.eval_transform(40, "resnet18"), data.train_transform(augmented)):
         x = transform(image)
         assert x.shape == (3, 40, 40) and x.dtype == torch.float32
         assert -3 < x.min() < 0 < x.max() < 3
 
 
 def test_random_erasing_blanks_one_rectangle_of_a_training_image(tmp_path):
-    image = data.load_image(write_image(tmp_path / "x.png", seed=0, size=50))
-    assert not (data.eval_transform(40)(image) == 0).all(dim=0).any()
+    image = images.load_image(write_image(tmp_path / "x.png", seed=0, size=50))
+    assert not (data.eval_transform(40, "resnet18")(image) == 0).all(dim=0).any()
     torch.manual_seed(0)
     transform = data.train_transform(TrainParams(image_size=40, jitter=[0, 0, 0, 0], flip=False,
                                                  erasing=1.0))
@@ -88,7 +89,7 @@ def _fit(data_dir, tmp_path=None, **overrides):
                                        "image_size": 32, "batch_size": 8, "num_workers": 0,
                                        "seed": 0, **overrides})
     torch.manual_seed(params.seed)
-    model = build_model(None, params.trainable)
+    model = build_model(params.arch, None, params.trainable)
     checkpoint = tmp_path / "model.pt" if tmp_path else None
     return model, fit(model, *data.train_val_loaders(params), params, checkpoint=checkpoint,
                       device=torch.device("cpu"))
@@ -113,7 +114,7 @@ def test_a_separable_set_is_learned_and_the_best_epoch_is_kept(separable_split, 
 
 def test_frozen_backbone_parameters_and_batchnorm_buffers_do_not_change(separable_split):
     torch.manual_seed(0)
-    model = build_model(None, "fc")
+    model = build_model("resnet18", None, "head")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _, result = _fit_model(model, separable_split)
     after = model.state_dict()
@@ -124,7 +125,7 @@ def test_frozen_backbone_parameters_and_batchnorm_buffers_do_not_change(separabl
 
 def _fit_model(model, data_dir):
     params = TrainParams.from_mapping({"data_dir": str(data_dir), "weights": None,
-                                       "trainable": "fc", "image_size": 32, "batch_size": 8,
+                                       "trainable": "head", "image_size": 32, "batch_size": 8,
                                        "num_workers": 0, "max_epochs": 2, "lr": 1e-2})
     return model, fit(model, *data.train_val_loaders(params), params, device=torch.device("cpu"))
 
@@ -154,7 +155,7 @@ def interrupt_epoch(monkeypatch, n: int) -> None:
 def test_ctrl_c_keeps_the_best_epoch(separable_split, tmp_path, monkeypatch):
 
     interrupt_epoch(monkeypatch, 2)
-    _, result = _fit(separable_split, tmp_path, trainable="fc", max_epochs=5)
+    _, result = _fit(separable_split, tmp_path, trainable="head", max_epochs=5)
     assert result.interrupted and result.best_epoch == 1 and len(result.history) == 1
     from dfutils.model import read_checkpoint
 
@@ -165,11 +166,11 @@ def test_ctrl_c_keeps_the_best_epoch(separable_split, tmp_path, monkeypatch):
 def test_the_feature_cache_gives_the_head_the_uncached_path_gives(separable_split, ema):
     results = {}
     for cache in (False, True):
-        model, result = _fit(separable_split, trainable="fc", max_epochs=3, patience=3,
+        model, result = _fit(separable_split, trainable="head", max_epochs=3, patience=3,
                              lr=1e-2, jitter=[0.0] * 4, flip=False, feature_cache=cache,
                              ema=ema)
         results[cache] = (model.fc.weight.detach().clone(), result.history)
-    assert TrainParams(trainable="fc", jitter=[0.0] * 4, flip=False).caches_features
+    assert TrainParams(trainable="head", jitter=[0.0] * 4, flip=False).caches_features
     torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-4)
     for cached, plain in zip(results[True][1], results[False][1], strict=True):
         assert cached["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-4)
@@ -181,7 +182,7 @@ def test_the_feature_cache_gives_the_head_the_uncached_path_gives(separable_spli
                                        {"mixup": 0.4}, {"crop_scale": 0.8},
                                        {"erasing": 0.5}])
 def test_the_feature_cache_is_used_only_when_it_cannot_change_results(overrides):
-    base = {"trainable": "fc", "jitter": [0.0] * 4, "flip": False}
+    base = {"trainable": "head", "jitter": [0.0] * 4, "flip": False}
     assert not TrainParams.from_mapping({**base, **overrides}).caches_features
 
 
@@ -214,7 +215,7 @@ def test_label_smoothing_caps_the_confidence_training_aims_for(smoothing, p_fake
     batches = [(torch.zeros(4, 3, 2, 2), torch.ones(4), torch.arange(4))] * 50  # all fake
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     for _ in range(10):
-        train_one_epoch(model, batches, optimizer, torch.device("cpu"),
+        train_one_epoch(model, batches, optimizer, torch.device("cpu"), None,
                         label_smoothing=smoothing)
     reached = torch.sigmoid(model.logit).item()
     if p_fake is None:
@@ -234,7 +235,7 @@ def test_ema_validates_and_keeps_the_moving_average_of_the_weights(separable_spl
                                        "image_size": 32, "batch_size": 8, "num_workers": 0,
                                        "seed": 0, **settings})
     torch.manual_seed(params.seed)
-    raw = build_model(None, "all").to(memory_format=torch.channels_last)
+    raw = build_model("resnet18", None, "all").to(memory_format=torch.channels_last)
     train_loader, val_loader = data.train_val_loaders(params)
     train_loader.sampler.set_epoch(1)
     average = {}
@@ -246,7 +247,7 @@ def test_ema_validates_and_keeps_the_moving_average_of_the_weights(separable_spl
                 average[name] = decay * previous + (1 - decay) * value
 
     train_one_epoch(raw, train_loader, make_optimizer(raw, params.lr, 0.0), torch.device("cpu"),
-                    after_step=after_step)
+                    "all", after_step=after_step)
     kept = model.state_dict()
     for name, value in average.items():  # BatchNorm statistics included
         torch.testing.assert_close(kept[name], value, atol=1e-6, rtol=1e-5)
@@ -277,8 +278,8 @@ def test_a_resumed_run_has_the_history_of_an_uninterrupted_one(separable_split, 
     whole = run("whole")
     interrupt_epoch(monkeypatch, 3)
     cut = run("cut")
-    assert cut.interrupted and len(cut.history) == 2 and (tmp_path / "cut" / files.LAST).is_file()
-    scaler = torch.load(tmp_path / "cut" / files.LAST, weights_only=False)["training"][
+    assert cut.interrupted and len(cut.history) == 2 and (tmp_path / "cut" / paths.LAST).is_file()
+    scaler = torch.load(tmp_path / "cut" / paths.LAST, weights_only=False)["training"][
         "learner"]["scaler"]
     assert bool(scaler) == (amp == "fp16")  # a disabled scaler has no state
     monkeypatch.undo()
@@ -292,12 +293,12 @@ def test_a_resumed_run_has_the_history_of_an_uninterrupted_one(separable_split, 
     weights = [torch.load(tmp_path / n / "model.pt", weights_only=True)["model_state"]
                for n in ("whole", "cut")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    assert not (tmp_path / "cut" / files.LAST).exists()  # finished: nothing left to resume
+    assert not (tmp_path / "cut" / paths.LAST).exists()  # finished: nothing left to resume
 
 
 def test_resume_refuses_other_parameters_and_a_run_without_state(separable_split, tmp_path):
-    from dfutils.files import LAST
     from dfutils.model import CheckpointError
+    from dfutils.paths import LAST
     from dfutils.train import train_run
 
     base = {"data_dir": str(separable_split), "weights": None, "trainable": "all",
@@ -328,10 +329,10 @@ def test_a_changed_split_and_a_damaged_last_pt_are_refused_by_name(separable_spl
     """Issue 26, items 6 and 12: resuming after a re-split trained on validation images
     without a word, and a tampered last.pt gave a bare KeyError."""
     import dfutils.train as T
-    from dfutils.files import LAST
     from dfutils.gradcam import gradcam_run
     from dfutils.model import CheckpointError
     from dfutils.params import GradCamParams
+    from dfutils.paths import LAST
 
     base = {"data_dir": str(separable_split), "weights": None, "trainable": "all",
             "image_size": 32, "batch_size": 8, "max_epochs": 2, "num_workers": 0,
@@ -394,7 +395,7 @@ def test_mixed_precision_on_the_cpu_learns_what_float32_learns(separable_split, 
 
     def history(amp: str):
         params = TrainParams.from_mapping({
-            "data_dir": str(separable_split), "weights": None, "trainable": "fc",
+            "data_dir": str(separable_split), "weights": None, "trainable": "head",
             "flip": True, "image_size": 32, "batch_size": 8, "max_epochs": 3, "patience": 3,
             "lr": 1e-2, "num_workers": 0, "seed": 5, "amp": amp, "run_dir": str(tmp_path / amp)})
         return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")}

@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
     make_split(root / "raw", root / "data", seed=0)  # 32 train, 8 validation images
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump({
-        "weights": None, "trainable": "fc", "image_size": 32, "batch_size": 8,
+        "weights": None, "trainable": "head", "image_size": 32, "batch_size": 8,
         "max_epochs": 3, "patience": 3, "lr": 0.01, "num_workers": 0, "seed": 0,
         "jitter": [0.0] * 4, "flip": False, "feature_cache": False,
         "n_images": 4,  # a key of 03-gradcam: passed over by `train`

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import evaluate, frame_of, make_split, tree_digest, write_clip
 
-from dfutils import faces, files
+from dfutils import faces, frames, paths, viz
 from dfutils.params import FacesParams
 
 
@@ -58,7 +58,7 @@ def extracted(raw, tmp_path_factory):
 @pytest.mark.parametrize("n,k,expected", [(12, 5, [0, 3, 6, 8, 11]), (3, 5, [0, 1, 2]),
                                           (1, 32, [0]), (100, 2, [0, 99]), (5, 5, [0, 1, 2, 3, 4])])
 def test_frames_are_evenly_spaced_first_and_last_included(n, k, expected):
-    assert faces.sample_indices(n, k) == expected
+    assert frames.sample_indices(n, k) == expected
 
 
 def test_the_chosen_frames_are_decoded_exactly(raw):
@@ -69,8 +69,8 @@ def test_the_chosen_frames_are_decoded_exactly(raw):
         if not ok:
             break
         full.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    chosen = list(faces.read_frames(clip, 5))
-    assert [i for i, _, _ in chosen] == faces.sample_indices(len(full), 5)
+    chosen = list(frames.read_frames(clip, 5))
+    assert [i for i, _, _ in chosen] == frames.sample_indices(len(full), 5)
     for index, frame, scale in chosen:
         assert np.array_equal(frame, full[index]) and scale == 1.0
 
@@ -79,7 +79,7 @@ def test_each_crop_holds_the_face_where_it_is(extracted, raw):
     out, _ = extracted
     table = faces.read_faces(out)
     rows = [r for r in table.values() if r["source"] == "real/clip_a.mp4"]
-    assert [r["frame"] for r in rows] == faces.sample_indices(12, 5)
+    assert [r["frame"] for r in rows] == frames.sample_indices(12, 5)
     for row in rows:
         assert iou(row["box"], frame_of(row["frame"])[1]) > 0.5
         crop = cv2.imread(str(out / row["path"]))
@@ -103,14 +103,14 @@ def test_outputs_follow_the_layout_and_bad_inputs_are_reported_by_name(extracted
     unreadable = {e["source"]: e["reason"] for e in report["unreadable"]}
     assert set(unreadable) >= {"fake/empty.mp4", "fake/text.mp4", "fake/truncated.mp4"}
     assert {s["source"] for s in report["skipped"]} == {"real/notes.txt"}
-    problems = {r["source"]: r["why"] for r in faces.problem_rows(report)}
+    problems = {r["source"]: r["why"] for r in viz.faces_problems(report)}
     assert set(problems) == {"fake/empty.mp4", "fake/text.mp4", "fake/truncated.mp4",
                              "real/noface.mp4", "fake/sky.png", "real/notes.txt",
                              "fake/short.avi", "fake/one.mp4"}  # the last two: every frame
     assert problems["fake/short.avi"] == ("3 frame(s) read, fewer than frames_per_video=5: "
                                           "every frame it has was used")
     assert report["short_clips"] == 2
-    with open(out / files.FACES, newline="") as f:
+    with open(out / paths.FACES, newline="") as f:
         assert len(list(csv.DictReader(f))) == report["n_crops"] == len(crops)
 
 
@@ -193,7 +193,7 @@ def test_the_faces_notebook_runs(raw, tmp_path):
                                progress_bar=False)
     executed = json.loads((tmp_path / "o.ipynb").read_text())
     assert "real/noface.mp4" in json.dumps(executed["cells"][-1]["outputs"])
-    assert (tmp_path / "f" / files.FACES_REPORT).is_file()
+    assert (tmp_path / "f" / paths.FACES_REPORT).is_file()
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def face_run(raw, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("face_run") / "run"
     recorded = {k: v for k, v in FacesParams(raw_dir=str(raw), **PARAMS).to_dict().items()
                 if k not in ("faces_dir", "overwrite")}
-    save_checkpoint(run / "model.pt", build_model(None, "all").eval(),
+    save_checkpoint(run / "model.pt", build_model("resnet18", None, "all").eval(),
                     params={"image_size": 32, "trainable": "all"}, threshold=0.5,
                     threshold_rule="0.5", metrics={}, epoch=1, faces=recorded)
     return run
@@ -218,9 +218,9 @@ def test_predict_crops_clips_and_photos_the_way_training_did(face_run, raw, tmp_
 
     inputs = [raw / "real" / "clip_a.mp4", raw / "real" / "photo.jpg",
               raw / "real" / "noface.mp4", raw / "fake" / "text.mp4"]
-    out, frames, cams = tmp_path / "p.csv", tmp_path / "frames.csv", tmp_path / "cams"
+    out, frames_out, cams = tmp_path / "p.csv", tmp_path / "frames.csv", tmp_path / "cams"
     assert main(["predict", "--run", str(face_run), *map(str, inputs), "--out", str(out),
-                 "--frames-out", str(frames), "--cam-dir", str(cams)]) == 0
+                 "--frames-out", str(frames_out), "--cam-dir", str(cams)]) == 0
     assert sorted(p.name for p in cams.iterdir())[:2] == ["clip_a.mp4.000000.cam.png",
                                                           "clip_a.mp4.000003.cam.png"]
     assert len(list(cams.iterdir())) == 5 + 1  # one per crop: the clip's five, the photo
@@ -233,9 +233,9 @@ def test_predict_crops_clips_and_photos_the_way_training_did(face_run, raw, tmp_
     assert rows["noface.mp4"]["status"] == "error: no face found in the frames read"
     assert rows["noface.mp4"]["n_frames"] == "5"
     assert rows["text.mp4"]["status"].startswith("error: not a video")
-    with open(frames, newline="") as f:
+    with open(frames_out, newline="") as f:
         per_frame = [r for r in csv.DictReader(f) if r["path"].endswith("clip_a.mp4")]
-    assert [int(r["frame"]) for r in per_frame] == faces.sample_indices(12, 5)
+    assert [int(r["frame"]) for r in per_frame] == frames.sample_indices(12, 5)
     assert float(clip["p_fake"]) == pytest.approx(
         np.mean([float(r["p_fake"]) for r in per_frame]), abs=1e-5)
 
@@ -276,7 +276,7 @@ def test_the_chain_with_faces_reports_frame_and_video_level_metrics(raw, tmp_pat
                             "data_dir": str(tmp_path / "data"), **PARAMS},
                            runs_root=tmp_path / "runs", faces=True)
     record = json.loads((run / "run.json").read_text())
-    assert [record["steps"][s]["status"] for s in pipeline.NOTEBOOKS if s in record["steps"]] == [
+    assert [record["steps"][s]["status"] for s in pipeline.STEPS if s in record["steps"]] == [
         "done"] * 4
     assert record["steps"]["01-split"]["params"]["raw_dir"] == str(tmp_path / "faces")
     assert record["steps"]["01-split"]["params"]["group_by"] == "folder"
@@ -330,10 +330,10 @@ def test_inputs_whose_crops_would_coincide_are_named_before_any_work(tmp_path):
                            "real/a.mp4: rename or move one of them",
         "real/d.png": "its crop real/d.png would land among the crops of the clip "
                       "real/d.png.mp4: rename or move one of them"}
-    with open(tmp_path / "f" / files.FACES, newline="") as f:
-        paths = [row["path"] for row in csv.DictReader(f)]
-    assert len(paths) == len(set(paths))  # one row per crop
-    assert {"real/x.v1.png", "real/x.v2.png"} <= set(paths)
+    with open(tmp_path / "f" / paths.FACES, newline="") as f:
+        crops = [row["path"] for row in csv.DictReader(f)]
+    assert len(crops) == len(set(crops))  # one row per crop
+    assert {"real/x.v1.png", "real/x.v2.png"} <= set(crops)
 
 
 def test_one_split_from_several_raw_folders_keeps_each_sources_groups(tmp_path):

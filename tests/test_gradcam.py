@@ -6,21 +6,15 @@ from PIL import Image
 from torch import nn
 
 from dfutils import viz
-from dfutils.gradcam import (
-    GradCAM,
-    deletion_score,
-    localization,
-    scale_maps,
-    select_images,
-    upsample,
-)
+from dfutils.cam import GradCAM, deletion_score, localization, scale_maps, upsample
+from dfutils.gradcam import select_images
 from dfutils.model import build_model
 
 
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return build_model(None, "all").eval()
+    return build_model("resnet18", None, "all").eval()
 
 
 @pytest.fixture
@@ -51,8 +45,8 @@ def test_maps_match_pytorch_grad_cam(model, batch, target, category):
 
 
 
-@pytest.mark.parametrize("arch,layer", [("resnet18", "layer3"), ("resnet18", "layer4"),
-                                        ("efficientnet_b4", "layer3")])
+@pytest.mark.parametrize("arch,layer", [("resnet18", "last-1"), ("resnet18", "last"),
+                                        ("efficientnet_b4", "last-1")])
 def test_a_cell_lands_on_the_pixels_it_looks_at(arch, layer):
     """A layer's cell (i, j) sees the input around pixel (s i, s j) (its receptive field's
     centre, measured as the centroid of the input gradient of that one cell); the map puts
@@ -97,7 +91,7 @@ def test_fake_and_real_targets_explain_different_evidence(model, batch):
 
 def test_frozen_backbone_still_gives_non_zero_maps(batch):
     torch.manual_seed(0)
-    frozen = build_model(None, "fc").eval()
+    frozen = build_model("resnet18", None, "head").eval()
     assert not any(p.requires_grad for p in frozen.layer4.parameters())
     with GradCAM(frozen) as cam:
         result = cam(batch, "predicted")
@@ -106,7 +100,7 @@ def test_frozen_backbone_still_gives_non_zero_maps(batch):
 
 @pytest.mark.parametrize("raise_inside", [False, True])
 def test_model_is_left_as_found(raise_inside, batch):
-    model = build_model(None, "fc")
+    model = build_model("resnet18", None, "head")
     model.train()
     model.layer1.eval()
     modes = {name: m.training for name, m in model.named_modules()}
@@ -171,7 +165,7 @@ def test_deletion_puts_cam_ahead_of_random_when_the_evidence_is_known():
         result = cam(images, "predicted")
     assert (result.p_fake > 0.5).all()
     score = deletion_score(model, images, result.maps, result.explained, fill="mean",
-                           grid=result.grid)
+                           grid=result.grid, clusters=None, n_resamples=1000)
     assert score["auc_cam"] < score["auc_random"]
     assert score["cam"][0] == score["random"][0]  # nothing removed: same start
     low, high = score["ci"]["auc_cam"]
@@ -183,7 +177,8 @@ def test_localization_scores_a_map_inside_the_mask_above_random():
     mask[8:20, 8:20] = True
     cam = np.zeros((32, 32), np.float32)
     cam[10:18, 10:18] = 1.0
-    result = localization([cam] * 5, [mask] * 5, n_random=20, grid=(4, 4))
+    result = localization([cam] * 5, [mask] * 5, n_random=20, grid=(4, 4), clusters=None,
+                          n_resamples=1000)
     assert result["pointing_cam"] == 1.0 and result["iou_cam"] == pytest.approx(64 / 144)
     assert result["pointing_random"] < 0.6 and result["iou_random"] < result["iou_cam"]
     assert result["ci"]["pointing_cam"] == [1.0, 1.0] and result["ci"]["difference"][0] > 0
@@ -192,19 +187,19 @@ def test_localization_scores_a_map_inside_the_mask_above_random():
 def test_grad_cam_of_any_layer_works_after_scoring_under_inference_mode(tmp_path):
     """Scoring converts the weights to channels-last; done under inference_mode, they would
     become inference tensors and every layer explained below layer4 would fail."""
-    from dfutils.gradcam import explain
-    from dfutils.inference import score_files
+    from dfutils.cam import explain
     from dfutils.model import load_checkpoint, save_checkpoint
+    from dfutils.scoring import images_for, score
 
     path = tmp_path / "a.png"
     Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
                     ).save(path)
-    save_checkpoint(tmp_path / "model.pt", build_model(None, "all").eval(),
+    save_checkpoint(tmp_path / "model.pt", build_model("resnet18", None, "all").eval(),
                     params={"image_size": 64, "trainable": "all"}, threshold=0.5,
                     threshold_rule="0.5", metrics={}, epoch=1)
     checkpoint = load_checkpoint(tmp_path / "model.pt")
-    score_files(checkpoint.model, [path], 64)
-    for layer in ("layer2", "layer3", "auto"):
+    score(checkpoint, images_for(checkpoint, [path]), batch_size=64)
+    for layer in ("last-2", "last-1", "layer3", "auto"):
         _, cams = explain(checkpoint, [path], "fake", layer=layer)
         assert cams.maps.shape == (1, 64, 64) and np.isfinite(cams.maps).all()
 

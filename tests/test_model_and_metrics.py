@@ -16,22 +16,22 @@ def test_every_architecture_trains_only_its_stages(arch):
     from dfutils import archs
 
     entry = archs.get(arch)
-    for trainable, paths in entry.stages.items():
-        net = M.build_model(None, trainable, arch)
+    for trainable, modules in entry.stages.items():
+        net = M.build_model(arch, None, trainable)
         assert entry.head_module(net).out_features == 1
         for name, p in net.named_parameters():
-            assert p.requires_grad == (paths is None or name.startswith(
-                tuple(f"{path}." for path in paths))), (trainable, name)
-        M.train_mode(net, trainable, arch)
+            assert p.requires_grad == (modules is None or name.startswith(
+                tuple(f"{path}." for path in modules))), (trainable, name)
+        M.train_mode(net, trainable)
         frozen = entry.frozen(net, trainable)
         assert all(not m.training for f in frozen for m in f.modules())
-        assert all(net.get_submodule(path).training for path in paths or ())
+        assert all(net.get_submodule(path).training for path in modules or ())
 
 
-@pytest.mark.parametrize("trainable,trained", [("fc", {"fc"}), ("layer4", {"layer4", "fc"}),
+@pytest.mark.parametrize("trainable,trained", [("head", {"fc"}), ("last", {"layer4", "fc"}),
                                                ("all", None)])
 def test_trainable_depth_freezes_the_rest(trainable, trained):
-    net = M.build_model(None, trainable)
+    net = M.build_model("resnet18", None, trainable)
     assert net.fc.out_features == 1
     for name, p in net.named_parameters():
         top = name.split(".")[0]
@@ -49,7 +49,7 @@ def test_imagenet_weights_offline_error_names_file_folder_and_alternative(tmp_pa
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(M.WeightsUnavailable) as info:
-        M.build_model("imagenet")
+        M.build_model("resnet18", "imagenet", "head")
     message = str(info.value)
     assert "resnet18-f37072fd.pth" in message
     assert str(tmp_path / "hub" / "checkpoints") in message
@@ -61,7 +61,7 @@ def test_local_imagenet_style_state_dict_loads_backbone_and_new_head(tmp_path):
 
     source = resnet18(weights=None)
     torch.save(source.state_dict(), tmp_path / "backbone.pth")
-    net = M.build_model(tmp_path / "backbone.pth", "fc")
+    net = M.build_model("resnet18", tmp_path / "backbone.pth", "head")
     assert torch.equal(net.conv1.weight, source.conv1.weight)
     assert net.fc.weight.shape == (1, 512)
 
@@ -69,7 +69,7 @@ def test_local_imagenet_style_state_dict_loads_backbone_and_new_head(tmp_path):
 @pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b4"])
 def test_missing_weights_file_is_a_clear_error(tmp_path, arch):
     with pytest.raises(M.WeightsUnavailable, match="not found.*weights=None"):
-        M.build_model(tmp_path / "nope.pth", arch=arch)
+        M.build_model(arch, tmp_path / "nope.pth", "head")
 
 
 def test_an_entry_without_imagenet_weights_asks_for_a_file(monkeypatch):
@@ -82,8 +82,8 @@ def test_an_entry_without_imagenet_weights_asks_for_a_file(monkeypatch):
     monkeypatch.setitem(archs.ARCHS, "plain", entry)
     with pytest.raises(M.WeightsUnavailable,
                        match=r"^no ImageNet weights are known for plain: .*state dict"):
-        M.build_model("imagenet", arch="plain")
-    assert M.build_model(None, arch="plain").fc.out_features == 1
+        M.build_model("plain", "imagenet", "head")
+    assert M.build_model("plain", None, "head").fc.out_features == 1
 
 
 def _save(tmp_path, net):
@@ -95,7 +95,7 @@ def _save(tmp_path, net):
 
 def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
     torch.manual_seed(0)
-    net = M.build_model(None, "all").eval()
+    net = M.build_model("resnet18", None, "all").eval()
     path = _save(tmp_path, net)
     checkpoint = M.load_checkpoint(path)
     x = torch.randn(4, 3, 64, 64)
@@ -118,14 +118,14 @@ class Evil:
     (lambda good: pickle.dumps(Evil()), "not a readable dfutils checkpoint"),
 ])
 def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path, content, message):
-    path = _save(tmp_path, M.build_model(None, "all"))
+    path = _save(tmp_path, M.build_model("resnet18", None, "all"))
     path.write_bytes(content(path.read_bytes()))
     with pytest.raises(M.CheckpointError, match=message):
         M.load_checkpoint(path)
 
 
 def test_a_plain_state_dict_is_not_taken_for_a_checkpoint(tmp_path):
-    torch.save(M.build_model(None).state_dict(), tmp_path / "plain.pt")
+    torch.save(M.build_model("resnet18", None, "head").state_dict(), tmp_path / "plain.pt")
     with pytest.raises(M.CheckpointError, match="not a dfutils checkpoint"):
         M.load_checkpoint(tmp_path / "plain.pt")
 
@@ -162,12 +162,12 @@ def test_ece_is_zero_when_calibrated_and_matches_a_hand_computation():
 
 
 def test_video_level_metrics_score_each_group_by_its_mean():
-    from dfutils.metrics import by_group, grouped, video_metrics
+    from dfutils.metrics import grouped, video_metrics, video_scores
 
     groups = ["a", "a", "b", "b", "b", "c", "d", "d"]
     labels = [0, 0, 0, 0, 0, 1, 1, 1]
     scores = [0.1, 0.5, 0.9, 0.2, 0.1, 0.35, 0.8, 0.6]
-    names, label, mean = by_group(groups, labels, scores)
+    names, label, mean = video_scores(groups, labels, scores)
     assert names.tolist() == ["a", "b", "c", "d"] and label.tolist() == [0, 0, 1, 1]
     assert mean == pytest.approx([0.3, 0.4, 0.35, 0.7])
     video = video_metrics(groups, labels, scores)
@@ -178,7 +178,7 @@ def test_video_level_metrics_score_each_group_by_its_mean():
     assert binary_metrics(labels, scores)["auc"] == pytest.approx(11 / 15)
     assert grouped(groups) and not grouped(["a", "b"]) and not grouped(None)
     with pytest.raises(ValueError, match="both real and fake"):
-        by_group(["a", "a"], [0, 1], [0.1, 0.2])
+        video_scores(["a", "a"], [0, 1], [0.1, 0.2])
 
 
 def test_the_architecture_comes_from_the_registry_and_an_unknown_one_is_one_line(tmp_path):
@@ -187,16 +187,21 @@ def test_the_architecture_comes_from_the_registry_and_an_unknown_one_is_one_line
     from dfutils.params import ParameterError, TrainParams
 
     entry = archs.get(TrainParams().arch)
-    model = M.build_model(None, "layer4", entry.name)
+    model = M.build_model(entry.name, None, "last")
     assert isinstance(entry.head_module(model), torch.nn.Linear)
     assert entry.head_module(model).out_features == 1
-    assert entry.cam_layer(model, "layer3") is model.layer3[-1]
-    assert entry.grid((96, 96), "layer3") == (6, 6)
+    assert entry.cam_layer(model, "last-1") is model.layer3[-1]
+    assert entry.cam_layer(model, "layer3") is model.layer3[-1]  # the name it had before
+    assert entry.grid((96, 96), "last-1") == (6, 6)
     with pytest.raises(ParameterError, match="unknown architecture 'vgg11'.*resnet18"):
         TrainParams(arch="vgg11")
     path = tmp_path / "model.pt"
+    # a network carries its architecture into its checkpoint; weights alone take params'
     save_checkpoint(path, model, params={"image_size": 32, "arch": "vgg11"}, threshold=0.5,
                     threshold_rule="0.5", metrics={}, epoch=1)
+    assert load_checkpoint(path).arch.name == "resnet18"
+    save_checkpoint(path, model.state_dict(), params={"image_size": 32, "arch": "vgg11"},
+                    threshold=0.5, threshold_rule="0.5", metrics={}, epoch=1)
     with pytest.raises(CheckpointError, match=r"model.pt: unknown architecture 'vgg11'"):
         load_checkpoint(path)
 
@@ -204,7 +209,7 @@ def test_the_architecture_comes_from_the_registry_and_an_unknown_one_is_one_line
 def test_model_pt_and_last_pt_are_one_format_and_resume_needs_the_training_state(tmp_path):
     from dfutils.model import CheckpointError, read_checkpoint, save_checkpoint
 
-    model = M.build_model(None, "all")
+    model = M.build_model("resnet18", None, "all")
     for name, training in (("model.pt", None), ("last.pt", {"history": []})):
         save_checkpoint(tmp_path / name, model, params={"image_size": 32}, threshold=0.5,
                         threshold_rule="0.5", metrics={}, epoch=1, training=training)
@@ -226,8 +231,8 @@ def test_a_bootstrap_interval_covers_its_estimate_and_widens_as_the_sample_shrin
     from dfutils.metrics import binary_intervals
 
     labels, scores = _ranked_scores(400, 1.0)
-    big = binary_intervals(labels, scores, 0.5, n_resamples=300)
-    small = binary_intervals(labels[::8], scores[::8], 0.5, n_resamples=300)  # 50 of them
+    big = binary_intervals(labels, scores, 0.5, None, n_resamples=300)
+    small = binary_intervals(labels[::8], scores[::8], 0.5, None, n_resamples=300)  # 50
     point = binary_metrics(labels, scores)
     for key in ("auc", "ap", "eer", "accuracy"):
         assert big[key][0] <= point[key] <= big[key][1], key
@@ -250,19 +255,20 @@ def test_the_bootstrap_resamples_whole_clips_and_repeats_itself():
     assert binary_intervals(frames_l, frames_s, 0.5, clips, 300) == binary_intervals(
         frames_l, frames_s, 0.5, clips, 300)  # a fixed seed
     hits, baseline = np.r_[np.ones(30), np.zeros(10)], np.full(40, 0.1)
-    ci = mean_intervals(hits, baseline, n_resamples=300)
+    ci = mean_intervals(hits, baseline, None, n_resamples=300)
     assert ci["mean"][0] <= 0.75 <= ci["mean"][1] and ci["difference"][0] > 0
 
 
-@pytest.mark.parametrize("size,layer", [(64, "layer2"), (96, "layer3"), (128, "layer3"),
-                                        (160, "layer3"), (224, "layer4"), (380, "layer4"),
-                                        (32, "layer2")])
+@pytest.mark.parametrize("size,layer", [(64, "last-2"), (96, "last-1"), (128, "last-1"),
+                                        (160, "last-1"), (224, "last"), (380, "last"),
+                                        (32, "last-2")])
 def test_the_auto_layer_is_the_deepest_with_a_grid_of_at_least_six(size, layer):
     from dfutils import archs
 
     entry = archs.get("resnet18")
     assert entry.layer_for("auto", (size, size)) == layer
-    assert entry.layer_for("layer3", (size, size)) == "layer3"  # an explicit choice stays
+    assert entry.layer_for("last-1", (size, size)) == "last-1"  # an explicit choice stays
+    assert entry.layer_for("layer3", (size, size)) == "last-1"  # by the name it had before
     model = entry.new().eval()
     grids = {}
     for name, (path, _) in entry.cam_layers.items():
@@ -279,8 +285,8 @@ def test_every_architecture_trains_explains_and_round_trips(separable_split, tmp
     grid; the checkpoint rebuilds the network that scored the validation set."""
     import csv
 
-    from dfutils import archs, gradcam
-    from dfutils.data import read_manifest
+    from dfutils import archs, cam
+    from dfutils.manifest import read_manifest
     from dfutils.model import load_checkpoint
     from dfutils.train import train_run
 
@@ -292,8 +298,8 @@ def test_every_architecture_trains_explains_and_round_trips(separable_split, tmp
     checkpoint = load_checkpoint(tmp_path / arch / "model.pt")
     assert checkpoint.arch.name == arch and checkpoint.image_size == 64
     val = read_manifest(separable_split, "val")
-    for layer in ("layer4", "layer3", "layer2"):
-        _, cams = gradcam.explain(checkpoint, [s.path for s in val[:4]], "fake", 4, layer)
+    for layer in archs.CAM_LAYERS:
+        _, cams = cam.explain(checkpoint, [s.path for s in val[:4]], "fake", 4, layer)
         assert cams.grid == archs.get(arch).grid((64, 64), layer)
         assert cams.maps.shape == (4, 64, 64) and np.isfinite(cams.maps).all()
     with open(tmp_path / arch / "val_predictions.csv", newline="") as f:

@@ -102,14 +102,14 @@ def test_predicts_outputs_are_checked_against_each_other_and_the_inputs_first(
         run_dir, tmp_path, capsys, monkeypatch):
     """Two outputs on one path, an output that is an input, a --cam-dir that is a file and
     an --out that is a folder are refused before anything is scored or written."""
-    from dfutils import inference
+    from dfutils import predict
 
     clip, image = tmp_path / "clip.mp4", tmp_path / "a.png"
     clip.write_bytes(b"not read")
     write_image(image, seed=1)
     (tmp_path / "folder").mkdir()
     scored = []
-    monkeypatch.setattr(inference, "score_files", lambda *a, **k: scored.append(a))
+    monkeypatch.setattr(predict, "score", lambda *a, **k: scored.append(a))
     base = ["predict", "--run", str(run_dir), str(image), str(clip), "--num-workers", "0"]
     cases = [
         (["--out", str(tmp_path / "p.csv"), "--frames-out", str(tmp_path / "p.csv")],
@@ -251,12 +251,16 @@ def test_ctrl_c_in_run_all_and_train_exits_130_in_one_line(tmp_path, notebooks_t
                  f"DATA_DIR={tmp_path / 'data'}"]) == 130
     assert one_line_error(capsys.readouterr().err).startswith("interrupted: 01-split")
 
-    import dfutils.train
+    import dataclasses
 
     def interrupted(params):
         raise KeyboardInterrupt
-    monkeypatch.setattr(dfutils.train, "train_run", interrupted)
-    assert main(["train", "--set", f"data_dir={separable_split}"]) == 130
+    monkeypatch.setitem(pipeline.STEPS, "02-train", dataclasses.replace(
+        pipeline.STEPS["02-train"], run=interrupted))
+    assert main(["train", "--set", f"data_dir={separable_split}",
+                 f"--run-dir={tmp_path / 'r'}"]) == 130
+    record = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert record["steps"]["02-train"]["status"] == "interrupted"
     assert one_line_error(capsys.readouterr().err) == "interrupted"
 
 # -- the demo builder owns its folder the way the split and the faces step own theirs ------

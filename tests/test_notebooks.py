@@ -169,7 +169,7 @@ def test_the_demo_gives_what_the_readme_says(tmp_path):
     # The explanation points at the blends: Grad-CAM against random maps, on the paired
     # difference's interval (docs/demo.md: the same for three seeds)
     cam = json.loads((run / "gradcam" / "cam_metrics.json").read_text())
-    assert cam["layer"] == "layer3"  # auto at 96 px
+    assert cam["layer"] == "last-1"  # auto at 96 px: ResNet18's layer3
     assert cam["localization"]["ci"]["difference"][0] > 0
     assert summary["pointing_cam"] >= 2 * summary["pointing_random"]
     assert cam["deletion"]["ci"]["difference"][1] < 0

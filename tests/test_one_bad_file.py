@@ -21,7 +21,9 @@ from conftest import (
 )
 
 from dfutils.__main__ import main
-from dfutils.data import ImageLoadError, ManifestDataset, Sample, eval_transform
+from dfutils.data import ManifestDataset, eval_transform
+from dfutils.images import ImageLoadError
+from dfutils.manifest import Sample
 
 # -- one bad file never stops a batch --------------------------------------------------------
 
@@ -53,7 +55,8 @@ def test_the_split_rejects_what_training_cannot_load_with_its_reason(tmp_path):
     report = make_split(raw, tmp_path / "data")
     (rejected,) = report["rejected"]
     assert rejected["path"] == "fake/exif.jpg" and "corrupt or unreadable" in rejected["reason"]
-    dataset = ManifestDataset([Sample(raw / "fake" / "exif.jpg", 1, None)], eval_transform(32))
+    dataset = ManifestDataset([Sample(raw / "fake" / "exif.jpg", 1, None)],
+                              eval_transform(32, "resnet18"))
     with pytest.raises(ImageLoadError, match="exif.jpg"):
         dataset[0]
 

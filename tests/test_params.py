@@ -1,27 +1,24 @@
 """Parameters are defined once, in dfutils.params: every other place is checked against it."""
 
+import json
 import types
 
 import nbformat
 import pytest
 
-from dfutils import archs, gradcam, notebooks, params
+from dfutils import archs, cam, notebooks, params
 from dfutils.notebooks import validated
-from dfutils.params import (
-    NOTEBOOK_PARAMS,
-    GradCamParams,
-    ParameterError,
-    SplitParams,
-    TrainParams,
-    load_params,
-)
+from dfutils.params import GradCamParams, ParameterError, SplitParams, TrainParams
 from dfutils.paths import REPO_ROOT
+from dfutils.pipeline import STEPS, load_params
+
+STEP_PARAMS = [step.params for step in STEPS.values()]
 
 
 def test_defaults_are_the_original_recipe():
     p = TrainParams()
-    assert (p.weights, p.trainable, p.image_size, p.lr, p.batch_size) == ("imagenet", "fc", 224,
-                                                                         1e-4, 32)
+    assert (p.weights, p.trainable, p.image_size, p.lr, p.batch_size) == ("imagenet", "head",
+                                                                         224, 1e-4, 32)
 
 
 @pytest.mark.parametrize("cls,values,message", [
@@ -29,7 +26,7 @@ def test_defaults_are_the_original_recipe():
     (TrainParams, {"lr": "fast"}, "'lr' must be float"),
     (TrainParams, {"max_epochs": 2.5}, "'max_epochs' must be int"),
     (TrainParams, {"max_epochs": True}, "'max_epochs' must be an integer"),
-    (TrainParams, {"trainable": "head"}, "'trainable' must be one of 'fc', 'layer4', 'all'"),
+    (TrainParams, {"trainable": "layer3"}, "'trainable' must be one of 'head', 'last', 'all'"),
     (TrainParams, {"threshold": 0.5}, "'threshold' must be one of"),  # typed: no coercion
     (TrainParams, {"jitter": [0.1, 0.1]}, "jitter must be"),
     (TrainParams, {"jpeg_prob": 1.5}, "jpeg_prob must be a probability"),
@@ -107,10 +104,10 @@ def test_namespace_coerces_like_the_runner():
     assert (p.threshold, p.lr) == ("0.5", 1.0)
 
 
-@pytest.mark.parametrize("cls", NOTEBOOK_PARAMS)
+@pytest.mark.parametrize("cls", STEP_PARAMS)
 def test_each_notebooks_parameters_cell_is_its_class(cls):
     notebook = REPO_ROOT / "notebooks" / f"{cls.step}.ipynb"
-    assert notebooks.check_notebooks([notebook]) == []
+    assert notebooks.check_notebooks([notebook], STEPS) == []
     cell = next(c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code")
     assert [(n, v) for n, v, _ in notebooks.read_parameters_cell(cell.source)] == list(
         cls.defaults().items())
@@ -130,17 +127,18 @@ def test_check_notebooks_finds_a_drift_from_the_class_and_fix_repairs_it(tmp_pat
     nb = nbformat.read(REPO_ROOT / "notebooks/01-split.ipynb", as_version=4)
     nb.cells[1].source = change(nb.cells[1].source)
     nbformat.write(nb, notebook)
-    (problem,) = notebooks.check_notebooks([notebook])
+    (problem,) = notebooks.check_notebooks([notebook], STEPS)
     assert message in problem
-    assert notebooks.check_notebooks([notebook], fix=True) == []
-    assert notebooks.check_notebooks([notebook]) == []
+    assert notebooks.check_notebooks([notebook], STEPS, fix=True) == []
+    assert notebooks.check_notebooks([notebook], STEPS) == []
 
 
 def test_the_parameter_reference_is_generated_from_the_classes():
     page = (REPO_ROOT / "docs" / "parameters.md").read_text()
     begin, end = "<!-- parameters: python -m dfutils params -->\n", "<!-- end of parameters -->"
     assert begin in page and end in page
-    assert page.split(begin, 1)[1].split(end, 1)[0].strip() == notebooks.reference().strip()
+    assert page.split(begin, 1)[1].split(end, 1)[0].strip() == notebooks.reference(
+        STEP_PARAMS).strip()
 
 
 @pytest.mark.parametrize("name", list(archs.ARCHS))
@@ -151,8 +149,20 @@ def test_every_architecture_defines_every_option(name):
 
 
 def test_every_option_is_the_same_set_everywhere():
-    assert params.choices(params.CamTarget) == gradcam.TARGETS
+    assert params.choices(params.CamTarget) == cam.TARGETS
+    assert params.choices(params.CamLayer) == ("auto", *archs.CAM_LAYERS)
+    assert params.choices(params.Trainable) == archs.TRAINABLE
+    assert params.choices(params.Dataset) == tuple(__import__("dfutils.datasets").datasets.READERS)
     parser = __import__("dfutils.__main__", fromlist=["build_parser"]).build_parser()
     predict = parser._subparsers._group_actions[0].choices["predict"]
     layer = next(a for a in predict._actions if a.dest == "layer")
-    assert tuple(layer.choices) == params.choices(params.CamLayer)
+    assert f"(one of {', '.join(map(json.dumps, params.choices(params.CamLayer)))})" in (
+        layer.help)
+
+
+@pytest.mark.parametrize("cls,name,old,new", [
+    (TrainParams, "trainable", "fc", "head"), (TrainParams, "trainable", "layer4", "last"),
+    (GradCamParams, "layer", "layer3", "last-1"), (GradCamParams, "layer", "layer2", "last-2")])
+def test_the_names_of_earlier_versions_stay_accepted(cls, name, old, new):
+    assert getattr(cls.from_mapping({name: old}), name) == new
+    assert cls.current({name: old}) == {name: new}

@@ -16,9 +16,11 @@ from conftest import make_split
 from PIL import Image
 
 from dfutils import blend, sbi
-from dfutils.data import eval_transform, load_image, read_manifest
-from dfutils.files import LANDMARKS
+from dfutils.data import eval_transform
+from dfutils.images import load_image
+from dfutils.manifest import read_manifest
 from dfutils.params import ParameterError, TrainParams
+from dfutils.paths import LANDMARKS
 
 PHOTO = skimage.data.astronaut()
 
@@ -158,7 +160,7 @@ def test_each_training_batch_pairs_a_real_with_its_blend(face_split):
     from dfutils.data import make_loader
 
     reals, landmarks, _ = sbi.reals_with_faces(face_split, "train")
-    transform = eval_transform(64)  # no augmentation: the real comes out as it went in
+    transform = eval_transform(64, "resnet18")  # no augmentation: the real comes out as it went in
     pairs = sbi.TrainPairs(reals, landmarks, transform)
     def first_batch():
         torch.manual_seed(0)  # in this process (num_workers=0) the blends draw from it
@@ -202,7 +204,7 @@ def test_monitoring_the_self_blends_needs_them():
 
 
 def test_the_feature_cache_is_not_used_with_self_blends():
-    frozen = dict(trainable="fc", jitter=[0.0, 0.0, 0.0, 0.0], flip=False)
+    frozen = dict(trainable="head", jitter=[0.0, 0.0, 0.0, 0.0], flip=False)
     assert TrainParams(**frozen).caches_features
     assert not TrainParams(**frozen, fakes="sbi").caches_features
 
@@ -213,7 +215,7 @@ def sbi_run(face_split, tmp_path_factory) -> tuple[Path, object]:
 
     run = tmp_path_factory.mktemp("sbi-run") / "run"
     params = TrainParams(data_dir=str(face_split), run_dir=str(run), weights=None,
-                         trainable="fc", image_size=32, batch_size=8, max_epochs=2,
+                         trainable="head", image_size=32, batch_size=8, max_epochs=2,
                          num_workers=0, jitter=[0.0, 0.0, 0.0, 0.0], flip=False, fakes="sbi")
     result, figures = train_run(params)
     return run, result
@@ -245,8 +247,8 @@ def test_any_run_can_be_scored_on_the_self_blends_training_validated_on(sbi_run,
     validation blends: for the run that trained on them, the numbers its training kept."""
     from conftest import evaluate, tree_digest
 
-    from dfutils.data import read_manifest
-    from dfutils.inference import report_name
+    from dfutils.evaluate import report_name
+    from dfutils.manifest import read_manifest
     from dfutils.params import EvalParams
 
     run, _ = sbi_run
@@ -309,7 +311,7 @@ def test_a_mixed_batch_holds_the_stated_share_each_blend_with_its_real(face_spli
 
     reals, landmarks, _ = sbi.reals_with_faces(face_split, "train")
     fakes = [s for s in read_manifest(face_split, "train") if s.label == 1]
-    transform = eval_transform(64)  # no augmentation: each image comes out as it went in
+    transform = eval_transform(64, "resnet18")  # no augmentation: each image as it went in
     mixed = sbi.MixedPairs(reals, landmarks, fakes)
 
     def first_batch():

@@ -285,7 +285,8 @@ def test_a_test_split_is_read_but_never_trained_or_selected_on(tmp_path, raw, ru
 
     from conftest import evaluate
 
-    from dfutils.data import read_manifest, train_val_loaders
+    from dfutils.data import train_val_loaders
+    from dfutils.manifest import read_manifest
     from dfutils.params import TrainParams
 
     data = tmp_path / "data"

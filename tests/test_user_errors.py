@@ -17,11 +17,13 @@ from conftest import (
     write_image,
 )
 
-from dfutils import files, pipeline
+from dfutils import paths, pipeline
 from dfutils.__main__ import main
+from dfutils.atomic import remove_stale_temps
 from dfutils.model import CheckpointError, load_checkpoint, save_checkpoint
-from dfutils.params import ParameterError, TrainParams, from_working_dir, load_params
-from dfutils.paths import REPO_ROOT, remove_stale_temps
+from dfutils.params import EvalParams, ParameterError, TrainParams, from_working_dir
+from dfutils.paths import REPO_ROOT
+from dfutils.pipeline import load_params
 from dfutils.runs import environment
 
 # -- mistakes a user can make: one line naming the file or value ----------------------------
@@ -53,8 +55,9 @@ def test_a_checkpoint_that_is_not_ours_is_one_line(run_dir, tmp_path, change, ca
     if change == "wrong shapes":
         state = {k: v for k, v in checkpoint["model_state"].items()}
         state["fc.weight"] = torch.zeros(2, 512)
-        save_checkpoint(run_dir / "model.pt", state, params=checkpoint["params"], threshold=0.5,
-                        threshold_rule="0.5", metrics={}, epoch=1)
+        save_checkpoint(run_dir / "model.pt", state, params={**checkpoint["params"], "arch":
+                        checkpoint["arch"]}, threshold=0.5, threshold_rule="0.5", metrics={},
+                        epoch=1)
     else:
         del checkpoint["params"]
         torch.save(checkpoint, run_dir / "model.pt")
@@ -94,10 +97,10 @@ def test_command_line_paths_are_relative_to_the_working_directory(run_dir, tmp_p
     assert main(["evaluate", "--run", "run", "--data", "labelled", "--name", "../../x"]) == 2
     assert "plain name" in one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
-    assert from_working_dir({"data_dir": "d", "weights": "imagenet", "lr": "1"}, "/w") == {
-        "data_dir": "/w/d", "weights": "imagenet", "lr": "1"}
-    assert from_working_dir({"weights": "w.pth", "eval_dir": "~/e"}, "/w")["weights"] == (
-        "/w/w.pth")
+    assert from_working_dir({"data_dir": "d", "weights": "imagenet", "lr": "1"}, [TrainParams],
+                            "/w") == {"data_dir": "/w/d", "weights": "imagenet", "lr": "1"}
+    assert from_working_dir({"weights": "w.pth", "eval_dir": "~/e"}, [TrainParams, EvalParams],
+                            "/w")["weights"] == "/w/w.pth"
 
 
 def test_run_all_reads_raw_dir_from_the_working_directory(tmp_path, notebooks_that,
@@ -134,7 +137,7 @@ def test_make_split_keeps_its_notebook_beside_the_split(tmp_path):
     run = pipeline.run_all(None, None, {"raw_dir": str(raw), "data_dir": str(tmp_path / "d")},
                            steps=["01-split"], replace_run=True, beside_data=True,
                            runs_root=runs)
-    assert run == tmp_path / "d" / files.SPLIT_RUN
+    assert run == tmp_path / "d" / paths.SPLIT_RUN
     assert (run / "01-split.ipynb").is_file() and (run / "run.json").is_file()
     assert not runs.exists()
     again = pipeline.run_all(None, None, {"raw_dir": str(raw), "data_dir": str(tmp_path / "d")},
@@ -207,7 +210,7 @@ def test_a_run_without_model_pt_says_why(tmp_path, status, words, capsys):
             "finished": "2026-01-01T00:00:00", "pid": pid, "host": platform.node()}}})
     assert main(["predict", "--run", str(run), str(tmp_path)]) == 2
     error = one_line_error(capsys.readouterr().err)
-    assert f"{run / files.MODEL} not found: " in error and words in error
+    assert f"{run / paths.MODEL} not found: " in error and words in error
 
 
 def test_evaluate_data_inside_the_run_is_refused_by_name(run_dir, capsys):

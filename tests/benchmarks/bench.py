@@ -30,13 +30,15 @@ import torch
 from PIL import Image
 
 from dfutils import archs, data
+from dfutils.cam import GradCAM
 from dfutils.distributed import device as default_device
-from dfutils.gradcam import GradCAM
-from dfutils.inference import score_files
+from dfutils.images import load_image
+from dfutils.manifest import read_manifest
 from dfutils.model import build_model, forward, grad_scaler
 from dfutils.params import SplitParams, TrainParams
 from dfutils.paths import REPO_ROOT, write_json
 from dfutils.runs import environment
+from dfutils.scoring import score
 from dfutils.split import split
 from dfutils.train import fit
 
@@ -61,7 +63,7 @@ def _sync(device: torch.device) -> None:
 
 def limit(device: torch.device, repeats: int) -> tuple[float, str]:
     """L: bare ResNet18 forward, 224 px, batch 64, inference_mode, best memory format."""
-    model = build_model(None, "all").eval().to(device)
+    model = build_model("resnet18", None, "all").eval().to(device)
     x = torch.randn(64, 3, 224, 224, device=device)
     best = (0.0, "")
     for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last",
@@ -89,7 +91,7 @@ def arch_rates(arch: str, device: torch.device, repeats: int) -> list[dict]:
         for fmt_name, fmt in (("channels_last", torch.channels_last),
                               ("contiguous", torch.contiguous_format)):
             torch.manual_seed(0)
-            model = build_model(None, "all", arch).to(device, memory_format=fmt)
+            model = build_model(arch, None, "all").to(device, memory_format=fmt)
             x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
             y = torch.randint(0, 2, (batch,), device=device).float()
             optimizer, scaler = torch.optim.Adam(model.parameters(), 1e-4), grad_scaler(amp, device)
@@ -147,12 +149,12 @@ def jpeg_folder(root: Path, n: int) -> Path:
 def train_epoch_rate(data_dir: Path, device: torch.device, **overrides) -> dict:
     """Images/s of training epochs of `fit` (frozen backbone by default), per epoch."""
     params = TrainParams.from_mapping({"data_dir": str(data_dir), "weights": None,
-                                       "trainable": "fc", "max_epochs": 3, "patience": 3,
+                                       "trainable": "head", "max_epochs": 3, "patience": 3,
                                        "num_workers": 2, **overrides})
     loaders = data.train_val_loaders(params)
     torch.manual_seed(0)
     start = time.perf_counter()
-    result = fit(build_model(None, params.trainable, params.arch), *loaders, params,
+    result = fit(build_model(params.arch, None, params.trainable), *loaders, params,
                  device=device)
     return {"total_s": time.perf_counter() - start, "history": result.history,
             "n_train": len(loaders[0].dataset)}
@@ -162,12 +164,12 @@ def naive_epoch_rate(data_dir: Path, repeats: int) -> float:
     """The plain way: whole model in train mode, one loader worker, PIL (v1) transforms."""
     from torchvision import transforms as T
 
-    model = build_model(None, "fc")
+    model = build_model("resnet18", None, "head")
     model.train()  # BatchNorm in train mode, as a plain notebook leaves it
     transform = T.Compose([T.Resize((224, 224)), T.ColorJitter(0.2, 0.2, 0.2),
                            T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(archs.IMAGENET_MEAN, archs.IMAGENET_STD)])
-    dataset = data.ManifestDataset(data.read_manifest(data_dir, "train"), transform)
+    dataset = data.ManifestDataset(read_manifest(data_dir, "train"), transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True, num_workers=1)
     optimizer = torch.optim.Adam(model.fc.parameters(), lr=1e-4)
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -189,8 +191,8 @@ def sbi_loading_rates(data_dir: Path, repeats: int) -> dict:
 
     params = TrainParams(data_dir=str(data_dir), image_size=128, num_workers=2)
     plain = data.train_val_loaders(params)[0]
-    reals = [s for s in data.read_manifest(data_dir, "train") if s.label == 0]
-    side = np.asarray(data.load_image(reals[0].path)).shape[0]
+    reals = [s for s in read_manifest(data_dir, "train") if s.label == 0]
+    side = np.asarray(load_image(reals[0].path)).shape[0]
     angles = np.linspace(0, 2 * np.pi, 68, endpoint=False)
     face = side / 2 + np.stack([0.3 * side * np.cos(angles), 0.38 * side * np.sin(angles)], 1)
     transform = data.train_transform(params)
@@ -210,7 +212,7 @@ def gradcam_rates(device: torch.device, repeats: int) -> dict:
     from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
     torch.manual_seed(0)
-    model = build_model(None, "all").eval().to(device)
+    model = build_model("resnet18", None, "all").eval().to(device)
     x = torch.randn(32, 3, 224, 224, device=device)
     targets = [BinaryClassifierOutputTarget(1)] * 32
     with Reference(model=model, target_layers=[model.layer4[-1]]) as reference:
@@ -285,21 +287,21 @@ def clip_folder(root: Path, n: int) -> Path:
 def faces_rates(root: Path, n_clips: int, repeats: int) -> dict:
     """The faces step in frames/s, in 1 and 2 processes, against its parts measured alone:
     decoding the chosen frames (grab/retrieve), and detecting + landmarking decoded frames."""
-    from dfutils import faces
+    from dfutils import detect, faces, frames
     from dfutils.params import FacesParams
 
     raw = clip_folder(root / "clips", n_clips)
     clips = sorted(raw.rglob("*.mp4"))
     params = FacesParams(raw_dir=str(raw), faces_dir=str(root / "f"))
-    frames = [f for clip in clips for _, f, _ in faces.read_frames(clip, params.frames_per_video)]
-    finder = faces.FaceFinder(params)
+    frames = [f for clip in clips for _, f, _ in frames.read_frames(clip, params.frames_per_video)]
+    finder = detect.FaceFinder(params)
     runs = iter(range(10_000))
 
     def step(workers: int) -> None:  # a new faces_dir each time: a re-run would do nothing
         faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(root / f"f{next(runs)}")),
                             workers=workers)
     return {"n_frames": len(frames),
-            "decode": median_rate(lambda: [list(faces.read_frames(c, params.frames_per_video))
+            "decode": median_rate(lambda: [list(frames.read_frames(c, params.frames_per_video))
                                            for c in clips], len(frames), repeats),
             "detect": median_rate(lambda: [finder(f) for f in frames], len(frames), repeats),
             "step_1": median_rate(lambda: step(1), len(frames), repeats),
@@ -310,7 +312,7 @@ def faces_bookkeeping(root: Path, n_clips: int) -> dict:
     """The faces step's cost per clip beyond decoding and detection, at n_clips one-frame
     64 x 64 clips (copies of one): the whole step in one process against the same clip's
     decode + detect alone, and the merge of two shards, each per clip."""
-    from dfutils import faces, shards
+    from dfutils import detect, faces, shards
     from dfutils.params import FacesParams
 
     one = root / "one.mp4"
@@ -323,8 +325,8 @@ def faces_bookkeeping(root: Path, n_clips: int) -> dict:
         shutil.copyfile(one, target)
     params = FacesParams(raw_dir=str(root / "raw"), faces_dir=str(root / "whole"),
                          frames_per_video=1)
-    finder = faces.FaceFinder(params)
-    alone = median_rate(lambda: [faces.faces_of(one, finder, 1) for _ in range(200)], 200, 3)
+    finder = detect.FaceFinder(params)
+    alone = median_rate(lambda: [detect.faces_of(one, finder, 1) for _ in range(200)], 200, 3)
     start = time.perf_counter()
     faces.extract_faces(params, workers=1)
     whole = (time.perf_counter() - start) / n_clips
@@ -341,15 +343,17 @@ def faces_bookkeeping(root: Path, n_clips: int) -> dict:
 MEMORY_CHILD = """
 import sys
 from dfutils import data
+from dfutils.manifest import read_manifest
 from dfutils.model import build_model
 from dfutils.params import TrainParams
 from dfutils.train import fit
 d = sys.argv[1]
-p = TrainParams(data_dir=d, weights=None, trainable="fc", image_size=64, batch_size=64,
+p = TrainParams(data_dir=d, weights=None, trainable="head", image_size=64, batch_size=64,
                 max_epochs=1, num_workers=0, jitter=[0.2, 0.2, 0.2, 0.0])
-tr = data.ManifestDataset(data.read_manifest(d, "train"), data.train_transform(p))
-va = data.ManifestDataset(data.read_manifest(d, "val"), data.eval_transform(64))
-fit(build_model(None, "fc"), data.make_loader(tr, 64, True), data.make_loader(va, 64, False), p)
+tr = data.ManifestDataset(read_manifest(d, "train"), data.train_transform(p))
+va = data.ImageSet.of(read_manifest(d, "val"), data.eval_transform(64, "resnet18"), 64)
+fit(build_model("resnet18", None, "head"), data.make_loader(tr, 64, True),
+    data.make_loader(va, 64, False), p)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent.
 print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")))
 """
@@ -399,8 +403,8 @@ from dfutils.benchmark import run_benchmark
 from dfutils.model import build_model, save_checkpoint
 from dfutils.params import BenchmarkParams
 d, run = sys.argv[1], Path(sys.argv[2])
-save_checkpoint(run / "model.pt", build_model(None, "fc"), params={"image_size": 64},
-                threshold=0.5, threshold_rule="0.5", metrics={}, epoch=1)
+save_checkpoint(run / "model.pt", build_model("resnet18", None, "head"),
+                params={"image_size": 64}, threshold=0.5, threshold_rule="0.5", metrics={}, epoch=1)
 run_benchmark(BenchmarkParams(run_dir=str(run), test_sets=[d], batch_size=64, num_workers=0,
                               n_bootstrap=100))
 print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")))
@@ -506,9 +510,10 @@ def main() -> None:
         row("the original recipe's naive frozen epoch", naive, "img/s", rate / naive, "ours faster")
 
         files = sorted((tmp / "raw").rglob("*.jpg"))
-        model = build_model(None, "fc")
-        predict = median_rate(lambda: score_files(model, files, 224, 64, 2, device=device),
-                              len(files), max(1, repeats - 2))
+        model = build_model("resnet18", None, "head")
+        images = data.ImageSet(files, data.eval_transform(224, "resnet18"), 224)
+        predict = median_rate(lambda: score(model, images, batch_size=64, num_workers=2,
+                                            device=device), len(files), max(1, repeats - 2))
         row("predict from JPEG files", predict, "img/s", predict / L, ">= 0.85")
 
         cams = gradcam_rates(device, repeats)

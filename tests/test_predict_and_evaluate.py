@@ -10,9 +10,10 @@ import torch
 from conftest import evaluate, make_raw, tree_digest, write_image
 from PIL import Image
 
-from dfutils import inference
+from dfutils import corruptions
 from dfutils.__main__ import main
-from dfutils.data import eval_transform, load_image
+from dfutils.data import eval_transform
+from dfutils.images import load_image
 from dfutils.paths import REPO_ROOT
 
 
@@ -64,7 +65,7 @@ def test_predicted_values_are_the_models_sigmoid_under_eval_preprocessing(run_di
     from dfutils.model import load_checkpoint
 
     model = load_checkpoint(run_dir / "model.pt").model
-    x = eval_transform(32)(load_image(mixed_folder / "a.png")).unsqueeze(0)
+    x = eval_transform(32, "resnet18")(load_image(mixed_folder / "a.png")).unsqueeze(0)
     with torch.no_grad():
         expected = torch.sigmoid(model(x)).item()
     assert float(_rows(out.read_text())[str(mixed_folder / "a.png")]["p_fake"]) == pytest.approx(
@@ -89,11 +90,11 @@ def test_predict_in_bf16_runs_the_network_in_bf16_and_scores_close_to_float32(
 def test_jpeg_sweep_really_re_encodes_and_other_levels_behave():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
     original = np.asarray(image).astype(int)
-    assert np.abs(np.asarray(inference.jpeg(30)(image)).astype(int) - original).mean() > 5
-    assert np.array_equal(np.asarray(inference.blur(0)(image)), original)
-    assert np.array_equal(np.asarray(inference.downscale(1)(image)), original)
-    assert not np.array_equal(np.asarray(inference.blur(2)(image)), original)
-    assert inference.downscale(0.25)(image).size == image.size
+    assert np.abs(np.asarray(corruptions.jpeg(30)(image)).astype(int) - original).mean() > 5
+    assert np.array_equal(np.asarray(corruptions.blur(0)(image)), original)
+    assert np.array_equal(np.asarray(corruptions.downscale(1)(image)), original)
+    assert not np.array_equal(np.asarray(corruptions.blur(2)(image)), original)
+    assert corruptions.downscale(0.25)(image).size == image.size
 
 
 def test_evaluate_writes_the_report_and_leaves_the_images_untouched(run_dir, tmp_path):
@@ -149,10 +150,12 @@ def test_each_source_folder_is_scored_as_if_evaluated_alone(run_dir, tmp_path, c
     assert "by_source" not in plain  # only when asked
 
 
-@pytest.mark.parametrize("command", ["run-all", "train", "predict", "evaluate", "demo",
-                                     "check-notebooks", "params"])
+@pytest.mark.parametrize("command", [["run-all"], ["faces"], ["split"], ["train"], ["gradcam"],
+                                     ["evaluate"], ["benchmark"], ["predict"], ["demo"],
+                                     ["merge", "faces"], ["merge", "predict"],
+                                     ["merge", "evaluate"], ["check-notebooks"], ["params"]])
 def test_every_command_has_help(command):
-    done = subprocess.run([sys.executable, "-m", "dfutils", command, "--help"],
+    done = subprocess.run([sys.executable, "-m", "dfutils", *command, "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "usage:" in done.stdout
 

@@ -1,70 +1,50 @@
-"""Raw class folders in, owned output folders out: what the split, the faces step and the
-demo builder share.
+"""A step that owns an output folder (the split, the faces step, the demo builder): the one
+mechanism by which it writes there.
 
-`scan_classes` walks raw_dir/{real,fake} and gives every usable file with its label, and
-every other file with the reason it is skipped. `OwnedFolder` is the one mechanism of a
-step that owns part of an output folder: it reuses a result made from the same inputs and
-parameters, refuses one made otherwise unless asked to overwrite, refuses anything in the
-way that the step did not write (before a single file changes), builds the new result in
-a folder beside the old one and swaps it in, so an interrupted step leaves the old result
-or the new one, never a mixture and never a user's file lost.
+`OwnedFolder` reuses a result made from the same inputs and parameters (`fingerprint`),
+refuses one made otherwise unless asked to overwrite, refuses anything in the way that the
+step did not write (before a single file changes), builds the new result in a folder
+beside the old one and swaps it in, so an interrupted step leaves the old result or the
+new one, never a mixture and never a user's file lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dfutils import CLASSES
-from dfutils.paths import walk_files
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
-VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
-
-
-class MissingInput(ValueError):
-    """The raw folder, a class folder, or the files in one are missing."""
-
-
-def suffix_list(suffixes: frozenset[str]) -> str:
-    """Suffixes for a message: `.jpeg, .jpg or .png`."""
-    names = sorted(suffixes)
-    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+def fingerprint(root: Path, paths: Iterable[str]) -> str:
+    """A cheap identity of files below `root` (names, sizes, modification times): a step
+    whose inputs and parameters are unchanged need not run again."""
+    digest = hashlib.sha256()
+    for rel in sorted(paths):
+        try:
+            stat = (root / rel).stat()
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:  # a broken link, or a name shown with escapes: its name alone
+            digest.update(f"{rel}\n".encode())
+    return digest.hexdigest()
 
 
-def scan_classes(raw_dir: Path, suffixes: frozenset[str], what: str,
-                 leave_out: Callable[[Path], bool] = lambda rel: False, need_each: bool = False
-                 ) -> tuple[list[tuple[Path, str]], list[dict]]:
-    """Every file below raw_dir/real and raw_dir/fake as (path relative to raw_dir, label),
-    and the files skipped, each {"path", "reason"}; `leave_out` drops files silently (masks),
-    `what` names the files in messages ("images"). MissingInput when a folder is missing,
-    or, with `need_each`, when a class has no usable file."""
-    if not raw_dir.is_dir():
-        raise MissingInput(f"raw folder {raw_dir} does not exist: create {raw_dir}/real and "
-                           f"{raw_dir}/fake and put your {what} there")
-    kinds = suffix_list(suffixes)
-    found, skipped = [], []
-    for label in CLASSES:
-        class_dir = raw_dir / label
-        if not class_dir.is_dir():
-            raise MissingInput(f"class folder {class_dir} is missing: put your {label} {what} "
-                               "in it (subfolders are fine)")
-        before = len(found)
-        for rel, shown, problem in walk_files(raw_dir, class_dir, suffixes, kinds):
-            if problem:
-                skipped.append({"path": shown, "reason": problem})
-            elif not leave_out(rel):
-                found.append((rel, label))
-        if need_each and len(found) == before:
-            raise MissingInput(f"class folder {class_dir} holds no {kinds} files: add at "
-                               "least two")
-    return found, skipped
+
+def complete_report(folder: Path, report: str, last: str) -> dict | None:
+    """The JSON `report` in `folder` of a complete result (its `last` entry is there too,
+    and the report holds the step's "params" and its inputs' "fingerprint"), or None."""
+    if not all((folder / name).is_file() for name in (report, last)):
+        return None
+    try:
+        found = json.loads((folder / report).read_text())
+    except (ValueError, OSError):
+        return None
+    return found if isinstance(found, dict) and {"params", "fingerprint"} <= set(found) else None
 
 
 _OWNERS: list[OwnedFolder] = []  # every step's OwnedFolder, so each can tell the others'
@@ -94,14 +74,7 @@ class OwnedFolder:
 
     def read_report(self, folder: Path) -> dict | None:
         """The report of a complete result in `folder`, or None."""
-        if not all((folder / name).is_file() for name in (self.report, self.entries[-1])):
-            return None
-        try:
-            found = json.loads((folder / self.report).read_text())
-        except (ValueError, OSError):
-            return None
-        return found if isinstance(found, dict) and {"params", "fingerprint"} <= set(found) \
-            else None
+        return complete_report(folder, self.report, self.entries[-1])
 
     def current(self, folder: Path, params: dict, fingerprint: str, overwrite: bool
                 ) -> dict | None:

@@ -1,0 +1,134 @@
+"""The cross-dataset table (05-benchmark): one trained run on the test splits of the
+published data sets' layouts (conftest), checked against a hand computation, and the same
+evaluation as `evaluate --split test`, presented as a table."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_raw
+from sklearn.metrics import roc_auc_score
+
+from dfutils import benchmark, paths, pipeline
+from dfutils.metrics import binary_intervals, video_scores
+from dfutils.model import build_model, save_checkpoint
+from dfutils.params import BenchmarkParams, SplitParams
+from dfutils.split import split
+
+
+def sbi_score(frames, areas, scores) -> float:
+    return video_scores(["v"] * len(frames), [1] * len(frames), scores, "sbi", frames,
+                        areas)[2][0]
+
+
+def test_the_sbi_rule_takes_the_top_face_among_the_large_ones_per_frame():
+    # frame 0: a large face at 0.2 and a small one (under half its size) at 0.9
+    assert sbi_score([0, 0, 1], [100, 40, 100], [0.2, 0.9, 0.6]) == pytest.approx(
+        (0.2 + 0.6) / 2)
+    # two large faces in one frame: the higher counts
+    assert sbi_score([0, 0], [100, 60], [0.2, 0.9]) == pytest.approx(0.9)
+    # frames of unknown number each count alone
+    assert sbi_score([-1, -1], [100, 100], [0.2, 0.9]) == pytest.approx(0.55)
+
+
+def test_the_cluster_bootstrap_is_wider_than_counting_each_frame_as_independent():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1] * 10, 8)
+    scores = np.repeat(rng.uniform(0, 1, 20) + np.tile([0, 0.3], 10), 8)  # frames = video
+    videos = np.repeat(np.arange(20), 8)
+    auc = roc_auc_score(labels, scores)
+    by_video = binary_intervals(labels, scores, 0.5, videos, 400)["auc"]
+    by_frame = binary_intervals(labels, scores, 0.5, None, 400)["auc"]
+    assert by_video[0] <= auc <= by_video[1]
+    assert by_video[1] - by_video[0] > 1.5 * (by_frame[1] - by_frame[0])
+
+
+@pytest.fixture(scope="module")
+def table(prepared, tmp_path_factory):
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("bench") / "run"
+    save_checkpoint(run / paths.MODEL, build_model("resnet18", None, "all").eval(),
+                    params={"image_size": 32, "trainable": "all"}, threshold=0.5,
+                    threshold_rule="0.5", metrics={}, epoch=1)
+    report = benchmark.run_benchmark(BenchmarkParams(
+        run_dir=str(run), test_sets=[str(prepared[n][0]) for n in ("ffpp", "celebdf", "dfdc")],
+        num_workers=0, n_bootstrap=50))
+    return run, report
+
+
+def test_the_table_has_frame_and_video_rows_per_test_set_and_method(table):
+    run, report = table
+    with open(run / paths.BENCHMARK, newline="") as f:
+        rows = list(csv.DictReader(f))
+    kinds = {(r["test_set"], r["method"], r["level"], r["rule"]) for r in rows}
+    for method in ("all", "Deepfakes", "Face2Face"):
+        for level, rule in benchmark.LEVELS:
+            assert ("ffpp", method, level, rule) in kinds
+    assert {("celebdf", "all"), ("dfdc", "all")} <= {(t, m) for t, m, _, _ in kinds}
+    assert all((run / name).is_file() for name in (
+        paths.BENCHMARK_JSON, paths.BENCHMARK_FIGURE, paths.BENCHMARK_VIDEOS,
+        paths.BENCHMARK_FRAMES))
+    assert set(report["headline"]) == {"ffpp", "celebdf", "dfdc"}
+
+
+def test_the_tables_numbers_are_those_of_the_scores_it_writes(table):
+    run, report = table
+    with open(run / paths.BENCHMARK_FRAMES, newline="") as f:
+        frames = [r for r in csv.DictReader(f) if r["test_set"] == "ffpp"]
+    rows = {(r["method"], r["level"], r["rule"]): r for r in report["rows"]
+            if r["test_set"] == "ffpp"}
+    labels = np.array([int(r["label"]) for r in frames])
+    scores = np.array([float(r["p_fake"]) for r in frames])
+    assert rows["all", "frame", "-"]["auc"] == pytest.approx(roc_auc_score(labels, scores),
+                                                             abs=1e-5)
+    assert rows["all", "frame", "-"]["n_frames"] == len(frames) == 12  # 6 clips x 2 frames
+    videos: dict[str, list] = {}
+    for r in frames:
+        videos.setdefault(r["video"], [int(r["label"]), []])[1].append(float(r["p_fake"]))
+    df = {v: (y, np.mean(s)) for v, (y, s) in videos.items()
+          if y == 0 or "/Deepfakes/" in v}
+    assert rows["Deepfakes", "video", "mean"]["auc"] == pytest.approx(
+        roc_auc_score([y for y, _ in df.values()], [p for _, p in df.values()]), abs=1e-5)
+    assert rows["Deepfakes", "video", "mean"]["n_videos"] == 4  # 2 reals + 2 fakes of DF
+    accuracy = np.mean([(p >= 0.5) == y for y, p in df.values()])
+    assert rows["Deepfakes", "video", "mean"]["accuracy"] == pytest.approx(accuracy)
+
+
+def test_a_test_video_without_a_face_is_counted_and_scores_a_half_by_the_sbi_rule(table):
+    run, report = table
+    rows = {(r["level"], r["rule"]): r for r in report["rows"]
+            if r["test_set"] == "dfdc" and r["method"] == "all"}
+    assert rows["video", "sbi"]["n_videos"] == rows["video", "mean"]["n_videos"] + 1 == 4
+    assert rows["video", "mean"]["n_no_face"] == 1
+    with open(run / paths.BENCHMARK_VIDEOS, newline="") as f:
+        [t3] = [r for r in csv.DictReader(f) if r["video"] == "test/t3.mp4"]
+    assert (t3["n_frames"], t3["p_fake_mean"], t3["p_fake_sbi"]) == ("0", "", "0.500000")
+
+
+def test_a_split_without_a_test_split_is_refused_by_name(table, prepared, tmp_path):
+    run, _ = table
+    make_raw(tmp_path / "raw", 3, 3)
+    split(SplitParams(raw_dir=str(tmp_path / "raw"), data_dir=str(tmp_path / "plain")))
+    with pytest.raises(ValueError, match=f"the split in {tmp_path / 'plain'} has no test"):
+        benchmark.run_benchmark(BenchmarkParams(run_dir=str(run),
+                                                test_sets=[str(tmp_path / "plain")]))
+
+
+def test_make_benchmark_needs_a_trained_run_and_names_it(tmp_path):
+    with pytest.raises(pipeline.ChainError, match="model.pt not found: RUN=<name> must name"):
+        pipeline.run_all("untrained", overrides={"test_sets": str(tmp_path)},
+                         steps=["05-benchmark"], runs_root=tmp_path / "runs", replace_run=True)
+    assert not (tmp_path / "runs" / "untrained").exists()
+    trained = tmp_path / "runs" / "trained"
+    save_checkpoint(trained / paths.MODEL, build_model("resnet18", None, "all").eval(),
+                    params={"image_size": 32, "trainable": "all"}, threshold=0.5,
+                    threshold_rule="0.5", metrics={}, epoch=1)
+    (trained / paths.RUN_RECORD).write_text("{}")
+    with pytest.raises(pipeline.ChainError, match="nowhere holds no manifest.csv: name split"):
+        pipeline.run_all("trained", overrides={"test_sets": str(tmp_path / "nowhere")},
+                         steps=["05-benchmark"], runs_root=tmp_path / "runs", replace_run=True)
+    assert sorted(p.name for p in trained.iterdir()) == [paths.MODEL, paths.RUN_RECORD]
+    assert pipeline.choose_steps(None, None, {"test_sets": "x"}, {})[-1] == "05-benchmark"
