@@ -31,6 +31,7 @@ from dfutils.manifest import LabelledSet, check_identity, dataset_of, labelled_s
 from dfutils.metrics import (
     NAMES,
     NO_FACE_SCORE,
+    TITLES,
     VIDEO_RULES,
     binary_metrics,
     shown,
@@ -40,7 +41,7 @@ from dfutils.metrics import (
 )
 from dfutils.model import Checkpoint, load_checkpoint
 from dfutils.params import BenchmarkParams
-from dfutils.paths import resolve
+from dfutils.paths import from_here, resolve
 from dfutils.scoring import images_for, score
 
 FRAME_FIELDS = ["test_set", "dataset", "method", "label", "video", "frame", "path", "p_fake"]
@@ -236,7 +237,8 @@ def summary_lines(summary: dict) -> list[str]:
 
 def shown_lines(params: BenchmarkParams, report: dict) -> list[str]:
     """What the benchmark command prints: each test set's rows, and where the table is."""
-    return [f"{r['test_set']} {r['method']} {r['level']} {r['rule']}: AUC "
-            f"{shown(r['auc'], [r['auc_low'], r['auc_high']])} ({r['n_videos']} videos, "
-            f"{r['n_frames']} frames)" for r in report["rows"]] + [
-        f"table: {resolve(params.run_dir) / paths.BENCHMARK}"]
+    return [f"{r['test_set']} {r['method']} {r['level']} {r['rule']}: " + "  ".join(
+            f"{TITLES[name]} {shown(r[name], [r[f'{name}_low'], r[f'{name}_high']])}"
+            for name in NAMES) + f" ({r['n_videos']} videos, {r['n_frames']} frames)"
+            for r in report["rows"]] + [
+        f"table: {from_here(resolve(params.run_dir) / paths.BENCHMARK)}"]

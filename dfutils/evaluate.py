@@ -26,6 +26,7 @@ from dfutils.datasets import IMAGE_SUFFIXES, LABELS, scan_classes
 from dfutils.manifest import LabelledSet, Sample, check_identity, labelled_set, read_manifest
 from dfutils.metrics import (
     NAMES,
+    TITLES,
     assess,
     binary_metrics,
     calibration_bins,
@@ -37,7 +38,7 @@ from dfutils.metrics import (
 from dfutils.model import Checkpoint, load_checkpoint, threshold_text
 from dfutils.owned import fingerprint
 from dfutils.params import EvalParams, FacesParams
-from dfutils.paths import is_plain_name, resolve
+from dfutils.paths import from_here, is_plain_name, resolve
 from dfutils.progress import tqdm
 from dfutils.scoring import images_for, score
 
@@ -266,8 +267,7 @@ def _evaluation(params: EvalParams, checkpoint: Checkpoint, images: LabelledSet,
     scored, scores = images.subset(ok), clean[ok]
     videos = scored.videos
     metrics = assess(scored.labels, scores, videos, threshold, params.n_bootstrap)
-    sweep_metrics = {kind: [{"level": level, **{k: m[k] for k in ("auc", "ap", "accuracy",
-                                                                   "eer")}}
+    sweep_metrics = {kind: [{"level": level, **{k: m[k] for k in NAMES}}
                             for level, at_level in levels.items()
                             for m in [binary_metrics(scored.labels, at_level[ok], threshold)]]
                      for kind, levels in swept.items()}
@@ -305,7 +305,7 @@ def _evaluation(params: EvalParams, checkpoint: Checkpoint, images: LabelledSet,
 
 def subgroup_table(report: dict, key: str = "by_source") -> list[dict]:
     """The report's subgroups (`by_source` or `by_method`) as rows to show: per subgroup,
-    its images' AUC and AP and, when its images belong to clips, its videos' AUC, each with
+    its images' metrics and, when its images belong to clips, its videos' AUC, each with
     its 95% interval."""
     rows = []
     for name, found in report.get(key, {}).items():
@@ -313,8 +313,7 @@ def subgroup_table(report: dict, key: str = "by_source") -> list[dict]:
         if "why" in found:
             rows.append(row | {"AUC": f"not scored: {found['why']}"})
             continue
-        row |= {"AUC": shown(found["auc"], found["ci"]["auc"]),
-                "AP": shown(found["ap"], found["ci"]["ap"])}
+        row |= {TITLES[k]: shown(found[k], found["ci"][k]) for k in NAMES}
         video = found.get("video")
         if video:
             row |= {"videos": video["n"], "video AUC": shown(video["auc"], video["ci"]["auc"])}
@@ -343,7 +342,8 @@ def report_lines(report: dict, run: Path) -> list[str]:
         lines.append(f"AUC under {kind:9s} " + "  ".join(f"{r['level']}: {r['auc']:.4f}"
                                                           for r in levels))
     lines += [f"cannot read {item['path']}: {item['reason']}" for item in report["unreadable"]]
-    lines.append(f"report: {paths.eval_folder(run, report['name']) / paths.EVAL_REPORT}")
+    lines.append(f"report: {from_here(paths.eval_folder(run, report['name']))}/"
+                 f"{paths.EVAL_REPORT}")
     return lines
 
 
@@ -365,6 +365,7 @@ def shown_lines(params: EvalParams, result: tuple[dict, dict]) -> list[str]:
     where its share went and how to merge."""
     run, name = resolve(params.run_dir), report_name(params)
     if not result[0]:
-        return [f"scored into {paths.eval_folder(run, name) / paths.EVAL_PARTS}; `dfutils merge "
-                f"evaluate --run {run} --name {name}` writes the report from every part"]
+        return [f"scored into {from_here(paths.eval_folder(run, name) / paths.EVAL_PARTS)}; "
+                f"`dfutils merge evaluate --run {from_here(run)} --name {name}` writes the "
+                "report from every part"]
     return report_lines(result[0], run)

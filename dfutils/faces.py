@@ -32,7 +32,7 @@ from dfutils.frames import DETECT_PIXELS, UnreadableClip
 from dfutils.images import ImageLoadError, load_image
 from dfutils.owned import OwnedFolder, complete_report, fingerprint
 from dfutils.params import FacesParams
-from dfutils.paths import resolve
+from dfutils.paths import from_here, resolve
 from dfutils.progress import tqdm
 
 # of faces.csv; group, split and method come from the data set (empty for real/ + fake/)
@@ -374,6 +374,6 @@ def shown_lines(params: FacesParams, report: dict) -> list[str]:
     """What the faces command prints: the counts, and where they are."""
     if "shard" in report:
         return [f"shard {report['shard']}: {report['n_sources']} sources, "
-                f"{report['n_crops']} crops in {report['folder']}"]
+                f"{report['n_crops']} crops in {from_here(report['folder'])}"]
     return [f"{report['n_sources']} sources, {report['n_crops']} crops: "
-            f"{resolve(params.faces_dir) / paths.FACES_REPORT}"]
+            f"{from_here(resolve(params.faces_dir) / paths.FACES_REPORT)}"]

@@ -24,7 +24,7 @@ from dfutils.manifest import Sample, check_identity, read_manifest
 from dfutils.metrics import shown
 from dfutils.model import Checkpoint, load_checkpoint
 from dfutils.params import GradCamParams, Selection, choices
-from dfutils.paths import resolve
+from dfutils.paths import from_here, resolve
 from dfutils.runs import seed_everything
 
 
@@ -284,4 +284,4 @@ def summary_lines(summary: dict) -> list[str]:
 def shown_lines(params: GradCamParams, report: CamReport) -> list[str]:
     """What the gradcam command prints: the checks in words, and where the maps are."""
     return [line for line in check_lines(report.metrics) if line] + [
-        f"Grad-CAM: {resolve(params.run_dir) / paths.GRADCAM}"]
+        f"Grad-CAM: {from_here(resolve(params.run_dir) / paths.GRADCAM)}"]

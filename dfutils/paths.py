@@ -24,6 +24,13 @@ def resolve(path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
+def from_here(path: str | os.PathLike) -> Path:
+    """A path as a command shows it: relative to the working directory when it lies below
+    it (where the user typed it from), absolute otherwise."""
+    path, here = Path(path).absolute(), Path.cwd()
+    return path.relative_to(here) if path.is_relative_to(here) else path
+
+
 def is_plain_name(name: str) -> bool:
     """Whether `name` can be one folder's name: letters, digits, '.', '_', '-', no leading dot."""
     return bool(_PLAIN_NAME.match(name))

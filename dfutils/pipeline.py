@@ -96,6 +96,8 @@ class Step:
     preflight: Callable[[Any, Chain], None] = _nothing
     # Its planned parameters, adjusted to the steps planned before it (the names given)
     after: Callable[[dict[str, dict], set[str]], None] = _nothing
+    reads: str = ""  # the step whose output it reads: when that one runs again, this one's
+    # result is stale
     asked_by: str = ""  # an optional step runs when this parameter (or runner flag) is given
     beside: str = ""  # its run record in this folder inside `folder` (make faces, make split)
     starts_run: bool = False  # a chain running every such step makes the run anew
@@ -157,17 +159,20 @@ STEPS: dict[str, Step] = {step.name: step for step in (
          beside=paths.FACES_RUN),
     Step(SplitParams, split.split, folder="data_dir", record=split.record,
          shown=split.shown_lines, preflight=_split_ready, after=split.after_faces,
-         beside=paths.SPLIT_RUN, starts_run=True),
+         reads="00-faces", beside=paths.SPLIT_RUN, starts_run=True),
     Step(TrainParams, train.train_run, record=train.record, summary=train.summary,
-         summary_lines=train.summary_lines, status=train.status, starts_run=True,
-         resumed=train.resumed, torchrun=True),
+         summary_lines=train.summary_lines, status=train.status, reads="01-split",
+         starts_run=True, resumed=train.resumed, torchrun=True),
     Step(GradCamParams, gradcam.gradcam_run, record=gradcam.record, summary=gradcam.summary,
-         summary_lines=gradcam.summary_lines, shown=gradcam.shown_lines, preflight=_trained),
+         summary_lines=gradcam.summary_lines, shown=gradcam.shown_lines, preflight=_trained,
+         reads="02-train"),
     Step(EvalParams, evaluate.evaluate_folder, record=evaluate.record,
-         shown=evaluate.shown_lines, preflight=_trained, asked_by="eval_dir"),
+         shown=evaluate.shown_lines, preflight=_trained, reads="02-train",
+         asked_by="eval_dir"),
     Step(BenchmarkParams, benchmark.run_benchmark, record=benchmark.record,
          summary=benchmark.summary, summary_lines=benchmark.summary_lines,
-         shown=benchmark.shown_lines, preflight=_test_sets_ready, asked_by="test_sets"),
+         shown=benchmark.shown_lines, preflight=_test_sets_ready, reads="02-train",
+         asked_by="test_sets"),
 )}
 # The runner's own settings (RUN=, PARAMS=, ...); everything else is a step's parameter.
 RUNNER_KEYS = ("run", "params", "overwrite", "steps", "resume", "faces")
@@ -205,17 +210,27 @@ def record_dir(step: Step, params: Mapping[str, Any]) -> Path:
     return folder / step.beside if step.beside else folder
 
 
+def made_from(name: str) -> list[str]:
+    """The steps whose results are made from a step's, directly or not (`Step.reads`)."""
+    def reads(other: str) -> bool:
+        seen = STEPS[other].reads
+        while seen and seen != name:
+            seen = STEPS[seen].reads if seen in STEPS else ""
+        return seen == name
+
+    return [other for other in STEPS if reads(other)]
+
+
 @contextmanager
 def recorded(run_dir: Path, step: Step, params: dict[str, Any], **fields: Any
              ) -> Iterator[Callable[[str], None]]:
     """The one lifecycle of a step in run.json, for a notebook the runner executes and for
-    a command alike: the steps after it that were done become stale (they were made from
-    what it is about to replace), it is recorded as running, then as done (with what it
-    wrote: `Step.record`), failed or interrupted, and the run's summary is made again.
-    The block may call `ended(status)` to record another end than done."""
+    a command alike: the steps made from it that were done become stale (`Step.reads`:
+    they were made from what it is about to replace), it is recorded as running, then as
+    done (with what it wrote: `Step.record`), failed or interrupted, and the run's summary
+    is made again. The block may call `ended(status)` to record another end than done."""
     recorded_steps = read_run(run_dir).get("steps", {})
-    order = list(STEPS)
-    for later in order[order.index(step.name) + 1:]:
+    for later in made_from(step.name):
         if (recorded_steps.get(later) or {}).get("status") == "done":
             record_step(run_dir, later, status="stale", stale_because=f"{step.name} was run again")
     started = start_step(run_dir, step.name, params=params, **fields)

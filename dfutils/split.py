@@ -38,7 +38,7 @@ from dfutils.images import ImageLoadError, load_image
 from dfutils.manifest import MANIFEST_FIELDS, SPLITS, read_report, source_folder
 from dfutils.owned import OwnedFolder, fingerprint
 from dfutils.params import GroupBy, SplitParams, Stratify
-from dfutils.paths import resolve
+from dfutils.paths import from_here, resolve
 from dfutils.progress import tqdm
 
 
@@ -619,7 +619,7 @@ def shown_lines(params: SplitParams, report: dict) -> list[str]:
     counts = "; ".join(f"{name} {n['real']} real, {n['fake']} fake"
                        for name, n in report["counts"].items())
     return [f"{counts}; {len(report['rejected'])} rejected, {len(report['skipped'])} skipped "
-            f"(why: {resolve(params.data_dir) / paths.SPLIT_REPORT})"]
+            f"(why: {from_here(resolve(params.data_dir) / paths.SPLIT_REPORT)})"]
 
 
 def after_faces(planned: dict[str, dict], given: set[str]) -> None:

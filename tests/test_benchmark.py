@@ -132,3 +132,46 @@ def test_make_benchmark_needs_a_trained_run_and_names_it(tmp_path):
                          steps=["05-benchmark"], runs_root=tmp_path / "runs", replace_run=True)
     assert sorted(p.name for p in trained.iterdir()) == [paths.MODEL, paths.RUN_RECORD]
     assert pipeline.choose_steps(None, None, {"test_sets": "x"}, {})[-1] == "05-benchmark"
+
+
+def test_the_table_and_evaluate_on_the_test_split_are_one_evaluation(table, prepared):
+    """`evaluate --split test` and 05-benchmark score and assess the same images the same
+    way: the table's frame row is the report's metrics, its video row (mean rule) the
+    report's videos, its method rows the report's `by_method`, intervals included."""
+    from conftest import evaluate
+
+    run, report = table
+    data_dir = prepared["ffpp"][0]
+    found, _ = evaluate(run, data_dir, "ffpp-test", split="test", num_workers=0,
+                        n_bootstrap=50, sweeps={"blur": (0,)})
+    rows = {(r["method"], r["level"], r["rule"]): r for r in report["rows"]
+            if r["test_set"] == "ffpp"}
+    for metrics, row in ((found["metrics"], rows["all", "frame", "-"]),
+                         (found["metrics"]["video"], rows["all", "video", "mean"]),
+                         (found["by_method"]["Deepfakes"], rows["Deepfakes", "frame", "-"])):
+        for name in ("auc", "ap", "eer", "accuracy"):
+            assert metrics[name] == pytest.approx(row[name], abs=1e-9), name
+            assert metrics["ci"][name] == pytest.approx([row[f"{name}_low"],
+                                                         row[f"{name}_high"]], abs=1e-9), name
+
+
+def test_a_test_split_made_again_since_training_is_refused(tmp_path):
+    """The benchmark reads a test split only while it is the split the run trained on (or
+    another folder): after a re-split in place its test images may have been trained on."""
+    from dfutils.manifest import identity
+
+    raw = make_raw(tmp_path / "raw", 8, 8)
+    data = tmp_path / "data"
+    split(SplitParams(raw_dir=str(raw), data_dir=str(data), test_fraction=0.25))
+    run = tmp_path / "run"
+    save_checkpoint(run / paths.MODEL, build_model("resnet18", None, "all").eval(),
+                    params={"image_size": 32, "trainable": "all"}, threshold=0.5,
+                    threshold_rule="0.5", metrics={}, epoch=1, split=identity(data))
+    params = BenchmarkParams(run_dir=str(run), test_sets=[str(data)], num_workers=0,
+                             n_bootstrap=20)
+    assert benchmark.run_benchmark(params)["headline"]
+    split(SplitParams(raw_dir=str(raw), data_dir=str(data), test_fraction=0.25, seed=7,
+                      overwrite=True))
+    with pytest.raises(ValueError, match="cannot score its test split: the split in .* is not "
+                                         "the one"):
+        benchmark.run_benchmark(params)

@@ -56,7 +56,7 @@ def read_echo(params: EchoParams) -> dict:
 def with_echo(monkeypatch):
     """A step added as one entry (and its class and function): what adding a step takes,
     the notebook aside."""
-    step = pipeline.Step(EchoParams, echo, record=read_echo,
+    step = pipeline.Step(EchoParams, echo, record=read_echo, reads="02-train",
                          summary=lambda record: {"echo": record.get("message")},
                          summary_lines=lambda s: [f"echo: {s['echo']}"] if s.get("echo") else [],
                          shown=lambda params, result: [result["message"]])
@@ -79,18 +79,28 @@ def test_an_entry_alone_gives_a_step_its_command_record_and_summary(with_echo, t
     assert "'times' takes an integer" in capsys.readouterr().err
 
 
-def test_a_step_run_again_makes_the_later_steps_stale(with_echo, tmp_path):
+@pytest.mark.parametrize("again,stale", [
+    ("02-train", ["03-gradcam", "04-evaluate", "05-benchmark", "06-echo"]),
+    ("01-split", ["02-train", "03-gradcam", "04-evaluate", "05-benchmark", "06-echo"]),
+    ("03-gradcam", []), ("04-evaluate", [])])
+def test_a_step_run_again_makes_the_steps_made_from_it_stale(with_echo, tmp_path, again,
+                                                             stale):
+    """Retraining makes everything made from the model stale; evaluating again makes
+    nothing stale (the benchmark does not read the evaluation)."""
     run = tmp_path / "run"
     run.mkdir()
     (run / paths.RUN_RECORD).write_text(json.dumps({"steps": {
-        "03-gradcam": {"status": "done"}, "06-echo": {"status": "done"}}}))
-    earlier = dataclasses.replace(pipeline.STEPS["03-gradcam"], run=lambda params: None,
-                                  record=lambda params: None)
-    with pipeline.recorded(run, earlier, {"run_dir": str(run)}):
+        name: {"status": "done"} for name in pipeline.STEPS}}))
+    step = dataclasses.replace(pipeline.STEPS[again], run=lambda params: None,
+                               record=lambda params: None)
+    given = {"eval_dir": "elsewhere", "run_dir": str(run)}  # what 04-evaluate needs
+    with pipeline.recorded(run, step, {k: v for k, v in {**step.params.defaults(),
+                                                        **given}.items()
+                                       if k in step.params.names()}):
         pass
     steps = json.loads((run / paths.RUN_RECORD).read_text())["steps"]
-    assert steps["03-gradcam"]["status"] == "done"
-    assert steps["06-echo"] == {"status": "stale", "stale_because": "03-gradcam was run again"}
+    assert [name for name, s in steps.items() if s["status"] == "stale"] == stale
+    assert all(steps[name]["stale_because"] == f"{again} was run again" for name in stale)
 
 
 def test_a_failing_command_is_recorded_as_failed(with_echo, tmp_path, monkeypatch, capsys):
