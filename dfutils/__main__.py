@@ -47,11 +47,6 @@ from dfutils.paths import REPO_ROOT
 from dfutils.predict import merge_predictions, parts_of, predict_run
 from dfutils.runs import read_run
 
-# Other spellings of some options, kept for the scripts that use them: a trained run is
-# --run, the folder evaluate scores --data, the demo's size --n.
-RUN = {"run_dir": ("--run",)}
-SPELLINGS = {"04-evaluate": {**RUN, "eval_dir": ("--data",)}, "03-gradcam": RUN,
-             "05-benchmark": RUN, "predict": RUN, "demo": {"n_per_class": ("--n",)}}
 SHARD_HELP = ("run task i of n (from 0) of a cluster job, or auto (SLURM's or torchrun's "
               "environment): {} (docs/cluster.md)")
 
@@ -61,13 +56,14 @@ def _flag(name: str) -> str:
 
 
 def add_parameters(parser: argparse.ArgumentParser, cls: type[Params],
-                   spellings: dict[str, Sequence[str]] | None = None,
-                   positional: Sequence[str] = (), skip: Sequence[str] = ()) -> None:
+                   positional: Sequence[str] = (), skip: Sequence[str] = (),
+                   spellings: bool = True) -> None:
     """An option for each parameter of `cls` (but `skip` and those already there): its
-    name as `--name` (and its `spellings`), its help, default and allowed values; a yes/no
-    parameter is `--name` (or `--name=no`) and `--no-name`; `positional` ones are the
-    command's arguments. Values stay text: the parameter class coerces them, as it does
-    make's and a YAML file's."""
+    name as `--name` (and, with `spellings`, the other spellings its field names, `--run`
+    for a trained run), its help, default and allowed values; a yes/no parameter is
+    `--name` (or `--name=no`) and `--no-name`; `positional` ones are the command's
+    arguments. Values stay text: the parameter class coerces them, as it does make's and a
+    YAML file's."""
     hints, defaults = typing.get_type_hints(cls), cls.defaults()
     taken = {action.dest for action in parser._actions}
     for f in dataclasses.fields(cls):
@@ -79,7 +75,7 @@ def add_parameters(parser: argparse.ArgumentParser, cls: type[Params],
         if f.name in positional:
             parser.add_argument(f.name, nargs="+", metavar="PATH", help=text.replace("%", "%%"))
             continue
-        flags = [_flag(f.name), *(spellings or {}).get(f.name, ()),
+        flags = [_flag(f.name), *(f.metadata["flags"] if spellings else ()),
                  *(_flag(alias) for alias, name in ALIASES.items() if name == f.name)]
         text = (text + f" (default: {defaults[f.name]!r})").replace("%", "%%")  # argparse
         if hints[f.name] is bool:
@@ -270,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{step.folder.upper()}/{step.beside} for STEPS={name}"
                          for name, step in pipeline.STEPS.items() if step.beside))
     for step in pipeline.STEPS.values():
-        add_parameters(run, step.params, skip=("run_dir",))
+        add_parameters(run, step.params, skip=("run_dir",), spellings=False)
     run.set_defaults(func=_run_all)
 
     for step in pipeline.STEPS.values():
@@ -279,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=f"{step.name} as a command: {step.help}. The same function as its "
             f"notebook ({step.notebook}), recorded in run.json the same way.")
         _params_file(command)
-        add_parameters(command, step.params, SPELLINGS.get(step.name))
+        add_parameters(command, step.params)
         if "shard" in inspect.signature(step.run).parameters:
             command.add_argument("--shard", default="", metavar="i/n|auto",
                                  help=SHARD_HELP.format("only the inputs it owns, into a "
@@ -295,13 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
         "label, n_frames, n_faces, status). Labels use the decision threshold stored in the "
         "run's checkpoint. Unreadable files get an error status (and a line on stderr) and "
         "do not stop the batch; the exit status is non-zero only if no file could be scored.")
-    add_parameters(predict, PredictParams, SPELLINGS["predict"], positional=("paths",))
+    add_parameters(predict, PredictParams, positional=("paths",))
     predict.add_argument("--shard", default="", metavar="i/n|auto", help=SHARD_HELP.format(
         "the inputs it owns, into <out>.parts/; `merge predict` writes --out"))
     predict.set_defaults(func=_predict)
 
     demo = commands.add_parser("demo", help="build the demo data set (data/demo_raw)")
-    add_parameters(demo, DemoParams, SPELLINGS["demo"])
+    add_parameters(demo, DemoParams)
     demo.set_defaults(func=_demo)
 
     merge = commands.add_parser(

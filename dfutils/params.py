@@ -85,12 +85,13 @@ def choices(kind: Any) -> tuple[str, ...]:
     return typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
 
 
-def param(default: Any, help: str, path: bool = False, old: dict[str, str] | None = None
-          ) -> Any:
+def param(default: Any, help: str, path: bool = False, old: dict[str, str] | None = None,
+          flags: tuple[str, ...] = ()) -> Any:
     """A parameter's default and one-line help; `path`: it names a file or folder (on the
     command line relative to the working directory, elsewhere to the repository root);
-    `old`: values of earlier versions, each accepted as the value it maps to."""
-    metadata = {"help": help, "path": path, "old": old or {}}
+    `old`: values of earlier versions, each accepted as the value it maps to; `flags`:
+    other spellings of its option on its step's command (`--run` for a trained run)."""
+    metadata = {"help": help, "path": path, "old": old or {}, "flags": flags}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -313,6 +314,12 @@ def bootstrap_param(what: str) -> Any:
                  "when images belong to clips)")
 
 
+def trained_run_param() -> Any:
+    """The `run_dir` option of every step that reads a trained run (`--run` on its
+    command)."""
+    return param("runs/notebook", "a trained run (model.pt)", path=True, flags=("--run",))
+
+
 def cam_layer_param() -> Any:
     """The `layer` option of every step that explains with Grad-CAM."""
     return param("auto", "the block Grad-CAM explains: the last block of the network's last "
@@ -478,7 +485,7 @@ class GradCamParams(Params):
     step: ClassVar[str] = "03-gradcam"
 
     run_dir: str = param("runs/notebook", "a run of 02-train: reads model.pt and "
-                         "val_predictions.csv", path=True)
+                         "val_predictions.csv", path=True, flags=("--run",))
     data_dir: str = param("data", "the split the run was trained on", path=True)
     n_images: int = param(16, "overlays to write and show")
     select: Selection = param("mixed", "which images: the most confident right and wrong of "
@@ -509,9 +516,9 @@ class EvalParams(Params):
 
     step: ClassVar[str] = "04-evaluate"
 
-    run_dir: str = param("runs/notebook", "a trained run (model.pt)", path=True)
+    run_dir: str = trained_run_param()
     eval_dir: str = param("", "a labelled folder: eval_dir/real and eval_dir/fake; or, with "
-                          "split, a split made by 01-split", path=True)
+                          "split, a split made by 01-split", path=True, flags=("--data",))
     name: str = param("", "report name under run_dir/eval/; empty: the folder's name (and the "
                       "split's, and -self-blends)")
     batch_size: int = batch_param()
@@ -549,7 +556,7 @@ class BenchmarkParams(Params):
 
     step: ClassVar[str] = "05-benchmark"
 
-    run_dir: str = param("runs/notebook", "a trained run (model.pt)", path=True)
+    run_dir: str = trained_run_param()
     test_sets: list[str] = param([], "split folders made by 01-split whose test split is "
                                  "scored, comma-separated (TEST_SETS=data/celebdf,data/dfdc)",
                                  path=True)
@@ -572,7 +579,7 @@ class PredictParams(Params):
 
     step: ClassVar[str] = "predict"
 
-    run_dir: str = param("", "a trained run (model.pt)", path=True)
+    run_dir: str = param("", "a trained run (model.pt)", path=True, flags=("--run",))
     paths: list[str] = param([], "image files, clips and folders to score", path=True)
     out: str = param("", "CSV file to write; empty: standard output", path=True)
     cam_dir: str = param("", "also write Grad-CAM overlays to this folder", path=True)
@@ -599,7 +606,7 @@ class DemoParams(Params):
     step: ClassVar[str] = "demo"
 
     out: str = param("data/demo_raw", "output folder", path=True)
-    n_per_class: int = param(400, "images per class")
+    n_per_class: int = param(400, "images per class", flags=("--n",))
     size: int = param(96, "side in pixels")
     seed: int = param(0, "seeds the crops and the blends")
 
