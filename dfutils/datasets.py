@@ -22,9 +22,9 @@ import json
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 # Labels everywhere: fake = 1, real = 0, by the names of the class folders (never by their
 # order: torchvision's ImageFolder would sort `fake` first and give the opposite).
@@ -68,13 +68,15 @@ def file_problem(path: str | os.PathLike) -> str:
     return kind and f"not a regular file: {kind}"
 
 
-def tree(folder: Path, seen: set[tuple[int, int]] | None = None
-         ) -> Iterator[tuple[Path, str]]:
+def tree(folder: Path, seen: set[tuple[int, int]] | None = None,
+         avoid: Mapping[tuple[int, int], str] | None = None) -> Iterator[tuple[Path, str]]:
     """Every file below `folder`, depth first in sorted order (the order of
     sorted(folder.rglob("*"))), as (path, ""). Links to folders are followed, each real
-    folder once: a link back to a folder already walked (a loop, or the same folder twice)
-    comes out as (link, why it was not followed), so a loop ends and nothing is silent."""
+    folder once: a link back to a folder already walked (a loop, or the same folder twice),
+    or to one of `avoid` ((device, inode) -> why), comes out as (link, why it was not
+    followed), so a loop ends and nothing is silent."""
     seen = seen if seen is not None else set()
+    avoid = avoid or {}
     info = folder.stat()
     seen.add((info.st_dev, info.st_ino))
     try:
@@ -87,20 +89,25 @@ def tree(folder: Path, seen: set[tuple[int, int]] | None = None
             yield path, ""
             continue
         info = path.stat()
+        if (info.st_dev, info.st_ino) in avoid:
+            yield path, (f"a link to {os.path.realpath(path)}, "
+                         f"{avoid[info.st_dev, info.st_ino]}: not followed")
+            continue
         if (info.st_dev, info.st_ino) in seen:
             yield path, (f"a link to {os.path.realpath(path)}, a folder already read (a "
                          "loop, or the same folder twice): not followed")
             continue
-        yield from tree(path, seen)
+        yield from tree(path, seen, avoid)
 
 
-def walk_files(root: Path, folder: Path, suffixes: set[str], kinds: str
+def walk_files(root: Path, folder: Path, suffixes: set[str], kinds: str,
+               avoid: Mapping[tuple[int, int], str] | None = None
                ) -> Iterator[tuple[Path, str, str]]:
     """Every file below `folder`, sorted, as (path relative to `root`, that path as text,
     why it is skipped or ""): not a regular file, a name that is not UTF-8, or a suffix
     (any letter case) outside `suffixes`, which `kinds` names for the user. Links to
-    folders are followed (`tree`)."""
-    for path, loop in tree(folder):
+    folders are followed (`tree`, but not into `avoid`)."""
+    for path, loop in tree(folder, avoid=avoid):
         rel = path.relative_to(root)
         if loop:
             yield rel, display_path(rel), loop
@@ -138,12 +145,23 @@ def scan_classes(raw_dir: Path, suffixes: frozenset[str], what: str,
     kinds = suffix_list(suffixes)
     found, skipped = [], []
     for label in CLASSES:
+        if not (raw_dir / label).is_dir():
+            raise MissingInput(f"class folder {raw_dir / label} is missing: put your {label} "
+                               f"{what} in it (subfolders are fine)")
+
+    def identity(folder: Path) -> tuple[int, int]:
+        info = folder.stat()
+        return info.st_dev, info.st_ino
+
+    for label in CLASSES:
         class_dir = raw_dir / label
-        if not class_dir.is_dir():
-            raise MissingInput(f"class folder {class_dir} is missing: put your {label} {what} "
-                               "in it (subfolders are fine)")
+        # A link back to the raw folder, or into the other class's folder, would give one
+        # image both labels: such a link is skipped with its reason.
+        avoid = {identity(raw_dir): "the raw folder itself (the classes would mix)",
+                 **{identity(raw_dir / other): f"the {other} class folder (the classes "
+                    "would mix)" for other in CLASSES if other != label}}
         before = len(found)
-        for rel, shown, problem in walk_files(raw_dir, class_dir, suffixes, kinds):
+        for rel, shown, problem in walk_files(raw_dir, class_dir, suffixes, kinds, avoid):
             if problem:
                 skipped.append({"path": shown, "reason": problem})
             elif not leave_out(rel):
@@ -205,26 +223,80 @@ def _rel(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def stays_inside(name: object) -> str:
+    """Why a name a data set lists (a path relative to its folder) cannot be read as one
+    there, or "" when it can: it must be a relative path that does not climb out with
+    `..`. A list is the data set's, not ours: nothing it names may lead outside."""
+    if not isinstance(name, str) or not name.strip():
+        return f"{name!r} is not a file name"
+    parts = PurePosixPath(name).parts
+    if PurePosixPath(name).is_absolute():
+        return f"{name!r} is an absolute path: a data set lists its files relative to its folder"
+    if ".." in parts:
+        return f"{name!r} leads outside the data set's folder (..)"
+    return ""
+
+
+def _text(path: Path, where: str, listing: Listing) -> str | None:
+    """A data set's list file as text, or None and a problem naming it (a folder in its
+    place, not UTF-8, unreadable)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        listing.problem(where, "a folder, not a file: remove it or put the data set's file "
+                        "there; left out")
+    except UnicodeDecodeError as error:
+        listing.problem(where, f"not UTF-8 text ({error.reason} at byte {error.start}): save "
+                        "it as UTF-8; left out")
+    except OSError as error:
+        listing.problem(where, f"cannot be read ({error.strerror or error}); left out")
+    return None
+
+
 # -- FaceForensics++ ---------------------------------------------------------------------
 
+_FFPP_ID = re.compile(r"^\d{3}$")  # an original's id: 000 to 999
+
+
 def ffpp_pairs(root: Path, listing: Listing) -> dict[str, tuple[str, tuple[str, str]]]:
-    """Each original's id -> (its official split, its pair), from root/splits/*.json."""
-    owner: dict[str, tuple[str, tuple[str, str]]] = {}
+    """Each original's id -> (its official split, its pair), from root/splits/*.json. A
+    pair that is not two ids, a pair in two files and an id in two pairs are problems
+    naming the files; such ids are left out of `owner` (their clips then say so)."""
+    listed: dict[str, list[tuple[str, tuple[str, str]]]] = {}
     for split in ("train", "val", "test"):
-        path = root / "splits" / f"{split}.json"
-        if not path.is_file():
-            listing.problem(f"splits/{split}.json", "missing: copy the official split files "
+        where = f"splits/{split}.json"
+        path = root / where
+        if not path.exists():
+            listing.problem(where, "missing: copy the official split files "
                             "(dataset/splits/ of github.com/ondyari/FaceForensics) to splits/")
             continue
+        text = _text(path, where, listing)
         try:
-            pairs = json.loads(path.read_text())
-            pairs = [(str(a), str(b)) for a, b in pairs]
-        except (ValueError, TypeError):
-            listing.problem(f"splits/{split}.json", "not a JSON list of [a, b] pairs")
+            pairs = json.loads(text) if text is not None else None
+        except ValueError:
+            pairs = "?"
+        if pairs is None:
             continue
-        for pair in pairs:
+        if not isinstance(pairs, list):
+            listing.problem(where, "not a JSON list of [a, b] pairs: left out")
+            continue
+        for number, pair in enumerate(pairs, 1):
+            if not (isinstance(pair, list) and len(pair) == 2
+                    and all(isinstance(v, str) and _FFPP_ID.match(v) for v in pair)):
+                listing.problem(where, f"pair {number}, {pair!r}, is not two ids like "
+                                "[\"071\", \"054\"]: left out")
+                continue
             for video in pair:
-                owner[video] = (split, pair)
+                listed.setdefault(video, []).append((split, tuple(pair)))
+    owner = {}
+    for video, places in sorted(listed.items()):
+        if len(set(places)) > 1:
+            said = "; ".join(f"[{a}, {b}] in splits/{split}.json" for split, (a, b)
+                             in dict.fromkeys(places))
+            listing.problem(f"splits: {video}", f"listed in more than one place ({said}): "
+                            "its clips are left out; correct the split files")
+            continue
+        owner[video] = places[0]
     return owner
 
 
@@ -246,7 +318,7 @@ def read_ffpp(root: Path, methods: Iterable[str] = (), compression: str = "c23")
 
     def place(ids: tuple[str, ...], rel: str) -> str | None:
         """The official split of a clip with these ids; None (and a problem) if unlisted."""
-        if not owner:
+        if not owner and not any((root / "splits").glob("*.json")):
             return ""
         splits = {owner[i][0] for i in ids if i in owner}
         if len(splits) != 1 or any(i not in owner for i in ids):
@@ -262,11 +334,16 @@ def read_ffpp(root: Path, methods: Iterable[str] = (), compression: str = "c23")
         if split is not None:
             listing.items.append(Item(rel, "real", (f"ffpp:{path.stem}",), split))
     for method in chosen:
-        for path in _videos(root, f"manipulated_sequences/{method}/{compression}/videos",
-                            listing):
-            rel, ids = _rel(root, path), tuple(path.stem.split("_")[:2])
-            if len(ids) != 2:
-                listing.problem(rel, "a fake is named <target>_<source>.mp4: left out")
+        folder = f"manipulated_sequences/{method}/{compression}/videos"
+        found = _videos(root, folder, listing)
+        if not found and (root / folder).is_dir():
+            listing.problem(folder, "holds no video: download the method's clips, or leave it "
+                            "out with methods=")
+        for path in found:
+            rel, ids = _rel(root, path), tuple(path.stem.split("_"))
+            if len(ids) != 2 or not all(_FFPP_ID.match(i) for i in ids):
+                listing.problem(rel, "a fake is named <target>_<source>.mp4 (two ids like "
+                                "071_054): left out")
                 continue
             if owner and tuple(owner.get(ids[0], ("", ()))[1]) not in (ids, ids[::-1]):
                 listing.problem(rel, f"{ids[0]} and {ids[1]} are not a pair of splits/*.json:"
@@ -325,18 +402,23 @@ def read_celebdf(root: Path, methods: Iterable[str] = (), compression: str = "c2
                      "of a swap) go; YouTube-real clips each alone"})
     tested: dict[str, str] = {}
     listed = root / CELEBDF_LIST
-    if not listed.is_file():
+    text = _text(listed, CELEBDF_LIST, listing) if listed.exists() else None
+    if not listed.exists():
         listing.problem(CELEBDF_LIST, "missing: without it there is no test split")
-    else:
-        for number, line in enumerate(listed.read_text().splitlines(), 1):
+    if text is not None:
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             label, _, rel = line.strip().partition(" ")
             folder = rel.split("/", 1)[0]
             where = f"{CELEBDF_LIST} line {number}"
-            if label not in ("0", "1") or folder not in CELEBDF_FOLDERS:
+            if label not in ("0", "1") or folder not in CELEBDF_FOLDERS or (
+                    stays_inside(rel) or len(PurePosixPath(rel).parts) != 2):
                 listing.problem(where, f"{line.strip()!r} is not `<1|0> <folder>/<video>` with "
-                                f"a folder of {', '.join(CELEBDF_FOLDERS)}")
+                                f"a folder of {', '.join(CELEBDF_FOLDERS)}: left out")
+                continue
+            if tested.get(rel) is not None:
+                listing.problem(where, f"{rel} is listed twice: the line is left out")
                 continue
             said = "real" if label == "1" else "fake"
             if said != CELEBDF_FOLDERS[folder]:
@@ -386,21 +468,30 @@ def read_dfdc(root: Path, methods: Iterable[str] = (), compression: str = "c23")
     entries: list[tuple[Path, str, dict]] = []
     for part in parts:
         where = _rel(root, part / DFDC_METADATA) if part != root else DFDC_METADATA
+        text = _text(part / DFDC_METADATA, where, listing)
         try:
-            metadata = json.loads((part / DFDC_METADATA).read_text())
-            if not isinstance(metadata, dict):
-                raise ValueError
+            metadata = json.loads(text) if text is not None else None
         except ValueError:
+            metadata = []
+        if metadata is None:
+            continue
+        if not isinstance(metadata, dict):
             listing.problem(where, "not a JSON object of {clip: {label, original}}: part left "
                             "out")
             continue
         for name, entry in sorted(metadata.items()):
             label = str(entry.get("label", "")).upper() if isinstance(entry, dict) else ""
-            if label not in ("REAL", "FAKE"):
+            why = stays_inside(name)
+            if why:
+                listing.problem(f"{where}: {name}", f"{why}: left out")
+            elif label not in ("REAL", "FAKE"):
                 listing.problem(f"{where}: {name}", "label is not REAL or FAKE: left out")
-                continue
-            everything[name] = label
-            entries.append((part, name, entry))
+            elif name in everything:
+                listing.problem(f"{where}: {name}", f"listed in another {DFDC_METADATA} too: "
+                                "left out here")
+            else:
+                everything[name] = label
+                entries.append((part, name, entry))
     for part, name, entry in entries:
         path = part / name
         rel = _rel(root, path)
@@ -411,22 +502,43 @@ def read_dfdc(root: Path, methods: Iterable[str] = (), compression: str = "c23")
             listing.items.append(Item(rel, "real", (f"dfdc:{Path(name).stem}",)))
             continue
         original = entry.get("original") or ""
-        if not original:
+        if not isinstance(original, str) or stays_inside(original):
+            listing.problem(rel, f"its `original`, {original!r}, is not a clip's name: kept "
+                            "alone")
+            original = ""
+        elif not original:
             listing.problem(rel, "a fake without `original` in its metadata: kept alone")
         elif original not in everything:
             listing.problem(rel, f"its original {original} is in no {DFDC_METADATA}: kept with "
                             "its name")
         listing.items.append(Item(rel, "fake", (f"dfdc:{Path(original or name).stem}",)))
     for folder in tests:
-        with open(folder / DFDC_LABELS, newline="") as f:
-            rows = list(csv.DictReader(f))
         where = _rel(root, folder / DFDC_LABELS) if folder != root else DFDC_LABELS
-        for number, row in enumerate(rows, 2):
+        text = _text(folder / DFDC_LABELS, where, listing)
+        if text is None:
+            continue
+        rows: dict[str, tuple[int, str]] = {}  # clip -> (its line, its label)
+        for number, row in enumerate(csv.DictReader(text.splitlines()), 2):
             name, label = (row.get("filename") or "").strip(), (row.get("label") or "").strip()
             label = {"1": "fake", "0": "real", "FAKE": "fake", "REAL": "real"}.get(label.upper())
-            if not name or label is None:
-                listing.problem(f"{where} line {number}", "needs `filename,label` with label 1 "
-                                "(fake) or 0 (real): left out")
+            why = stays_inside(name) if name else ""
+            if not name or label is None or why:
+                listing.problem(f"{where} line {number}", f"{why}: left out" if why else
+                                "needs `filename,label` with label 1 (fake) or 0 (real): left "
+                                "out")
+                continue
+            if name in rows:
+                first, said = rows[name]
+                listing.problem(f"{where} line {number}", f"{name} is listed at line {first} "
+                                "too" + ("" if said == label else f" as {said}") + ": the "
+                                "line is left out" + ("" if said == label else
+                                                      ", and the clip with it"))
+                if said != label:
+                    rows[name] = (first, "")
+                continue
+            rows[name] = (number, label)
+        for name, (_, label) in rows.items():
+            if not label:  # listed with both labels
                 continue
             path = next((p for p in (folder / name, folder / "videos" / name) if p.is_file()),
                         None)

@@ -52,6 +52,11 @@ def scan(raw_dir: Path, params: FacesParams) -> Listing:
                          f"your photos and clips, or the root of the {params.dataset} data set")
     methods = [m.strip() for m in params.methods.split(",") if m.strip()]
     listing = datasets.read(params.dataset, raw_dir, methods, params.compression)
+    for item in list(listing.items):  # a reader's bug must not write outside faces_dir
+        why = datasets.stays_inside(item.path)
+        if why:
+            listing.items.remove(item)
+            listing.problem(str(item.path), f"{why}: left out")
     taken: dict[str, str] = {}  # crops are named by the path without its suffix
     for item in list(listing.items):
         stem = Path(item.path).with_suffix("").as_posix()
@@ -75,7 +80,10 @@ def scan(raw_dir: Path, params: FacesParams) -> Listing:
 
 def crop_stem(item: Item, dataset: str) -> Path:
     """Where a source's crops go, without suffix: <label>/<its path below the class folder>
-    for real/ + fake/, <label>/<its path> for a data set."""
+    for real/ + fake/, <label>/<its path> for a data set; always inside faces_dir."""
+    why = datasets.stays_inside(item.path)
+    if why or item.label not in CLASSES:
+        raise FacesError(f"{item.path}: {why or 'not real or fake'}: no crop is made of it")
     parts = Path(item.path).with_suffix("").parts
     return Path(item.label, *(parts[1:] if dataset == "folder" else parts))
 
@@ -187,6 +195,12 @@ def _inputs(params: FacesParams) -> tuple[Path, Path, Listing, dict, str]:
                          "other")
     listing = scan(raw_dir, params)
     sources = listing.items
+    if not sources:  # nothing to crop is a failure, not an empty result that looks done
+        why = "; ".join(f"{p['path']}: {p['reason']}" for p in listing.problems[:5])
+        more = f" (and {len(listing.problems) - 5} more)" if len(listing.problems) > 5 else ""
+        raise FacesError(f"{raw_dir} holds no photo or clip to crop as dataset="
+                         f"{params.dataset} lays them out" + (f": {why}{more}" if why else
+                                                               ": put them in real/ and fake/"))
     stamp = hashlib.sha256((fingerprint(raw_dir, [item.path for item in sources]) + json.dumps(
         [(i.label, i.group, i.split, i.method) for i in sources])).encode()).hexdigest()
     return raw_dir, faces_dir, listing, recorded(params, raw_dir), stamp

@@ -8,10 +8,12 @@ shard, and every task computes the same partition without talking to the others.
 
 `shard` takes "" (the whole job, one task), "i/n" (given by hand, which always wins), or
 "auto": read from the scheduler's environment, in this order:
-SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (a job array: one task per array element;
-the index counts from SLURM_ARRAY_TASK_MIN), then SLURM_PROCID / SLURM_NTASKS (the tasks
-of one `srun`), then RANK / WORLD_SIZE (torchrun). The first pair that is set is used; a
-job array runs each element with SLURM_PROCID 0 of 1, so the array must come first.
+SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (a job array of consecutive indices: one task
+per array element; the index counts from SLURM_ARRAY_TASK_MIN), then SLURM_PROCID /
+SLURM_NTASKS (the tasks of one `srun`), then RANK / WORLD_SIZE (torchrun). The first that
+is set is used; a job array runs each element with SLURM_PROCID 0 of 1, so the array must
+come first, and an array element that cannot say which task of how many it is (an array
+with a step, or one element submitted again) is refused rather than taken for 0 of 1.
 """
 
 from __future__ import annotations
@@ -75,20 +77,51 @@ def parse(text: str, what: str = "SHARD") -> Shard:
 
 
 def from_environment(environ: Mapping[str, str] | None = None) -> Shard:
-    """The shard the scheduler's environment gives (the module's docstring has the order)."""
+    """The shard the scheduler's environment gives (the module's docstring has the order);
+    ShardError when it cannot say which task of how many this is (`_array`)."""
     environ = os.environ if environ is None else environ
-    for index, count, first in ENVIRONMENT:
+    if "SLURM_ARRAY_TASK_ID" in environ:
+        return _array(environ)
+    for index, count, _ in ENVIRONMENT[1:]:
         if index in environ and count in environ:
             try:
-                i = int(environ[index]) - (int(environ[first]) if first and first in environ
-                                           else 0)
-                return parse(f"{i}/{int(environ[count])}", f"{index}/{count}")
+                return parse(f"{int(environ[index])}/{int(environ[count])}",
+                             f"{index}/{count}")
             except ValueError:
                 raise ShardError(f"{index}={environ[index]!r} with {count}="
                                  f"{environ[count]!r} is not a task of a job") from None
     names = ", ".join(f"{i} and {c}" for i, c, _ in ENVIRONMENT)
     raise ShardError(f"SHARD=auto found no scheduler's variables ({names}): run it as a task "
                      "of a job array, srun or torchrun, or give SHARD=i/n")
+
+
+def _array(environ: Mapping[str, str]) -> Shard:
+    """A SLURM array element's shard: its index from the array's first, of the array's
+    count. Only an array of consecutive indices maps (--array=0-63, or 1-64): an array with
+    a step, a list, or one element submitted again (--array=17: SLURM then says 17 of an
+    array of 1) cannot tell which task of how many it is, and is refused."""
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
+             "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP")
+    said = " ".join(f"{n}={environ[n]}" for n in names if n in environ)
+    fix = "give SHARD=i/n, task i of the job's n (docs/cluster.md: running one task again)"
+    try:
+        index, first, last, step = (int(environ[n]) if n in environ else None
+                                    for n in (names[0], *names[2:]))
+        count = int(environ[names[1]]) if names[1] in environ else None
+    except ValueError:
+        raise ShardError(f"SHARD=auto: {said} is not a task of a job array: {fix}") from None
+    if count is None:
+        raise ShardError(f"SHARD=auto: {said} without SLURM_ARRAY_TASK_COUNT does not say "
+                         f"how many tasks the job has: {fix}")
+    first = 0 if first is None else first
+    if step not in (None, 1) or (last is not None and last - first + 1 != count):
+        raise ShardError(f"SHARD=auto: {said} is an array with a step or gaps, whose tasks "
+                         f"do not map to shards 0..n-1: {fix}")
+    if count == 1 and index != 0:
+        raise ShardError(f"SHARD=auto: {said} is one element of an array submitted on its own "
+                         f"(a task run again), which does not say how many tasks the job has: "
+                         f"{fix}")
+    return parse(f"{index - first}/{count}", "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT")
 
 
 def resolve(text: str, environ: Mapping[str, str] | None = None, what: str = "SHARD"

@@ -98,6 +98,20 @@ def test_the_schedulers_environment_gives_the_shard(environ, expected):
 @pytest.mark.parametrize("text,environ,words", [
     ("3/3", {}, "SHARD='3/3'"), ("x", {}, "i/n"), ("-1/2", {}, "i/n"),
     ("auto", {}, "no scheduler's variables"),
+    # Issue 36, item 2: what SLURM sets for `sbatch --array=17` (one task run again): it
+    # was taken for shard 0/1 and cropped the whole data set
+    ("auto", {"SLURM_ARRAY_TASK_ID": "17", "SLURM_ARRAY_TASK_COUNT": "1",
+              "SLURM_ARRAY_TASK_MIN": "17", "SLURM_ARRAY_TASK_MAX": "17"},
+     "one element of an array submitted on its own.*give SHARD=i/n"),
+    # --array=1-63:2 mapped task 3 to shard 2 of 32
+    ("auto", {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "32",
+              "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "63",
+              "SLURM_ARRAY_TASK_STEP": "2"}, "a step or gaps"),
+    ("auto", {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3",
+              "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "9"}, "a step or gaps"),
+    # an element without its count fell through to SLURM_PROCID's 0 of 1
+    ("auto", {"SLURM_ARRAY_TASK_ID": "5", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
+     "without SLURM_ARRAY_TASK_COUNT"),
     ("auto", {"RANK": "a", "WORLD_SIZE": "2"}, "RANK='a'"),
 ])
 def test_a_bad_shard_is_named(text, environ, words):
@@ -394,6 +408,48 @@ def test_the_docs_slurm_array_runs_as_written_and_merges_to_a_single_run(raw, si
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
     assert contents(tmp_path / "faces") == contents(single)
+
+
+def test_the_docs_rerun_of_one_task_works_as_written(raw, single, tmp_path):
+    """docs/cluster.md's `sbatch --array=K --export=ALL,SHARD=K/N faces.sbatch`, run the way
+    SLURM runs it (the variables it sets for an array of one element, and the exported
+    SHARD), after task 1 of 3 lost its part; without SHARD it is refused (issue 36, item 2:
+    it was taken for shard 0/1 and cropped the whole data set)."""
+    import re
+
+    from dfutils.paths import REPO_ROOT
+
+    page = (REPO_ROOT / "docs" / "cluster.md").read_text()
+    script = next(block for block in re.findall(r"```bash\n(.*?)```", page, re.S)
+                  if "SBATCH" in block)
+    rerun = re.search(r"^sbatch --array=(\d+) --export=ALL,SHARD=(\d+)/(\d+) faces.sbatch",
+                      page, re.M)
+    assert rerun and rerun[1] == rerun[2], "the rerun line gives the task its own shard"
+    data = "DATASET=dfdc RAW_DIR=/shared/dfdc FACES_DIR=/shared/faces/dfdc"
+    out = tmp_path / "faces"
+    (tmp_path / "faces.sbatch").write_text(script.replace(
+        data, f"RAW_DIR={raw} FACES_DIR={out} " + " ".join(WORDS)))
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK"))}
+
+    def task(k: int, n: int, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(tmp_path / "faces.sbatch")], cwd=REPO_ROOT,
+                              env={**base, **extra}, capture_output=True, text=True,
+                              timeout=600)
+
+    for k in range(3):  # the job as submitted: --array=0-2
+        done = task(k, 3, SLURM_ARRAY_TASK_ID=str(k), SLURM_ARRAY_TASK_COUNT="3",
+                    SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_MAX="2")
+        assert done.returncode == 0, done.stderr[-2000:]
+    shutil.rmtree(out / paths.FACES_PARTS / "1-of-3")  # task 1 was killed before it began
+    alone = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "1",
+             "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "1"}
+    refused = task(1, 3, **alone)  # `sbatch --array=1 faces.sbatch`
+    assert refused.returncode != 0 and "give SHARD=i/n" in refused.stderr
+    assert not (out / paths.FACES_PARTS / "0-of-1").exists()  # nothing cropped
+    done = task(1, 3, **alone, SHARD="1/3")  # `sbatch --array=1 --export=ALL,SHARD=1/3 ...`
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert run_cli("merge", "faces", f"RAW_DIR={raw}", f"FACES_DIR={out}", *WORDS) == 0
+    assert contents(out) == contents(single)
 
 
 def children(pid: int) -> list[int]:

@@ -4,12 +4,13 @@ from its official split files), nothing from ../shared. The table is test_benchm
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from conftest import FFPP_SPLITS, make_celebdf, make_ffpp, manifest
+from conftest import FAST, FFPP_SPLITS, clip, make_celebdf, make_dfdc, make_ffpp, manifest
 
-from dfutils import datasets
+from dfutils import datasets, faces
 from dfutils.params import FacesParams, ParameterError, SplitParams
 from dfutils.split import split
 
@@ -79,6 +80,145 @@ def test_faces_parameters_name_a_method_or_data_set_that_does_not_exist():
         FacesParams(dataset="celebdf", methods="Deepfakes")
     with pytest.raises(ParameterError, match="'ff\\+\\+'"):
         FacesParams(dataset="ff++")
+
+
+# -- lists that are wrong, malformed or hostile (issue 36) ----------------------------------
+
+def problems_of(listing) -> dict[str, str]:
+    return {p["path"]: p["reason"] for p in listing.problems}
+
+
+def test_a_listed_name_that_leaves_the_folder_is_a_problem_and_nothing_is_written_outside(
+        tmp_path):
+    """Issue 36, item 1: a DFDC key "../../victim.mp4" was read from outside RAW_DIR and its
+    crops written outside FACES_DIR, over a file of the user's; an absolute key gave a bare
+    `is not in the subpath of`."""
+    root = make_dfdc(tmp_path / "sets" / "DFDC")
+    victim = tmp_path / "victim.mp4"
+    clip(victim, 40)
+    faces_out = tmp_path / "sets" / "faces"
+    mine = faces_out.parent / "victim" / "000000.png"  # where the crop of ../../victim landed
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"the user's")
+    part = root / "dfdc_train_part_0"
+    metadata = json.loads((part / datasets.DFDC_METADATA).read_text())
+    metadata["../../victim.mp4"] = {"label": "REAL"}
+    metadata[str(victim)] = {"label": "FAKE", "original": "aaa.mp4"}
+    (part / datasets.DFDC_METADATA).write_text(json.dumps(metadata))
+    listing = datasets.read_dfdc(root)
+    problems = problems_of(listing)
+    assert "leads outside the data set's folder" in problems[
+        "dfdc_train_part_0/metadata.json: ../../victim.mp4"]
+    assert "is an absolute path" in problems[f"dfdc_train_part_0/metadata.json: {victim}"]
+    assert all("victim" not in i.path for i in listing.items)
+    report = faces.extract_faces(FacesParams(raw_dir=str(root), faces_dir=str(faces_out),
+                                             dataset="dfdc", **FAST), workers=1)
+    assert all("victim" not in e["source"] for e in report["sources"])
+    assert mine.read_bytes() == b"the user's"
+    assert not [p for p in faces_out.parent.rglob("*.png") if faces_out not in p.parents
+                and p != mine]
+
+
+def test_a_crop_path_outside_the_faces_folder_is_never_made():
+    """Issue 36, item 1: checked where crop paths are made, not only in the readers."""
+    with pytest.raises(faces.FacesError, match="leads outside"):
+        faces.crop_path(datasets.Item("../x.mp4", "real"), "dfdc")
+    with pytest.raises(faces.FacesError, match="absolute"):
+        faces.crop_path(datasets.Item("/x.mp4", "fake"), "dfdc")
+
+
+def test_ffpp_split_files_that_disagree_name_both_files(tmp_path):
+    """Issue 36, item 4: a pair in train.json and test.json went where the file read last put
+    it; a video in two pairs was placed silently. Item 14: ["01"] read as the pair (0, 1)."""
+    root = make_ffpp(tmp_path / "ffpp", touch=True)
+    splits = root / "splits"
+    splits.joinpath("test.json").write_text(json.dumps([["953", "974"], ["071", "054"]]))
+    splits.joinpath("val.json").write_text(json.dumps([["720", "672"], ["720", "999"], ["01"]]))
+    listing = datasets.read_ffpp(root, compression="c23")
+    problems = problems_of(listing)
+    assert "[071, 054] in splits/train.json; [071, 054] in splits/test.json" in problems[
+        "splits: 071"]
+    assert "[720, 672] in splits/val.json; [720, 999] in splits/val.json" in problems[
+        "splits: 720"]
+    assert "pair 3, ['01'], is not two ids" in problems["splits/val.json"]
+    left = {Path(i.path).stem for i in listing.items}
+    assert not left & {"071", "054", "071_054", "054_071", "720", "720_672", "672_720"}
+    assert {"953", "974", "953_974"} <= left  # the rest is read as before
+
+
+def test_ffpp_fakes_with_other_names_and_empty_method_folders_are_said(tmp_path):
+    """Issue 36, item 14: 000_001_extra.mp4 was taken for a fake of 000 and 001; an empty
+    method folder was not said."""
+    root = make_ffpp(tmp_path / "ffpp", touch=True)
+    extra = root / "manipulated_sequences/Deepfakes/c23/videos/071_054_extra.mp4"
+    extra.touch()
+    (root / "manipulated_sequences/FaceSwap/c23/videos").mkdir(parents=True)
+    listing = datasets.read_ffpp(root, ["Deepfakes", "FaceSwap"])
+    problems = problems_of(listing)
+    assert "two ids like 071_054" in problems[extra.relative_to(root).as_posix()]
+    assert "holds no video" in problems["manipulated_sequences/FaceSwap/c23/videos"]
+
+
+def test_celebdf_lines_that_climb_out_or_repeat_are_said(tmp_path):
+    """Issue 36, item 14: `1 Celeb-real/../Celeb-synthesis/x.mp4` was dropped silently."""
+    root = make_celebdf(tmp_path / "celebdf", touch=True)
+    with open(root / datasets.CELEBDF_LIST, "a") as f:
+        f.write("1 Celeb-real/../Celeb-synthesis/id0_id1_0000.mp4\n1 YouTube-real/00000.mp4\n")
+    problems = problems_of(datasets.read_celebdf(root))
+    assert "is not `<1|0> <folder>/<video>`" in problems[f"{datasets.CELEBDF_LIST} line 5"]
+    assert "listed twice" in problems[f"{datasets.CELEBDF_LIST} line 6"]
+
+
+def test_malformed_dfdc_entries_are_problems_of_their_own_found_before_any_extraction(tmp_path):
+    """Issue 36, item 7: an `original` that is a number crashed in a traceback; a clip listed
+    twice in labels.csv failed with SameFileError after the whole extraction."""
+    root = make_dfdc(tmp_path / "DFDC")
+    part = root / "dfdc_train_part_1"
+    metadata = json.loads((part / datasets.DFDC_METADATA).read_text())
+    metadata["fff.mp4"]["original"] = 17
+    metadata["iii.mp4"]["original"] = ["hhh.mp4"]
+    (part / datasets.DFDC_METADATA).write_text(json.dumps(metadata))
+    with open(root / "test" / datasets.DFDC_LABELS, "a") as f:
+        f.write("t1.mp4,0\nt2.mp4,0\n")  # t1 again, alike; t2 again, as real
+    listing = datasets.read_dfdc(root)
+    problems = problems_of(listing)
+    assert "its `original`, 17, is not a clip's name" in problems["dfdc_train_part_1/fff.mp4"]
+    assert "['hhh.mp4']" in problems["dfdc_train_part_1/iii.mp4"]
+    assert problems[
+        "test/labels.csv line 7"] == "t1.mp4 is listed at line 2 too: the line is left out"
+    assert "as fake" in problems["test/labels.csv line 8"]
+    tests = {i.path for i in listing.items if i.split == "test"}
+    assert "test/t1.mp4" in tests and "test/t2.mp4" not in tests  # both labels: left out
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: f.write_bytes(b"filename,label\n\xff\xfe.mp4,1\n"), "not UTF-8 text"),
+    (lambda f: (f.unlink(), f.mkdir()), "a folder, not a file")])
+def test_a_list_that_cannot_be_read_is_named_with_what_to_do(tmp_path, damage, message):
+    """Issue 36, item 8: `'utf-8' codec can't decode` and `[Errno 21]` named neither file nor
+    fix."""
+    root = make_dfdc(tmp_path / "DFDC")
+    damage(root / "test" / datasets.DFDC_LABELS)
+    problems = problems_of(datasets.read_dfdc(root))
+    assert message in problems["test/labels.csv"]
+
+
+@pytest.mark.parametrize("layout", ["ffpp c40", "empty celebdf"])
+def test_nothing_to_read_is_a_failure_that_says_why(tmp_path, layout):
+    """Issue 36, item 9: COMPRESSION=c40 with no c40 folders, or a Celeb-DF root with empty
+    folders, read 0 sources and ended done without a word of its problems."""
+    if layout == "ffpp c40":
+        root, params = make_ffpp(tmp_path / "ffpp", touch=True), {"dataset": "ffpp",
+                                                                  "compression": "c40"}
+    else:
+        root, params = tmp_path / "celebdf", {"dataset": "celebdf"}
+        for folder in datasets.CELEBDF_FOLDERS:
+            (root / folder).mkdir(parents=True)
+    with pytest.raises(faces.FacesError, match="holds no photo or clip to crop as dataset=.*: "
+                                               ".*(folder missing|missing: without it)"):
+        faces.extract_faces(FacesParams(raw_dir=str(root), faces_dir=str(tmp_path / "f"),
+                                        **params))
+    assert not (tmp_path / "f").exists()
 
 
 # -- faces and split, end to end -----------------------------------------------------------

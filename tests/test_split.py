@@ -330,6 +330,21 @@ def test_linked_folders_are_followed_and_a_loop_is_named(tmp_path):
     assert skipped["path"] == "fake/loop" and "a folder already read" in skipped["reason"]
 
 
+@pytest.mark.parametrize("target", ["..", "../fake"])
+def test_a_link_back_to_the_raw_folder_or_the_other_class_is_skipped_not_mixed(tmp_path,
+                                                                              target):
+    """Issue 36, item 17: real/loop -> .. brought every fake into real/ too: each fake became
+    a label conflict and the split failed, blaming the user's images."""
+    raw = make_raw(tmp_path / "raw", 4, 4)
+    (raw / "real" / "loop").symlink_to(target)
+    report = make_split(raw, tmp_path / "data", val_fraction=0.25)
+    assert report["conflicts"] == []
+    assert sum(report["counts"][s]["real"] for s in report["counts"]) == 4
+    (skipped,) = report["skipped"]
+    assert skipped["path"] == "real/loop" and "(the classes would mix): not followed" in (
+        skipped["reason"])
+
+
 def test_a_combined_split_can_take_each_share_from_each_source_folder(tmp_path):
     """A split of two data sets, one of many single images and one of few large clips:
     by class alone, the clips' share of validation is left to chance (the DeepFaceLive
