@@ -21,13 +21,21 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from dfutils import paths, viz
 from dfutils.atomic import atomic_path, write_csv, write_json
 from dfutils.datasets import LABELS
-from dfutils.manifest import LabelledSet, check_identity, dataset_of, labelled_set
+from dfutils.manifest import (
+    LabelledSet,
+    check_identity,
+    check_unseen,
+    dataset_of,
+    labelled_set,
+    read_manifest,
+)
 from dfutils.metrics import (
     NAMES,
     NO_FACE_SCORE,
@@ -49,7 +57,7 @@ VIDEO_FIELDS = ["test_set", "dataset", "method", "label", "video", "n_frames",
                 *(f"p_fake_{rule}" for rule in VIDEO_RULES)]
 TABLE_FIELDS = ["test_set", "dataset", "method", "level", "rule",
                 *(f for name in NAMES for f in (name, f"{name}_low", f"{name}_high")),
-                "n_videos", "n_frames", "n_no_face"]
+                "n_videos", "n_frames", "n_no_face", "note"]
 LEVELS = (("frame", "-"), *(("video", rule) for rule in VIDEO_RULES))
 ALL = "all"  # the row of a whole test set; other rows are one method's fakes with all reals
 
@@ -64,12 +72,38 @@ class TestSet:
     images: LabelledSet
 
 
-def read_test_set(data_dir: str | os.PathLike, checkpoint: Checkpoint) -> TestSet:
-    """The test split of a split made by 01-split; ValueError naming the folder when it has
-    none, or when it is the split the run was trained on, re-split since (its test images
-    may have been trained on)."""
+def check_test_sets(test_sets: list[str], checkpoint: Checkpoint | None,
+                    made: Path | None = None) -> None:
+    """Every check of the test sets before anything is scored or written (05-benchmark's
+    preflight too): each is a split with a test split, no two share a folder name, and
+    none holds images the run trained or chose on (the split it trained on, split again
+    since; or the same images: `manifest.check_unseen`). `made`: the folder this chain's
+    split is about to make, not there yet; without a `checkpoint` (trained in this chain)
+    only the folders are checked."""
+    names = [resolve(d).name for d in test_sets]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"two test sets are folders named {duplicated[0]!r}: their rows "
+                         "could not be told apart; give each split folder its own name")
+    for folder in map(resolve, test_sets):
+        if folder == made:
+            continue
+        if not (folder / paths.MANIFEST).is_file():
+            raise ValueError(f"TEST_SETS: {folder} holds no {paths.MANIFEST}: name split "
+                             "folders made by `make split` (docs/datasets.md)")
+        if not read_manifest(folder, "test"):
+            raise ValueError(f"the split in {folder} has no test images: split a data set "
+                             "with an official test list (dataset=ffpp, dfd, celebdf or dfdc) "
+                             "or give TEST_FRACTION= to `make split`")
+        if checkpoint is not None:
+            check_identity(checkpoint.split, folder, checkpoint.path, "score its test split")
+            check_unseen(checkpoint.split, folder, "test", checkpoint.path,
+                         "score its test split")
+
+
+def read_test_set(data_dir: str | os.PathLike) -> TestSet:
+    """The test split of a split made by 01-split (`check_test_sets` checked it)."""
     root = resolve(data_dir)
-    check_identity(checkpoint.split, root, checkpoint.path, "score its test split")
     return TestSet(root.name, dataset_of(root), labelled_set(root, "test"))
 
 
@@ -114,11 +148,18 @@ def video_rows(test: TestSet, scores: np.ndarray) -> list[dict]:
 
 
 def _row(base: dict, labels, scores, threshold: float, clusters, n_resamples: int) -> dict:
+    """One row of the table; `note` says why a number or an interval is missing."""
     m = with_intervals(binary_metrics(labels, scores, threshold), labels, scores, clusters,
                        n_resamples)
+    missing = [name for name, value in LABELS.items() if value not in set(np.asarray(labels))]
+    unit = "frame" if base["level"] == "frame" else "video"
+    note = (f"no {missing[0]} {unit} in this test split"
+            + ("" if base["method"] == ALL else f" for {base['method']}") + ": AUC, AP and "
+            "EER are undefined" if missing else m["ci"].get("unavailable", ""))
     return {**base, **{f: value for name in NAMES
                        for f, value in zip((name, f"{name}_low", f"{name}_high"),
-                                           (m[name], *m["ci"][name]), strict=True)}}
+                                           (m[name], *m["ci"][name]), strict=True)},
+            "note": note}
 
 
 def table_rows(test: TestSet, scores: np.ndarray, videos: list[dict], threshold: float,
@@ -173,12 +214,8 @@ def run_benchmark(params: BenchmarkParams) -> dict:
     and per-frame scores and the figure into the run; return the report."""
     run_dir = resolve(params.run_dir)
     checkpoint = load_checkpoint(run_dir / paths.MODEL)
-    tests = [read_test_set(d, checkpoint) for d in params.test_sets]  # every folder first
-    names = [t.name for t in tests]
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise ValueError(f"two test sets are folders named {duplicated[0]!r}: their rows "
-                         "could not be told apart; give each split folder its own name")
+    check_test_sets(params.test_sets, checkpoint)  # every folder, before anything is written
+    tests = [read_test_set(d) for d in params.test_sets]
     rows, videos = [], []
     with atomic_path(run_dir / paths.BENCHMARK_FRAMES) as tmp, open(
             tmp, "w", newline="", encoding="utf-8") as f:
@@ -215,23 +252,27 @@ def record(params: BenchmarkParams) -> dict | None:
     path = resolve(params.run_dir) / paths.BENCHMARK_JSON
     if not path.is_file():
         return None
-    rows = json.loads(path.read_text())["rows"]
-    return {"video_auc": headline(rows), "video_auc_ci": {
-        r["test_set"]: [r["auc_low"], r["auc_high"]] for r in rows
-        if r["method"] == ALL and r["level"] == "video" and r["rule"] == "mean"}}
+    rows = [r for r in json.loads(path.read_text())["rows"]
+            if r["method"] == ALL and r["level"] == "video" and r["rule"] == "mean"]
+    return {"video_auc": {r["test_set"]: r["auc"] for r in rows},
+            "video_auc_ci": {r["test_set"]: [r["auc_low"], r["auc_high"]] for r in rows},
+            "notes": {r["test_set"]: r["note"] for r in rows if r.get("note")}}
 
 
 def summary(record: dict) -> dict:
     """A run's headline numbers from 05-benchmark."""
     return {"test_video_auc": record.get("video_auc"),
-            "test_video_auc_ci": record.get("video_auc_ci")}
+            "test_video_auc_ci": record.get("video_auc_ci"),
+            "test_video_notes": record.get("notes")}
 
 
 def summary_lines(summary: dict) -> list[str]:
     """05-benchmark's headline numbers in words."""
     intervals = summary.get("test_video_auc_ci") or {}
-    return [f"test set {name}: video AUC {shown(auc, intervals.get(name))} (benchmark.csv "
-            "has every level, rule and method)"
+    notes = summary.get("test_video_notes") or {}
+    return [f"test set {name}: video AUC {shown(auc, intervals.get(name))}"
+            + (f" ({notes[name]})" if name in notes else "")
+            + "; benchmark.csv has every level, rule and method"
             for name, auc in (summary.get("test_video_auc") or {}).items()]
 
 
@@ -240,5 +281,5 @@ def shown_lines(params: BenchmarkParams, report: dict) -> list[str]:
     return [f"{r['test_set']} {r['method']} {r['level']} {r['rule']}: " + "  ".join(
             f"{TITLES[name]} {shown(r[name], [r[f'{name}_low'], r[f'{name}_high']])}"
             for name in NAMES) + f" ({r['n_videos']} videos, {r['n_frames']} frames)"
-            for r in report["rows"]] + [
+            + (f"; {r['note']}" if r["note"] else "") for r in report["rows"]] + [
         f"table: {from_here(resolve(params.run_dir) / paths.BENCHMARK)}"]

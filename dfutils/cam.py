@@ -245,7 +245,8 @@ def deletion_score(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
         "auc_cam": float(per_cam.mean()) if len(per_cam) else float("nan"),
         "auc_random": float(per_random.mean()) if len(per_random) else float("nan"),
         "ci": {"auc_cam": ci.get("mean"), "auc_random": ci.get("baseline"),
-               "difference": ci.get("difference")},
+               "difference": ci.get("difference"),
+               **({"unavailable": ci["unavailable"]} if "unavailable" in ci else {})},
     }
 
 
@@ -286,8 +287,9 @@ def localization(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
         "iou_cam": float(iou.mean()),
         "iou_random": float(np.mean([i.mean() for _, i in random_scores])),
         "iou_threshold": iou_threshold,
-        "ci": {"pointing_cam": ci["mean"], "pointing_random": ci["baseline"],
-               "difference": ci["difference"]},
+        "ci": {"pointing_cam": ci.get("mean"), "pointing_random": ci.get("baseline"),
+               "difference": ci.get("difference"),
+               **({"unavailable": ci["unavailable"]} if "unavailable" in ci else {})},
     }
 
 

@@ -44,6 +44,7 @@ class Face:
     box: tuple[int, int, int, int]  # detector box in source pixels: left, top, right, bottom
     score: float  # detector confidence
     landmarks: np.ndarray  # (68, 2) in crop pixels
+    rank: int = 0  # its place among the faces kept of its frame (0: the most confident)
 
 
 class FaceFinder:
@@ -65,24 +66,41 @@ class FaceFinder:
         return (params.upsample, params.min_score, params.align, params.face_margin,
                 params.face_size)
 
-    def detect(self, rgb: np.ndarray, upsample: int | None = None
-               ) -> tuple[object, float, np.ndarray] | None:
-        """The most confident face of an RGB image (the largest on a tie) as dlib's box, its
-        score and the 68 landmarks in the image's pixels; or None."""
+    def detect_all(self, rgb: np.ndarray, upsample: int | None = None, limit: int = 1
+                   ) -> list[tuple[object, float, np.ndarray]]:
+        """The faces of an RGB image as dlib's box, its score and the 68 landmarks in the
+        image's pixels: the most confident (the largest on a tie), then, up to `limit`, the
+        next most confident of those at least half the size of the largest (the faces the
+        SBI video rule reads)."""
         upsample = self.params.upsample if upsample is None else upsample
         rects, scores, _ = self.detector.run(rgb, upsample, self.params.min_score)
-        if not rects:
-            return None
-        best = max(range(len(rects)), key=lambda i: (scores[i], rects[i].area()))
-        rect = rects[best]
-        points = np.array([(p.x, p.y) for p in self.landmarks68(rgb, rect).parts()], np.float64)
-        return rect, float(scores[best]), points
+        order = sorted(range(len(rects)), key=lambda i: (scores[i], rects[i].area()),
+                       reverse=True)
+        largest = max((rects[i].area() for i in order), default=0)
+        kept = order[:1] + [i for i in order[1:] if rects[i].area() >= largest / 2]
+        return [(rects[i], float(scores[i]), np.array(
+            [(p.x, p.y) for p in self.landmarks68(rgb, rects[i]).parts()], np.float64))
+            for i in kept[:limit]]
+
+    def detect(self, rgb: np.ndarray, upsample: int | None = None
+               ) -> tuple[object, float, np.ndarray] | None:
+        """The most confident face of an RGB image (`detect_all`'s first), or None."""
+        found = self.detect_all(rgb, upsample)
+        return found[0] if found else None
+
+    def faces(self, rgb: np.ndarray, limit: int = 1) -> list[Face]:
+        """The faces of an RGB frame (`detect_all`), cropped, ranked."""
+        return [self.crop(rgb, found, rank)
+                for rank, found in enumerate(self.detect_all(rgb, limit=limit))]
 
     def __call__(self, rgb: np.ndarray) -> Face | None:
         """The most confident face of an RGB frame, cropped; or None."""
-        found = self.detect(rgb)
-        if found is None:
-            return None
+        found = self.faces(rgb)
+        return found[0] if found else None
+
+    def crop(self, rgb: np.ndarray, found: tuple[object, float, np.ndarray], rank: int = 0
+             ) -> Face:
+        """One face of `detect_all`, cropped square with the margin (and aligned)."""
         rect, score, points = found
         eyes = None
         if self.landmarks5 is not None:  # points 0-1 and 2-3 are the corners of each eye
@@ -96,7 +114,7 @@ class FaceFinder:
         matrix = crop_matrix(extent, self.params.face_margin, self.params.face_size, eyes)
         crop = cv2.warpAffine(rgb, matrix, (self.params.face_size,) * 2, flags=cv2.INTER_AREA,
                               borderMode=cv2.BORDER_CONSTANT)
-        return Face(crop, box, score, points @ matrix[:, :2].T + matrix[:, 2])
+        return Face(crop, box, score, points @ matrix[:, :2].T + matrix[:, 2], rank)
 
 
 def crop_matrix(box: tuple[float, float, float, float], margin: float, size: int,
@@ -120,16 +138,19 @@ def crop_matrix(box: tuple[float, float, float, float], margin: float, size: int
 
 
 class Found(NamedTuple):
-    faces: list[tuple[int, Face]]  # (frame index, face), the box in the source's pixels
+    faces: list[tuple[int, Face]]  # (frame index, face), the box in the source's pixels,
+    # a frame's faces one after another
     n_frames: int  # frames read (a photo is frame 0)
     scale: float  # the smallest scale `bounded` applied before detection (1.0: none)
 
 
 def faces_of(path: Path, finder: FaceFinder, frames_per_video: int,
-             each: Callable[[int, Face], None] | None = None) -> Found:
-    """The faces of one photo or clip; `each(index, face)` hears each one as it is found.
-    UnreadableClip or ImageLoadError when the file cannot be read."""
-    if is_clip(path):
+             each: Callable[[int, Face], None] | None = None, max_faces: int = 1) -> Found:
+    """The faces of one photo or clip (up to `max_faces` of each frame of a clip, a photo's
+    most confident); `each(index, face)` hears each one as it is found. UnreadableClip or
+    ImageLoadError when the file cannot be read."""
+    clip = is_clip(path)
+    if clip:
         frames = ahead(read_frames(path, frames_per_video))
     else:
         photo, scale = bounded(np.asarray(load_image(path)))
@@ -137,8 +158,7 @@ def faces_of(path: Path, finder: FaceFinder, frames_per_video: int,
     found, n_frames, smallest = [], 0, 1.0
     for index, rgb, scale in frames:
         n_frames, smallest = n_frames + 1, min(smallest, scale)
-        face = finder(rgb)
-        if face is not None:
+        for face in finder.faces(rgb, max_faces if clip else 1):
             if scale != 1.0:
                 face = dataclasses.replace(face, box=tuple(round(v / scale) for v in face.box))
             found.append((index, face))

@@ -23,7 +23,15 @@ from dfutils import faces, paths, sbi, shards, viz
 from dfutils.atomic import atomic_path, write_json
 from dfutils.corruptions import PERTURBATIONS, SWEEPS, Perturb
 from dfutils.datasets import IMAGE_SUFFIXES, LABELS, scan_classes
-from dfutils.manifest import LabelledSet, Sample, check_identity, labelled_set, read_manifest
+from dfutils.manifest import (
+    LabelledSet,
+    Sample,
+    check_identity,
+    check_unseen,
+    dataset_of,
+    labelled_set,
+    read_manifest,
+)
 from dfutils.metrics import (
     NAMES,
     TITLES,
@@ -179,6 +187,9 @@ def evaluate_folder(params: EvalParams, sweeps: dict[str, Sequence] = SWEEPS,
     if params.split:
         check_identity(checkpoint.split, params.eval_dir, checkpoint.path,
                        f"evaluate on its {params.split} split")
+    if params.split == "test":
+        check_unseen(checkpoint.split, params.eval_dir, "test", checkpoint.path,
+                     "evaluate on its test split")
     out = paths.eval_folder(run_dir, name)
     part = None
     if shard is not None:
@@ -205,6 +216,9 @@ def merge_evaluation(run_dir: str | os.PathLike, name: str) -> tuple[dict, dict]
     merged first when the tasks cropped them, then the metrics, intervals and figures over
     all the scores, as one run computes them; the parts go once the report is written."""
     run_dir = resolve(run_dir)
+    if not is_plain_name(name):
+        raise ValueError(f"--name {name!r} must be a plain name (letters, digits, '.', '_' or "
+                         "'-'): the folder under <run>/eval/ that the tasks wrote")
     out = paths.eval_folder(run_dir, name)
     parts = shards.complete_parts(out / paths.EVAL_PARTS, "--shard ")
     recorded = dict(parts[0].header["params"])
@@ -251,6 +265,30 @@ def by_subgroup(images: LabelledSet, scores: np.ndarray, threshold: float, n_res
     return found
 
 
+def by_source(images: LabelledSet, scores: np.ndarray, threshold: float, params: EvalParams
+              ) -> dict:
+    """The report's `by_source`: each source folder's fakes against its reals (the data sets
+    of a combined split); for a split of a published data set, whose first folders each
+    hold one class, its methods (each one's fakes against every real, as the benchmark's
+    rows); with neither, `by_source_note` says so."""
+    dataset = dataset_of(params.eval_dir) if params.split else "folder"
+    methods, folders = images.column("method"), images.column("folder")
+    if dataset != "folder":
+        if set(methods[images.labels == 1].tolist()) - {""}:
+            return {"by_source": by_subgroup(images, scores, threshold, params.n_bootstrap,
+                                             methods, "all"),
+                    "by_source_note": f"a split of {dataset}: its sources are its methods, "
+                                      "each one's fakes against every real"}
+        return {"by_source": {}, "by_source_note": f"a split of {dataset}, one source: the "
+                                                   "metrics above are its"}
+    if not set(folders.tolist()) - {""}:
+        return {"by_source": {}, "by_source_note": "no source folders (every image lies "
+                                                   "directly in real/ or fake/): the metrics "
+                                                   "above are the one source's"}
+    return {"by_source": by_subgroup(images, scores, threshold, params.n_bootstrap, folders,
+                                     "own")}
+
+
 def _evaluation(params: EvalParams, checkpoint: Checkpoint, images: LabelledSet,
                 clean: np.ndarray, errors: list[str], swept: dict, name: str, out: Path
                 ) -> tuple[dict, dict]:
@@ -282,9 +320,7 @@ def _evaluation(params: EvalParams, checkpoint: Checkpoint, images: LabelledSet,
                        for s, e in zip(images.samples, errors, strict=True) if e],
         "skipped": images.skipped,
         "metrics": metrics,
-        **({"by_source": by_subgroup(scored, scores, threshold, params.n_bootstrap,
-                                     scored.column("folder"), "own")}
-           if params.by_source else {}),
+        **(by_source(scored, scores, threshold, params) if params.by_source else {}),
         **({"by_method": by_subgroup(scored, scores, threshold, params.n_bootstrap, methods,
                                      "all")}
            if len(set(methods[scored.labels == 1].tolist()) - {""}) > 1 else {}),
@@ -333,6 +369,8 @@ def report_lines(report: dict, run: Path) -> list[str]:
                      f"{metrics_line(m['video'])}")
     lines.append(f"confusion (rows: true real, fake; columns: predicted real, fake): "
                  f"{m['confusion']}")
+    if report.get("by_source_note"):
+        lines.append(f"by source: {report['by_source_note']}")
     for key in ("by_source", "by_method"):
         for row in subgroup_table(report, key):
             what = key.removeprefix("by_")

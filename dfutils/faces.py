@@ -88,11 +88,14 @@ def crop_stem(item: Item, dataset: str) -> Path:
     return Path(item.label, *(parts[1:] if dataset == "folder" else parts))
 
 
-def crop_path(item: Item, dataset: str, index: int = 0) -> Path:
-    """A crop's path in faces_dir: <stem>/<frame:06d>.png for a clip's frame, <stem>.png
-    for a photo (a.v2.jpg gives a.v2.png, not a.png)."""
+def crop_path(item: Item, dataset: str, index: int = 0, rank: int = 0) -> Path:
+    """A crop's path in faces_dir: <stem>/<frame:06d>.png for a clip's frame (its face of
+    rank k > 0, with max_faces: <frame:06d>_<k>.png), <stem>.png for a photo (a.v2.jpg gives
+    a.v2.png, not a.png)."""
     stem = crop_stem(item, dataset)
-    return stem / f"{index:06d}.png" if is_clip(item.path) else stem.parent / f"{stem.name}.png"
+    if not is_clip(item.path):
+        return stem.parent / f"{stem.name}.png"
+    return stem / (f"{index:06d}_{rank}.png" if rank else f"{index:06d}.png")
 
 
 _FINDER: FaceFinder | None = None  # one per worker process: dlib's models do not pickle
@@ -120,14 +123,14 @@ def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: Item
                    "kind": "video" if video else "photo", **carried}
     rows = []
 
-    def crop_of(index: int) -> Path:
-        return crop_path(item, params.dataset, index)
+    def crop_of(index: int, face: Face) -> Path:
+        return crop_path(item, params.dataset, index, face.rank)
 
     def write(index: int, face: Face) -> None:
-        (out / crop_of(index)).parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(out / crop_of(index)), cv2.cvtColor(face.crop,
-                                                                   cv2.COLOR_RGB2BGR)):
-            raise OSError(f"could not write {out / crop_of(index)}")
+        (out / crop_of(index, face)).parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(out / crop_of(index, face)), cv2.cvtColor(face.crop,
+                                                                         cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {out / crop_of(index, face)}")
 
     # Crops are encoded and written by a thread (OpenCV lets go of the GIL) while the next
     # frame's face is found; every write is done before the source counts as finished.
@@ -136,14 +139,15 @@ def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: Item
         try:
             found = faces_of(raw_dir / item.path, _finder(params), params.frames_per_video,
                              lambda index, face: written.append(writer.submit(write, index,
-                                                                             face)))
+                                                                             face)),
+                             params.max_faces)
         except (UnreadableClip, ImageLoadError) as error:
             return [], {**entry, "reason": getattr(error, "reason", None) or str(error)}
         for future in written:
             future.result()
     n_frames = found.n_frames
     for index, face in found.faces:
-        rows.append({"path": crop_of(index).as_posix(), "label": item.label,
+        rows.append({"path": crop_of(index, face).as_posix(), "label": item.label,
                      "source": item.path, "frame": index, "box": json.dumps(face.box),
                      "score": round(face.score, 4),
                      "landmarks": json.dumps(np.round(face.landmarks, 2).tolist()), **carried})
@@ -166,6 +170,8 @@ def recorded(params: FacesParams, raw_dir: Path) -> dict:
     if params.dataset == "folder":
         for name in ("dataset", "methods", "compression"):
             settings.pop(name)
+    if params.max_faces == 1:  # as before max_faces existed
+        settings.pop("max_faces")
     return {**settings, "raw_dir": str(raw_dir)}
 
 
@@ -253,7 +259,7 @@ def run_part(part: shards.Part, sources: list[Item],
     with part.writing() as add, tqdm(total=len(sources), initial=len(sources) - len(todo),
                                      desc="faces", unit="source") as bar:
         for item, (rows, entry) in _map(one, todo, workers):
-            add(item.path, {"rows": rows, "entry": entry})
+            add(item.path, {"rows": rows, "entry": entry}, [row["path"] for row in rows])
             bar.update()
     part.finish(len(sources))
     finished = part.done()

@@ -216,8 +216,11 @@ def check_lines(metrics: dict) -> list[str]:
     """The checks of cam_metrics.json in words, each number with its 95% interval and a
     verdict from the interval of the paired difference: deletion, pointing on ground-truth
     masks, pointing on self-blends ("" for a check that was not scored)."""
-    def verdict(difference: list | None, better_below: bool) -> str:
-        if not difference or any(np.isnan(difference)):
+    def verdict(ci: dict, better_below: bool) -> str:
+        difference = ci.get("difference")
+        if ci.get("unavailable"):
+            return f"; no verdict: {ci['unavailable']}"
+        if not difference or any(v is None or np.isnan(v) for v in difference):
             return ""
         low, high = difference if better_below else (-difference[1], -difference[0])
         if high < 0:
@@ -231,7 +234,7 @@ def check_lines(metrics: dict) -> list[str]:
     lines = [f"deletion AUC (lower = more faithful): CAM "
              f"{shown(deletion['auc_cam'], d_ci.get('auc_cam'))}, random "
              f"{shown(deletion['auc_random'], d_ci.get('auc_random'))}"
-             f"{verdict(d_ci.get('difference'), True)}"]
+             f"{verdict(d_ci, True)}"]
     for what, located in (("ground-truth masks", metrics["localization"]),
                           (f"{metrics['self_blends']['localization'].get('n', 0)} self-blends",
                            metrics["self_blends"]["localization"])):
@@ -242,7 +245,7 @@ def check_lines(metrics: dict) -> list[str]:
         lines.append(f"pointing game on {what}: CAM "
                      f"{shown(located['pointing_cam'], ci.get('pointing_cam'))}, random "
                      f"{shown(located['pointing_random'], ci.get('pointing_random'))}"
-                     f"{verdict(ci.get('difference'), False)}")
+                     f"{verdict(ci, False)}")
     return lines
 
 

@@ -174,3 +174,29 @@ def check_identity(recorded: dict | None, data_dir: str | os.PathLike, checkpoin
                          f"{checkpoint} was trained on ({paths.MANIFEST} changed: re-split "
                          "since?), so its validation images may have been trained on; train "
                          "again on this split, or put the old split back")
+
+
+def check_unseen(recorded: dict | None, data_dir: str | os.PathLike, split: str,
+                 checkpoint: Path, doing: str) -> None:
+    """Refuse to `doing` with a split's `split` images when some of them are images the
+    run of `checkpoint` trained or chose its epoch on: the same content (SHA-256) as an
+    image of the train or val rows of the split it recorded (`identity`), when that split
+    is still there as it was. A test set made from the run's own training images would
+    otherwise be scored without a word."""
+    if not recorded:
+        return
+    trained = Path(recorded.get("data_dir", ""))
+    if identity(trained) != recorded:  # gone, or split again since (check_identity's case)
+        return
+    root = resolve(data_dir)
+    with open(trained / paths.MANIFEST, newline="") as f:
+        seen = {r["sha256"]: r["path"] for r in csv.DictReader(f)
+                if r["split"] in ("train", "val")}
+    with open(root / paths.MANIFEST, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == split]
+    again = [r["path"] for r in rows if r["sha256"] in seen]
+    if again:
+        raise ValueError(f"cannot {doing}: {len(again)} of its {len(rows)} {split} images of "
+                         f"{root} are images {checkpoint} trained or chose its epoch on (the "
+                         f"same content in the train or val split of {trained}), e.g. "
+                         f"{', '.join(again[:3])}: score a test set the run never saw")

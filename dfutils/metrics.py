@@ -147,6 +147,28 @@ def expected_calibration_error(labels, scores, n_bins: int = 15) -> float:
 
 BOOTSTRAP_SEED = 0  # every interval is drawn with this seed: the same data, the same interval
 LEVEL = 0.95
+# The fewest resampled units (videos; an image that is no clip's frame is its own) of each
+# class for which an interval is given. With k units of a class a resample of it has only
+# C(2k-1, k) compositions: 1 for k = 1 (every resample the same pair, a zero-width
+# interval that claims certainty), 3 for k = 2, 10 for k = 3, 126 for k = 5. Below 5 the
+# 2.5th and 97.5th percentiles of so few distinct resamples mean little, so none is given.
+MIN_UNITS = 5
+CLASS_NAMES = ("real", "fake")  # label 0, label 1
+
+
+def too_few(labels, clusters) -> str:
+    """Why no bootstrap interval can be given for these labels (too few units of a class,
+    or one class only), or "" when one can."""
+    labels = np.asarray(labels).astype(int)
+    units = np.arange(len(labels)) if clusters is None else np.asarray(clusters)
+    counts = [len(np.unique(units[labels == value])) for value in (0, 1)]
+    short = [f"{k} {name}{'s' if k != 1 else ''}" for k, name in zip(counts, CLASS_NAMES,
+                                                                    strict=True)
+             if k < MIN_UNITS]
+    if not short:
+        return ""
+    return (f"only {' and '.join(short)} to resample (a clip's frames count once); an "
+            f"interval needs {MIN_UNITS} of each class")
 
 
 def resamples(n: int, clusters=None, seed: int = BOOTSTRAP_SEED) -> Iterator[np.ndarray]:
@@ -176,12 +198,14 @@ def percentile_interval(values: Sequence[float], level: float = LEVEL) -> list[f
 
 
 def binary_intervals(labels, scores, threshold: float, clusters, n_resamples: int
-                     ) -> dict[str, list[float]]:
+                     ) -> dict[str, list[float] | str]:
     """95% percentile-bootstrap intervals of every metric of NAMES (whole clusters drawn
-    when `clusters` names them); resamples that lack a class are drawn again."""
+    when `clusters` names them); resamples that lack a class are drawn again. With too few
+    units of a class (`too_few`) every interval is [nan, nan] and "unavailable" says why."""
     labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
-    if not _both_classes(labels):
-        return {k: [math.nan, math.nan] for k in NAMES}
+    why = too_few(labels, clusters)
+    if why:
+        return {**{k: [math.nan, math.nan] for k in NAMES}, "unavailable": why}
     correct = ((scores >= threshold).astype(int) == labels).astype(float)
     drawn: dict[str, list[float]] = {k: [] for k in NAMES}
     for weights in resamples(len(labels), clusters):
@@ -213,6 +237,10 @@ def mean_intervals(values: np.ndarray, baseline: np.ndarray | None, clusters,
     values = np.asarray(values, dtype=float)
     if not len(values):
         return {}
+    units = len(np.unique(np.arange(len(values)) if clusters is None else clusters))
+    if units < MIN_UNITS:
+        return {"unavailable": f"only {units} to resample (a clip's images count once); an "
+                               f"interval needs {MIN_UNITS}"}
     drawn: dict[str, list[float]] = {"mean": [], "baseline": [], "difference": []}
     for weights, _ in zip(resamples(len(values), clusters), range(n_resamples), strict=False):
         drawn["mean"].append(float(np.average(values, weights=weights)))
@@ -252,9 +280,16 @@ def subgroups(labels, names, reals: str, among: Sequence[str] | None = None
     return {name: (names == name) | every_real for name in among}
 
 
-def shown(value: float, interval: Sequence[float] | None, digits: int = 3) -> str:
-    """A number with its interval, as every printed summary shows it: `0.563 [0.41, 0.71]`."""
-    if interval is None or any(math.isnan(v) for v in interval):
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def shown(value: float | None, interval: Sequence[float] | None, digits: int = 3) -> str:
+    """A number with its interval, as every printed summary shows it: `0.563 [0.41, 0.71]`;
+    an undefined one (an AUC of one class) as such."""
+    if _missing(value):
+        return "undefined"
+    if interval is None or any(_missing(v) for v in interval):
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
@@ -276,5 +311,7 @@ def headline_line(prefix: str, summary: dict) -> str:
 def metrics_line(metrics: dict, keys: Sequence[str] = NAMES) -> str:
     """`AUC 0.563 [0.41, 0.71]  AP ...`: binary_metrics' numbers with their intervals."""
     intervals = metrics.get("ci") or {}
-    return "  ".join(f"{TITLES[k]} {shown(metrics[k], intervals.get(k))}" for k in keys
-                     if metrics.get(k) is not None)
+    line = "  ".join(f"{TITLES[k]} {shown(metrics[k], intervals.get(k))}" for k in keys
+                     if k in metrics)
+    return line + (f"  (no intervals: {intervals['unavailable']})"
+                   if intervals.get("unavailable") else "")

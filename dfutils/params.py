@@ -252,12 +252,18 @@ class FacesParams(Params):
                           "faces, slower")
     min_score: float = param(0.0, "detector score a face needs (dlib's adjust_threshold)")
     align: bool = param(False, "turn each crop so the eyes are level (5-point model)")
+    max_faces: int = param(1, "faces kept per frame of a clip: 1 keeps the most confident "
+                           "(what training wants); more keeps up to that many, the most "
+                           "confident first, of those at least half the size of the frame's "
+                           "largest (the faces the SBI video rule reads: DFDC's two-person "
+                           "clips, for test sets)")
     overwrite: bool = param(False, "replace faces made with other parameters")
 
     def check(self) -> None:
-        if self.frames_per_video < 1 or self.face_size < 32 or self.upsample < 0:
-            raise ParameterError("frames_per_video must be >= 1, face_size >= 32 and "
-                                 "upsample >= 0")
+        if (self.frames_per_video < 1 or self.face_size < 32 or self.upsample < 0
+                or self.max_faces < 1):
+            raise ParameterError("frames_per_video and max_faces must be >= 1, face_size >= 32 "
+                                 "and upsample >= 0")
         if self.face_margin < 1.0:
             raise ParameterError(f"face_margin must be >= 1 (the crop holds the whole face), "
                                  f"got {self.face_margin}")
@@ -476,6 +482,13 @@ class TrainParams(Params):
                                  "then)")
         if not 0.0 <= self.sbi_share <= 1.0:
             raise ParameterError(f"sbi_share must be between 0 and 1, got {self.sbi_share}")
+        if self.fakes == "sbi+data" and self.sbi_share in (0.0, 1.0):
+            raise ParameterError(f"sbi_share={self.sbi_share:g} with fakes=\"sbi+data\" trains "
+                                 "on one family of fakes only: use fakes=\"" + (
+                                     "data" if self.sbi_share == 0 else "sbi") + "\"")
+        if self.fakes != "sbi+data" and self.sbi_share != self.defaults()["sbi_share"]:
+            raise ParameterError(f"sbi_share applies to fakes=\"sbi+data\" only, not "
+                                 f"{self.fakes!r}: leave it out, or mix the two families")
 
 
 @dataclass(frozen=True)

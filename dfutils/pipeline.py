@@ -29,6 +29,7 @@ from nbclient.exceptions import DeadKernelError
 from dfutils import benchmark, evaluate, faces, gradcam, paths, split, train
 from dfutils.atomic import remove_stale_temps
 from dfutils.datasets import MissingInput
+from dfutils.model import load_checkpoint
 from dfutils.params import (
     BenchmarkParams,
     EvalParams,
@@ -147,10 +148,9 @@ def _split_ready(params: SplitParams, chain: Chain) -> None:
 def _test_sets_ready(params: BenchmarkParams, chain: Chain) -> None:
     _trained(params, chain)
     made = resolve(chain["01-split"]["data_dir"]) if "01-split" in chain else None
-    for folder in params.test_sets:
-        if resolve(folder) != made and not (resolve(folder) / paths.MANIFEST).is_file():
-            raise ChainError(f"TEST_SETS: {resolve(folder)} holds no {paths.MANIFEST}: name "
-                             "split folders made by `make split` (docs/datasets.md)")
+    trained = None if "02-train" in chain else load_checkpoint(
+        resolve(params.run_dir) / paths.MODEL)
+    benchmark.check_test_sets(params.test_sets, trained, made)
 
 
 STEPS: dict[str, Step] = {step.name: step for step in (
@@ -161,7 +161,8 @@ STEPS: dict[str, Step] = {step.name: step for step in (
          shown=split.shown_lines, preflight=_split_ready, after=split.after_faces,
          reads="00-faces", beside=paths.SPLIT_RUN, starts_run=True),
     Step(TrainParams, train.train_run, record=train.record, summary=train.summary,
-         summary_lines=train.summary_lines, status=train.status, reads="01-split",
+         summary_lines=train.summary_lines, status=train.status, preflight=train.preflight,
+         reads="01-split",
          starts_run=True, resumed=train.resumed, torchrun=True),
     Step(GradCamParams, gradcam.gradcam_run, record=gradcam.record, summary=gradcam.summary,
          summary_lines=gradcam.summary_lines, shown=gradcam.shown_lines, preflight=_trained,
@@ -323,6 +324,13 @@ def plan(params_file: str | None, overrides: Mapping[str, Any], steps: Sequence[
     or any file changes, so a bad value never costs an existing run.
     """
     values = {**_values(params_file, overrides), "run_dir": run_dir}
+    taken = {name for step in steps for name in STEPS[step].params.names()}
+    idle = sorted(set(overrides) - taken)  # (a parameter file holds every step's: not those)
+    if idle:
+        owners = [name for name, step in STEPS.items() if idle[0] in step.params.names()]
+        raise ChainError(f"{idle[0].upper()}= is a parameter of {', '.join(owners)}, which this "
+                         f"chain does not run ({', '.join(steps)}): it would have no effect; "
+                         "leave it out, or add the step to STEPS=")
     if overwrite:
         values.setdefault("overwrite", True)
     given = set(overrides) | set(read_params_file(params_file) if params_file else {})

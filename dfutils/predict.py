@@ -116,7 +116,8 @@ def predict_faces(checkpoint: Checkpoint, inputs: Sequence[Input], batch_size: i
             rows.append({**row, "status": f"error: {item.problem}"})
             continue
         try:
-            found, row["n_frames"], _ = faces_of(item.path, finder, params.frames_per_video)
+            found, row["n_frames"], _ = faces_of(item.path, finder, params.frames_per_video,
+                                                 max_faces=params.max_faces)
         except (UnreadableClip, ImageLoadError) as error:
             rows.append({**row, "status": f"error: {error.reason}"})
             continue
@@ -134,7 +135,9 @@ def predict_faces(checkpoint: Checkpoint, inputs: Sequence[Input], batch_size: i
                    for (index, face), p_frame in zip(found, scores, strict=True)]
         if cam_dir is not None:
             write_overlays(checkpoint, crops,
-                           [cam_dir / f"{item.name}.{index:06d}.cam.png" for index, _ in found],
+                           [cam_dir / (f"{item.name}.{index:06d}" + (f"_{face.rank}" if face.rank
+                                                                     else "") + ".cam.png")
+                            for index, face in found],
                            layer=layer, batch_size=batch_size, replace=False)
     return rows, frames
 

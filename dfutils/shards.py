@@ -24,7 +24,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +162,9 @@ class Part:
 
     A journal line that a kill cut short is dropped; a part whose header differs (other
     parameters, other inputs) is another job's and starts afresh: it is the step's own
-    scratch, never a result.
+    scratch, never a result. Each line carries a checksum of itself and the SHA-256 of the
+    files its item wrote, so a merge takes no line that was changed and no file that was
+    changed or lost after it was written: it names the shard to run again.
     """
 
     JOURNAL, DONE = "journal.jsonl", "done.json"
@@ -171,19 +173,32 @@ class Part:
         self.shard, self.folder = shard, parts / shard.name
         self.header = {**header, "shard": str(shard)}
 
-    def lines(self) -> list[dict]:
-        """The journal's complete lines; [] when there is none."""
+    def _read(self) -> tuple[list[dict], str]:
+        """The journal's lines as they were written, and why the reading stopped before its
+        end ("" when it did not): a line that is damaged or was changed since. A last line
+        without its newline is one a kill cut short: dropped, its item is done again."""
         try:
             text = (self.folder / self.JOURNAL).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            return []
+        except FileNotFoundError:
+            return [], ""
+        except (OSError, UnicodeDecodeError) as error:
+            return [], f"its journal cannot be read ({error})"
         lines = []
-        for line in text.split("\n")[:-1]:  # the last piece lacks its newline: cut short
+        for number, piece in enumerate(text.split("\n")[:-1], 1):
             try:
-                lines.append(json.loads(line))
+                line = json.loads(piece)
             except ValueError:
-                break
-        return lines
+                return lines, f"line {number} of its journal is damaged"
+            check = line.pop("check", None) if isinstance(line, dict) else None
+            if check != _digest(line):
+                return lines, f"line {number} of its journal was changed after it was written"
+            lines.append(line)
+        return lines, ""
+
+    def lines(self) -> list[dict]:
+        """The journal's lines up to the first one cut, damaged or changed; [] when there
+        is none."""
+        return self._read()[0]
 
     def check(self, what: str) -> None:
         """Refuse, before anything is written, a parts folder that the step did not make
@@ -202,9 +217,10 @@ class Part:
         runs it, "SHARD=" or "--shard "); None when it can. Its header must be `expected`
         (made with these parameters from these inputs: those of the merge, or `than` another
         part's), when given."""
-        lines, rerun = self.lines(), f"run it again ({again}{self.shard})"
+        (lines, damaged), rerun = self._read(), f"run it again ({again}{self.shard})"
         if not lines:
-            return f"shard {self.shard} is missing: {rerun}"
+            return (f"shard {self.shard}: {damaged}: {rerun}" if damaged else
+                    f"shard {self.shard} is missing: {rerun}")
         head = lines[0]
         for key, what in (("params", "parameters"), ("inputs", "inputs")):  # params first
             if expected is None or head.get(key) == expected.get(key):
@@ -217,6 +233,16 @@ class Part:
         if not (self.folder / self.DONE).is_file():
             return (f"shard {self.shard} is not complete (it was stopped, failed or is still "
                     f"running): {rerun}; it resumes where it stopped")
+        if damaged:
+            return f"shard {self.shard}: {damaged}: {rerun}"
+        for line in lines[1:]:
+            for name, digest in (line.get("files") or {}).items():
+                path = self.folder / name
+                if not path.is_file():
+                    return f"shard {self.shard}: {name} is missing from its part: {rerun}"
+                if _file_digest(path) != digest:
+                    return (f"shard {self.shard}: {name} was changed after it was written: "
+                            f"{rerun}")
         return None
 
     def done(self) -> dict[str, dict]:
@@ -236,16 +262,20 @@ class Part:
             remove_stale_temps(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.folder / self.JOURNAL) as tmp:  # without a cut line
-            tmp.write_text("".join(json.dumps(line) + "\n" for line in
+            tmp.write_text("".join(_sealed(line) + "\n" for line in
                                    [self.header, *finished.values()]), encoding="utf-8")
         return finished
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[Callable[[str, dict], None]]:
-        """add(key, record): one finished item, on disk when it returns."""
+    def writing(self) -> Iterator[Callable[..., None]]:
+        """add(key, record, files=()): one finished item (and the files it wrote in the
+        part, their SHA-256 recorded), on disk when it returns."""
         with open(self.folder / self.JOURNAL, "a", encoding="utf-8") as journal:
-            def add(key: str, record: dict) -> None:
-                journal.write(json.dumps({"key": key, **record}) + "\n")
+            def add(key: str, record: dict, files: Iterable[str] = ()) -> None:
+                line = {"key": key, **record}
+                if files:
+                    line["files"] = {name: _file_digest(self.folder / name) for name in files}
+                journal.write(_sealed(line) + "\n")
                 journal.flush()
             yield add
 
@@ -257,6 +287,20 @@ class Part:
         shutil.rmtree(self.folder)
         with contextlib.suppress(OSError):  # the last part out removes the parts folder
             self.folder.parent.rmdir()
+
+
+def _digest(line: dict) -> str:
+    """A journal line's checksum (of its content, in a fixed key order)."""
+    return hashlib.sha256(json.dumps(line, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sealed(line: dict) -> str:
+    """A journal line as written: its content and its checksum."""
+    return json.dumps({**line, "check": _digest(line)})
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def complete_parts(parts: Path, again: str, header: dict | None = None) -> list[Part]:

@@ -556,6 +556,9 @@ def split(params: SplitParams) -> dict:
                                          if r["split"] == s and r["label"] == c})
                                  for c in CLASSES} for s in present},
             "by_method": by_method(rows),
+            # a class no image of which landed in a split (a data set's groups can do that)
+            "empty": [f"{s}/{c}" for s in present for c in CLASSES
+                      if not any(r["split"] == s and r["label"] == c for r in rows)],
             "rules": rules(params, faces_report if keyed else None, val_keys is not None),
             "n_images": len(rows),
             "n_masks": sum(bool(r["mask"]) for r in rows),
@@ -615,11 +618,19 @@ def record(params: SplitParams) -> dict | None:
 
 
 def shown_lines(params: SplitParams, report: dict) -> list[str]:
-    """What the split command prints: the images of each split, and what was left out."""
+    """What the split command prints: the images of each split, what was left out, and a
+    class that a split does not hold."""
     counts = "; ".join(f"{name} {n['real']} real, {n['fake']} fake"
                        for name, n in report["counts"].items())
+    where = from_here(resolve(params.data_dir) / paths.SPLIT_REPORT)
     return [f"{counts}; {len(report['rejected'])} rejected, {len(report['skipped'])} skipped "
-            f"(why: {from_here(resolve(params.data_dir) / paths.SPLIT_REPORT)})"]
+            f"(why: {where})", *empty_lines(report)]
+
+
+def empty_lines(report: dict) -> list[str]:
+    """A split's classes that hold no image in one of its splits, in words."""
+    return [f"{empty.replace('/', ' holds no ', 1)} image: a model cannot learn or be "
+            "validated on that class there" for empty in report.get("empty", [])]
 
 
 def after_faces(planned: dict[str, dict], given: set[str]) -> None:

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from dfutils import archs, distributed, paths, runs, sbi, viz
 from dfutils.atomic import jsonable, remove_stale_temps, write_csv, write_json
 from dfutils.data import ImageSet, make_loader, train_val_loaders, val_loader
-from dfutils.manifest import Sample, check_identity, identity, read_report
+from dfutils.datasets import LABELS
+from dfutils.manifest import Sample, check_identity, identity, read_manifest, read_report
 from dfutils.metrics import (
     assess,
     binary_metrics,
@@ -633,6 +634,29 @@ def save_outputs(run_dir: str | os.PathLike, result: FitResult, samples: list[Sa
     return figures
 
 
+def check_classes(params: TrainParams) -> None:
+    """Refuse a split this training cannot learn or validate on: with fakes="data" the train
+    and val splits must each hold both classes (a split of a data set whose fakes all went
+    to one side trained to "done" with a NaN AUC)."""
+    if params.fakes != "data":
+        return  # self-blends make the fakes; "sbi+data" checks the split's own (sbi.loaders)
+    for split in ("train", "val"):
+        labels = {s.label for s in read_manifest(params.data_dir, split)}
+        missing = [name for name, value in LABELS.items() if value not in labels]
+        if missing:
+            raise ValueError(f"the {split} split of {resolve(params.data_dir)} has no "
+                             f"{missing[0]} image: fakes=\"data\" learns and validates on both "
+                             "classes; split again (the split report says which class each "
+                             "split lacks), or train from its reals with fakes=\"sbi\"")
+
+
+def preflight(params: TrainParams, chain: dict) -> None:
+    """02-train's checks before anything is written: the split's classes, when the split is
+    not made in the same chain."""
+    if "01-split" not in chain:
+        check_classes(params)
+
+
 def train_run(params: TrainParams) -> tuple[FitResult, dict]:
     """The 02-train step, for the notebook and the `train` command alike (one process or a
     torchrun rank): the result and its figures.
@@ -640,6 +664,7 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
     Only rank 0 writes: model.pt, last.pt while the run can be resumed, history, metrics,
     predictions and figures.
     """
+    check_classes(params)
     runs.seed_everything(params.seed)
     rank, _ = distributed.world()
     out = resolve(params.run_dir)

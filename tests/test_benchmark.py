@@ -5,15 +5,25 @@ evaluation as `evaluate --split test`, presented as a table."""
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_raw
+from conftest import evaluate, make_raw
 from sklearn.metrics import roc_auc_score
 
 from dfutils import benchmark, paths, pipeline
-from dfutils.metrics import binary_intervals, video_scores
+from dfutils.manifest import identity
+from dfutils.metrics import (
+    binary_intervals,
+    binary_metrics,
+    metrics_line,
+    too_few,
+    video_scores,
+    with_intervals,
+)
 from dfutils.model import build_model, save_checkpoint
 from dfutils.params import BenchmarkParams, SplitParams
 from dfutils.split import split
@@ -138,7 +148,6 @@ def test_the_table_and_evaluate_on_the_test_split_are_one_evaluation(table, prep
     """`evaluate --split test` and 05-benchmark score and assess the same images the same
     way: the table's frame row is the report's metrics, its video row (mean rule) the
     report's videos, its method rows the report's `by_method`, intervals included."""
-    from conftest import evaluate
 
     run, report = table
     data_dir = prepared["ffpp"][0]
@@ -150,15 +159,15 @@ def test_the_table_and_evaluate_on_the_test_split_are_one_evaluation(table, prep
                          (found["metrics"]["video"], rows["all", "video", "mean"]),
                          (found["by_method"]["Deepfakes"], rows["Deepfakes", "frame", "-"])):
         for name in ("auc", "ap", "eer", "accuracy"):
-            assert metrics[name] == pytest.approx(row[name], abs=1e-9), name
-            assert metrics["ci"][name] == pytest.approx([row[f"{name}_low"],
-                                                         row[f"{name}_high"]], abs=1e-9), name
+            assert metrics[name] == pytest.approx(row[name], abs=1e-9, nan_ok=True), name
+            assert metrics["ci"][name] == pytest.approx(
+                [row[f"{name}_low"], row[f"{name}_high"]], abs=1e-9, nan_ok=True), name
+        assert metrics["ci"].get("unavailable", "") == row["note"]  # 2 clips a side: none
 
 
 def test_a_test_split_made_again_since_training_is_refused(tmp_path):
     """The benchmark reads a test split only while it is the split the run trained on (or
     another folder): after a re-split in place its test images may have been trained on."""
-    from dfutils.manifest import identity
 
     raw = make_raw(tmp_path / "raw", 8, 8)
     data = tmp_path / "data"
@@ -175,3 +184,92 @@ def test_a_test_split_made_again_since_training_is_refused(tmp_path):
     with pytest.raises(ValueError, match="cannot score its test split: the split in .* is not "
                                          "the one"):
         benchmark.run_benchmark(params)
+
+
+def _run_on(data: Path, tmp_path, name: str = "run") -> Path:
+    """A run folder whose checkpoint records that it trained on the split in `data`."""
+
+    run = tmp_path / name
+    save_checkpoint(run / paths.MODEL, build_model("resnet18", None, "all").eval(),
+                    params={"image_size": 32, "trainable": "all"}, threshold=0.5,
+                    threshold_rule="0.5", metrics={}, epoch=1, split=identity(data))
+    return run
+
+
+def test_a_test_set_holding_the_runs_training_images_is_refused_by_name(tmp_path):
+    """Issue 36, item 3: a test set split from the run's own training images was scored
+    without a word."""
+
+    raw = make_raw(tmp_path / "raw", 12, 12)
+    split(SplitParams(raw_dir=str(raw), data_dir=str(tmp_path / "a"), test_fraction=0.2))
+    split(SplitParams(raw_dir=str(raw), data_dir=str(tmp_path / "b"), test_fraction=0.2,
+                      seed=5))  # the same images, other sides
+    run = _run_on(tmp_path / "a", tmp_path)
+    with pytest.raises(ValueError, match=r"cannot score its test split: \d+ of its \d+ test "
+                                         "images of .*/b are images .* trained or chose"):
+        benchmark.run_benchmark(BenchmarkParams(run_dir=str(run), test_sets=[str(tmp_path / "b")],
+                                                num_workers=0))
+    with pytest.raises(ValueError, match="cannot evaluate on its test split: .* trained or"):
+        evaluate(run, tmp_path / "b", "b", split="test", num_workers=0, sweeps={"blur": (0,)})
+    assert benchmark.run_benchmark(BenchmarkParams(  # its own test split is fine
+        run_dir=str(run), test_sets=[str(tmp_path / "a")], num_workers=0, n_bootstrap=20))
+
+
+def test_test_sets_are_refused_before_the_run_is_touched(tmp_path):
+    """Issue 36, item 11: two TEST_SETS of one folder name, or one without a test split, were
+    refused inside the notebook after run.json was changed."""
+    raw = make_raw(tmp_path / "raw", 6, 6)
+    for folder, fraction in (("x/data", 0.2), ("y/data", 0.2), ("plain", 0.0)):
+        split(SplitParams(raw_dir=str(raw), data_dir=str(tmp_path / folder),
+                          test_fraction=fraction))
+    runs = tmp_path / "runs"
+    run = _run_on(tmp_path / "x/data", runs, "r")
+    (run / paths.RUN_RECORD).write_text(json.dumps({"steps": {}, "summary": {"kept": 1}}))
+    before = (run / paths.RUN_RECORD).read_text()
+    for sets, message in (([tmp_path / "x/data", tmp_path / "y/data"], "two test sets are "
+                                                                       "folders named 'data'"),
+                          ([tmp_path / "plain"], "has no test images")):
+        with pytest.raises(pipeline.ChainError, match=message):
+            pipeline.run_all("r", overrides={"test_sets": ",".join(map(str, sets))},
+                             steps=["05-benchmark"], runs_root=runs, replace_run=True)
+        assert (run / paths.RUN_RECORD).read_text() == before
+
+
+def test_a_one_class_test_set_says_its_auc_is_undefined_and_why(tmp_path):
+    """Issue 36, item 6: the benchmark wrote its tables, recorded the step done, then died in
+    the summary on a None AUC."""
+
+    raw = make_raw(tmp_path / "raw", 8, 8)
+    data = tmp_path / "data"
+    split(SplitParams(raw_dir=str(raw), data_dir=str(data), test_fraction=0.25))
+    with open(data / paths.MANIFEST, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows = [r for r in rows if not (r["split"] == "test" and r["label"] == "fake")]
+    with open(data / paths.MANIFEST, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    run = _run_on(tmp_path / "elsewhere", tmp_path)
+    params = BenchmarkParams(run_dir=str(run), test_sets=[str(data)], num_workers=0)
+    report = benchmark.run_benchmark(params)
+    row = next(r for r in report["rows"] if r["level"] == "video" and r["rule"] == "mean")
+    assert np.isnan(row["auc"]) and row["note"].startswith("no fake video in this test split")
+    summary = benchmark.summary(benchmark.record(params))
+    (line,) = benchmark.summary_lines(summary)
+    assert "video AUC undefined (no fake video in this test split" in line
+
+
+def test_an_interval_needs_five_of_each_class_and_says_so_otherwise():
+    """Issue 36, item 16: one real and one fake video gave `AUC 1.000 [1.00, 1.00]`, an
+    interval that claims certainty."""
+
+    labels, scores = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])
+    videos = np.array(["r", "r", "f", "f"])  # one video of each class, two frames each
+    m = with_intervals(binary_metrics(labels, scores, 0.5), labels, scores, videos, 200)
+    assert m["auc"] == 1.0 and all(np.isnan(m["ci"][k]).all() for k in ("auc", "ap"))
+    assert m["ci"]["unavailable"] == ("only 1 real and 1 fake to resample (a clip's frames "
+                                      "count once); an interval needs 5 of each class")
+    assert metrics_line(m).startswith("AUC 1.000  AP 1.000") and "(no intervals: only 1" in (
+        metrics_line(m))
+    five = np.repeat([0, 1], 5)
+    assert not too_few(five, None) and too_few(five[1:], None).startswith("only 4 reals")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,10 +17,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from conftest import frame_of, one_line_error, write_clip
 
 from dfutils import faces, frames, paths, shards
 from dfutils.__main__ import main
+from dfutils.model import build_model, save_checkpoint
 from dfutils.params import FacesParams
 
 PARAMS = {"frames_per_video": 3, "face_size": 48}
@@ -282,10 +285,6 @@ def test_frames_decoded_ahead_stop_with_the_consumer_and_carry_errors():
 @pytest.fixture(scope="module")
 def face_run(raw, tmp_path_factory) -> Path:
     """A run whose (random, 32 px) model was 'trained' on crops made with PARAMS."""
-    import torch
-
-    from dfutils.model import build_model, save_checkpoint
-
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("face_run") / "run"
     recorded = faces.recorded(FacesParams(raw_dir=str(raw), **PARAMS), raw)
@@ -388,11 +387,7 @@ def test_the_docs_slurm_array_runs_as_written_and_merges_to_a_single_run(raw, si
                                                                         tmp_path):
     """docs/cluster.md's faces.sbatch, run by hand for each task as the page shows, then its
     merge: only the data set's paths are replaced by this test's."""
-    import re
-
-    from dfutils.paths import REPO_ROOT
-
-    page = (REPO_ROOT / "docs" / "cluster.md").read_text()
+    page = (paths.REPO_ROOT / "docs" / "cluster.md").read_text()
     script, commands, loop = (block for block in re.findall(r"```bash\n(.*?)```", page, re.S)
                               if "SBATCH" in block or "faces-merge" in block
                               or "for i in" in block)
@@ -404,7 +399,7 @@ def test_the_docs_slurm_array_runs_as_written_and_merges_to_a_single_run(raw, si
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK"))}
     for line in (loop.replace("faces.sbatch", str(tmp_path / "faces.sbatch")),
                  merge.replace(data, ours)):
-        done = subprocess.run(["bash", "-c", line], cwd=REPO_ROOT, env=env,
+        done = subprocess.run(["bash", "-c", line], cwd=paths.REPO_ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
     assert contents(tmp_path / "faces") == contents(single)
@@ -415,11 +410,7 @@ def test_the_docs_rerun_of_one_task_works_as_written(raw, single, tmp_path):
     SLURM runs it (the variables it sets for an array of one element, and the exported
     SHARD), after task 1 of 3 lost its part; without SHARD it is refused (issue 36, item 2:
     it was taken for shard 0/1 and cropped the whole data set)."""
-    import re
-
-    from dfutils.paths import REPO_ROOT
-
-    page = (REPO_ROOT / "docs" / "cluster.md").read_text()
+    page = (paths.REPO_ROOT / "docs" / "cluster.md").read_text()
     script = next(block for block in re.findall(r"```bash\n(.*?)```", page, re.S)
                   if "SBATCH" in block)
     rerun = re.search(r"^sbatch --array=(\d+) --export=ALL,SHARD=(\d+)/(\d+) faces.sbatch",
@@ -432,7 +423,7 @@ def test_the_docs_rerun_of_one_task_works_as_written(raw, single, tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK"))}
 
     def task(k: int, n: int, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(tmp_path / "faces.sbatch")], cwd=REPO_ROOT,
+        return subprocess.run(["bash", str(tmp_path / "faces.sbatch")], cwd=paths.REPO_ROOT,
                               env={**base, **extra}, capture_output=True, text=True,
                               timeout=600)
 
@@ -516,3 +507,47 @@ def test_a_task_uses_the_cores_it_is_given_not_the_machines():
                            "from dfutils.processes import usable_cpus; print(usable_cpus())"],
                           capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "1", done.stderr
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda part, crop, journal: crop.write_bytes(os.urandom(64)),
+     "was changed after it was written"),
+    (lambda part, crop, journal: crop.unlink(), "is missing from its part"),
+    (lambda part, crop, journal: journal.write_text(journal.read_text().replace(
+        '"label": "real"', '"label": "fake"', 1)), "of its journal was changed after"),
+    (lambda part, crop, journal: journal.write_text("not a journal\n"),
+     "line 1 of its journal is damaged")])
+def test_a_merge_takes_no_part_changed_after_it_was_written(raw, tmp_path, capsys, damage,
+                                                           words):
+    """Issue 36, item 13: a crop overwritten with random bytes, or a journal row relabelled,
+    merged as is; a corrupt journal was reported as missing; a deleted crop gave a raw
+    [Errno 2]. The merge names the shard to run again, and changes nothing."""
+    out = tmp_path / "faces"
+    shard_all(raw, out, 2)
+    part = out / paths.FACES_PARTS / "1-of-2"
+    crop = next(p for p in sorted(part.rglob("*.png")) if "/real/" in p.as_posix())
+    damage(part, crop, part / "journal.jsonl")
+    before = contents(out)
+    assert run_cli("merge", "faces", f"RAW_DIR={raw}", f"FACES_DIR={out}", *WORDS) == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert "shard 1/2" in error and words in error and "SHARD=1/2" in error
+    assert "shard 0/2" not in error and contents(out) == before
+
+
+def test_a_predict_part_edited_after_it_was_written_is_named(raw, face_run, tmp_path, capsys):
+    """Issue 36, item 13: a predict part's edited row was merged as is."""
+    out = tmp_path / "p.csv"
+    for k in range(2):
+        assert run_cli("predict", "--run", str(face_run), str(raw), "--out", str(out),
+                       "--shard", f"{k}/2") == 0
+    journal = tmp_path / "p.csv.parts" / "0-of-2" / "journal.jsonl"
+    journal.write_text(journal.read_text().replace('"status": "ok"', '"status": "OK"', 1))
+    capsys.readouterr()
+    assert run_cli("merge", "predict", "--out", str(out)) == 2
+    assert "shard 0/2: line" in one_line_error(capsys.readouterr().err) and not out.exists()
+
+
+def test_merge_evaluate_takes_a_plain_name_only(face_run, tmp_path, capsys):
+    """Issue 36, item 13: `merge evaluate --name ../../x` escaped to runs/x."""
+    assert run_cli("merge", "evaluate", "--run", str(face_run), "--name", "../../x") == 2
+    assert "must be a plain name" in one_line_error(capsys.readouterr().err)

@@ -431,3 +431,39 @@ def test_compile_compiles_the_stepped_network_and_checkpoints_the_plain_one(
     assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
     state = load_checkpoint(tmp_path / "r" / "model.pt").model.state_dict()
     assert not any(k.startswith("_orig_mod") for k in state)
+
+
+def test_a_split_without_a_class_in_train_or_val_is_refused_and_said(tmp_path):
+    """Issue 36, item 5: fakes="data" trained to "done" on a split with no fake image in val
+    (val_auc NaN, nothing said); the split now says which class a split lacks."""
+    import csv
+
+    from conftest import make_raw, make_split
+
+    from dfutils import pipeline, split
+    from dfutils.train import train_run
+
+    raw = make_raw(tmp_path / "raw", 6, 6)
+    data = tmp_path / "data"
+    make_split(raw, data)
+    with open(data / paths.MANIFEST, newline="") as f:  # the val fakes go to train
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        if row["split"] == "val" and row["label"] == "fake":
+            row["split"] = "train"
+    with open(data / paths.MANIFEST, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    params = TrainParams(data_dir=str(data), run_dir=str(tmp_path / "r"), weights=None,
+                         image_size=32, num_workers=0, max_epochs=1)
+    with pytest.raises(ValueError, match="the val split of .* has no fake image"):
+        train_run(params)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(pipeline.ChainError, match="the val split of .* has no fake image"):
+        pipeline.run_all("r", "notebooks/params/smoke.yaml", {"data_dir": str(data)},
+                         steps=["02-train"], runs_root=tmp_path / "runs")
+    assert not (tmp_path / "runs" / "r").exists()
+    report = {"counts": {"val": {"real": 1, "fake": 0}}, "empty": ["val/fake"]}
+    assert split.empty_lines(report) == ["val holds no fake image: a model cannot learn or "
+                                         "be validated on that class there"]

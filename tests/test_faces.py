@@ -367,3 +367,48 @@ def test_one_split_from_several_raw_folders_keeps_each_sources_groups(tmp_path):
             scenes.setdefault(r["source"].split("/clips/")[1][:2], set()).add(
                 (r["group"], r["split"]))
     assert len(scenes) == 3 and all(len(s) == 1 for s in scenes.values())  # pairs together
+
+
+def test_every_face_of_a_frame_is_kept_when_asked(tmp_path):
+    """Issue 36, item 15: the faces step kept one face per frame, so the SBI video rule (the
+    top P(fake) among the faces at least half the largest's size) could not see a
+    two-person clip's other face. With max_faces=2 both are cropped, each with its frame and
+    box, and the split carries them to the rule; max_faces=1 is what it was."""
+    from conftest import PATCH
+
+    from dfutils.manifest import labelled_set
+
+    raw = tmp_path / "raw"
+    face = cv2.resize(PATCH, None, fx=1.2, fy=1.2, interpolation=cv2.INTER_AREA)
+    for label, name, shade in (("real", "two", 40), ("fake", "two", 90), ("real", "b", 60),
+                               ("fake", "b", 120)):
+        path = raw / label / f"{name}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (760, 300))
+        tinted = np.clip(face.astype(int) + shade // 4, 0, 255).astype(np.uint8)
+        for k in range(3):
+            canvas = np.full((300, 760, 3), shade + k, np.uint8)
+            canvas[20:20 + face.shape[0], 20:20 + face.shape[1]] = tinted
+            canvas[30:30 + face.shape[0], 470:470 + face.shape[1]] = tinted[:, ::-1]
+            writer.write(cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+        writer.release()
+    one = faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(tmp_path / "one"),
+                                          frames_per_video=3, face_size=64), workers=1)
+    both = faces.extract_faces(FacesParams(raw_dir=str(raw), faces_dir=str(tmp_path / "both"),
+                                           frames_per_video=3, face_size=64, max_faces=2),
+                               workers=1)
+    assert one["n_crops"] == 12 and both["n_crops"] == 24
+    assert "max_faces" not in one["params"] and both["params"]["max_faces"] == 2
+    rows = faces.read_faces(tmp_path / "both")
+    assert sorted(p for p in rows if p.startswith("real/two/")) == [
+        "real/two/000000.png", "real/two/000000_1.png", "real/two/000001.png",
+        "real/two/000001_1.png", "real/two/000002.png", "real/two/000002_1.png"]
+    pair = [rows["real/two/000000.png"]["box"], rows["real/two/000000_1.png"]["box"]]
+    assert abs(pair[0][0] - pair[1][0]) > 300  # the two faces, not one twice
+    assert {p: rows[p] for p in faces.read_faces(tmp_path / "one")}.keys() <= rows.keys()
+    make_split(tmp_path / "both", tmp_path / "data", group_by="folder", val_fraction=0.5)
+    images = labelled_set(tmp_path / "data", "val")
+    for video in set(images.videos):  # two faces in each of its three frames, each sized
+        mine = [s for s in images.samples if s.video == video]
+        assert len(mine) == 6 and len({s.frame for s in mine}) == 3
+        assert min(s.area for s in mine) > 0.5 * max(s.area for s in mine) > 1

@@ -204,10 +204,12 @@ def test_an_interrupted_step_leaves_a_run_json_that_says_what_is_current(
     leftover.write_bytes(b"")
     (run / "notes.tmp").write_text("the user's")
     assert pipeline.summarise(run)["val_auc"] == 0.9
+    data = tmp_path / "data"
+    make_split(make_raw(tmp_path / "raw", 6, 6), data)  # train checks its split first
     notebooks_that(fail={"02-train": KeyboardInterrupt()})
     with pytest.raises(pipeline.ChainInterrupted, match="02-train was interrupted"):
-        pipeline.run_all("good", SMOKE, {}, steps=["02-train", "03-gradcam"], replace_run=True,
-                         runs_root=runs)
+        pipeline.run_all("good", SMOKE, {"data_dir": str(data)}, steps=["02-train", "03-gradcam"],
+                         replace_run=True, runs_root=runs)
     record = json.loads((run / "run.json").read_text())
     steps = record["steps"]
     assert record["summary"]["val_auc"] is None  # the trained model is not current any more

@@ -166,3 +166,24 @@ def test_every_option_is_the_same_set_everywhere():
 def test_the_names_of_earlier_versions_stay_accepted(cls, name, old, new):
     assert getattr(cls.from_mapping({name: old}), name) == new
     assert cls.current({name: old}) == {name: new}
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"fakes": "data", "sbi_share": 0.3}, 'sbi_share applies to fakes="sbi\\+data" only'),
+    ({"fakes": "sbi+data", "sbi_share": 0.0}, 'one family of fakes only: use fakes="data"'),
+    ({"fakes": "sbi+data", "sbi_share": 1.0}, 'one family of fakes only: use fakes="sbi"')])
+def test_a_share_with_no_effect_is_refused(values, message):
+    """Issue 36, item 12: SBI_SHARE with FAKES=data, or 0 with sbi+data, was accepted."""
+    with pytest.raises(ParameterError, match=message):
+        TrainParams.from_mapping(values)
+
+
+def test_a_value_for_a_step_the_chain_does_not_run_is_refused(tmp_path):
+    """Issue 36, item 12: ARCH= on a chain that only explains a trained run had no effect."""
+    from dfutils.pipeline import ChainError, plan
+
+    with pytest.raises(ChainError, match="ARCH= is a parameter of 02-train, which this chain "
+                                         "does not run \\(03-gradcam\\)"):
+        plan(None, {"arch": "resnet50"}, ["03-gradcam"], "runs/x", False)
+    assert plan(None, {"layer": "last"}, ["03-gradcam"], "runs/x", False)["03-gradcam"][
+        "layer"] == "last"

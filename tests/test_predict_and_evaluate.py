@@ -1,5 +1,6 @@
 import csv
 import io
+import json
 import subprocess
 import sys
 
@@ -115,13 +116,16 @@ def test_evaluate_writes_the_report_and_leaves_the_images_untouched(run_dir, tmp
     assert sum(b["n"] for b in report["calibration"]["bins"]) == 12
 
 
-def _sources(root, layout: dict[str, dict[str, int]], seed: int = 0):
-    """A labelled folder with a folder per source below each class: {class: {source: n}}."""
+def _sources(root, layout: dict[str, dict[str, int]], seed: int = 0, frames: int = 0):
+    """A labelled folder with a folder per source below each class: {class: {source: n}};
+    with `frames`, each of the n is a clip's folder of that many frames."""
     for label, sources in layout.items():
         for source, n in sources.items():
             for i in range(n):
-                write_image(root / label / source / f"{i}.png", seed=seed + 1000 * len(source)
-                            + (500 if label == "fake" else 0) + i)
+                for k in range(frames or 1):
+                    name = f"clip{i}/{k}.png" if frames else f"{i}.png"
+                    write_image(root / label / source / name, seed=seed + 1000 * len(source)
+                                + (500 if label == "fake" else 0) + 10 * i + k)
     return root
 
 
@@ -129,23 +133,26 @@ def test_each_source_folder_is_scored_as_if_evaluated_alone(run_dir, tmp_path, c
     """A combined data set's sources, each on its own: its fakes against its reals, the same
     numbers (intervals too) as evaluating that source's folder alone; a source with one
     class only is named, not scored."""
+    # Source ab: 7 real and 6 fake clips of 2 frames (enough clips for intervals); cde and f
+    # one class each.
     both = _sources(tmp_path / "both", {"real": {"ab": 7, "cde": 5},
-                                        "fake": {"ab": 6, "f": 4}})
-    alone = _sources(tmp_path / "alone", {"real": {"ab": 7}, "fake": {"ab": 6}})
+                                        "fake": {"ab": 6, "f": 4}}, frames=2)
+    alone = _sources(tmp_path / "alone", {"real": {"ab": 7}, "fake": {"ab": 6}}, frames=2)
     # One image a batch in both: the other images of a batch can move a score in its last
     # bits on some CPUs, and the EER threshold is a score.
     assert main(["evaluate", "--run", str(run_dir), "--data", str(both), "--by-source",
                  "--num-workers", "0", "--batch-size", "1"]) == 0
     printed = capsys.readouterr().out
-    report = __import__("json").loads((run_dir / "eval" / "both" / "report.json").read_text())
-    single, _ = evaluate(run_dir, alone, "alone", sweeps={"blur": (0,)}, num_workers=0,
-                         batch_size=1)
+    report = json.loads((run_dir / "eval" / "both" / "report.json").read_text())
+    evaluate(run_dir, alone, "alone", sweeps={"blur": (0,)}, num_workers=0, batch_size=1)
+    single = json.loads((run_dir / "eval" / "alone" / "report.json").read_text())
     assert report["by_source"]["ab"] == single["metrics"]
-    assert report["by_source"]["cde"] == {"n": 5, "why": "no fake image from cde"}
-    assert report["by_source"]["f"] == {"n": 4, "why": "no real image from f"}
-    assert report["n_images"] == 22 and report["metrics"] != single["metrics"]
-    assert "source ab: images 13  AUC " in printed
-    assert "source f: images 4  AUC not scored: no real image from f" in printed
+    assert single["metrics"]["ci"]["auc"][0] is not None  # the intervals are compared too
+    assert report["by_source"]["cde"] == {"n": 10, "why": "no fake image from cde"}
+    assert report["by_source"]["f"] == {"n": 8, "why": "no real image from f"}
+    assert report["n_images"] == 44 and report["metrics"] != single["metrics"]
+    assert "source ab: images 26  AUC " in printed
+    assert "source f: images 8  AUC not scored: no real image from f" in printed
     plain, _ = evaluate(run_dir, alone, "plain", sweeps={"blur": (0,)}, num_workers=0)
     assert "by_source" not in plain  # only when asked
 
@@ -169,3 +176,20 @@ def test_evaluate_notebook_runs(run_dir, tmp_path):
                                kernel_name="python3", progress_bar=False)
     report = (run_dir / "eval" / "labelled" / "report.json").read_text()
     assert '"by_source"' in report and "By source" in (tmp_path / "o.ipynb").read_text()
+
+
+def test_by_source_on_a_data_set_is_by_method_and_says_so_where_there_is_none(
+        run_dir, prepared, tmp_path, capsys):
+    """Issue 36, item 10: on FF++ or Celeb-DF a "source" (the first folder) holds one class,
+    so --by-source scored nothing; with no source folder it said nothing."""
+    ffpp = prepared["ffpp"][0]
+    report, _ = evaluate(run_dir, ffpp, "ffpp", split="test", by_source=True, num_workers=0,
+                         sweeps={"blur": (0,)})
+    assert set(report["by_source"]) == {"Deepfakes", "Face2Face"}
+    assert report["by_source"]["Deepfakes"]["auc"] == report["by_method"]["Deepfakes"]["auc"]
+    assert report["by_source_note"].startswith("a split of ffpp: its sources are its methods")
+    plain = make_raw(tmp_path / "plain", 3, 3)
+    assert main(["evaluate", "--run", str(run_dir), "--data", str(plain), "--by-source",
+                 "--num-workers", "0"]) == 0
+    assert "by source: no source folders (every image lies directly in real/ or fake/)" in (
+        capsys.readouterr().out)
