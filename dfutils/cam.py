@@ -60,20 +60,23 @@ def _signs(logits: torch.Tensor, target: str) -> torch.Tensor:
     raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
 
 
-def upsample(maps: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
+def upsample(maps: torch.Tensor, size: tuple[int, int], stride: int,
+             offset: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
     """Maps on a layer's grid (N, h, w) to the input's size (N, H, W), bilinear and
     registered: cell (i, j) of a layer of total stride s looks at the input around pixel
-    (s i, s j), because every convolution of torchvision's CNNs pads its odd kernel alike
-    on both sides. Plain resizing (F.interpolate, cv2.resize) puts the cell at the centre
-    of the s x s block it stands for instead, half a cell too far right and down: 7.5 px
-    at stride 16, 15.5 px at stride 32 (docs/gradcam.md has the measurement). Beyond the
-    first and last cells the map keeps its edge value."""
+    (s i + offset[0], s j + offset[1]) (`Arch.offset`: 0 for torchvision's CNNs, whose
+    convolutions pad their odd kernels alike on both sides; a patch's centre for a
+    transformer's tokens). Plain resizing (F.interpolate, cv2.resize) puts the cell at the
+    centre of the s x s block it stands for instead, half a cell too far right and down on
+    those CNNs: 7.5 px at stride 16, 15.5 px at stride 32 (docs/gradcam.md has the
+    measurement). Beyond the first and last cells the map keeps its edge value."""
     n, h, w = maps.shape
 
-    def axis(pixels: int, cells: int) -> torch.Tensor:
-        at = torch.arange(pixels, dtype=maps.dtype, device=maps.device) / stride
+    def axis(pixels: int, cells: int, shift: float) -> torch.Tensor:
+        at = (torch.arange(pixels, dtype=maps.dtype, device=maps.device) - shift) / stride
         return 2 * at / (cells - 1) - 1 if cells > 1 else torch.zeros_like(at)
-    xs, ys = torch.meshgrid(axis(size[1], w), axis(size[0], h), indexing="xy")
+    xs, ys = torch.meshgrid(axis(size[1], w, offset[1]), axis(size[0], h, offset[0]),
+                            indexing="xy")
     grid = torch.stack([xs, ys], dim=-1).expand(n, -1, -1, -1)
     return F.grid_sample(maps.unsqueeze(1), grid, mode="bilinear", padding_mode="border",
                          align_corners=True)[:, 0]
@@ -92,24 +95,25 @@ def scale_maps(cams: torch.Tensor) -> torch.Tensor:
 
 
 class GradCAM:
-    """Grad-CAM over `target_layer` (default: the architecture's "last", ResNet18's
-    `model.layer4[-1]`); use it as a context manager.
+    """Grad-CAM over a block of the network: a `layer` of its architecture's registry entry
+    ("last", "last-1", "last-2"; default "last", ResNet18's `model.layer4[-1]`), or any
+    module of it (its cells then placed by `stride_of`); use it as a context manager.
 
-    Inside `with GradCAM(model) as cam:` one forward hook lives on the layer; leaving the
-    block (also by an exception) removes it and restores every module's train/eval mode.
-    Parameters' requires_grad flags are never touched and no `.grad` is written.
+    A transformer's block outputs tokens: they are laid on their patch grid
+    (`Arch.to_grid`, the class token dropped) before the gradients are pooled, for the
+    activations and the gradients alike. Inside `with GradCAM(model) as cam:` one forward
+    hook lives on the block; leaving the block (also by an exception) removes it and
+    restores every module's train/eval mode. Parameters' requires_grad flags are never
+    touched and no `.grad` is written.
     """
 
-    def __init__(self, model: nn.Module, target_layer: nn.Module | None = None,
-                 stride: int | None = None):
+    def __init__(self, model: nn.Module, layer: str | nn.Module = "last"):
         self.model = model
-        if target_layer is None:
-            entry = archs.of(model)
-            target_layer, stride = entry.cam_layer(model, "last"), entry.cam_layers["last"][1]
-        self.layer = target_layer
-        # The layer's total stride places its cells on the input (`upsample`); for a layer
-        # outside the registry, `stride_of` the input and the grid.
-        self.stride = stride
+        self.named = None if isinstance(layer, nn.Module) else layer
+        # A module of a network from elsewhere (a test's) is explained as a CNN's.
+        self.arch = archs.of(model) if self.named or hasattr(model, "arch_name") else None
+        self.layer = layer if isinstance(layer, nn.Module) else self.arch.cam_layer(model,
+                                                                                    layer)
         self._handle = None
         self._capturing = False
         self._activations: torch.Tensor | None = None
@@ -158,15 +162,24 @@ class GradCAM:
             (gradients,) = torch.autograd.grad((logits * signs).sum(), activations)
         finally:
             self._capturing, self._activations = False, None
+        size, activations = tuple(images.shape[-2:]), activations.detach()
+        if self.arch is not None:
+            gradients = self.arch.to_grid(gradients, size)
+            activations = self.arch.to_grid(activations, size)
         weights = gradients.mean(dim=(2, 3), keepdim=True)
-        cams = torch.relu((weights * activations.detach()).sum(dim=1))
+        cams = torch.relu((weights * activations).sum(dim=1))
         return cams, logits.detach(), signs
 
     def __call__(self, images: torch.Tensor, target: str = "predicted") -> CamResult:
         """Maps at the input's size, scaled to [0, 1] per image, with P(fake)."""
         cams, logits, signs = self.raw(images, target)
-        stride = self.stride or stride_of(images.shape[-1], cams.shape[-1])
-        upsampled = upsample(cams, tuple(images.shape[-2:]), stride)
+        size = tuple(images.shape[-2:])
+        if self.named is None:
+            stride, offset = stride_of(size[1], cams.shape[-1]), (0.0, 0.0)
+        else:
+            stride = self.arch.explained(self.named).stride
+            offset = tuple(self.arch.offset(self.named, side) for side in size)
+        upsampled = upsample(cams, size, stride, offset)
         return CamResult(scale_maps(upsampled).cpu().numpy().astype(np.float32),
                          torch.sigmoid(logits).cpu().numpy(), (signs > 0).cpu().numpy().astype(int),
                          tuple(cams.shape[-2:]))
@@ -309,8 +322,7 @@ def explain(checkpoint: Checkpoint, paths: Sequence[str | Path | np.ndarray],
     inputs = torch.stack([transform(p if isinstance(p, np.ndarray) else load_image(p))
                           for p in paths]) if paths else torch.zeros((0, 3, size, size))
     parts = []
-    with GradCAM(checkpoint.model, arch.cam_layer(checkpoint.model, layer),
-                 stride=arch.cam_layers[layer][1]) as cam:
+    with GradCAM(checkpoint.model, layer) as cam:
         for start in tqdm(range(0, len(inputs), batch_size), desc="grad-cam", unit="batch",
                           leave=False):
             parts.append(cam(inputs[start:start + batch_size], target))

@@ -197,7 +197,7 @@ def gradcam_run(params: GradCamParams) -> CamReport:
     layer = checkpoint.arch.layer_for(params.layer, (checkpoint.image_size,) * 2)
     grid = viz.image_grid(overlays, titles, ncols=4, title=(
         f"Grad-CAM ({params.target}; on self-blends: fake, mask outlined) on "
-        f"{layer} ({checkpoint.arch.cam_layers[layer][0]}), {params.select} selection"))
+        f"{layer} ({checkpoint.arch.explained(layer).path}), {params.select} selection"))
     metrics = {"layer": layer, "layer_asked": params.layer, "grid": list(eval_cams.grid),
                "target": params.target, "select": params.select,
                "n_images": len(chosen), "n_eval": len(eval_index), "deletion": deletion,

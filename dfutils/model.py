@@ -12,18 +12,20 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors
+import safetensors.torch
 import torch
 from torch import nn
-from torchvision.models import WeightsEnum
 
 from dfutils import archs
 from dfutils.atomic import atomic_path
-from dfutils.params import Amp, ParameterError, Trainable, TrainParams
+from dfutils.params import Amp, ParameterError, TrainParams
 from dfutils.paths import resolve
 from dfutils.runs import why_no_model
 
@@ -39,88 +41,108 @@ class CheckpointError(ValueError):
     """A file is not a readable dfutils checkpoint."""
 
 
-def _imagenet(arch: str) -> WeightsEnum:
-    weights = archs.get(arch).imagenet
-    if weights is None:
-        raise WeightsUnavailable(f"no ImageNet weights are known for {arch}: pass "
-                                 "weights='<path to a state dict>', or weights=None")
-    return weights
+def published_file(arch: str) -> Path:
+    """Where an architecture's published weights are looked for: torch.hub's checkpoints
+    folder (torchvision keeps and looks for its downloads there too), by the file's
+    published name."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / archs.get(arch).published.file
 
 
-def imagenet_cache_file(arch: str) -> Path:
-    """Where torchvision keeps (and looks for) an architecture's ImageNet weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_imagenet(arch).url)
-
-
-def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
-    """An architecture's ImageNet weights through torchvision's cache (downloading if it can)."""
-    weights = _imagenet(arch)
+def _published(arch: str, kind: str) -> dict[str, torch.Tensor]:
+    """An architecture's published weights (`weights` = their kind): torchvision's through
+    its cache (downloading if it can); a timm entry's from the file the user downloaded,
+    never from the network."""
+    published = archs.get(arch).published
+    if kind != published.kind:
+        raise WeightsUnavailable(
+            f"weights={kind!r}: {arch} is published with {published.what}: use "
+            f"weights={published.kind!r}, a state-dict file, or weights=None")
+    cached = published_file(arch)
+    if published.torchvision is None:
+        if not cached.is_file():
+            raise WeightsUnavailable(
+                f"{arch} weights={kind!r} needs {published.what}: {cached} not found. "
+                f"Download {published.url} to that folder (torch.hub.get_dir()/checkpoints; "
+                "set TORCH_HOME to move it) or pass the file as weights='<path>'; "
+                "weights=None trains from random initialisation")
+        return read_weights(cached)
     try:
-        return weights.get_state_dict(progress=True, check_hash=True)
+        return published.torchvision.get_state_dict(progress=True, check_hash=True)
     except (OSError, RuntimeError) as error:  # URLError is an OSError; bad hashes a RuntimeError
-        cached = imagenet_cache_file(arch)
         raise WeightsUnavailable(
             f"{arch} ImageNet weights are not available: {cached} is missing and could not "
-            f"be downloaded from {weights.url} ({error}). Copy that file to {cached} "
+            f"be downloaded from {published.url} ({error}). Copy that file to {cached} "
             f"(the folder is torch.hub.get_dir()/checkpoints; set TORCH_HOME to move it), "
             "pass weights='<path to a state dict>', or train from random initialisation "
             "with weights=None."
         ) from error
 
 
-def _load_state_file(path: Path, model: nn.Module, arch: str) -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file as a state dict: safetensors, a PyTorch state dict (read with
+    weights_only=True, so no code in it runs), a dfutils checkpoint (its weights), or
+    OpenAI's CLIP file, a TorchScript archive (read by torch.jit.load, which runs no Python
+    code of the file's)."""
     if not path.is_file():
         raise WeightsUnavailable(
-            f"weights file {path} not found: pass weights='imagenet', an existing state-dict "
-            "file, or weights=None for random initialisation"
-        )
+            f"weights file {path} not found: pass weights='imagenet' (or 'clip'), an existing "
+            "state-dict file, or weights=None for random initialisation")
     try:
+        if path.suffix == ".safetensors":
+            return safetensors.torch.load_file(path)
+        if zipfile.is_zipfile(path) and any(
+                name.endswith("/constants.pkl") for name in zipfile.ZipFile(path).namelist()):
+            return dict(torch.jit.load(path, map_location="cpu").state_dict())
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise WeightsUnavailable(f"cannot read weights file {path}: {error}") from error
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
+            safetensors.SafetensorError) as error:
+        raise WeightsUnavailable(f"cannot read weights file {path}: "
+                                 f"{str(error).splitlines()[0][:200]}") from None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         state = state["model_state"]
-    first = next(iter(model.state_dict()))
-    if not isinstance(state, dict) or first not in state:
-        raise WeightsUnavailable(f"{path} is not a {arch} state dict (no {first!r})")
+    if not isinstance(state, dict) or not state:
+        raise WeightsUnavailable(f"{path} holds no state dict (a mapping of tensor names to "
+                                 "tensors)")
     return state
 
 
-def build_model(arch: str, weights: str | os.PathLike | None, trainable: Trainable
-                ) -> nn.Module:
-    """The network of `arch` with a one-logit head; `weights` is "imagenet", a file, or None.
+def build_model(arch: str, weights: str | os.PathLike | None, trainable: str,
+                image_size: int | None = None) -> nn.Module:
+    """The network of `arch` with a one-logit head, for inputs of `image_size` (default: the
+    size its published weights were made for; a transformer's position embeddings depend
+    on it); `weights` is the kind of its published weights ("imagenet", "clip"), a file,
+    or None.
 
-    A backbone state dict with ImageNet's 1000-way head loads everything but the head,
-    which is always new; a file with a one-logit head loads whole. Nothing falls back to
-    random weights silently. The network knows its architecture (`archs.of`).
+    A state dict with another head loads everything but the head, which is always new; a
+    file with a one-logit head loads whole. Nothing falls back to random weights silently.
+    The network knows its architecture (`archs.of`).
     """
     entry = archs.get(arch)
-    model = entry.new()
+    state = None
     if weights is not None:
-        state = imagenet_state_dict(arch) if weights == "imagenet" else _load_state_file(
-            resolve(weights), model, arch)
-        head = f"{entry.head}."
-        if getattr(state.get(f"{head}weight"), "shape", None) != (
-                entry.head_module(model).weight.shape):
-            state = {k: v for k, v in state.items() if not k.startswith(head)}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(head)]
-        if missing or unexpected:
-            raise WeightsUnavailable(
-                f"weights {weights!r} do not fit {arch}: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
+        state = (_published(arch, weights) if weights in archs.PRETRAINED
+                 else read_weights(resolve(weights)))
+    try:
+        model = entry.new(image_size, state)
+    except ValueError as error:
+        raise WeightsUnavailable(f"weights {str(weights)!r} do not fit {arch}: {error}"
+                                 ) from None
     set_trainable(model, trainable)
     return model
 
 
+def trainable_count(model: nn.Module) -> tuple[int, int]:
+    """How many parameters train, and how many the network has."""
+    counts = [(p.numel(), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trains in counts if trains), sum(n for n, _ in counts)
+
+
 def set_trainable(model: nn.Module, trainable: str) -> None:
-    """Freeze every parameter outside the trainable part."""
-    for p in model.parameters():
-        p.requires_grad_(True)
-    for module in archs.of(model).frozen(model, trainable):
-        for p in module.parameters():
-            p.requires_grad_(False)
+    """Freeze every parameter outside the trainable part (also those a network holds
+    outside its modules: a transformer's class token and position embeddings)."""
+    keep = archs.of(model).trained(model, trainable)
+    for name, p in model.named_parameters():
+        p.requires_grad_(keep is None or name.startswith(tuple(f"{k}." for k in keep)))
 
 
 def train_mode(model: nn.Module, trainable: str) -> None:
@@ -299,7 +321,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"{path} holds training parameters this dfutils does not accept ({error}); "
             "re-save it with dfutils.model.save_checkpoint, giving TrainParams(...).to_dict()"
         ) from None
-    model = build_model(arch, None, params.trainable)
+    model = build_model(arch, None, params.trainable, params.image_size)
     try:
         model.load_state_dict(raw["model_state"])
     except (RuntimeError, TypeError, AttributeError) as error:

@@ -31,7 +31,6 @@ from dfutils.paths import is_plain_name, resolve
 # the command line's `choices` all use these. Where a registry holds the values, they come
 # from it: the trainable parts and the Grad-CAM layers from the architectures', the data
 # set layouts from the readers.
-Trainable = Literal[archs.TRAINABLE]
 CamLayer = Literal[("auto", *archs.CAM_LAYERS)]
 Amp = Literal["auto", "off", "bf16", "fp16"]
 CamTarget = Literal["predicted", "fake", "real"]
@@ -47,8 +46,8 @@ EvalSplit = Literal["", "val", "test"]
 Dataset = Literal[tuple(datasets.READERS)]
 Compression = Literal["c0", "c23", "c40"]
 
-# Values of `weights` that are not paths.
-WEIGHT_NAMES = ("imagenet", "none", "null", "")
+# Values of `weights` that are not paths: the kinds of published weights, and none.
+WEIGHT_NAMES = (*archs.PRETRAINED, "none", "null", "")
 # Shorthands accepted on the command line (make run-all EPOCHS=5).
 ALIASES = {"epochs": "max_epochs"}
 TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
@@ -359,12 +358,16 @@ class TrainParams(Params):
     data_dir: str = param("data", "a split made by 01-split", path=True)
     run_dir: str = param("runs/notebook", "where the model, history, metrics and figures go",
                          path=True)
-    weights: str | None = param("imagenet", '"imagenet" (torchvision\'s cache), a state-dict '
-                                "path, or None (random init)", path=True)
-    trainable: Trainable = param("head", "what trains: the head alone on a frozen backbone (the "
-                                 "original recipe), the last stage of the network and the "
-                                 "head, or everything (fc and layer4 mean head and last)",
-                                 old=archs.OLD_NAMES["trainable"])
+    weights: str | None = param("imagenet", "the architecture's published weights by what "
+                                f"they were trained on ({' or '.join(archs.PRETRAINED)}: "
+                                "docs/training.md), a weights file, or None (random init)",
+                                path=True)
+    trainable: str = param("head", "what trains: head (the head alone on a frozen backbone: "
+                           "the original recipe, a linear probe), norm (the normalisation "
+                           "layers and the head), last (the network's last stage, or a "
+                           "transformer's last block, with the head), last:k (its last k "
+                           "stages or blocks), all (fc and layer4 mean head and last)",
+                           old=archs.OLD_NAMES["trainable"])
     image_size: int = param(224, "images are resized to image_size x image_size")
     batch_size: int = param(32, "images per optimisation step")
     max_epochs: int = param(20, "upper bound; early stopping usually ends sooner")
@@ -474,8 +477,13 @@ class TrainParams(Params):
             entry = archs.get(self.arch)
         except archs.UnknownArch as error:
             raise ParameterError(f"parameter 'arch': {error}") from None
-        if self.trainable not in entry.stages:
-            raise ParameterError(f"trainable={self.trainable!r} is not defined for {self.arch}")
+        why = entry.check_trainable(self.trainable) or entry.check_size(self.image_size)
+        if why:
+            raise ParameterError(why)
+        if self.weights in archs.PRETRAINED and self.weights != entry.published.kind:
+            raise ParameterError(f"weights={self.weights!r}: {self.arch} is published with "
+                                 f"{entry.published.what}: use weights="
+                                 f"{entry.published.kind!r}, a weights file, or None")
         if self.monitor.startswith(("sbi_", "mean_")) and not self.self_blends:
             raise ParameterError(f"monitor={self.monitor!r} needs fakes=\"sbi\" or "
                                  "\"sbi+data\" (the self-blended validation set exists only "

@@ -46,6 +46,7 @@ from dfutils.model import (
     save_checkpoint,
     to_device,
     train_mode,
+    trainable_count,
 )
 from dfutils.params import Amp, OptimizerName, TrainParams
 from dfutils.paths import resolve
@@ -274,15 +275,24 @@ def backbone_features(model: nn.Module, loader: DataLoader, device: torch.device
                       desc: str = "features", amp: Amp = "off") -> torch.Tensor:
     """Everything but the head, run once over a loader's dataset (in order, in eval mode):
     each image's pooled features."""
-    head = archs.of(model).head.split(".")[0]
-    backbone = nn.Sequential(*(m for name, m in model.named_children() if name != head),
-                             nn.Flatten())
-    backbone.eval()
+    parts = []
+    head = archs.of(model).head_module(model)
+    # The head's input is what it learns from, whatever comes before it (a CNN's pooled
+    # map, a transformer's normalised class token): taken as the whole network runs.
+    handle = head.register_forward_pre_hook(lambda module, inputs: parts.append(
+        inputs[0].float().cpu()))
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
     ordered = DataLoader(loader.dataset, batch_size=loader.batch_size or 64, shuffle=False,
                          num_workers=loader.num_workers, pin_memory=loader.pin_memory)
-    with autocast(amp, device):
-        parts = [backbone(to_device(batch[0], device)).float().cpu()
-                 for batch in tqdm(ordered, desc=desc, unit="batch", leave=False)]
+    try:
+        with autocast(amp, device):
+            for batch in tqdm(ordered, desc=desc, unit="batch", leave=False):
+                model(to_device(batch[0], device))
+    finally:
+        handle.remove()
+        for module, training in modes:
+            module.train(training)
     return torch.cat(parts)
 
 
@@ -683,16 +693,17 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
         train_loader, loader = train_val_loaders(params)
     # Resuming loads every weight from last.pt: pretrained weights are not needed again.
     model = build_model(params.arch, None if params.resume else params.weights,
-                        params.trainable)
-    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                        params.trainable, params.image_size)
+    counted = parameters(model)
     if rank == 0:
         tqdm.write(f"{params.arch}, weights: {params.weights}; trainable: {params.trainable} "
-                   f"({n_trained:,} of {sum(p.numel() for p in model.parameters()):,} "
-                   f"parameters); device: {distributed.device()}; outputs: {out}")
+                   f"({parameters_text(counted)}); device: {distributed.device()}; "
+                   f"outputs: {out}")
     faces = (read_report(params.data_dir) or {}).get("faces")
     result = fit(model, train_loader, loader, params, checkpoint=out / paths.MODEL,
                  device=distributed.device(), last=out / paths.LAST, faces=faces,
                  blends_loader=blends_loader, resumed=resumed, split=identity(params.data_dir))
+    result.metrics["parameters"] = counted
     if found is not None:
         result.metrics["self_blend_faces"] = found
     figures = {}
@@ -705,6 +716,18 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
         if not result.interrupted:
             (out / paths.LAST).unlink(missing_ok=True)  # finished: nothing left to resume
     return result, figures
+
+
+def parameters(model: nn.Module) -> dict:
+    """How many of the network's parameters train, of how many, and their share."""
+    trained, total = trainable_count(model)
+    return {"trainable": trained, "total": total, "share": trained / total}
+
+
+def parameters_text(counted: dict) -> str:
+    """`0.77 M of 85.8 M parameters train (0.90 %)`."""
+    return (f"{counted['trainable'] / 1e6:.3g} M of {counted['total'] / 1e6:.3g} M parameters "
+            f"train ({100 * counted['share']:.2g} %)")
 
 
 def record(params: TrainParams) -> dict | None:
@@ -729,7 +752,8 @@ def summary(record: dict) -> dict:
     per image, per video and on the self-blends, and the kept epoch."""
     return {**headline("val", record), **headline("val_video", record.get("video") or {}),
             "best_epoch": record.get("best_epoch"),
-            **headline("sbi", record.get("sbi") or {})}
+            **headline("sbi", record.get("sbi") or {}),
+            "parameters": record.get("parameters")}
 
 
 def summary_lines(summary: dict) -> list[str]:
@@ -742,4 +766,6 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(f"validation videos: {headline_line('val_video', summary)}")
     if summary.get("sbi_auc") is not None:
         lines.append(f"validation self-blends: {headline_line('sbi', summary)}")
+    if summary.get("parameters"):
+        lines.append(parameters_text(summary["parameters"]))
     return lines

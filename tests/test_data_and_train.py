@@ -5,7 +5,7 @@ from conftest import evaluate as evaluate_run
 from conftest import make_split, write_image
 from PIL import Image
 
-from dfutils import data, images, manifest, paths
+from dfutils import archs, data, images, manifest, paths
 from dfutils.model import build_model
 from dfutils.params import TrainParams
 from dfutils.train import EarlyStopping, evaluate, fit, make_optimizer, train_one_epoch
@@ -89,7 +89,7 @@ def _fit(data_dir, tmp_path=None, **overrides):
                                        "image_size": 32, "batch_size": 8, "num_workers": 0,
                                        "seed": 0, **overrides})
     torch.manual_seed(params.seed)
-    model = build_model(params.arch, None, params.trainable)
+    model = build_model(params.arch, None, params.trainable, params.image_size)
     checkpoint = tmp_path / "model.pt" if tmp_path else None
     return model, fit(model, *data.train_val_loaders(params), params, checkpoint=checkpoint,
                       device=torch.device("cpu"))
@@ -162,14 +162,18 @@ def test_ctrl_c_keeps_the_best_epoch(separable_split, tmp_path, monkeypatch):
     assert read_checkpoint(tmp_path / "model.pt")["epoch"] == 1
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.7])
-def test_the_feature_cache_gives_the_head_the_uncached_path_gives(separable_split, ema):
+@pytest.mark.parametrize("ema,arch", [(0.0, "resnet18"), (0.7, "resnet18"),
+                                      (0.0, "clip_vit_b16")])
+def test_the_feature_cache_gives_the_head_the_uncached_path_gives(separable_split, ema, arch):
+    """A frozen backbone's features, a CNN's or a transformer's (its class token), computed
+    once: the head learns what it learns from the images (a linear probe in seconds)."""
     results = {}
     for cache in (False, True):
         model, result = _fit(separable_split, trainable="head", max_epochs=3, patience=3,
                              lr=1e-2, jitter=[0.0] * 4, flip=False, feature_cache=cache,
-                             ema=ema)
-        results[cache] = (model.fc.weight.detach().clone(), result.history)
+                             ema=ema, arch=arch)
+        head = model.get_submodule(archs.get(arch).head)
+        results[cache] = (head.weight.detach().clone(), result.history)
     assert TrainParams(trainable="head", jitter=[0.0] * 4, flip=False).caches_features
     torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-4)
     for cached, plain in zip(results[True][1], results[False][1], strict=True):

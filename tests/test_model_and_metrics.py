@@ -1,3 +1,4 @@
+import json
 import pickle
 import urllib.error
 
@@ -10,15 +11,18 @@ from dfutils.metrics import binary_metrics, choose_threshold, eer, expected_cali
 from dfutils.params import TrainParams
 
 
-@pytest.mark.parametrize("arch", ["resnet50", "efficientnet_b4"])
-def test_every_architecture_trains_only_its_stages(arch):
-    """The registry's trainable stages, by module path: the rest is frozen and in eval()."""
+@pytest.mark.parametrize("arch", ["resnet50", "efficientnet_b4", "xception",
+                                  "tf_efficientnet_b4", "clip_vit_b16"])
+def test_every_architecture_trains_only_its_parts(arch):
+    """Each `trainable` value, by module path: the rest is frozen and in eval(); every
+    parameter outside a trained module (a transformer's class token) is frozen too."""
     from dfutils import archs
 
     entry = archs.get(arch)
-    for trainable, modules in entry.stages.items():
-        net = M.build_model(arch, None, trainable)
+    for trainable in ("head", "norm", "last", "last:2", "all"):
+        net = M.build_model(arch, None, trainable, 64 if entry.patch != 14 else 56)
         assert entry.head_module(net).out_features == 1
+        modules = entry.trained(net, trainable)
         for name, p in net.named_parameters():
             assert p.requires_grad == (modules is None or name.startswith(
                 tuple(f"{path}." for path in modules))), (trainable, name)
@@ -70,20 +74,6 @@ def test_local_imagenet_style_state_dict_loads_backbone_and_new_head(tmp_path):
 def test_missing_weights_file_is_a_clear_error(tmp_path, arch):
     with pytest.raises(M.WeightsUnavailable, match="not found.*weights=None"):
         M.build_model(arch, tmp_path / "nope.pth", "head")
-
-
-def test_an_entry_without_imagenet_weights_asks_for_a_file(monkeypatch):
-    """A network from outside torchvision (Xception, say) has imagenet=None."""
-    import dataclasses
-
-    from dfutils import archs
-
-    entry = dataclasses.replace(archs.get("resnet18"), name="plain", imagenet=None)
-    monkeypatch.setitem(archs.ARCHS, "plain", entry)
-    with pytest.raises(M.WeightsUnavailable,
-                       match=r"^no ImageNet weights are known for plain: .*state dict"):
-        M.build_model("plain", "imagenet", "head")
-    assert M.build_model("plain", None, "head").fc.out_features == 1
 
 
 def _save(tmp_path, net):
@@ -271,18 +261,22 @@ def test_the_auto_layer_is_the_deepest_with_a_grid_of_at_least_six(size, layer):
     assert entry.layer_for("layer3", (size, size)) == "last-1"  # by the name it had before
     model = entry.new().eval()
     grids = {}
-    for name, (path, _) in entry.cam_layers.items():
-        model.get_submodule(path).register_forward_hook(
+    for name, explained in entry.cam_layers.items():
+        model.get_submodule(explained.path).register_forward_hook(
             lambda m, i, o, name=name: grids.__setitem__(name, tuple(o.shape[-2:])))
     with torch.no_grad():
         model(torch.zeros(1, 3, size, size))
     assert all(grids[name] == entry.grid((size, size), name) for name in grids)  # the real grid
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "efficientnet_b4"])
-def test_every_architecture_trains_explains_and_round_trips(separable_split, tmp_path, arch):
-    """One smoke epoch from random initialisation at 64 px; Grad-CAM of each layer on its
-    grid; the checkpoint rebuilds the network that scored the validation set."""
+@pytest.mark.parametrize("arch,trainable,size", [
+    ("resnet18", "all", 64), ("resnet50", "all", 64), ("efficientnet_b4", "all", 64),
+    ("xception", "all", 64), ("tf_efficientnet_b4", "all", 64), ("clip_vit_b16", "all", 64),
+    ("clip_vit_l14", "last", 56)])  # ViT-L's 0.3 G parameters: its last block trains
+def test_every_architecture_trains_explains_and_round_trips(separable_split, tmp_path, arch,
+                                                            trainable, size):
+    """One smoke epoch from random initialisation at a small size; Grad-CAM of each layer on
+    its grid; the checkpoint rebuilds the network that scored the validation set."""
     import csv
 
     from dfutils import archs, cam
@@ -291,19 +285,22 @@ def test_every_architecture_trains_explains_and_round_trips(separable_split, tmp
     from dfutils.train import train_run
 
     params = TrainParams.from_mapping({
-        "data_dir": str(separable_split), "weights": None, "trainable": "all", "arch": arch,
-        "image_size": 64, "batch_size": 16, "max_epochs": 1, "num_workers": 0,
-        "run_dir": str(tmp_path / arch)})
+        "data_dir": str(separable_split), "weights": None, "trainable": trainable,
+        "arch": arch, "image_size": size, "batch_size": 16, "max_epochs": 1,
+        "num_workers": 0, "run_dir": str(tmp_path / arch)})
     train_run(params)
     checkpoint = load_checkpoint(tmp_path / arch / "model.pt")
-    assert checkpoint.arch.name == arch and checkpoint.image_size == 64
+    assert checkpoint.arch.name == arch and checkpoint.image_size == size
     val = read_manifest(separable_split, "val")
     for layer in archs.CAM_LAYERS:
         _, cams = cam.explain(checkpoint, [s.path for s in val[:4]], "fake", 4, layer)
-        assert cams.grid == archs.get(arch).grid((64, 64), layer)
-        assert cams.maps.shape == (4, 64, 64) and np.isfinite(cams.maps).all()
+        assert cams.grid == archs.get(arch).grid((size, size), layer)
+        assert cams.maps.shape == (4, size, size) and np.isfinite(cams.maps).all()
     with open(tmp_path / arch / "val_predictions.csv", newline="") as f:
         saved = {row["path"]: float(row["p_fake"]) for row in csv.DictReader(f)}
     assert len(saved) == len(val)
     expected = [saved[s.path.relative_to(separable_split).as_posix()] for s in val[:4]]
+    metrics = json.loads((tmp_path / arch / "metrics.json").read_text())
+    assert metrics["parameters"]["trainable"] == sum(
+        p.numel() for p in checkpoint.model.parameters() if p.requires_grad)
     np.testing.assert_allclose(cams.p_fake, expected, atol=1e-5)

@@ -10,7 +10,7 @@ from dfutils import archs, cam, notebooks, params
 from dfutils.notebooks import validated
 from dfutils.params import GradCamParams, ParameterError, SplitParams, TrainParams
 from dfutils.paths import REPO_ROOT
-from dfutils.pipeline import STEPS, load_params
+from dfutils.pipeline import STEPS, load_params, plan
 
 STEP_PARAMS = [step.params for step in STEPS.values()]
 
@@ -26,7 +26,8 @@ def test_defaults_are_the_original_recipe():
     (TrainParams, {"lr": "fast"}, "'lr' must be float"),
     (TrainParams, {"max_epochs": 2.5}, "'max_epochs' must be int"),
     (TrainParams, {"max_epochs": True}, "'max_epochs' must be an integer"),
-    (TrainParams, {"trainable": "layer3"}, "'trainable' must be one of 'head', 'last', 'all'"),
+    (TrainParams, {"trainable": "layer3"},
+     "trainable must be one of head, norm, last, last:k, all"),
     (TrainParams, {"threshold": 0.5}, "'threshold' must be one of"),  # typed: no coercion
     (TrainParams, {"jitter": [0.1, 0.1]}, "jitter must be"),
     (TrainParams, {"jpeg_prob": 1.5}, "jpeg_prob must be a probability"),
@@ -144,14 +145,20 @@ def test_the_parameter_reference_is_generated_from_the_classes():
 @pytest.mark.parametrize("name", list(archs.ARCHS))
 def test_every_architecture_defines_every_option(name):
     entry = archs.get(name)
-    assert tuple(entry.stages) == params.choices(params.Trainable)
-    assert set(params.choices(params.CamLayer)) - {"auto"} <= set(entry.cam_layers)
+    for trainable in ("head", "norm", "last", "all", "fc", "layer4",
+                      f"last:{len(entry.blocks)}"):
+        assert entry.check_trainable(trainable) == "", trainable
+        TrainParams(arch=name, trainable=trainable, weights=None)
+    for wrong in ("last:0", f"last:{len(entry.blocks) + 1}", "last:x", "layer3", "blocks"):
+        with pytest.raises(ParameterError, match=f"trainable must be one of .*{name}"):
+            TrainParams(arch=name, trainable=wrong, weights=None)
+    assert tuple(entry.cam_layers) == archs.CAM_LAYERS
+    assert entry.published.kind in archs.PRETRAINED
 
 
 def test_every_option_is_the_same_set_everywhere():
     assert params.choices(params.CamTarget) == cam.TARGETS
     assert params.choices(params.CamLayer) == ("auto", *archs.CAM_LAYERS)
-    assert params.choices(params.Trainable) == archs.TRAINABLE
     assert params.choices(params.Dataset) == tuple(__import__("dfutils.datasets").datasets.READERS)
     parser = __import__("dfutils.__main__", fromlist=["build_parser"]).build_parser()
     predict = parser._subparsers._group_actions[0].choices["predict"]
@@ -187,3 +194,15 @@ def test_a_value_for_a_step_the_chain_does_not_run_is_refused(tmp_path):
         plan(None, {"arch": "resnet50"}, ["03-gradcam"], "runs/x", False)
     assert plan(None, {"layer": "last"}, ["03-gradcam"], "runs/x", False)["03-gradcam"][
         "layer"] == "last"
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "notebooks" / "params").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_every_parameter_file_is_valid_for_every_step(path):
+    """A recipe that does not validate would fail only when someone runs it; each pretrained
+    one names the file its weights come in."""
+    steps = [s for s in STEPS if s not in ("04-evaluate", "05-benchmark")]  # asked by name
+    planned = plan(str(path), {}, steps, "runs/check", False)
+    train = TrainParams.from_mapping(planned["02-train"])
+    if train.weights in archs.PRETRAINED:
+        assert archs.get(train.arch).published.file in path.read_text()
