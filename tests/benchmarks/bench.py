@@ -79,19 +79,26 @@ def limit(device: torch.device, repeats: int) -> tuple[float, str]:
     return best
 
 
+LARGE = ("clip_vit_l14",)  # smaller batches: 0.3 G parameters and their Adam state
+
+
 def arch_rates(arch: str, device: torch.device, repeats: int) -> list[dict]:
     """L and L_train of one network at the size of its weights: a bare forward under
     inference_mode, and a bare training step of the whole network (forward, loss, backward,
     Adam), on one batch already on the device; in float32 and in mixed precision (bf16 on
     the CPU, "auto" on a GPU), each channels-last and contiguous."""
-    size = archs.get(arch).size
-    batch = (64 if size <= 224 else 32) if device.type == "cuda" else (16 if size <= 224 else 4)
+    entry = archs.get(arch)
+    size, large = entry.size, entry.name in LARGE
+    batch = ((64 if size <= 224 and not large else 32) if device.type == "cuda"
+             else (16 if size <= 224 and not large else 4))
+    # A transformer's only convolution is its patch embedding: one layout is enough.
+    formats = ((("contiguous", torch.contiguous_format),) if entry.patch else
+               (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)))
     rows = []
     for amp in ("off", "auto" if device.type == "cuda" else "bf16"):
-        for fmt_name, fmt in (("channels_last", torch.channels_last),
-                              ("contiguous", torch.contiguous_format)):
+        for fmt_name, fmt in formats:
             torch.manual_seed(0)
-            model = build_model(arch, None, "all").to(device, memory_format=fmt)
+            model = build_model(arch, None, "all", size).to(device, memory_format=fmt)
             x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
             y = torch.randint(0, 2, (batch,), device=device).float()
             optimizer, scaler = torch.optim.Adam(model.parameters(), 1e-4), grad_scaler(amp, device)
@@ -154,10 +161,10 @@ def train_epoch_rate(data_dir: Path, device: torch.device, **overrides) -> dict:
     loaders = data.train_val_loaders(params)
     torch.manual_seed(0)
     start = time.perf_counter()
-    result = fit(build_model(params.arch, None, params.trainable), *loaders, params,
-                 device=device)
+    result = fit(build_model(params.arch, None, params.trainable, params.image_size), *loaders,
+                 params, device=device)
     return {"total_s": time.perf_counter() - start, "history": result.history,
-            "n_train": len(loaders[0].dataset)}
+            "n_train": len(loaders[0].dataset), "n_val": len(loaders[1].dataset)}
 
 
 def naive_epoch_rate(data_dir: Path, repeats: int) -> float:
@@ -553,7 +560,25 @@ def main() -> None:
                 row("  L_train (forward, backward, Adam step)", c["L_train"], "img/s",
                     c["L_train"] / c["L"], "of its L")
             best = max(c["L_train"] for c in cases if c["amp"] == "off")
+            best_l = max(c["L"] for c in cases if c["amp"] == "off")
             size, batch = archs.get(arch).size, cases[0]["batch"]
+            if archs.get(arch).patch:
+                # A transformer's recipe is a linear probe (UnivFD): the frozen network's
+                # features once (the first epoch, as fast as L at best), then the head alone
+                # on them (the second epoch).
+                epoch = train_epoch_rate(tmp / "data", device, max_epochs=2, arch=arch,
+                                         trainable="head", image_size=size, batch_size=batch,
+                                         jitter=[0.0] * 4, flip=False)
+                epochs_s = sum(h["seconds"] for h in epoch["history"])
+                features = (epoch["n_train"] + epoch["n_val"]) / (epoch["total_s"] - epochs_s)
+                cached = epoch["history"][-1]["images_per_s"]
+                results.setdefault("probes", []).append(
+                    {"arch": arch, "features": features, "cached_epoch": cached, "L": best_l})
+                row(f"{arch}: linear probe, features of train and val (once, from JPEG files)",
+                    features, "img/s", features / best_l, "of L (float32)")
+                row(f"{arch}: linear probe, an epoch on the cached features", cached, "img/s",
+                    cached / best_l, "x L (float32)")
+                continue
             # The second epoch (the first pays for starting the workers and the kernels'
             # first calls); at least 10 batches of L_train's size.
             epoch = train_epoch_rate(tmp / ("data" if batch > 4 else "small"), device,
