@@ -30,13 +30,14 @@ import torch
 from PIL import Image
 
 from dfutils import archs, data
+from dfutils.atomic import write_json
 from dfutils.cam import GradCAM
 from dfutils.distributed import device as default_device
 from dfutils.images import load_image
 from dfutils.manifest import read_manifest
 from dfutils.model import build_model, forward, grad_scaler
 from dfutils.params import SplitParams, TrainParams
-from dfutils.paths import REPO_ROOT, write_json
+from dfutils.paths import REPO_ROOT
 from dfutils.runs import environment
 from dfutils.scoring import score
 from dfutils.split import split
