@@ -39,6 +39,7 @@ from dfutils.params import CamLayer, CamTarget, choices
 from dfutils.progress import tqdm
 
 TARGETS = choices(CamTarget)
+DELETION_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # of the pixels removed, top first
 
 
 @dataclass
@@ -219,9 +220,29 @@ def _p_class(model: nn.Module, images: torch.Tensor, explained: np.ndarray) -> n
     return np.where(explained == 1, p_fake, 1 - p_fake)
 
 
+def deletion_areas(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
+                   explained: np.ndarray, randoms: Sequence[np.ndarray],
+                   fractions: Sequence[float] = DELETION_FRACTIONS, fill: str = "mean"
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each image's area under P(explained class) as the top fractions of its pixels by CAM
+    are removed, and the same averaged over the `randoms` (each a batch of random maps):
+    (per image under the CAM, per image under random maps, the two curves per fraction and
+    image). Lower is more faithful: the evidence went first."""
+    model.eval()
+    cam_curves, random_curves = [], []  # per fraction, per image
+    for fraction in fractions:
+        cam_curves.append(_p_class(model, _remove(images, maps, fraction, fill), explained))
+        random_curves.append(np.mean([
+            _p_class(model, _remove(images, r, fraction, fill), explained) for r in randoms],
+            axis=0))
+    span = fractions[-1] - fractions[0]
+    cam_curves, random_curves = np.array(cam_curves), np.array(random_curves)
+    return (np.trapezoid(cam_curves, fractions, axis=0) / span,
+            np.trapezoid(random_curves, fractions, axis=0) / span, cam_curves, random_curves)
+
+
 def deletion_score(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
-                   explained: np.ndarray,
-                   fractions: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
+                   explained: np.ndarray, fractions: Sequence[float] = DELETION_FRACTIONS,
                    fill: str = "mean", n_random: int = 3, seed: int = 0, *,
                    grid: tuple[int, int], clusters, n_resamples: int) -> dict:
     """How fast P(explained class) falls as the top-k% pixels by CAM are removed, vs random.
@@ -235,20 +256,11 @@ def deletion_score(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
     `clusters` names them): the CAM is more faithful than chance when the difference's
     interval lies below 0.
     """
-    model.eval()
     size = tuple(images.shape[-2:])
     generator = torch.Generator().manual_seed(seed)
-    randoms = [random_maps(len(images), size, grid, generator)
-               for _ in range(n_random)]
-    cam_curves, random_curves = [], []  # per fraction, per image
-    for fraction in fractions:
-        cam_curves.append(_p_class(model, _remove(images, maps, fraction, fill), explained))
-        random_curves.append(np.mean([
-            _p_class(model, _remove(images, r, fraction, fill), explained) for r in randoms],
-            axis=0))
-    span = fractions[-1] - fractions[0]
-    per_cam = np.trapezoid(np.array(cam_curves), fractions, axis=0) / span
-    per_random = np.trapezoid(np.array(random_curves), fractions, axis=0) / span
+    randoms = [random_maps(len(images), size, grid, generator) for _ in range(n_random)]
+    per_cam, per_random, cam_curves, random_curves = deletion_areas(
+        model, images, maps, explained, randoms, fractions, fill)
     ci = mean_intervals(per_cam, per_random, clusters, n_resamples)
     return {
         "fractions": list(fractions),
@@ -263,6 +275,23 @@ def deletion_score(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
     }
 
 
+def localization_scores(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                        iou_threshold: float = 0.5
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per map and its boolean mask: the pointing game (1 when the map's maximum lies in the
+    mask), the IoU of the map's top region (>= iou_threshold of its maximum) with the mask,
+    and the share of the map's energy (its sum) inside the mask."""
+    hits, ious, energy = [], [], []
+    for cam, mask in zip(maps, masks, strict=True):
+        hits.append(bool(mask.flat[int(np.argmax(cam))]))
+        region = cam >= iou_threshold * cam.max() if cam.max() > 0 else np.zeros_like(mask)
+        union = np.logical_or(region, mask).sum()
+        ious.append(np.logical_and(region, mask).sum() / union if union else 0.0)
+        total = float(cam.sum())
+        energy.append(float(cam[mask].sum()) / total if total > 0 else 0.0)
+    return np.array(hits, float), np.array(ious, float), np.array(energy, float)
+
+
 def localization(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                  iou_threshold: float = 0.5, n_random: int = 10, seed: int = 0, *,
                  grid: tuple[int, int], clusters, n_resamples: int) -> dict:
@@ -273,37 +302,38 @@ def localization(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
     bootstrap intervals of the pointing game of the CAM, of random maps, and of their
     difference per image (the CAM points better than chance when it lies above 0).
     """
-    def scores(candidates: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        hits, ious = [], []
-        for cam, mask in zip(candidates, masks, strict=True):
-            hits.append(bool(mask.flat[int(np.argmax(cam))]))
-            region = cam >= iou_threshold * cam.max() if cam.max() > 0 else np.zeros_like(mask)
-            union = np.logical_or(region, mask).sum()
-            ious.append(np.logical_and(region, mask).sum() / union if union else 0.0)
-        return np.array(hits, float), np.array(ious, float)
-
     if len(maps) == 0:
         return {"n": 0}
     generator = torch.Generator().manual_seed(seed)
-    hits, iou = scores(maps)
+    hits, iou, _ = localization_scores(maps, masks, iou_threshold)
     random_scores = []
     for _ in range(n_random):
         randoms = [random_maps(1, m.shape, grid, generator)[0]
                    for m in maps]
-        random_scores.append(scores(randoms))
-    random_hits = np.mean([h for h, _ in random_scores], axis=0)  # per image: a hit rate
+        random_scores.append(localization_scores(randoms, masks, iou_threshold))
+    random_hits = np.mean([h for h, _, _ in random_scores], axis=0)  # per image: a hit rate
     ci = mean_intervals(hits, random_hits, clusters, n_resamples)
     return {
         "n": len(maps),
         "pointing_cam": float(hits.mean()),
         "pointing_random": float(random_hits.mean()),
         "iou_cam": float(iou.mean()),
-        "iou_random": float(np.mean([i.mean() for _, i in random_scores])),
+        "iou_random": float(np.mean([i.mean() for _, i, _ in random_scores])),
         "iou_threshold": iou_threshold,
         "ci": {"pointing_cam": ci.get("mean"), "pointing_random": ci.get("baseline"),
                "difference": ci.get("difference"),
                **({"unavailable": ci["unavailable"]} if "unavailable" in ci else {})},
     }
+
+
+def verdict(difference: Sequence[float] | None, better_below: bool) -> str:
+    """What the 95% interval of a paired difference (CAM minus random maps) says: "better"
+    or "worse" than random maps when it excludes 0, "not told apart" when it holds 0, ""
+    without one. `better_below`: lower is better (the deletion AUC)."""
+    if not difference or any(v is None or np.isnan(v) for v in difference):
+        return ""
+    low, high = difference if better_below else (-difference[1], -difference[0])
+    return "better" if high < 0 else "worse" if low > 0 else "not told apart"
 
 
 def _rgb(image: str | Path | np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 
 from dfutils import paths, sbi, viz
 from dfutils.atomic import write_json
-from dfutils.cam import deletion_score, explain, localization, write_overlays
+from dfutils.cam import deletion_score, explain, localization, verdict, write_overlays
 from dfutils.images import load_mask
 from dfutils.manifest import Sample, check_identity, read_manifest
 from dfutils.metrics import shown
@@ -216,25 +216,21 @@ def check_lines(metrics: dict) -> list[str]:
     """The checks of cam_metrics.json in words, each number with its 95% interval and a
     verdict from the interval of the paired difference: deletion, pointing on ground-truth
     masks, pointing on self-blends ("" for a check that was not scored)."""
-    def verdict(ci: dict, better_below: bool) -> str:
-        difference = ci.get("difference")
+    def judged(ci: dict, better_below: bool) -> str:
         if ci.get("unavailable"):
             return f"; no verdict: {ci['unavailable']}"
-        if not difference or any(v is None or np.isnan(v) for v in difference):
-            return ""
-        low, high = difference if better_below else (-difference[1], -difference[0])
-        if high < 0:
-            return "; better than random maps (the difference's interval excludes 0)"
-        if low > 0:
-            return "; worse than random maps (the difference's interval excludes 0)"
-        return "; not distinguishable from random maps (the difference's interval holds 0)"
+        said = verdict(ci.get("difference"), better_below)
+        return {"better": "; better than random maps (the difference's interval excludes 0)",
+                "worse": "; worse than random maps (the difference's interval excludes 0)",
+                "not told apart": "; not distinguishable from random maps (the difference's "
+                                  "interval holds 0)"}.get(said, "")
 
     deletion = metrics["deletion"]
     d_ci = deletion.get("ci") or {}
     lines = [f"deletion AUC (lower = more faithful): CAM "
              f"{shown(deletion['auc_cam'], d_ci.get('auc_cam'))}, random "
              f"{shown(deletion['auc_random'], d_ci.get('auc_random'))}"
-             f"{verdict(d_ci, True)}"]
+             f"{judged(d_ci, True)}"]
     for what, located in (("ground-truth masks", metrics["localization"]),
                           (f"{metrics['self_blends']['localization'].get('n', 0)} self-blends",
                            metrics["self_blends"]["localization"])):
@@ -245,7 +241,7 @@ def check_lines(metrics: dict) -> list[str]:
         lines.append(f"pointing game on {what}: CAM "
                      f"{shown(located['pointing_cam'], ci.get('pointing_cam'))}, random "
                      f"{shown(located['pointing_random'], ci.get('pointing_random'))}"
-                     f"{verdict(ci, False)}")
+                     f"{judged(ci, False)}")
     return lines
 
 
