@@ -12,6 +12,20 @@ face; the size rule matters for crops made otherwise.
 Scoring is streamed: crops are loaded a batch at a time and every frame's score goes to
 benchmark_frames.csv as it comes, so memory holds one float per frame, never an image
 more than a batch.
+
+Beside the table, where the explanations point: Grad-CAM for "fake" on test fakes whose
+manipulated region is known: the crops' masks (FF++'s published mask videos, cut with their
+faces by 00-faces; or masks a user drew), each FF++ method on its own; on a test set
+without masks, the fixed self-blends of its test reals (`sbi.validation_blends`: their
+blend masks are known), labelled as self-blends. Per crop, for the CAM and for random maps
+of the explained layer's grid: the pointing game, the share of the map's energy inside the
+mask, the IoU of the map's top region with the mask, and the deletion area (faithfulness).
+A row per test set, method and layer gives each measure's mean for the CAM and for random
+maps and the 95% interval of their paired difference (whole videos resampled), and its
+verdict from that interval.
+
+Streamed: crops are explained a batch at a time and only their few numbers are kept (and
+the overlays of the faces a figure shows), so memory does not grow with the test set.
 """
 
 from __future__ import annotations
@@ -20,16 +34,24 @@ import csv
 import json
 import math
 import os
-from dataclasses import dataclass
+import re
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
+import torch
 
-from dfutils import paths, viz
+from dfutils import archs, paths, sbi, viz
 from dfutils.atomic import atomic_path, write_csv, write_json
+from dfutils.cam import deletion_areas, explain, localization_scores, random_maps, verdict
 from dfutils.datasets import LABELS
+from dfutils.images import load_image, load_mask
 from dfutils.manifest import (
     LabelledSet,
+    Sample,
     check_identity,
     check_unseen,
     dataset_of,
@@ -42,6 +64,7 @@ from dfutils.metrics import (
     TITLES,
     VIDEO_RULES,
     binary_metrics,
+    mean_intervals,
     shown,
     subgroups,
     video_scores,
@@ -50,6 +73,7 @@ from dfutils.metrics import (
 from dfutils.model import Checkpoint, load_checkpoint
 from dfutils.params import BenchmarkParams
 from dfutils.paths import from_here, resolve
+from dfutils.progress import tqdm
 from dfutils.scoring import images_for, score
 
 FRAME_FIELDS = ["test_set", "dataset", "method", "label", "video", "frame", "path", "p_fake"]
@@ -70,6 +94,7 @@ class TestSet:
     name: str
     dataset: str  # the data set it was made from ("folder" for real/ + fake/)
     images: LabelledSet
+    root: Path  # the split's folder
 
 
 def check_test_sets(test_sets: list[str], checkpoint: Checkpoint | None,
@@ -104,7 +129,7 @@ def check_test_sets(test_sets: list[str], checkpoint: Checkpoint | None,
 def read_test_set(data_dir: str | os.PathLike) -> TestSet:
     """The test split of a split made by 01-split (`check_test_sets` checked it)."""
     root = resolve(data_dir)
-    return TestSet(root.name, dataset_of(root), labelled_set(root, "test"))
+    return TestSet(root.name, dataset_of(root), labelled_set(root, "test"), root)
 
 
 def score_test_set(checkpoint: Checkpoint, test: TestSet, writer: csv.DictWriter,
@@ -233,6 +258,7 @@ def run_benchmark(params: BenchmarkParams) -> dict:
         VIDEO_FIELDS)
     write_csv(run_dir / paths.BENCHMARK, [{k: _text(v) for k, v in r.items()} for r in rows],
               TABLE_FIELDS)
+    explained = explain_test_sets(checkpoint, tests, params, run_dir)
     report = {"run": str(run_dir), "threshold": checkpoint.threshold,
               "threshold_rule": checkpoint.threshold_rule,
               "test_sets": {t.name: str(resolve(d)) for t, d in zip(tests, params.test_sets,
@@ -240,10 +266,43 @@ def run_benchmark(params: BenchmarkParams) -> dict:
               "rules": {"frame": "every face crop is one sample", **VIDEO_RULES},
               "interval": f"95% bootstrap interval of each metric ({params.n_bootstrap} "
                           "resamples; frame rows resample whole videos)",
-              "headline": headline(rows), "rows": rows}
+              "headline": headline(rows), "rows": rows, "explanations": explained}
     write_json(run_dir / paths.BENCHMARK_JSON, report)
     viz.save_figure(viz.plot_benchmark(rows), run_dir / paths.BENCHMARK_FIGURE)
     return report
+
+
+def explain_test_sets(checkpoint: Checkpoint, tests: list[TestSet], params: BenchmarkParams,
+                      run_dir: Path) -> list[dict]:
+    """The explanation rows (`dfutils.explanations`), written beside the table with their
+    figure and the grids of faces; none with n_explain=0 (an earlier run's are removed)."""
+    written = [run_dir / paths.BENCHMARK_EXPLANATIONS,
+               run_dir / paths.BENCHMARK_EXPLANATIONS_FIGURE]
+    grids = run_dir / paths.BENCHMARK_CAMS
+    for path in [*written, *sorted(grids.glob("*.png"))]:  # this step's own, from before
+        path.unlink(missing_ok=True)
+    if not params.n_explain:
+        return []
+    layers = layers_of(checkpoint, params.layer, params.all_layers)
+    rows, shown = explanation_rows(
+        checkpoint, tests, params.n_explain, layers, params.batch_size, params.seed,
+        params.n_bootstrap)
+    write_csv(written[0], [{k: _text(v) for k, v in r.items()} for r in rows],
+              EXPLANATION_FIELDS)
+    if rows:
+        viz.save_figure(viz.plot_explanations(rows, MEASURES), written[1])
+    grids.mkdir(exist_ok=True)
+    for (test_set, method), overlays in shown.items():
+        if overlays:
+            viz.save_figure(viz.image_grid(overlays, [""] * len(overlays), ncols=4, title=(
+                f"{test_set} · {method}: Grad-CAM for fake ({layers[0]}), mask outlined; "
+                "faces drawn at random")), grids / f"{_safe(test_set)}-{_safe(method)}.png")
+    return rows
+
+
+def _safe(name: str) -> str:
+    """A name read from a manifest, fit to be part of a file name in one folder."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".") or "_"
 
 
 def record(params: BenchmarkParams) -> dict | None:
@@ -252,18 +311,29 @@ def record(params: BenchmarkParams) -> dict | None:
     path = resolve(params.run_dir) / paths.BENCHMARK_JSON
     if not path.is_file():
         return None
-    rows = [r for r in json.loads(path.read_text())["rows"]
+    report = json.loads(path.read_text())
+    rows = [r for r in report["rows"]
             if r["method"] == ALL and r["level"] == "video" and r["rule"] == "mean"]
     return {"video_auc": {r["test_set"]: r["auc"] for r in rows},
             "video_auc_ci": {r["test_set"]: [r["auc_low"], r["auc_high"]] for r in rows},
-            "notes": {r["test_set"]: r["note"] for r in rows if r.get("note")}}
+            "notes": {r["test_set"]: r["note"] for r in rows if r.get("note")},
+            "explanations": report.get("explanations", [])}
 
 
 def summary(record: dict) -> dict:
-    """A run's headline numbers from 05-benchmark."""
+    """A run's headline numbers from 05-benchmark: each test set's video AUC, and where its
+    explanations point (per test set, method and layer: each measure for the CAM and for
+    random maps, the interval of their difference and its verdict)."""
     return {"test_video_auc": record.get("video_auc"),
             "test_video_auc_ci": record.get("video_auc_ci"),
-            "test_video_notes": record.get("notes")}
+            "test_video_notes": record.get("notes"),
+            "test_explanations": {
+                f"{r['test_set']} · {r['method']} · {r['layer']}": {
+                    "masks": r["masks"], "n_crops": r["n_crops"],
+                    **{m: {"cam": r[f"{m}_cam"], "random": r[f"{m}_random"],
+                           "difference_ci": [r[f"{m}_low"], r[f"{m}_high"]],
+                           "verdict": r[f"{m}_verdict"]} for m in MEASURES}}
+                for r in record.get("explanations") or []} or None}
 
 
 def summary_lines(summary: dict) -> list[str]:
@@ -273,7 +343,13 @@ def summary_lines(summary: dict) -> list[str]:
     return [f"test set {name}: video AUC {shown(auc, intervals.get(name))}"
             + (f" ({notes[name]})" if name in notes else "")
             + "; benchmark.csv has every level, rule and method"
-            for name, auc in (summary.get("test_video_auc") or {}).items()]
+            for name, auc in (summary.get("test_video_auc") or {}).items()] + [
+        f"Grad-CAM on {name} ({row['n_crops']} crops, "
+        f"{'self-blends' if row['masks'] == BLENDS else 'masks'}): pointing game "
+        f"{row['pointing']['cam']:.3f} vs random {row['pointing']['random']:.3f}"
+        + (f" ({row['pointing']['verdict']})" if row["pointing"]["verdict"] else "")
+        + "; benchmark_explanations.csv has every measure"
+        for name, row in (summary.get("test_explanations") or {}).items()]
 
 
 def shown_lines(params: BenchmarkParams, report: dict) -> list[str]:
@@ -282,4 +358,202 @@ def shown_lines(params: BenchmarkParams, report: dict) -> list[str]:
             f"{TITLES[name]} {shown(r[name], [r[f'{name}_low'], r[f'{name}_high']])}"
             for name in NAMES) + f" ({r['n_videos']} videos, {r['n_frames']} frames)"
             + (f"; {r['note']}" if r["note"] else "") for r in report["rows"]] + [
-        f"table: {from_here(resolve(params.run_dir) / paths.BENCHMARK)}"]
+        f"table: {from_here(resolve(params.run_dir) / paths.BENCHMARK)}"] + (
+        [*explanation_lines(report["explanations"]), "explanations: " + from_here(
+            resolve(params.run_dir) / paths.BENCHMARK_EXPLANATIONS)]
+        if report.get("explanations") else [])
+
+
+# -- where the explanations point ---------------------------------------------------------
+
+# name: (what it is, lower is better)
+MEASURES = {"pointing": ("pointing game", False), "energy": ("energy inside the mask", False),
+            "iou": ("IoU of the top region", False), "deletion": ("deletion AUC", True)}
+EXPLANATION_FIELDS = ["test_set", "dataset", "method", "masks", "layer", "n_crops", "n_videos",
+          *(f"{m}_{k}" for m in MEASURES for k in ("cam", "random", "low", "high", "verdict")),
+          "note"]
+MASKS = "mask"  # the `masks` column: the crops' own masks, or self-blends standing in
+BLENDS = "self-blend"
+N_RANDOM = 3  # random maps drawn per crop, for each measure's baseline
+SHOWN = 8  # faces per method in the figure of maps and masks
+
+
+@dataclass
+class Group:
+    """The crops of one test set and method that are explained: how each is loaded."""
+
+    test_set: str
+    dataset: str
+    method: str
+    masks: str  # MASKS or BLENDS
+    load: list  # per crop: () -> (RGB array, boolean mask at the crop's size)
+    videos: list[str]
+
+
+@dataclass
+class Scores:
+    """Per crop, each measure for the CAM and for random maps (their mean)."""
+
+    videos: list[str] = field(default_factory=list)
+    values: dict[str, list[float]] = field(default_factory=dict)
+    shown: list[np.ndarray] = field(default_factory=list)  # overlays with the mask outlined
+
+    def add(self, name: str, values: np.ndarray) -> None:
+        self.values.setdefault(name, []).extend(float(v) for v in values)
+
+
+def chosen(n_items: int, n: int, seed: int, key: str) -> list[int]:
+    """Up to n of n_items indices, drawn at random from the seed and a group's name (so a
+    group's choice does not depend on the others), in their order."""
+    if n_items <= n:
+        return list(range(n_items))
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    return sorted(rng.choice(n_items, size=n, replace=False).tolist())
+
+
+def _crop(sample: Sample):
+    def load() -> tuple[np.ndarray, np.ndarray]:
+        image = np.array(load_image(sample.path))
+        return image, load_mask(sample.mask, image.shape[1::-1])
+    return load
+
+
+def _blend(blends: sbi.ValidationBlends, index: int):
+    def load() -> tuple[np.ndarray, np.ndarray]:
+        image, _, mask = blends.image(index)
+        return image, mask > 0
+    return load
+
+
+def explained_groups(test, n: int, seed: int) -> list[Group]:
+    """What is explained on one test set (a `benchmark.TestSet`): up to n of its fakes with a
+    mask per method, drawn at random; when none has a mask, up to n self-blends of its test
+    reals with a face."""
+    with_mask = [s for s in test.images.samples if s.label == 1 and s.mask is not None]
+    if with_mask:
+        by_method: dict[str, list[Sample]] = {}
+        for sample in with_mask:
+            by_method.setdefault(sample.method or ALL, []).append(sample)
+        found = []
+        for method, samples in sorted(by_method.items()):
+            picked = [samples[i] for i in chosen(len(samples), n, seed, method)]
+            found.append(Group(test.name, test.dataset, method, MASKS,
+                               [_crop(s) for s in picked], [s.video for s in picked]))
+        return found
+    blends, _ = sbi.validation_blends(test.root, split="test")
+    reals = len(blends.samples)
+    picked = chosen(reals, n, seed, BLENDS)
+    return [Group(test.name, test.dataset, BLENDS, BLENDS,
+                  [_blend(blends, reals + i) for i in picked],
+                  [blends.samples[i].video for i in picked])] if picked else []
+
+
+def _batches(group: Group, batch_size: int) -> Iterator[tuple[list, list, list]]:
+    for start in range(0, len(group.load), batch_size):
+        loaded = [load() for load in group.load[start:start + batch_size]]
+        yield ([image for image, _ in loaded], [mask for _, mask in loaded],
+               group.videos[start:start + batch_size])
+
+
+def explain_group(checkpoint: Checkpoint, group: Group, layer: str, batch_size: int,
+                  seed: int, alpha: float = 0.5) -> Scores:
+    """Every measure of a group's crops at one layer, a batch at a time; the overlays of
+    its first SHOWN crops (drawn at random by `groups`)."""
+    size = checkpoint.image_size
+    grid = checkpoint.arch.grid((size, size), layer)
+    generator = torch.Generator().manual_seed(seed)
+    scores = Scores()
+    bar = tqdm(total=len(group.load), desc=f"explaining {group.test_set} {group.method}",
+               unit="crop", leave=False)
+    for images, masks, videos in _batches(group, batch_size):
+        inputs, cams = explain(checkpoint, images, "fake", batch_size, layer)
+        masks = [cv2.resize(m.astype(np.uint8), (size, size),
+                            interpolation=cv2.INTER_NEAREST).astype(bool) for m in masks]
+        randoms = [random_maps(len(images), (size, size), grid, generator)
+                   for _ in range(N_RANDOM)]
+        located = ("pointing", "iou", "energy")  # as localization_scores gives them
+        for name, values in zip(located, localization_scores(list(cams.maps), masks),
+                                strict=True):
+            scores.add(f"{name}_cam", values)
+        drawn = [localization_scores(list(r), masks) for r in randoms]
+        for k, name in enumerate(located):
+            scores.add(f"{name}_random", np.mean([d[k] for d in drawn], axis=0))
+        per_cam, per_random, _, _ = deletion_areas(
+            checkpoint.model, inputs, cams.maps, np.ones(len(images), int), randoms)
+        scores.add("deletion_cam", per_cam)
+        scores.add("deletion_random", per_random)
+        scores.videos += videos
+        for image, cam, mask in zip(images, cams.maps, masks, strict=True):
+            if len(scores.shown) < SHOWN:
+                face = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+                scores.shown.append(viz.outline(viz.overlay(face, cam, alpha), mask))
+        bar.update(len(images))
+    bar.close()
+    return scores
+
+
+def explanation_row(group: Group, layer: str, scores: Scores, n_resamples: int) -> dict:
+    """A group's row: each measure for the CAM and random maps, the interval of their paired
+    difference and its verdict; `note` says why an interval is missing."""
+    base = {"test_set": group.test_set, "dataset": group.dataset, "method": group.method,
+            "masks": group.masks, "layer": layer, "n_crops": len(scores.videos),
+            "n_videos": len(set(scores.videos)), "note": ""}
+    for name, (_, below) in MEASURES.items():
+        cam, rand = (np.array(scores.values.get(f"{name}_{k}", []), float)
+                     for k in ("cam", "random"))
+        ci = mean_intervals(cam, rand, scores.videos, n_resamples)
+        difference = ci.get("difference")
+        base |= {f"{name}_cam": float(cam.mean()) if len(cam) else float("nan"),
+                 f"{name}_random": float(rand.mean()) if len(rand) else float("nan"),
+                 f"{name}_low": difference[0] if difference else float("nan"),
+                 f"{name}_high": difference[1] if difference else float("nan"),
+                 f"{name}_verdict": verdict(difference, below)}
+        base["note"] = base["note"] or ci.get("unavailable", "")
+    return base
+
+
+def layers_of(checkpoint: Checkpoint, layer: str, every: bool) -> list[str]:
+    """The layers explained: the one `layer` names (`auto` resolved), then, with `every`,
+    the architecture's other Grad-CAM layers."""
+    first = checkpoint.arch.layer_for(layer, (checkpoint.image_size,) * 2)
+    return [first, *(name for name in archs.CAM_LAYERS if every and name != first)]
+
+
+def explanation_rows(checkpoint: Checkpoint, tests: Sequence, n: int, layers: Sequence[str],
+                     batch_size: int, seed: int, n_resamples: int
+                     ) -> tuple[list[dict], dict[tuple[str, str], list[np.ndarray]]]:
+    """The explanation rows of every test set (a row per method and layer, and one for all
+    methods together when there are several), and the overlays each figure shows, by
+    (test set, method), at the first layer."""
+    rows, shown = [], {}
+    for test in tests:
+        found = explained_groups(test, n, seed)
+        for k, name in enumerate(layers):
+            together = Scores()
+            for group in found:
+                scores = explain_group(checkpoint, group, name, batch_size, seed)
+                rows.append(explanation_row(group, name, scores, n_resamples))
+                if k == 0:
+                    shown[test.name, group.method] = scores.shown
+                together.videos += scores.videos
+                for key, values in scores.values.items():
+                    together.add(key, np.array(values))
+            if len(found) > 1:
+                everything = Group(test.name, test.dataset, ALL, found[0].masks, [], [])
+                rows.append(explanation_row(everything, name, together, n_resamples))
+    return rows, shown
+
+
+def explanation_lines(rows: Sequence[dict]) -> list[str]:
+    """The rows in words: per test set, method and layer, each measure CAM against random
+    with the verdict of their paired difference."""
+    said = []
+    for r in rows:
+        masks = "self-blends" if r["masks"] == BLENDS else "masks"
+        said.append(f"{r['test_set']} {r['method']} ({r['n_crops']} crops, {masks}, layer "
+                    f"{r['layer']}): " + "; ".join(
+                        f"{title} {r[f'{m}_cam']:.3f} vs random {r[f'{m}_random']:.3f}"
+                        + (f" ({r[f'{m}_verdict']})" if r[f"{m}_verdict"] else "")
+                        for m, (title, _) in MEASURES.items())
+                    + (f"; {r['note']}" if r["note"] else ""))
+    return said

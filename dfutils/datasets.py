@@ -34,6 +34,9 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 # FF++'s manipulations, by folder name.
 FFPP_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures", "FaceShifter")
+# The methods FF++ publishes a mask video of the manipulated region for (FaceShifter, added
+# later, has none): manipulated_sequences/<method>/masks/videos/<name>.mp4.
+MASKED_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures", "DeepFakeDetection")
 
 
 class MissingInput(ValueError):
@@ -188,6 +191,7 @@ class Item:
     keys: tuple[str, ...] = ()  # group keys: every clip sharing one goes to the same split
     split: str = ""  # the official split ("train", "val", "test"), or "" when none
     method: str = ""  # the manipulation (FF++: Deepfakes, ...); "" for reals and elsewhere
+    mask: str = ""  # its published mask video, relative to the root (FF++'s fakes), or ""
 
     @property
     def group(self) -> str:
@@ -357,12 +361,20 @@ def read_ffpp(root: Path, methods: Iterable[str] = (), compression: str = "c23")
                     listing.problem(rel, f"its original {original} is missing from "
                                     f"original_sequences/youtube/{compression}/videos")
             listing.items.append(Item(rel, "fake", tuple(f"ffpp:{i}" for i in ids), split,
-                                      method))
+                                      method, mask_video(method, path.stem)))
     for video, (split, _) in sorted(owner.items()):
         if video not in originals:
             listing.problem(f"original_sequences/youtube/{compression}/videos/{video}.mp4",
                             f"listed in splits/{split}.json but missing")
     return listing
+
+
+def mask_video(method: str, name: str) -> str:
+    """Where FF++ publishes the mask video of a method's clip (whether it was downloaded or
+    not: the faces step says so per clip), or "" for a method without masks."""
+    if method not in MASKED_METHODS:
+        return ""
+    return f"manipulated_sequences/{method}/masks/videos/{name}.mp4"
 
 
 def read_dfd(root: Path, methods: Iterable[str] = (), compression: str = "c23") -> Listing:
@@ -375,9 +387,10 @@ def read_dfd(root: Path, methods: Iterable[str] = (), compression: str = "c23") 
                            "fake")):
         for path in _videos(root, folder, listing):
             actors = path.stem.split("__")[0].split("_")
+            method = "DeepFakeDetection" if label == "fake" else ""
             listing.items.append(Item(_rel(root, path), label,
-                                      tuple(f"dfd:{a}" for a in actors), "test",
-                                      "DeepFakeDetection" if label == "fake" else ""))
+                                      tuple(f"dfd:{a}" for a in actors), "test", method,
+                                      mask_video(method, path.stem)))
     return listing
 
 

@@ -45,6 +45,8 @@ class Face:
     score: float  # detector confidence
     landmarks: np.ndarray  # (68, 2) in crop pixels
     rank: int = 0  # its place among the faces kept of its frame (0: the most confident)
+    # the 2x3 affine map from the source's pixels to the crop's: what crops its mask alike
+    matrix: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(2, 3))
 
 
 class FaceFinder:
@@ -114,7 +116,15 @@ class FaceFinder:
         matrix = crop_matrix(extent, self.params.face_margin, self.params.face_size, eyes)
         crop = cv2.warpAffine(rgb, matrix, (self.params.face_size,) * 2, flags=cv2.INTER_AREA,
                               borderMode=cv2.BORDER_CONSTANT)
-        return Face(crop, box, score, points @ matrix[:, :2].T + matrix[:, 2], rank)
+        return Face(crop, box, score, points @ matrix[:, :2].T + matrix[:, 2], rank, matrix)
+
+
+def crop_mask(mask: np.ndarray, face: Face, size: int) -> np.ndarray:
+    """A frame's grey-level mask (the source's pixels) cropped exactly as its face was:
+    0 or 255, thresholded at half (a mask video's compression blurs its edges)."""
+    warped = cv2.warpAffine(mask, face.matrix, (size, size), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_CONSTANT)
+    return np.where(warped >= 128, 255, 0).astype(np.uint8)
 
 
 def crop_matrix(box: tuple[float, float, float, float], margin: float, size: int,
@@ -159,8 +169,9 @@ def faces_of(path: Path, finder: FaceFinder, frames_per_video: int,
     for index, rgb, scale in frames:
         n_frames, smallest = n_frames + 1, min(smallest, scale)
         for face in finder.faces(rgb, max_faces if clip else 1):
-            if scale != 1.0:
-                face = dataclasses.replace(face, box=tuple(round(v / scale) for v in face.box))
+            if scale != 1.0:  # the box and the map in the source's pixels
+                face = dataclasses.replace(face, box=tuple(round(v / scale) for v in face.box),
+                                           matrix=face.matrix * [[scale, scale, 1]])
             found.append((index, face))
             if each is not None:
                 each(index, face)

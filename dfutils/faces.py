@@ -27,17 +27,18 @@ import numpy as np
 from dfutils import datasets, paths, processes, shards
 from dfutils.atomic import write_json
 from dfutils.datasets import CLASSES, Item, Listing, is_clip
-from dfutils.detect import Face, FaceFinder, faces_of, model_file
-from dfutils.frames import DETECT_PIXELS, UnreadableClip
+from dfutils.detect import Face, FaceFinder, crop_mask, faces_of, model_file
+from dfutils.frames import DETECT_PIXELS, UnreadableClip, clip_shape, gray_frames
 from dfutils.images import ImageLoadError, load_image
 from dfutils.owned import OwnedFolder, complete_report, fingerprint
 from dfutils.params import FacesParams
 from dfutils.paths import from_here, resolve
 from dfutils.progress import tqdm
 
-# of faces.csv; group, split and method come from the data set (empty for real/ + fake/)
+# of faces.csv; group, split and method come from the data set (empty for real/ + fake/);
+# mask is the crop's mask, cut from the clip's published mask video (FF++), or empty
 FIELDS = ("path", "label", "source", "frame", "box", "score", "landmarks", "group", "split",
-          "method")
+          "method", "mask")
 
 
 class FacesError(ValueError):
@@ -98,6 +99,48 @@ def crop_path(item: Item, dataset: str, index: int = 0, rank: int = 0) -> Path:
     return stem / (f"{index:06d}_{rank}.png" if rank else f"{index:06d}.png")
 
 
+def mask_path(crop: Path) -> Path:
+    """Where a crop's mask goes: masks/<its name> beside it, where the split looks for it."""
+    return crop.parent / "masks" / crop.name
+
+
+def mask_problem(raw_dir: Path, item: Item) -> str | None:
+    """Why a clip's published mask video cannot mask its crops (missing, unreadable, fewer
+    frames than the clip, or frames of another size), or None when it can."""
+    if not (raw_dir / item.mask).is_file():
+        return (f"no mask video {item.mask}: its crops have no mask (download the "
+                "method's masks to measure where the explanations point)")
+    try:
+        shape, clip = clip_shape(raw_dir / item.mask), clip_shape(raw_dir / item.path)
+    except UnreadableClip as error:
+        return f"its mask video {item.mask} cannot be read ({error.reason}): no masks"
+    if shape[0] < clip[0]:
+        return (f"its mask video {item.mask} has {shape[0]} frames, fewer than the clip's "
+                f"{clip[0]}: no masks")
+    if shape[1:] != clip[1:]:
+        return (f"its mask video {item.mask} is {shape[1]} x {shape[2]}, the clip "
+                f"{clip[1]} x {clip[2]}: no masks")
+    return None
+
+
+def write_masks(raw_dir: Path, out: Path, item: Item, faces: list[tuple[int, Face]],
+                crop_of: Callable[[int, Face], Path], size: int) -> dict[tuple[int, int], str]:
+    """Each face's mask, cut from the same frame of the clip's mask video with exactly the
+    map that cut the face; the paths written, by (frame, rank)."""
+    by_frame: dict[int, list[Face]] = {}
+    for index, face in faces:
+        by_frame.setdefault(index, []).append(face)
+    written = {}
+    for index, mask in gray_frames(raw_dir / item.mask, list(by_frame)):
+        for face in by_frame[index]:
+            path = mask_path(crop_of(index, face))
+            (out / path).parent.mkdir(parents=True, exist_ok=True)
+            if not cv2.imwrite(str(out / path), crop_mask(mask, face, size)):
+                raise OSError(f"could not write {out / path}")
+            written[index, face.rank] = path.as_posix()
+    return written
+
+
 _FINDER: FaceFinder | None = None  # one per worker process: dlib's models do not pickle
 
 
@@ -145,13 +188,24 @@ def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: Item
             return [], {**entry, "reason": getattr(error, "reason", None) or str(error)}
         for future in written:
             future.result()
+    masks: dict[tuple[int, int], str] = {}
+    if video and item.mask and found.faces:
+        why = mask_problem(raw_dir, item)
+        if why is None:
+            masks = write_masks(raw_dir, out, item, found.faces, crop_of, params.face_size)
+            if len(masks) < len(found.faces):
+                why = (f"its mask video {item.mask} ended early: "
+                       f"{len(found.faces) - len(masks)} crop(s) have no mask")
+        if why:
+            entry["mask"] = why
     n_frames = found.n_frames
     for index, face in found.faces:
         rows.append({"path": crop_of(index, face).as_posix(), "label": item.label,
                      "source": item.path, "frame": index, "box": json.dumps(face.box),
                      "score": round(face.score, 4),
-                     "landmarks": json.dumps(np.round(face.landmarks, 2).tolist()), **carried})
-    entry.update(frames_read=n_frames, faces_found=len(rows))
+                     "landmarks": json.dumps(np.round(face.landmarks, 2).tolist()), **carried,
+                     "mask": masks.get((index, face.rank), "")})
+    entry.update(frames_read=n_frames, faces_found=len(rows), masks=len(masks))
     if found.scale != 1.0:
         entry["downscaled"] = (f"frames scaled by {found.scale:.3f} before detection (over "
                                f"{DETECT_PIXELS:,} pixels); boxes are in the source's pixels")
@@ -177,7 +231,12 @@ def recorded(params: FacesParams, raw_dir: Path) -> dict:
 
 def _written(faces_dir: Path, report: dict) -> set[str]:
     with open(faces_dir / paths.FACES, newline="") as f:
-        return {row["path"] for row in csv.DictReader(f)}
+        return {path for row in csv.DictReader(f) for path in files_of(row)}
+
+
+def files_of(row: dict) -> list[str]:
+    """The files one row of faces.csv stands for: its crop, and its mask when it has one."""
+    return [row["path"], *([row["mask"]] if row.get("mask") else [])]
 
 
 # What the faces step owns inside faces_dir; the report comes in last.
@@ -207,8 +266,11 @@ def _inputs(params: FacesParams) -> tuple[Path, Path, Listing, dict, str]:
         raise FacesError(f"{raw_dir} holds no photo or clip to crop as dataset="
                          f"{params.dataset} lays them out" + (f": {why}{more}" if why else
                                                                ": put them in real/ and fake/"))
-    stamp = hashlib.sha256((fingerprint(raw_dir, [item.path for item in sources]) + json.dumps(
-        [(i.label, i.group, i.split, i.method) for i in sources])).encode()).hexdigest()
+    # the mask videos there are inputs too (none there: the stamp of a folder made before)
+    masks = [i.mask for i in sources if i.mask and (raw_dir / i.mask).is_file()]
+    stamp = hashlib.sha256((fingerprint(raw_dir, [item.path for item in sources] + masks)
+                            + json.dumps([(i.label, i.group, i.split, i.method)
+                                          for i in sources])).encode()).hexdigest()
     return raw_dir, faces_dir, listing, recorded(params, raw_dir), stamp
 
 
@@ -259,7 +321,8 @@ def run_part(part: shards.Part, sources: list[Item],
     with part.writing() as add, tqdm(total=len(sources), initial=len(sources) - len(todo),
                                      desc="faces", unit="source") as bar:
         for item, (rows, entry) in _map(one, todo, workers):
-            add(item.path, {"rows": rows, "entry": entry}, [row["path"] for row in rows])
+            add(item.path, {"rows": rows, "entry": entry},
+                [path for row in rows for path in files_of(row)])
             bar.update()
     part.finish(len(sources))
     finished = part.done()
@@ -302,9 +365,9 @@ def _merge(faces_dir: Path, listing: Listing, settings: dict, stamp: str,
         rows, entries = [], []
         for item in listing.items:
             part_folder, source_rows, entry = results[item.path]
-            for row in source_rows:
-                (built / row["path"]).parent.mkdir(parents=True, exist_ok=True)
-                _link(part_folder / row["path"], built / row["path"])
+            for path in (path for row in source_rows for path in files_of(row)):
+                (built / path).parent.mkdir(parents=True, exist_ok=True)
+                _link(part_folder / path, built / path)
             rows += source_rows
             entries.append(entry)
         report = _report(settings, stamp, listing, rows, entries)
@@ -336,6 +399,9 @@ def _report(settings: dict, stamp: str, listing: Listing, rows: list[dict],
         "sources": entries,
         "unreadable": [e for e in entries if "reason" in e],
         "short_clips": sum("short" in e for e in entries),
+        "n_masks": sum(e.get("masks", 0) for e in entries),
+        "without_masks": [{"source": e["source"], "reason": e["mask"]}
+                          for e in entries if e.get("mask")],
         "skipped": [{"source": p["path"], "reason": p["reason"]} for p in listing.problems],
         "dataset": {"name": settings.get("dataset", "folder"), "rules": listing.rules},
     }
@@ -395,5 +461,13 @@ def shown_lines(params: FacesParams, report: dict) -> list[str]:
     if "shard" in report:
         return [f"shard {report['shard']}: {report['n_sources']} sources, "
                 f"{report['n_crops']} crops in {from_here(report['folder'])}"]
-    return [f"{report['n_sources']} sources, {report['n_crops']} crops: "
-            f"{from_here(resolve(params.faces_dir) / paths.FACES_REPORT)}"]
+    lines = [f"{report['n_sources']} sources, {report['n_crops']} crops: "
+             f"{from_here(resolve(params.faces_dir) / paths.FACES_REPORT)}"]
+    without = report.get("without_masks", [])
+    if report.get("n_masks") or without:
+        lines.append(f"{report['n_masks']} crops masked from the published mask videos; "
+                     f"{len(without)} clip(s) without: " + "; ".join(
+                         f"{w['source']}: {w['reason']}" for w in without[:3])
+                     + (f" (and {len(without) - 3} more in the report)" if len(without) > 3
+                        else ""))
+    return lines

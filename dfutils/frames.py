@@ -69,16 +69,46 @@ def read_frames(path: Path, k: int) -> Iterator[tuple[int, np.ndarray, float]]:
             raise UnreadableClip(f"frames of {width} x {height} pixels are over the cap of "
                              f"{Image.MAX_IMAGE_PIXELS:,} that photos have too: scale the clip "
                              "down (ffmpeg -vf scale=3840:-2)")
-        wanted = sample_indices(n_frames, k)
-        last, index = wanted[-1], 0
-        chosen = set(wanted)
-        while index <= last and capture.grab():
-            if index in chosen:
-                ok, frame = capture.retrieve()
-                if ok:
-                    frame, scale = bounded(frame)
-                    yield index, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), scale
-            index += 1
+        for index, frame in _walk(capture, sample_indices(n_frames, k)):
+            frame, scale = bounded(frame)
+            yield index, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), scale
+    finally:
+        capture.release()
+
+
+def _walk(capture: cv2.VideoCapture, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, BGR frame) of the wanted frames, in order: every frame grabbed, only the
+    wanted ones decoded; a clip that ends early yields those it has."""
+    chosen, index = set(wanted), 0
+    last = max(wanted, default=-1)
+    while index <= last and capture.grab():
+        if index in chosen:
+            ok, frame = capture.retrieve()
+            if ok:
+                yield index, frame
+        index += 1
+
+
+def clip_shape(path: Path) -> tuple[int, int, int]:
+    """A clip's frame count, width and height as its container says; UnreadableClip if it
+    cannot be opened."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened():
+            raise UnreadableClip("not a video OpenCV can open (empty, corrupt or another format)")
+        return tuple(int(capture.get(p)) for p in (
+            cv2.CAP_PROP_FRAME_COUNT, cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT))
+    finally:
+        capture.release()
+
+
+def gray_frames(path: Path, wanted: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, grey levels at full size) of the wanted frames of a clip (a mask video), in
+    order; those past its end are not yielded."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        for index, frame in _walk(capture, sorted(set(wanted))):
+            yield index, cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
     finally:
         capture.release()
 

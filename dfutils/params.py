@@ -585,8 +585,19 @@ class BenchmarkParams(Params):
     num_workers: int = workers_param()
     n_bootstrap: int = bootstrap_param("the table's metrics")
     amp: Amp = amp_param()
+    n_explain: int = param(100, "test fakes with a mask explained with Grad-CAM per test set "
+                           "and method (drawn at random with the seed), or self-blends of "
+                           "its test reals where a test set has no masks; 0: no explanation "
+                           "rows")
+    layer: CamLayer = cam_layer_param()
+    all_layers: bool = param(False, "explain at each of the architecture's Grad-CAM layers, "
+                             "not only at `layer`")
+    seed: int = param(42, "seeds the crops explained and the random baseline maps")
 
     def check(self) -> None:
+        if self.n_explain < 0:
+            raise ParameterError(f"n_explain must be >= 0 (0: no explanation rows), got "
+                                 f"{self.n_explain}")
         if not self.test_sets:
             raise ParameterError("test_sets is required: one or more split folders with a "
                                  "test split (TEST_SETS=data/celebdf,data/dfdc)")

@@ -59,6 +59,11 @@ BENCHMARK_JSON = "benchmark.json"  # the same rows, the rules in words and the h
 BENCHMARK_FIGURE = "benchmark.png"
 BENCHMARK_VIDEOS = "benchmark_videos.csv"  # one row per test video: its P(fake) by each rule
 BENCHMARK_FRAMES = "benchmark_frames.csv"  # one row per test crop scored
+# where Grad-CAM points on the test sets: a row per test set, method and layer; its figure;
+# per test set and method, a grid of faces drawn at random with their maps and masks
+BENCHMARK_EXPLANATIONS = "benchmark_explanations.csv"
+BENCHMARK_EXPLANATIONS_FIGURE = "benchmark_explanations.png"
+BENCHMARK_CAMS = "benchmark_cams"
 
 # A split, data_dir/ (01-split): train/, val/, test/, masks/ and these.
 MANIFEST = "manifest.csv"  # one row per image: path, label, split, group, sha256, ...

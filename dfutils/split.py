@@ -429,11 +429,11 @@ def faces_of(raw_dir: Path) -> tuple[dict | None, dict[str, dict]]:
 
 def carry_faces(out: Path, table: dict[str, dict], rows: list[dict]) -> None:
     """Write out/faces.csv: the faces step's rows of the split's images, each pointing at
-    the image's path in data_dir."""
+    the image's path in data_dir (and its mask's)."""
     with open(out / paths.FACES, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=faces.FIELDS)
         writer.writeheader()
-        writer.writerows({**table[r["source"]], "path": r["path"]}
+        writer.writerows({**table[r["source"]], "path": r["path"], "mask": r["mask"]}
                          for r in rows if r["source"] in table)
 
 

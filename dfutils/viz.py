@@ -323,3 +323,32 @@ def plot_benchmark(rows: Sequence[dict]) -> Figure:
     ax.set_title("test sets: AUC per level and rule")
     fig.tight_layout()
     return fig
+
+
+@closed
+def plot_explanations(rows: Sequence[dict], measures: dict[str, tuple[str, bool]]
+                      ) -> Figure:
+    """Where Grad-CAM points on the test sets: per measure (name: its title, and whether
+    lower is better), each test set, method and layer's difference CAM minus random maps
+    with its 95% interval, coloured by its verdict."""
+    labels = [f"{r['test_set']} · {r['method']} · {r['layer']}" for r in rows]
+    fig, axes = plt.subplots(1, len(measures), sharey=True, squeeze=False,
+                             figsize=(3.2 * len(measures) + 2, 0.4 * len(rows) + 1.6))
+    y = np.arange(len(rows))
+    for ax, (name, (title, below)) in zip(axes[0], measures.items(), strict=True):
+        difference = np.array([r[f"{name}_cam"] - r[f"{name}_random"] for r in rows], float)
+        low = np.array([r[f"{name}_low"] for r in rows], float)
+        high = np.array([r[f"{name}_high"] for r in rows], float)
+        colours = ["tab:green" if r[f"{name}_verdict"] == "better" else "tab:red"
+                   if r[f"{name}_verdict"] == "worse" else "tab:grey" for r in rows]
+        ax.barh(y, difference, 0.6, color=colours,
+                xerr=np.nan_to_num([difference - low, high - difference]), capsize=2)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(f"{title}\nCAM − random ({'left' if below else 'right'} of 0: better)",
+                     fontsize=9)
+    axes[0][0].set_yticks(y, labels)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("Grad-CAM against random maps on the test sets (95% intervals; green: "
+                 "better, red: worse, grey: not told apart)", fontsize=10)
+    fig.tight_layout()
+    return fig

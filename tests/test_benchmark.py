@@ -5,6 +5,7 @@ evaluation as `evaluate --split test`, presented as a table."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -273,3 +274,100 @@ def test_an_interval_needs_five_of_each_class_and_says_so_otherwise():
         metrics_line(m))
     five = np.repeat([0, 1], 5)
     assert not too_few(five, None) and too_few(five[1:], None).startswith("only 4 reals")
+
+
+# -- where the explanations point ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory):
+    """A split whose 16 test fakes (each its own video) have a mask: their left half."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("masked")
+    raw = make_raw(root / "raw", 16, 32)
+    left = np.zeros((32, 32), np.uint8)
+    left[:, :16] = 255
+    for fake in (raw / "fake").glob("*.png"):
+        Image.fromarray(left).save(fake.with_name(f"{fake.stem}_mask.png"))
+    data = root / "data"
+    split(SplitParams(raw_dir=str(raw), data_dir=str(data), test_fraction=0.5))
+    return data
+
+
+@pytest.mark.parametrize("points,said", [("left", "better"), ("right", "worse")])
+def test_maps_made_to_hit_or_miss_the_masks_get_those_verdicts(masked, tmp_path, monkeypatch,
+                                                                points, said):
+    """The explanation rows of maps constructed to lie on the masks (a ramp falling from the
+    left edge) or off them (rising to the right edge), around the real scoring path."""
+    from dfutils.cam import CamResult
+
+    real = benchmark.explain
+
+    def constructed(checkpoint, images, target, batch_size, layer):
+        inputs, cams = real(checkpoint, images, target, batch_size, layer)
+        ramp = np.linspace(1, 0, 64, dtype=np.float32)
+        ramp = ramp if points == "left" else ramp[::-1]
+        maps = np.broadcast_to(ramp, (len(images), 64, 64)).copy()
+        return inputs, CamResult(maps, cams.p_fake, cams.explained, cams.grid)
+
+    monkeypatch.setattr(benchmark, "explain", constructed)
+    run = tmp_path / "run"
+    save_checkpoint(run / paths.MODEL, build_model("resnet18", None, "all").eval(),
+                    params={"image_size": 64, "trainable": "all"}, threshold=0.5,
+                    threshold_rule="0.5", metrics={}, epoch=1)
+    params = BenchmarkParams(run_dir=str(run), test_sets=[str(masked)], num_workers=0,
+                             n_bootstrap=200, n_explain=10)
+    report = benchmark.run_benchmark(params)
+    (row,) = report["explanations"]
+    assert (row["method"], row["masks"], row["n_crops"], row["n_videos"]) == (
+        "all", "mask", 10, 10)  # n_explain of the test fakes with a mask
+    assert row["layer"] == "last-2" and row["note"] == ""
+    hit = points == "left"
+    assert row["pointing_cam"] == (1.0 if hit else 0.0)
+    assert row["iou_cam"] == pytest.approx(1.0 if hit else 0.0, abs=0.05)
+    assert row["energy_cam"] == pytest.approx(0.75 if hit else 0.25, abs=0.02)
+    for measure in ("pointing", "energy", "iou"):
+        assert row[f"{measure}_verdict"] == said, measure
+        assert (row[f"{measure}_low"] > 0) == hit and (row[f"{measure}_high"] < 0) != hit
+    assert row["deletion_verdict"] in ("better", "worse", "not told apart")
+    with open(run / paths.BENCHMARK_EXPLANATIONS, newline="") as f:
+        (written,) = csv.DictReader(f)
+    assert written["pointing_verdict"] == said
+    assert (run / paths.BENCHMARK_EXPLANATIONS_FIGURE).is_file()
+    assert [p.name for p in (run / paths.BENCHMARK_CAMS).iterdir()] == ["data-all.png"]
+    summary = benchmark.summary(benchmark.record(params))
+    assert summary["test_explanations"]["data · all · last-2"]["pointing"]["verdict"] == said
+    assert any(line.startswith("Grad-CAM on data · all · last-2 (10 crops, masks): pointing "
+                               f"game {row['pointing_cam']:.3f}") and f"({said})" in line
+               for line in benchmark.summary_lines(summary))
+
+    benchmark.run_benchmark(dataclasses.replace(params, n_explain=0))  # asked for none:
+    assert not (run / paths.BENCHMARK_EXPLANATIONS).exists()  # no stale rows are left
+    assert not any((run / paths.BENCHMARK_CAMS).iterdir())
+
+
+def test_a_test_set_without_masks_is_explained_on_self_blends_of_its_reals(table):
+    run, report = table
+    rows = {r["test_set"]: r for r in report["explanations"]}
+    assert set(rows) == {"ffpp", "celebdf", "dfdc"}  # every test set gets a row
+    for row in rows.values():
+        assert (row["method"], row["masks"]) == ("self-blend", "self-blend")
+        assert row["n_crops"] >= 2 and row["n_videos"] >= 1
+    with open(run / paths.BENCHMARK_EXPLANATIONS, newline="") as f:
+        assert {r["masks"] for r in csv.DictReader(f)} == {"self-blend"}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "clip_vit_b16"])
+def test_every_grad_cam_layer_of_any_backbone_gets_its_rows(masked, tmp_path, arch):
+    run = tmp_path / "run"
+    save_checkpoint(run / paths.MODEL, build_model(arch, None, "all", 64).eval(),
+                    params={"image_size": 64, "trainable": "all", "arch": arch,
+                            "weights": None},
+                    threshold=0.5, threshold_rule="0.5", metrics={}, epoch=1)
+    report = benchmark.run_benchmark(BenchmarkParams(
+        run_dir=str(run), test_sets=[str(masked)], num_workers=0, n_bootstrap=50,
+        n_explain=5, all_layers=True))
+    rows = report["explanations"]
+    assert sorted(r["layer"] for r in rows) == ["last", "last-1", "last-2"]
+    assert all(r["n_crops"] == 5 and 0 <= r["energy_cam"] <= 1 for r in rows)
+    assert all(not np.isnan(r[f"{m}_low"]) for r in rows for m in ("pointing", "deletion"))

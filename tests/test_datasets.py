@@ -7,11 +7,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
-from conftest import FAST, FFPP_SPLITS, clip, make_celebdf, make_dfdc, make_ffpp, manifest
+from conftest import (
+    CANVAS,
+    FAST,
+    FFPP_SPLITS,
+    clip,
+    frame_of,
+    make_celebdf,
+    make_dfdc,
+    make_ffpp,
+    manifest,
+    tree_digest,
+)
 
-from dfutils import datasets, faces
-from dfutils.params import FacesParams, ParameterError, SplitParams
+from dfutils import datasets, faces, paths, shards
+from dfutils.benchmark import run_benchmark
+from dfutils.model import build_model, save_checkpoint
+from dfutils.params import BenchmarkParams, FacesParams, ParameterError, SplitParams
 from dfutils.split import split
 
 # -- the readers ---------------------------------------------------------------------------
@@ -293,3 +308,117 @@ def test_a_folder_split_gets_a_test_split_only_when_asked(tmp_path):
     assert not {s.path for s in read_manifest(tmp_path / "b", "train")
                 + read_manifest(tmp_path / "b", "val")} & {
         s.path for s in read_manifest(tmp_path / "b", "test")}  # training never reads test
+
+
+# -- FF++'s mask videos --------------------------------------------------------------------
+
+def write_mask_clip(path: Path, n: int, shift: int = 0, size: tuple[int, int] = CANVAS) -> None:
+    """A mask video like FF++'s: white where frame k of the clips (conftest.frame_of) is
+    left of its face box's centre and above its middle (shifted right by `shift` px)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, size[::-1])
+    for k in range(n):
+        _, box = frame_of(k)
+        mask = np.zeros((*size, 3), np.uint8)
+        mask[:int((box[1] + box[3]) / 2), :int((box[0] + box[2]) / 2) + shift] = 255
+        writer.write(mask)
+    writer.release()
+
+
+def extent(white: np.ndarray) -> tuple[float, float]:
+    """A top-left white region's right and bottom edges, as shares of the crop's side."""
+    columns, rows = np.flatnonzero(white.any(axis=0)), np.flatnonzero(white.any(axis=1))
+    assert white[0, 0] and columns[0] == 0 and rows[0] == 0
+    return (columns[-1] + 1) / white.shape[1], (rows[-1] + 1) / white.shape[0]
+
+
+def test_ffpp_mask_videos_are_cropped_with_their_faces_and_carried_to_the_split(tmp_path):
+    import csv
+
+    from dfutils.images import load_image
+
+    root = make_ffpp(tmp_path / "FaceForensics++", methods=("Deepfakes", "FaceShifter"))
+    masks = root / "manipulated_sequences/Deepfakes/masks/videos"
+    names = sorted(p.stem for p in (root / "manipulated_sequences/Deepfakes/c23/videos").iterdir())
+    # the test pair's two fakes (953_974, 974_953) get masks in register
+    aligned, (shifted, short, small, missing) = names[4:], names[:4]
+    for name in aligned:
+        write_mask_clip(masks / f"{name}.mp4", 3)
+    write_mask_clip(masks / f"{shifted}.mp4", 3, shift=40)  # a mask that is not in register
+    write_mask_clip(masks / f"{short}.mp4", 2)
+    write_mask_clip(masks / f"{small}.mp4", 3, size=(150, 180))
+    faces_dir, data_dir = tmp_path / "faces", tmp_path / "data"
+    report = faces.extract_faces(FacesParams(raw_dir=str(root), faces_dir=str(faces_dir),
+                                             dataset="ffpp", **FAST), workers=1)
+
+    with open(faces_dir / "faces.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_clip: dict[str, list[dict]] = {}
+    for row in rows:
+        by_clip.setdefault(Path(row["source"]).stem if "Deepfakes" in row["source"]
+                           else row["source"], []).append(row)
+
+    def edges(row: dict) -> tuple[float, float]:  # the mask's right and bottom edges
+        white = np.asarray(load_image(faces_dir / row["mask"]).convert("L")) > 127
+        assert white.shape == (FAST["face_size"],) * 2
+        return extent(white)
+
+    # The face is centred in its crop, so the mask's corner lands near the crop's centre
+    # (within 3 of its 48 pixels: dlib's box and the landmarks are not exactly the face's).
+    for name in aligned:
+        assert len(by_clip[name]) == FAST["frames_per_video"]
+        for row in by_clip[name]:
+            right, bottom = edges(row)
+            assert abs(right - 0.5) < 0.06 and abs(bottom - 0.5) < 0.06, (row["path"], right,
+                                                                          bottom)
+    for row in by_clip[shifted]:  # 40 source pixels to the right: out of register, and seen
+        assert edges(row)[0] > 0.6
+    said = {Path(w["source"]).stem: w["reason"] for w in report["without_masks"]}
+    assert said[short].startswith(f"its mask video manipulated_sequences/Deepfakes/masks/"
+                                  f"videos/{short}.mp4 has 2 frames, fewer than the clip's 3")
+    assert "is 180 x 150, the clip 360 x 300: no masks" in said[small]
+    assert said[missing].startswith("no mask video manipulated_sequences/Deepfakes/masks/")
+    assert set(said) == {short, small, missing}  # FaceShifter publishes none: nothing to say
+    for name in (short, small, missing):  # the clip keeps its crops, without masks
+        assert by_clip[name] and all(row["mask"] == "" for row in by_clip[name])
+    assert not any(row["mask"] for row in rows if "Deepfakes" not in row["source"])
+    assert report["n_masks"] == 3 * FAST["frames_per_video"]
+    assert any("6 crops masked" in line for line in faces.shown_lines(
+        FacesParams(faces_dir=str(faces_dir)), report))
+
+    sharded = tmp_path / "sharded"  # two tasks of a cluster job make the same masks
+    for k in range(2):
+        faces.extract_faces(FacesParams(raw_dir=str(root), faces_dir=str(sharded),
+                                        dataset="ffpp", **FAST), workers=1,
+                            shard=shards.Shard(k, 2))
+    faces.merge_faces(FacesParams(raw_dir=str(root), faces_dir=str(sharded), dataset="ffpp",
+                                  **FAST))
+    def contents(root: Path) -> dict[str, str]:
+        return {name: digest.split(":")[0] for name, digest in tree_digest(root).items()}
+    assert contents(sharded) == contents(faces_dir)
+
+    split(SplitParams(raw_dir=str(faces_dir), data_dir=str(data_dir), group_by="folder"))
+    carried = {row["source"]: row["mask"] for row in manifest(data_dir)}
+    for row in rows:  # the split's mask of each crop is the faces step's, byte for byte
+        if row["mask"]:
+            assert (data_dir / carried[row["path"]]).read_bytes() == (
+                faces_dir / row["mask"]).read_bytes()
+        else:
+            assert carried[row["path"]] == ""
+    with open(data_dir / "faces.csv", newline="") as f:
+        assert {r["path"]: r["mask"] for r in csv.DictReader(f)} == {
+            r["path"]: r["mask"] for r in manifest(data_dir)}
+
+    # The benchmark explains the test fakes that have a mask, per method, and runs on
+    # although some clips have none (FaceShifter's, and those said above).
+    run = tmp_path / "run"
+    save_checkpoint(run / paths.MODEL, build_model("resnet18", None, "all").eval(),
+                    params={"image_size": 48, "trainable": "all"}, threshold=0.5,
+                    threshold_rule="0.5", metrics={}, epoch=1)
+    report = run_benchmark(BenchmarkParams(run_dir=str(run), test_sets=[str(data_dir)],
+                                           num_workers=0, n_bootstrap=50))
+    (row,) = report["explanations"]
+    assert (row["method"], row["masks"], row["n_crops"], row["n_videos"]) == (
+        "Deepfakes", "mask", 2 * FAST["frames_per_video"], 2)
+    assert row["note"].startswith("only 2 to resample")  # two clips give no interval
+    assert 0 <= row["pointing_cam"] <= 1 and row["pointing_verdict"] == ""

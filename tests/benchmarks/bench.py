@@ -249,6 +249,34 @@ def gradcam_rates(device: torch.device, repeats: int) -> dict:
             "max_abs_difference": float(np.abs(ours - theirs).max())}
 
 
+def explanation_rates(files: list[Path], root: Path, device: torch.device) -> dict:
+    """Crops/s of 05-benchmark's explanation pass (Grad-CAM, its measures against 3 random
+    maps, deletion) and of plain scoring, on the same files at 224 px, batch 32; each file
+    masked on its left half. Once each: the pass is long."""
+    from dfutils.benchmark import Group, explain_group
+    from dfutils.model import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(root / "model.pt", build_model("resnet18", None, "all").eval(),
+                    params={"image_size": 224, "trainable": "all", "weights": None},
+                    threshold=0.5, threshold_rule="0.5", metrics={}, epoch=1)
+    checkpoint = load_checkpoint(root / "model.pt")
+    checkpoint.model.to(device)
+    mask = np.zeros((256, 256), bool)
+    mask[:, :128] = True
+    group = Group("bench", "folder", "all", "mask",
+                  [lambda f=f: (np.array(load_image(f)), mask) for f in files],
+                  [f.name for f in files])
+    start = time.perf_counter()
+    explain_group(checkpoint, group, "last", 32, seed=0)
+    explained = len(files) / (time.perf_counter() - start)
+    images = data.ImageSet(files, data.eval_transform(224, "resnet18"), 224)
+    start = time.perf_counter()
+    score(checkpoint.model, images, batch_size=32, num_workers=2, device=device)
+    return {"explained": explained, "scored": len(files) / (time.perf_counter() - start),
+            "n": len(files)}
+
+
 def split_rates(root: Path, n: int, repeats: int) -> dict:
     """Our split (threads, full decode, hashing, links) vs a bare single-process PIL decode."""
     raw = jpeg_folder(root / "raw", n)
@@ -534,6 +562,15 @@ def main() -> None:
             L / cams["forward_batch_1"], "what batching can gain at most")
         results["gradcam_max_abs_difference"] = cams["max_abs_difference"]
         print(f"  Grad-CAM maps: max |ours - pytorch-grad-cam| = {cams['max_abs_difference']:.2e}")
+
+        (tmp / "explain").mkdir()
+        explained = explanation_rates(files[:32], tmp / "explain", device)
+        results["explanations"] = explained
+        row(f"benchmark: plain scoring of {explained['n']} crops, 224 px, batch 32",
+            explained["scored"], "img/s")
+        row("benchmark: the explanation pass (Grad-CAM, measures, deletion) on them",
+            explained["explained"], "img/s", explained["scored"] / explained["explained"],
+            "x slower than scoring (~25 forwards a crop)")
 
 
         sizes = (1000, 4000) if args.quick else (2000, 20000)
