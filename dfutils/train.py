@@ -725,9 +725,9 @@ def parameters(model: nn.Module) -> dict:
 
 
 def parameters_text(counted: dict) -> str:
-    """`0.77 M of 85.8 M parameters train (0.90 %)`."""
+    """`0.77 M of 85.8 M parameters train (0.9 %)`."""
     return (f"{counted['trainable'] / 1e6:.3g} M of {counted['total'] / 1e6:.3g} M parameters "
-            f"train ({100 * counted['share']:.2g} %)")
+            f"train ({100 * counted['share']:.3g} %)")
 
 
 def record(params: TrainParams) -> dict | None:
