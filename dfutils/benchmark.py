@@ -274,8 +274,8 @@ def run_benchmark(params: BenchmarkParams) -> dict:
 
 def explain_test_sets(checkpoint: Checkpoint, tests: list[TestSet], params: BenchmarkParams,
                       run_dir: Path) -> list[dict]:
-    """The explanation rows (`dfutils.explanations`), written beside the table with their
-    figure and the grids of faces; none with n_explain=0 (an earlier run's are removed)."""
+    """The explanation rows (below), written beside the table with their figure and the
+    grids of faces; none with n_explain=0 (an earlier run's are removed)."""
     written = [run_dir / paths.BENCHMARK_EXPLANATIONS,
                run_dir / paths.BENCHMARK_EXPLANATIONS_FIGURE]
     grids = run_dir / paths.BENCHMARK_CAMS
@@ -370,8 +370,8 @@ def shown_lines(params: BenchmarkParams, report: dict) -> list[str]:
 MEASURES = {"pointing": ("pointing game", False), "energy": ("energy inside the mask", False),
             "iou": ("IoU of the top region", False), "deletion": ("deletion AUC", True)}
 EXPLANATION_FIELDS = ["test_set", "dataset", "method", "masks", "layer", "n_crops", "n_videos",
-          *(f"{m}_{k}" for m in MEASURES for k in ("cam", "random", "low", "high", "verdict")),
-          "note"]
+                      *(f"{m}_{k}" for m in MEASURES
+                        for k in ("cam", "random", "low", "high", "verdict")), "note"]
 MASKS = "mask"  # the `masks` column: the crops' own masks, or self-blends standing in
 BLENDS = "self-blend"
 N_RANDOM = 3  # random maps drawn per crop, for each measure's baseline
@@ -386,7 +386,7 @@ class Group:
     dataset: str
     method: str
     masks: str  # MASKS or BLENDS
-    load: list  # per crop: () -> (RGB array, boolean mask at the crop's size)
+    load: list  # per crop: (the model's input side) -> (RGB array, boolean mask at that side)
     videos: list[str]
 
 
@@ -412,16 +412,15 @@ def chosen(n_items: int, n: int, seed: int, key: str) -> list[int]:
 
 
 def _crop(sample: Sample):
-    def load() -> tuple[np.ndarray, np.ndarray]:
-        image = np.array(load_image(sample.path))
-        return image, load_mask(sample.mask, image.shape[1::-1])
+    def load(size: int) -> tuple[np.ndarray, np.ndarray]:  # the mask as 03-gradcam reads it
+        return np.array(load_image(sample.path)), load_mask(sample.mask, (size, size))
     return load
 
 
 def _blend(blends: sbi.ValidationBlends, index: int):
-    def load() -> tuple[np.ndarray, np.ndarray]:
+    def load(size: int) -> tuple[np.ndarray, np.ndarray]:  # as 03-gradcam's self-blends
         image, _, mask = blends.image(index)
-        return image, mask > 0
+        return image, cv2.resize(mask, (size, size), interpolation=cv2.INTER_LINEAR) > 0
     return load
 
 
@@ -448,9 +447,9 @@ def explained_groups(test, n: int, seed: int) -> list[Group]:
                   [blends.samples[i].video for i in picked])] if picked else []
 
 
-def _batches(group: Group, batch_size: int) -> Iterator[tuple[list, list, list]]:
+def _batches(group: Group, batch_size: int, size: int) -> Iterator[tuple[list, list, list]]:
     for start in range(0, len(group.load), batch_size):
-        loaded = [load() for load in group.load[start:start + batch_size]]
+        loaded = [load(size) for load in group.load[start:start + batch_size]]
         yield ([image for image, _ in loaded], [mask for _, mask in loaded],
                group.videos[start:start + batch_size])
 
@@ -458,26 +457,22 @@ def _batches(group: Group, batch_size: int) -> Iterator[tuple[list, list, list]]
 def explain_group(checkpoint: Checkpoint, group: Group, layer: str, batch_size: int,
                   seed: int, alpha: float = 0.5) -> Scores:
     """Every measure of a group's crops at one layer, a batch at a time; the overlays of
-    its first SHOWN crops (drawn at random by `groups`)."""
+    its first SHOWN crops (drawn at random by `explained_groups`)."""
     size = checkpoint.image_size
     grid = checkpoint.arch.grid((size, size), layer)
     generator = torch.Generator().manual_seed(seed)
     scores = Scores()
     bar = tqdm(total=len(group.load), desc=f"explaining {group.test_set} {group.method}",
                unit="crop", leave=False)
-    for images, masks, videos in _batches(group, batch_size):
+    for images, masks, videos in _batches(group, batch_size, size):
         inputs, cams = explain(checkpoint, images, "fake", batch_size, layer)
-        masks = [cv2.resize(m.astype(np.uint8), (size, size),
-                            interpolation=cv2.INTER_NEAREST).astype(bool) for m in masks]
         randoms = [random_maps(len(images), (size, size), grid, generator)
                    for _ in range(N_RANDOM)]
-        located = ("pointing", "iou", "energy")  # as localization_scores gives them
-        for name, values in zip(located, localization_scores(list(cams.maps), masks),
-                                strict=True):
-            scores.add(f"{name}_cam", values)
         drawn = [localization_scores(list(r), masks) for r in randoms]
-        for k, name in enumerate(located):
-            scores.add(f"{name}_random", np.mean([d[k] for d in drawn], axis=0))
+        located = ("pointing", "iou", "energy")  # as localization_scores gives them
+        for k, values in enumerate(localization_scores(list(cams.maps), masks)):
+            scores.add(f"{located[k]}_cam", values)
+            scores.add(f"{located[k]}_random", np.mean([d[k] for d in drawn], axis=0))
         per_cam, per_random, _, _ = deletion_areas(
             checkpoint.model, inputs, cams.maps, np.ones(len(images), int), randoms)
         scores.add("deletion_cam", per_cam)

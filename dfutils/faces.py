@@ -134,11 +134,17 @@ def write_masks(raw_dir: Path, out: Path, item: Item, faces: list[tuple[int, Fac
     for index, mask in gray_frames(raw_dir / item.mask, list(by_frame)):
         for face in by_frame[index]:
             path = mask_path(crop_of(index, face))
-            (out / path).parent.mkdir(parents=True, exist_ok=True)
-            if not cv2.imwrite(str(out / path), crop_mask(mask, face, size)):
-                raise OSError(f"could not write {out / path}")
+            write_png(out / path, crop_mask(mask, face, size))
             written[index, face.rank] = path.as_posix()
     return written
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """A crop or a mask (OpenCV's channel order) written as PNG, its folder made; OSError
+    when OpenCV cannot."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), pixels):
+        raise OSError(f"could not write {path}")
 
 
 _FINDER: FaceFinder | None = None  # one per worker process: dlib's models do not pickle
@@ -170,10 +176,7 @@ def extract_source(raw_dir: Path, out: Path, params: FacesParams, item: Item
         return crop_path(item, params.dataset, index, face.rank)
 
     def write(index: int, face: Face) -> None:
-        (out / crop_of(index, face)).parent.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(out / crop_of(index, face)), cv2.cvtColor(face.crop,
-                                                                         cv2.COLOR_RGB2BGR)):
-            raise OSError(f"could not write {out / crop_of(index, face)}")
+        write_png(out / crop_of(index, face), cv2.cvtColor(face.crop, cv2.COLOR_RGB2BGR))
 
     # Crops are encoded and written by a thread (OpenCV lets go of the GIL) while the next
     # frame's face is found; every write is done before the source counts as finished.

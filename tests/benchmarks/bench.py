@@ -262,10 +262,10 @@ def explanation_rates(files: list[Path], root: Path, device: torch.device) -> di
                     threshold=0.5, threshold_rule="0.5", metrics={}, epoch=1)
     checkpoint = load_checkpoint(root / "model.pt")
     checkpoint.model.to(device)
-    mask = np.zeros((256, 256), bool)
-    mask[:, :128] = True
+    mask = np.zeros((224, 224), bool)  # at the model's input side, as loaders give it
+    mask[:, :112] = True
     group = Group("bench", "folder", "all", "mask",
-                  [lambda f=f: (np.array(load_image(f)), mask) for f in files],
+                  [lambda size, f=f: (np.array(load_image(f)), mask) for f in files],
                   [f.name for f in files])
     start = time.perf_counter()
     explain_group(checkpoint, group, "last", 32, seed=0)
