@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.setup-done
 # Each NAME=VALUE is single-quoted for bash and taken with $(value ...), so spaces, quotes,
 # parentheses, ';' and '$' arrive intact and nothing in a value is executed or expanded.
 # $(call args,EXCEPT,PREFIX): the command-line variables but the Makefile's own and EXCEPT.
-OWN_VARS := PYTHON PY VENV STAMP NPROC QUICK LAB_DIR
+OWN_VARS := PYTHON PY VENV STAMP NPROC QUICK LAB_DIR PORT
 quote = '$(subst ','\'',$(1))'
 cli_vars = $(sort $(filter-out $(OWN_VARS) $(1),$(foreach v,$(.VARIABLES),$(if \
 	$(filter command line,$(origin $(v))),$(v)))))
@@ -30,7 +30,7 @@ endef
 $(foreach v,$(call cli_vars),$(if $(findstring $(newline),$(value $(v))),$(error $(v)= holds \
 	a line break: give the value on one line)))
 
-.PHONY: help setup lab browser-deps test unit lint check-notebooks faces faces-merge split run-all benchmark demo train-ddp bench clean
+.PHONY: help setup lab browser-deps test unit lint check-notebooks faces faces-merge split run-all benchmark demo train-ddp bench export tensorboard clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -91,6 +91,16 @@ benchmark: $(STAMP) ## Run 05-benchmark: the trained run RUN= on the test splits
 demo: $(STAMP) ## Build the demo data set and run the whole chain on it into runs/demo
 	$(PY) -m dfutils demo
 	$(PY) -m dfutils run-all --replace-run RUN=demo PARAMS=notebooks/params/demo.yaml $(call args)
+
+export: $(STAMP) ## Export the run RUN= as a folder to share: OUT=<folder> (new or empty) gets model.safetensors, config.json, README.md (a model card); ONNX=1 adds model.onnx
+	$(if $(value RUN),,$(error RUN=<name> names the run in runs/ to export))
+	$(PY) -m dfutils export --run runs/$(call quote,$(value RUN)) $(call args,RUN)
+
+PORT ?= 6006
+tensorboard: $(STAMP) ## Serve the training curves of the run RUN= with TensorBoard on this machine only (PORT=6006)
+	$(if $(value RUN),,$(error RUN=<name> names the run in runs/ whose curves to show))
+	$(VENV)/bin/tensorboard --logdir runs/$(call quote,$(value RUN))/tensorboard --host 127.0.0.1 \
+		--port $(call quote,$(value PORT))
 
 NPROC ?= 2
 train-ddp: $(STAMP) ## Train (02-train's step) with torchrun on NPROC CPU processes (PARAMS= KEY=value ...)

@@ -26,14 +26,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dfutils import distributed, jupyter, notebooks, pipeline, shards
+from dfutils import distributed, jupyter, notebooks, paths, pipeline, shards
 from dfutils.demo import build_demo
 from dfutils.evaluate import merge_evaluation, report_lines
+from dfutils.export import export_run
 from dfutils.faces import merge_faces
 from dfutils.model import WeightsUnavailable
 from dfutils.params import (
     ALIASES,
     DemoParams,
+    ExportParams,
     FacesParams,
     ParameterError,
     Params,
@@ -43,7 +45,7 @@ from dfutils.params import (
     from_working_dir,
     parse_bool,
 )
-from dfutils.paths import REPO_ROOT
+from dfutils.paths import REPO_ROOT, from_here
 from dfutils.predict import merge_predictions, parts_of, predict_run
 from dfutils.runs import read_run
 
@@ -79,8 +81,12 @@ def add_parameters(parser: argparse.ArgumentParser, cls: type[Params],
                  *(_flag(alias) for alias, name in ALIASES.items() if name == f.name)]
         text = (text + f" (default: {defaults[f.name]!r})").replace("%", "%%")  # argparse
         if hints[f.name] is bool:
-            parser.add_argument(*flags, dest=f.name, nargs="?", const="true", default=None,
-                                metavar="yes|no", help=text)
+            if positional:  # `--onnx photo.jpg` must not take the file for its value
+                parser.add_argument(*flags, dest=f.name, action="store_const", const="true",
+                                    default=None, help=text)
+            else:
+                parser.add_argument(*flags, dest=f.name, nargs="?", const="true",
+                                    default=None, metavar="yes|no", help=text)
             parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name,
                                 action="store_const", const="false", help=argparse.SUPPRESS)
         else:
@@ -150,8 +156,9 @@ def _predict(args: argparse.Namespace) -> int:
     shard = _shard(args)
     # The CSV names each file as the user typed it: only the run is made absolute.
     values = given(args, PredictParams, absolute=False)
-    if "run_dir" in values:
-        values["run_dir"] = _here(values["run_dir"])
+    for name in ("run_dir", "model_dir"):
+        if name in values:
+            values[name] = _here(values[name])
     params = PredictParams.from_mapping(PredictParams.coerce(values))
     predictions = predict_run(params, log=lambda line: print(line, file=sys.stderr),
                               shard=shard)
@@ -172,6 +179,14 @@ def _predict(args: argparse.Namespace) -> int:
           + (f" into {parts_of(params.out)}; `dfutils merge predict --out {params.out}` "
              "writes --out from every part" if shard else ""), file=sys.stderr)
     return 0 if predictions.n_scored or shard else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    params = ExportParams.from_mapping(ExportParams.coerce(given(args, ExportParams)))
+    config = export_run(params, log=lambda line: print(line, file=sys.stderr))
+    print(f"exported {from_here(params.out)}: {', '.join(config['files'])}, "
+          f"{paths.DETECTOR_CONFIG}, {paths.DETECTOR_CARD} (the model card)", file=sys.stderr)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -295,6 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--shard", default="", metavar="i/n|auto", help=SHARD_HELP.format(
         "the inputs it owns, into <out>.parts/; `merge predict` writes --out"))
     predict.set_defaults(func=_predict)
+
+    export = commands.add_parser(
+        "export", help="a trained run as a folder to share: safetensors, config, model card, "
+        "ONNX", description="Writes --out (a new or empty folder) whole or not at all: "
+        f"{paths.DETECTOR_WEIGHTS} (the weights alone), {paths.DETECTOR_CONFIG} (what "
+        "scoring a file as the run did needs, and each file's SHA-256), "
+        f"{paths.DETECTOR_CARD} (a model card from the run's records) and, with --onnx, "
+        f"{paths.DETECTOR_ONNX}, checked against PyTorch on the run's validation images. "
+        "predict, evaluate and the benchmark take the folder as --model. "
+        "docs/using-a-model.md")
+    add_parameters(export, ExportParams)
+    export.set_defaults(func=_export)
 
     demo = commands.add_parser("demo", help="build the demo data set (data/demo_raw)")
     add_parameters(demo, DemoParams)

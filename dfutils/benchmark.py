@@ -48,6 +48,7 @@ from dfutils import archs, paths, sbi, viz
 from dfutils.atomic import atomic_path, write_csv, write_json
 from dfutils.cam import deletion_areas, explain, localization_scores, random_maps, verdict
 from dfutils.datasets import LABELS
+from dfutils.detector import load_model
 from dfutils.images import load_image, load_mask
 from dfutils.manifest import (
     LabelledSet,
@@ -70,7 +71,7 @@ from dfutils.metrics import (
     video_scores,
     with_intervals,
 )
-from dfutils.model import Checkpoint, load_checkpoint
+from dfutils.model import Checkpoint
 from dfutils.params import BenchmarkParams
 from dfutils.paths import from_here, resolve
 from dfutils.progress import tqdm
@@ -238,7 +239,7 @@ def run_benchmark(params: BenchmarkParams) -> dict:
     """Score the run on each test set; write benchmark.csv, benchmark.json, the per-video
     and per-frame scores and the figure into the run; return the report."""
     run_dir = resolve(params.run_dir)
-    checkpoint = load_checkpoint(run_dir / paths.MODEL)
+    checkpoint = load_model(run_dir, params.model_dir, params.onnx)
     check_test_sets(params.test_sets, checkpoint)  # every folder, before anything is written
     tests = [read_test_set(d) for d in params.test_sets]
     rows, videos = [], []
@@ -258,8 +259,13 @@ def run_benchmark(params: BenchmarkParams) -> dict:
         VIDEO_FIELDS)
     write_csv(run_dir / paths.BENCHMARK, [{k: _text(v) for k, v in r.items()} for r in rows],
               TABLE_FIELDS)
-    explained = explain_test_sets(checkpoint, tests, params, run_dir)
-    report = {"run": str(run_dir), "threshold": checkpoint.threshold,
+    # ONNX Runtime has no gradients: Grad-CAM reads the same folder's PyTorch weights.
+    explained = explain_test_sets(
+        load_model(run_dir, params.model_dir) if params.onnx and params.n_explain else
+        checkpoint, tests, params, run_dir)
+    report = {"run": str(run_dir), "model": str(checkpoint.path),
+              "scored_by": "ONNX Runtime" if params.onnx else "PyTorch",
+              "threshold": checkpoint.threshold,
               "threshold_rule": checkpoint.threshold_rule,
               "test_sets": {t.name: str(resolve(d)) for t, d in zip(tests, params.test_sets,
                                                                      strict=True)},

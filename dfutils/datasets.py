@@ -574,6 +574,17 @@ def read_folder(root: Path, methods: Iterable[str] = (), compression: str = "c23
                    [{"path": s["path"], "reason": s["reason"]} for s in skipped])
 
 
+# The terms each published data set is distributed under, as a model card names them.
+TERMS = {
+    "ffpp": "FaceForensics++, distributed under the FaceForensics Terms of Use (research "
+            "only, no redistribution): https://github.com/ondyari/FaceForensics",
+    "dfd": "Google's DeepFakeDetection (DFD), distributed with FaceForensics++ under the "
+           "FaceForensics Terms of Use: https://github.com/ondyari/FaceForensics",
+    "celebdf": "Celeb-DF, distributed under its authors' terms of use (non-commercial "
+               "research only): https://github.com/yuezunli/celeb-deepfakeforensics",
+    "dfdc": "the DeepFake Detection Challenge data set, distributed under the DFDC data set "
+            "licence agreement: https://ai.meta.com/datasets/dfdc/"}
+
 READERS: dict[str, Callable[..., Listing]] = {
     "folder": read_folder, "ffpp": read_ffpp, "dfd": read_dfd, "celebdf": read_celebdf,
     "dfdc": read_dfdc}

@@ -23,6 +23,7 @@ from dfutils import faces, paths, sbi, shards, viz
 from dfutils.atomic import atomic_path, write_json
 from dfutils.corruptions import PERTURBATIONS, SWEEPS, Perturb
 from dfutils.datasets import IMAGE_SUFFIXES, LABELS, scan_classes
+from dfutils.detector import load_model, model_file
 from dfutils.manifest import (
     LabelledSet,
     Sample,
@@ -43,7 +44,7 @@ from dfutils.metrics import (
     shown,
     subgroups,
 )
-from dfutils.model import Checkpoint, load_checkpoint, threshold_text
+from dfutils.model import Checkpoint, threshold_text
 from dfutils.owned import fingerprint
 from dfutils.params import EvalParams, FacesParams
 from dfutils.paths import from_here, is_plain_name, resolve
@@ -183,7 +184,7 @@ def evaluate_folder(params: EvalParams, sweeps: dict[str, Sequence] = SWEEPS,
     if not is_plain_name(name):
         raise ValueError(f"report name {name!r} must be a plain name (letters, digits, '.', "
                          "'_' or '-'): it becomes a folder under <run>/eval/; give name=")
-    checkpoint = load_checkpoint(run_dir / paths.MODEL)
+    checkpoint = load_model(run_dir, params.model_dir, params.onnx)
     if params.split:
         check_identity(checkpoint.split, params.eval_dir, checkpoint.path,
                        f"evaluate on its {params.split} split")
@@ -195,7 +196,7 @@ def evaluate_folder(params: EvalParams, sweeps: dict[str, Sequence] = SWEEPS,
     if shard is not None:
         part = shards.Part(out / paths.EVAL_PARTS, shard, {
             "params": params.to_dict() | {"sweeps": {k: list(v) for k, v in sweeps.items()}},
-            "inputs": {"model": fingerprint(run_dir, [paths.MODEL])}})
+            "inputs": {"model": _model_print(params)}})
         part.check("give another --name")
     images = labelled_inputs(params, checkpoint, out, shard)
     clean, errors, swept = score_sweeps(checkpoint, images, params, sweeps)
@@ -211,6 +212,13 @@ def evaluate_folder(params: EvalParams, sweeps: dict[str, Sequence] = SWEEPS,
     return {}, {}
 
 
+def _model_print(params: EvalParams) -> str:
+    """The identity of the weights an evaluation scores with (the run's, or an exported
+    folder's)."""
+    weights = model_file(params.run_dir, params.model_dir)
+    return fingerprint(weights.parent, [weights.name])
+
+
 def merge_evaluation(run_dir: str | os.PathLike, name: str) -> tuple[dict, dict]:
     """The report of a sharded evaluate (<run>/eval/<name>/) from every part: the faces
     merged first when the tasks cropped them, then the metrics, intervals and figures over
@@ -224,10 +232,10 @@ def merge_evaluation(run_dir: str | os.PathLike, name: str) -> tuple[dict, dict]
     recorded = dict(parts[0].header["params"])
     sweeps = recorded.pop("sweeps")
     params = EvalParams.from_mapping(recorded)
-    if parts[0].header["inputs"]["model"] != fingerprint(run_dir, [paths.MODEL]):
-        raise ValueError(f"{run_dir / paths.MODEL} changed since the tasks scored with it: run "
-                         "every task again")
-    checkpoint = load_checkpoint(run_dir / paths.MODEL)
+    if parts[0].header["inputs"]["model"] != _model_print(params):
+        raise ValueError(f"{model_file(run_dir, params.model_dir)} changed since the tasks "
+                         "scored with it: run every task again")
+    checkpoint = load_model(run_dir, params.model_dir, params.onnx)
     if checkpoint.faces is not None and params.faces and not params.split:
         faces.merge_faces(_faces_params(checkpoint, params.eval_dir, out / paths.EVAL_FACES))
     images = labelled_inputs(params, checkpoint, out)

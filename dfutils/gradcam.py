@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from dfutils import paths, sbi, viz
+from dfutils import curves, paths, sbi, viz
 from dfutils.atomic import write_json
 from dfutils.cam import deletion_score, explain, localization, verdict, write_overlays
 from dfutils.images import load_mask
@@ -205,6 +205,7 @@ def gradcam_run(params: GradCamParams) -> CamReport:
                "self_blends": {"faces": found, "localization": blends.localization(
                    params.seed, params.n_bootstrap)}}
     figures = dict(zip(paths.CAM_FIGURES, (grid, viz.plot_deletion(deletion)), strict=True))
+    curves.add_figure(run, "gradcam", grid, checkpoint.epoch)  # beside the training curves
     for name, fig in figures.items():
         viz.save_figure(fig, out / name)
     write_json(run / paths.CAM_METRICS, metrics)

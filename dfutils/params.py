@@ -49,7 +49,7 @@ Compression = Literal["c0", "c23", "c40"]
 # Values of `weights` that are not paths: the kinds of published weights, and none.
 WEIGHT_NAMES = (*archs.PRETRAINED, "none", "null", "")
 # Shorthands accepted on the command line (make run-all EPOCHS=5).
-ALIASES = {"epochs": "max_epochs"}
+ALIASES = {"epochs": "max_epochs", "model": "model_dir"}
 TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 
@@ -325,6 +325,25 @@ def trained_run_param() -> Any:
     return param("runs/notebook", "a trained run (model.pt)", path=True, flags=("--run",))
 
 
+def model_dir_param() -> Any:
+    """The `model_dir` option of every step that scores with a trained model (`--model`)."""
+    return param("", "an exported detector (`dfutils export`) to score with instead of the "
+                 "run's model.pt", path=True)
+
+
+def onnx_param() -> Any:
+    """The `onnx` option of every step that scores with an exported detector."""
+    return param(False, "with model_dir: score through ONNX Runtime (its model.onnx) instead "
+                 "of PyTorch")
+
+
+def check_onnx(params: Params) -> None:
+    """`onnx` scores an exported folder's model.onnx: it needs `model_dir`."""
+    if params.onnx and not params.model_dir:
+        raise ParameterError("onnx scores an exported detector's model.onnx: give model_dir "
+                             "(--model <folder>; `dfutils export --onnx` writes one)")
+
+
 def cam_layer_param() -> Any:
     """The `layer` option of every step that explains with Grad-CAM."""
     return param("auto", "the block Grad-CAM explains: the last block of the network's last "
@@ -420,6 +439,9 @@ class TrainParams(Params):
     amp: Amp = amp_param()
     compile: bool = param(False, "torch.compile the model before training (slow to start; "
                           "pays off on long GPU runs)")
+    tensorboard: bool = param(True, "write TensorBoard event files into run_dir/tensorboard "
+                              "(losses, AUCs, lr, images/s each epoch; ROC and Grad-CAM grid): "
+                              "make tensorboard RUN=<run>")
 
     @property
     def augmented(self) -> bool:
@@ -538,6 +560,8 @@ class EvalParams(Params):
     step: ClassVar[str] = "04-evaluate"
 
     run_dir: str = trained_run_param()
+    model_dir: str = model_dir_param()
+    onnx: bool = onnx_param()
     eval_dir: str = param("", "a labelled folder: eval_dir/real and eval_dir/fake; or, with "
                           "split, a split made by 01-split", path=True, flags=("--data",))
     name: str = param("", "report name under run_dir/eval/; empty: the folder's name (and the "
@@ -558,6 +582,7 @@ class EvalParams(Params):
                               "its fakes")
 
     def check(self) -> None:
+        check_onnx(self)
         if self.self_blends and not self.split:
             raise ParameterError("self_blends needs split=val or split=test: the self-blends "
                                  "are made from a split's reals and their landmarks")
@@ -578,6 +603,8 @@ class BenchmarkParams(Params):
     step: ClassVar[str] = "05-benchmark"
 
     run_dir: str = trained_run_param()
+    model_dir: str = model_dir_param()
+    onnx: bool = onnx_param()
     test_sets: list[str] = param([], "split folders made by 01-split whose test split is "
                                  "scored, comma-separated (TEST_SETS=data/celebdf,data/dfdc)",
                                  path=True)
@@ -595,6 +622,7 @@ class BenchmarkParams(Params):
     seed: int = param(42, "seeds the crops explained and the random baseline maps")
 
     def check(self) -> None:
+        check_onnx(self)
         if self.n_explain < 0:
             raise ParameterError(f"n_explain must be >= 0 (0: no explanation rows), got "
                                  f"{self.n_explain}")
@@ -612,6 +640,8 @@ class PredictParams(Params):
     step: ClassVar[str] = "predict"
 
     run_dir: str = param("", "a trained run (model.pt)", path=True, flags=("--run",))
+    model_dir: str = model_dir_param()
+    onnx: bool = onnx_param()
     paths: list[str] = param([], "image files, clips and folders to score", path=True)
     out: str = param("", "CSV file to write; empty: standard output", path=True)
     cam_dir: str = param("", "also write Grad-CAM overlays to this folder", path=True)
@@ -625,10 +655,38 @@ class PredictParams(Params):
     amp: Amp = amp_param()
 
     def check(self) -> None:
-        if not self.run_dir or not self.paths:
-            raise ParameterError("predict needs a run (--run) and at least one path")
+        if not (self.run_dir or self.model_dir) or not self.paths:
+            raise ParameterError("predict needs a run (--run) or an exported detector "
+                                 "(--model), and at least one path")
+        if self.run_dir and self.model_dir:
+            raise ParameterError("predict scores with one model: give --run or --model, not "
+                                 "both")
+        check_onnx(self)
+        if self.onnx and self.cam_dir:
+            raise ParameterError("--cam-dir needs gradients, which ONNX Runtime has not: drop "
+                                 "--onnx to write Grad-CAM overlays")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ParameterError("batch_size must be >= 1 and num_workers >= 0")
+
+
+@dataclass(frozen=True)
+class ExportParams(Params):
+    """export: a trained run as a folder to share (safetensors, config, model card, ONNX)."""
+
+    step: ClassVar[str] = "export"
+
+    run_dir: str = param("", "a trained run (model.pt)", path=True, flags=("--run",))
+    out: str = param("", "the folder to write: new or empty", path=True)
+    onnx: bool = param(False, "also write model.onnx (dynamic batch), checked against PyTorch "
+                       "on the run's validation images")
+    n_check: int = param(64, "validation images model.onnx is checked on")
+    batch_size: int = batch_param()
+
+    def check(self) -> None:
+        if not self.run_dir or not self.out:
+            raise ParameterError("export needs a run (--run) and a folder to write (--out)")
+        if self.n_check < 1 or self.batch_size < 1:
+            raise ParameterError("n_check and batch_size must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,13 @@ BENCHMARK_FRAMES = "benchmark_frames.csv"  # one row per test crop scored
 BENCHMARK_EXPLANATIONS = "benchmark_explanations.csv"
 BENCHMARK_EXPLANATIONS_FIGURE = "benchmark_explanations.png"
 BENCHMARK_CAMS = "benchmark_cams"
+TENSORBOARD = "tensorboard"  # 02-train's event files (losses, AUCs, lr, images/s, ROC, Grad-CAM)
+
+# An exported detector, <out>/ (export): weights, what scoring needs, the model card.
+DETECTOR_WEIGHTS = "model.safetensors"
+DETECTOR_CONFIG = "config.json"
+DETECTOR_CARD = "README.md"
+DETECTOR_ONNX = "model.onnx"
 
 # A split, data_dir/ (01-split): train/, val/, test/, masks/ and these.
 MANIFEST = "manifest.csv"  # one row per image: path, label, split, group, sha256, ...

@@ -29,7 +29,7 @@ from nbclient.exceptions import DeadKernelError
 from dfutils import benchmark, evaluate, faces, gradcam, paths, split, train
 from dfutils.atomic import remove_stale_temps
 from dfutils.datasets import MissingInput
-from dfutils.model import load_checkpoint
+from dfutils.detector import load_model, read_config
 from dfutils.params import (
     BenchmarkParams,
     EvalParams,
@@ -123,8 +123,12 @@ class Step:
 
 
 def _trained(params: Any, chain: Chain) -> None:
-    """A step that reads the run's model: trained in this chain, or before it."""
+    """A step that reads the run's model: trained in this chain, or before it (or an
+    exported folder it names)."""
     run_dir = resolve(params.run_dir)
+    if getattr(params, "model_dir", ""):
+        read_config(resolve(params.model_dir))
+        return
     if "02-train" not in chain and not (run_dir / paths.MODEL).is_file():
         raise ChainError(f"{run_dir / paths.MODEL} not found: " + (
             why_no_model(run_dir) if (run_dir / paths.RUN_RECORD).is_file() else
@@ -148,8 +152,8 @@ def _split_ready(params: SplitParams, chain: Chain) -> None:
 def _test_sets_ready(params: BenchmarkParams, chain: Chain) -> None:
     _trained(params, chain)
     made = resolve(chain["01-split"]["data_dir"]) if "01-split" in chain else None
-    trained = None if "02-train" in chain else load_checkpoint(
-        resolve(params.run_dir) / paths.MODEL)
+    trained = None if "02-train" in chain and not params.model_dir else load_model(
+        params.run_dir, params.model_dir, params.onnx)
     benchmark.check_test_sets(params.test_sets, trained, made)
 
 

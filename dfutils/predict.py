@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dfutils import paths, shards
+from dfutils import shards
 from dfutils.atomic import write_csv
 from dfutils.cam import write_overlays
 from dfutils.datasets import file_problem, is_clip
 from dfutils.detect import FaceFinder, faces_of
+from dfutils.detector import load_model, model_file
 from dfutils.frames import UnreadableClip
 from dfutils.images import ImageLoadError
-from dfutils.model import Checkpoint, load_checkpoint, threshold_text
+from dfutils.model import Checkpoint, threshold_text
 from dfutils.owned import fingerprint
 from dfutils.params import Amp, CamLayer, FacesParams, PredictParams
 from dfutils.progress import tqdm
@@ -229,21 +230,24 @@ def predict_run(params: PredictParams, log: Callable[[str], None] = lambda line:
                          "`dfutils merge predict` writes from the parts")
     mine = [i for i, item in enumerate(inputs) if shard is None or shard.owns(str(item.path))]
     check_outputs(params, [inputs[i] for i in mine])
-    checkpoint = load_checkpoint(Path(params.run_dir) / paths.MODEL)
+    checkpoint = load_model(params.run_dir, params.model_dir, params.onnx)
     with_faces = checkpoint.faces is not None and params.faces
     part = None
     if shard is not None:
         absolute = {name: str(Path(value).absolute()) if value else "" for name, value in (
-            ("run_dir", params.run_dir), ("cam_dir", params.cam_dir),
+            ("run_dir", params.run_dir), ("model_dir", params.model_dir),
+            ("cam_dir", params.cam_dir),
             ("frames_out", params.frames_out))}
         part = shards.Part(parts_of(params.out), shard, {
             "params": {**absolute, "paths": [str(Path(p).absolute()) for p in params.paths],
                        "faces": with_faces, "layer": params.layer, "amp": params.amp,
+                       "onnx": params.onnx,
                        "fields": FACE_FIELDS if with_faces else PREDICTION_FIELDS},
             "inputs": {"files": fingerprint(Path("/"), [str(i.path.absolute())
                                                         for i in inputs]),
                        "n_files": len(inputs), "model": fingerprint(
-                           Path(params.run_dir).absolute(), [paths.MODEL])}})
+                           Path("/"), [str(model_file(params.run_dir, params.model_dir)
+                                           .absolute())])}})
         part.check("give another --out")
     if params.frames_out and not with_faces:
         raise ValueError("--frames-out needs a run trained on face crops (FACES=1), without "

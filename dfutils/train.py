@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dfutils import archs, distributed, paths, runs, sbi, viz
 from dfutils.atomic import jsonable, remove_stale_temps, write_csv, write_json
+from dfutils.curves import Curves
 from dfutils.data import ImageSet, make_loader, train_val_loaders, val_loader
 from dfutils.datasets import LABELS
 from dfutils.manifest import Sample, check_identity, identity, read_manifest, read_report
@@ -305,13 +306,14 @@ class Outputs:
     faces: dict | None = None  # the faces step's parameters, when the images are its crops
     split: dict | None = None  # the split trained on (split.identity)
     resumed: dict | None = None  # last.pt as read_checkpoint(resume=True) gave it, if read
+    curves: Curves | None = None  # TensorBoard's event files, a point per curve each epoch
 
 
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, params: TrainParams,
         checkpoint: str | os.PathLike | None = None, device: torch.device | None = None,
         last: str | os.PathLike | None = None, faces: dict | None = None,
         blends_loader: DataLoader | None = None, resumed: dict | None = None,
-        split: dict | None = None) -> FitResult:
+        split: dict | None = None, curves: Curves | None = None) -> FitResult:
     """Train until the monitored column stops improving; keep (and save) the best epoch.
 
     Each new best is written to `checkpoint` at once, with its threshold and metrics, so
@@ -326,13 +328,13 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, para
     (fakes="sbi": the validation reals and their self-blends) is scored every epoch too,
     as `sbi_loss` and `sbi_auc`; `params.monitored` names the history column that early
     stopping and the kept epoch follow. `resumed` is `last` already read (by the caller,
-    to refuse early); without it a resume reads `last`.
+    to refuse early); without it a resume reads `last`. `curves` hears each epoch's row.
     """
     device = device or distributed.device()
     model.to(device, memory_format=torch.channels_last)
     samples = val_samples(val_loader)
     groups = np.array([s.video for s in samples]) if samples else None
-    outputs = Outputs(checkpoint, last, faces, split, resumed)
+    outputs = Outputs(checkpoint, last, faces, split, resumed, curves)
     if params.caches_features:
         return fit_head(model, train_loader, val_loader, params, device, outputs, groups)
     return train_loop(Learner.build(model, model, params, device), train_loader, val_loader,
@@ -431,6 +433,8 @@ def train_loop(learner: Learner, train_loader: DataLoader, val_loader: DataLoade
                 learner.scheduler.step()
             row = history_row(epoch, train, val, blends, metrics, lr, time.perf_counter() - start)
             result.history.append(row)
+            if outputs.curves is not None:  # before last.pt: a resume purges what it redoes
+                outputs.curves.epoch(row)
             watch = row[params.monitored]
             improved = stopper.step(watch if params.monitored.endswith("_loss") else -watch)
             log(epoch_line(row, improved))
@@ -700,9 +704,12 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
                    f"({parameters_text(counted)}); device: {distributed.device()}; "
                    f"outputs: {out}")
     faces = (read_report(params.data_dir) or {}).get("faces")
+    curves = (Curves(out, first_epoch=int(resumed["epoch"]) + 1 if resumed else 1)
+              if params.tensorboard and rank == 0 else None)
     result = fit(model, train_loader, loader, params, checkpoint=out / paths.MODEL,
                  device=distributed.device(), last=out / paths.LAST, faces=faces,
-                 blends_loader=blends_loader, resumed=resumed, split=identity(params.data_dir))
+                 blends_loader=blends_loader, resumed=resumed, split=identity(params.data_dir),
+                 curves=curves)
     result.metrics["parameters"] = counted
     if found is not None:
         result.metrics["self_blend_faces"] = found
@@ -715,6 +722,10 @@ def train_run(params: TrainParams) -> tuple[FitResult, dict]:
             viz.save_figure(figures[paths.SELF_BLENDS], out / paths.SELF_BLENDS)
         if not result.interrupted:
             (out / paths.LAST).unlink(missing_ok=True)  # finished: nothing left to resume
+    if curves is not None:
+        if figures and result.best_epoch:
+            curves.figure("roc", figures[paths.TRAIN_FIGURES[1]], result.best_epoch)
+        curves.close()
     return result, figures
 
 

@@ -16,17 +16,19 @@ from conftest import evaluate, make_raw
 from sklearn.metrics import roc_auc_score
 
 from dfutils import benchmark, paths, pipeline
+from dfutils.export import export_run
 from dfutils.manifest import identity
 from dfutils.metrics import (
     binary_intervals,
     binary_metrics,
     metrics_line,
+    shown,
     too_few,
     video_scores,
     with_intervals,
 )
 from dfutils.model import build_model, save_checkpoint
-from dfutils.params import BenchmarkParams, SplitParams
+from dfutils.params import BenchmarkParams, ExportParams, SplitParams
 from dfutils.split import split
 
 
@@ -68,6 +70,30 @@ def table(prepared, tmp_path_factory):
         run_dir=str(run), test_sets=[str(prepared[n][0]) for n in ("ffpp", "celebdf", "dfdc")],
         num_workers=0, n_bootstrap=50))
     return run, report
+
+
+def test_an_exported_run_gives_its_table_and_its_card_shows_it(table, prepared, tmp_path):
+    """Issue 39: the card's cross-dataset rows and explanation verdicts are the run's
+    benchmark.json; the exported folder (--model) gives the run's table."""
+    run, report = table
+    detector = tmp_path / "detector"
+    export_run(ExportParams(run_dir=str(run), out=str(detector), onnx=False))
+    text = (detector / paths.DETECTOR_CARD).read_text()
+    for r in report["rows"]:
+        if r["rule"] in ("frame", "mean"):
+            assert (f"| {r['test_set']} | {r['method']} | {r['level']} | "
+                    f"{shown(r['auc'], [r['auc_low'], r['auc_high']])} |") in text
+    for r in report["explanations"]:
+        assert f"pointing game {r['pointing_cam']:.3f}" in text and r["pointing_verdict"] in text
+    ffpp = str(prepared["ffpp"][0])
+    ours = {(r["method"], r["level"], r["rule"], k): r[k] for r in report["rows"]
+            for k in ("auc", "eer") if r["test_set"] == "ffpp"}
+    again = benchmark.run_benchmark(BenchmarkParams(
+        run_dir=str(tmp_path / "out"), model_dir=str(detector), test_sets=[ffpp],
+        num_workers=0, n_bootstrap=50, n_explain=0))
+    assert {(r["method"], r["level"], r["rule"], k): r[k] for r in again["rows"]
+            for k in ("auc", "eer")} == pytest.approx(ours, nan_ok=True)
+    assert again["scored_by"] == "PyTorch"
 
 
 def test_the_table_has_frame_and_video_rows_per_test_set_and_method(table):

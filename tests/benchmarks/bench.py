@@ -32,10 +32,12 @@ from PIL import Image
 from dfutils import archs, data
 from dfutils.atomic import write_json
 from dfutils.cam import GradCAM
+from dfutils.detector import OnnxNetwork
 from dfutils.distributed import device as default_device
+from dfutils.export import export_onnx
 from dfutils.images import load_image
 from dfutils.manifest import read_manifest
-from dfutils.model import build_model, forward, grad_scaler
+from dfutils.model import Checkpoint, build_model, forward, grad_scaler
 from dfutils.params import SplitParams, TrainParams
 from dfutils.paths import REPO_ROOT
 from dfutils.runs import environment
@@ -212,6 +214,28 @@ def sbi_loading_rates(data_dir: Path, repeats: int) -> dict:
 
     return {"plain": median_rate(one_pass(plain), len(plain.dataset), repeats),
             "pairs": median_rate(one_pass(pairs), 2 * len(reals), repeats)}
+
+
+def onnx_rates(model: torch.nn.Module, images: data.ImageSet, folder: Path, repeats: int
+               ) -> dict:
+    """The model exported as `export --onnx` writes it, run by ONNX Runtime on the CPU: a
+    bare forward of one batch of 64 already in memory, and predict's scoring of `images`
+    (the same loader, 2 workers), with the largest difference in P(fake) from PyTorch."""
+    folder.mkdir()
+    checkpoint = Checkpoint(model.eval(), TrainParams(weights=None, image_size=224), 0.5, "0.5",
+                            0, {}, folder / "model.pt")
+    export_onnx(checkpoint, folder / "model.onnx")
+    network = OnnxNetwork(folder / "model.onnx")
+    x = torch.randn(64, 3, 224, 224)
+    forward_rate = median_rate(lambda: network(x), 64, repeats)
+    onnx = dataclasses.replace(checkpoint, model=network)
+    cpu = torch.device("cpu")
+    predict = median_rate(lambda: score(onnx, images, batch_size=64, num_workers=2, device=cpu),
+                          len(images), repeats)
+    ours = score(checkpoint, images, batch_size=64, num_workers=2, device=cpu).p_fake
+    theirs = score(onnx, images, batch_size=64, num_workers=2, device=cpu).p_fake
+    return {"forward": forward_rate, "predict": predict,
+            "max_difference": float(np.nanmax(np.abs(ours - theirs)))}
 
 
 def gradcam_rates(device: torch.device, repeats: int) -> dict:
@@ -551,6 +575,14 @@ def main() -> None:
         predict = median_rate(lambda: score(model, images, batch_size=64, num_workers=2,
                                             device=device), len(files), max(1, repeats - 2))
         row("predict from JPEG files", predict, "img/s", predict / L, ">= 0.85")
+        onnx = onnx_rates(model, images, tmp / "onnx", max(1, repeats - 2))
+        row("  ONNX Runtime: bare forward, 224 px, batch 64", onnx["forward"], "img/s",
+            onnx["forward"] / L, "of L (PyTorch)")
+        row("predict from JPEG files through ONNX Runtime", onnx["predict"], "img/s",
+            onnx["predict"] / L, "of L")
+        row("  predict: ONNX Runtime against PyTorch", onnx["predict"], "img/s",
+            onnx["predict"] / predict, "x PyTorch")
+        results["onnx_max_difference"] = onnx["max_difference"]
 
         cams = gradcam_rates(device, repeats)
         row("Grad-CAM, pytorch-grad-cam, batch 32", cams["pytorch_grad_cam"], "img/s")
