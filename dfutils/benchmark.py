@@ -73,7 +73,7 @@ from dfutils.metrics import (
 )
 from dfutils.model import Checkpoint
 from dfutils.params import BenchmarkParams
-from dfutils.paths import from_here, resolve
+from dfutils.paths import from_here, is_plain_name, resolve
 from dfutils.progress import tqdm
 from dfutils.scoring import images_for, score
 
@@ -260,7 +260,7 @@ def run_benchmark(params: BenchmarkParams) -> dict:
     write_csv(run_dir / paths.BENCHMARK, [{k: _text(v) for k, v in r.items()} for r in rows],
               TABLE_FIELDS)
     # ONNX Runtime has no gradients: Grad-CAM reads the same folder's PyTorch weights.
-    explained = explain_test_sets(
+    explained, grids = explain_test_sets(
         load_model(run_dir, params.model_dir) if params.onnx and params.n_explain else
         checkpoint, tests, params, run_dir)
     report = {"run": str(run_dir), "model": str(checkpoint.path),
@@ -272,23 +272,37 @@ def run_benchmark(params: BenchmarkParams) -> dict:
               "rules": {"frame": "every face crop is one sample", **VIDEO_RULES},
               "interval": f"95% bootstrap interval of each metric ({params.n_bootstrap} "
                           "resamples; frame rows resample whole videos)",
-              "headline": headline(rows), "rows": rows, "explanations": explained}
+              "headline": headline(rows), "rows": rows, "explanations": explained,
+              "grids": grids}
     write_json(run_dir / paths.BENCHMARK_JSON, report)
     viz.save_figure(viz.plot_benchmark(rows), run_dir / paths.BENCHMARK_FIGURE)
     return report
 
 
+def earlier_grids(run_dir: Path) -> list[Path]:
+    """The grids of faces an earlier benchmark of the run wrote, as its benchmark.json
+    lists them: plain PNG names inside benchmark_cams/ (any other name there is not ours)."""
+    path = run_dir / paths.BENCHMARK_JSON
+    try:
+        listed = json.loads(path.read_text()).get("grids") if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return []
+    return [run_dir / paths.BENCHMARK_CAMS / name for name in listed or []
+            if isinstance(name, str) and is_plain_name(name) and name.endswith(".png")]
+
+
 def explain_test_sets(checkpoint: Checkpoint, tests: list[TestSet], params: BenchmarkParams,
-                      run_dir: Path) -> list[dict]:
+                      run_dir: Path) -> tuple[list[dict], list[str]]:
     """The explanation rows (below), written beside the table with their figure and the
-    grids of faces; none with n_explain=0 (an earlier run's are removed)."""
+    grids of faces (their names returned, for benchmark.json); none with n_explain=0. What
+    an earlier benchmark of the run wrote of these is removed first, and nothing else."""
     written = [run_dir / paths.BENCHMARK_EXPLANATIONS,
                run_dir / paths.BENCHMARK_EXPLANATIONS_FIGURE]
     grids = run_dir / paths.BENCHMARK_CAMS
-    for path in [*written, *sorted(grids.glob("*.png"))]:  # this step's own, from before
+    for path in [*written, *earlier_grids(run_dir)]:
         path.unlink(missing_ok=True)
     if not params.n_explain:
-        return []
+        return [], []
     layers = layers_of(checkpoint, params.layer, params.all_layers)
     rows, shown = explanation_rows(
         checkpoint, tests, params.n_explain, layers, params.batch_size, params.seed,
@@ -298,12 +312,14 @@ def explain_test_sets(checkpoint: Checkpoint, tests: list[TestSet], params: Benc
     if rows:
         viz.save_figure(viz.plot_explanations(rows, MEASURES), written[1])
     grids.mkdir(exist_ok=True)
+    names = []
     for (test_set, method), overlays in shown.items():
         if overlays:
+            names.append(f"{_safe(test_set)}-{_safe(method)}.png")
             viz.save_figure(viz.image_grid(overlays, [""] * len(overlays), ncols=4, title=(
                 f"{test_set} · {method}: Grad-CAM for fake ({layers[0]}), mask outlined; "
-                "faces drawn at random")), grids / f"{_safe(test_set)}-{_safe(method)}.png")
-    return rows
+                "faces drawn at random")), grids / names[-1])
+    return rows, names
 
 
 def _safe(name: str) -> str:

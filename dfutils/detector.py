@@ -24,7 +24,7 @@ from torch import nn
 from dfutils import archs, paths
 from dfutils.model import Checkpoint, build_model, load_checkpoint
 from dfutils.params import ParameterError, TrainParams
-from dfutils.paths import resolve
+from dfutils.paths import from_here, resolve
 
 DETECTOR_FORMAT = "dfutils.detector"
 DETECTOR_VERSION = 1
@@ -63,24 +63,25 @@ class OnnxNetwork(nn.Module):
 def read_config(folder: Path) -> dict:
     """config.json of an exported folder, checked to be one of ours."""
     path = folder / paths.DETECTOR_CONFIG
+    shown = from_here(path)
     if not path.is_file():
-        raise DetectorError(f"{path} not found: --model takes a folder written by `python -m "
+        raise DetectorError(f"{shown} not found: --model takes a folder written by `python -m "
                             "dfutils export` (or pass the run with --run)")
     try:
         config = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DetectorError(f"{path} is not valid JSON ({error}): export the run again"
+        raise DetectorError(f"{shown} is not valid JSON ({error}): export the run again"
                             ) from None
     if not isinstance(config, dict) or config.get("format") != DETECTOR_FORMAT:
-        raise DetectorError(f"{path} is not a dfutils detector's config (no "
+        raise DetectorError(f"{shown} is not a dfutils detector's config (no "
                             f"'{DETECTOR_FORMAT}' format): export the run again")
     if config.get("version") != DETECTOR_VERSION:
-        raise DetectorError(f"{path} has version {config.get('version')}, this dfutils reads "
+        raise DetectorError(f"{shown} has version {config.get('version')}, this dfutils reads "
                             f"version {DETECTOR_VERSION}")
     missing = [k for k in ("arch", "params", "threshold", "threshold_rule", "files")
                if k not in config]
     if missing:
-        raise DetectorError(f"{path} lacks {', '.join(missing)}: export the run again")
+        raise DetectorError(f"{shown} lacks {', '.join(missing)}: export the run again")
     return config
 
 
@@ -88,14 +89,15 @@ def checked_file(folder: Path, config: dict, name: str) -> Path:
     """A file of the folder whose SHA-256 is the one config.json records (a changed file
     is refused by name, before it is read)."""
     path, recorded = folder / name, (config.get("files") or {}).get(name)
+    shown = from_here(path)
     if recorded is None:
-        raise DetectorError(f"{folder / paths.DETECTOR_CONFIG} records no {name}" + (
+        raise DetectorError(f"{from_here(folder / paths.DETECTOR_CONFIG)} records no {name}" + (
             ": export the run again with --onnx" if name == paths.DETECTOR_ONNX else
             ": export the run again"))
     if not path.is_file():
-        raise DetectorError(f"{path} not found: the folder is incomplete; export the run again")
+        raise DetectorError(f"{shown} not found: the folder is incomplete; export the run again")
     if sha256(path) != recorded:
-        raise DetectorError(f"{path} is not the file exported with {paths.DETECTOR_CONFIG} "
+        raise DetectorError(f"{shown} is not the file exported with {paths.DETECTOR_CONFIG} "
                             "(its SHA-256 differs): it was changed or replaced; export the "
                             "run again")
     return path
@@ -106,45 +108,48 @@ def load_detector(folder: str | os.PathLike, onnx: bool = False) -> Checkpoint:
     model.safetensors, or with `onnx` ONNX Runtime on model.onnx), the training parameters,
     threshold, metrics and face crop settings config.json records."""
     folder = resolve(folder)
+    where = from_here(folder)
     if not folder.is_dir():
-        raise DetectorError(f"--model {folder} is not a folder: give the folder `python -m "
+        raise DetectorError(f"--model {where} is not a folder: give the folder `python -m "
                             "dfutils export` wrote")
     config = read_config(folder)
     try:
         arch = archs.get(str(config["arch"])).name
         params = TrainParams.from_record({**config["params"], "arch": arch})
     except (archs.UnknownArch, ParameterError, TypeError) as error:
-        raise DetectorError(f"{folder / paths.DETECTOR_CONFIG}: {error}") from None
+        raise DetectorError(f"{from_here(folder / paths.DETECTOR_CONFIG)}: {error}") from None
     weights = checked_file(folder, config, paths.DETECTOR_WEIGHTS)
     if onnx:
         path = checked_file(folder, config, paths.DETECTOR_ONNX)
         try:
             network: nn.Module = OnnxNetwork(path)
         except Exception as error:  # onnxruntime raises its own (Fail, InvalidGraph, ...)
-            raise DetectorError(f"{path} cannot be loaded by ONNX Runtime: "
+            raise DetectorError(f"{from_here(path)} cannot be loaded by ONNX Runtime: "
                                 f"{str(error).splitlines()[0][:200]}") from None
         size = network.session.get_inputs()[0].shape[2:]
         if list(size) != [params.image_size] * 2:
-            raise DetectorError(f"{path} takes {size} images, {paths.DETECTOR_CONFIG} says "
-                                f"{params.image_size}: export the run again")
+            raise DetectorError(f"{from_here(path)} takes {size} images, "
+                                f"{paths.DETECTOR_CONFIG} says {params.image_size}: export "
+                                "the run again")
     else:
         try:
             with safetensors.safe_open(weights, "pt") as f:
                 meta = f.metadata() or {}
             state = safetensors.torch.load_file(weights)
         except (safetensors.SafetensorError, OSError) as error:
-            raise DetectorError(f"{weights} is not a readable safetensors file ({error})"
-                                ) from None
+            raise DetectorError(f"{from_here(weights)} is not a readable safetensors file "
+                                f"({error})") from None
         if meta.get("arch") != arch:
-            raise DetectorError(f"{weights} holds {meta.get('arch') or 'another'} weights, "
-                                f"{paths.DETECTOR_CONFIG} says {arch}: export the run again")
+            raise DetectorError(f"{from_here(weights)} holds {meta.get('arch') or 'another'} "
+                                f"weights, {paths.DETECTOR_CONFIG} says {arch}: export the run "
+                                "again")
         network = build_model(arch, None, params.trainable, params.image_size)
         try:
             network.load_state_dict(state)
         except RuntimeError as error:
             first = (str(error).splitlines()[1:2] or str(error).splitlines()[:1])[0].strip()
-            raise DetectorError(f"the weights in {weights} do not fit {arch} with one logit "
-                                f"({first[:200]}): export the run again") from None
+            raise DetectorError(f"the weights in {from_here(weights)} do not fit {arch} with one "
+                                f"logit ({first[:200]}): export the run again") from None
     network.eval()
     return Checkpoint(network, params, float(config["threshold"]),
                       str(config["threshold_rule"]), int(config.get("epoch", 0)),

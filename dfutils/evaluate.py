@@ -319,7 +319,9 @@ def _evaluation(params: EvalParams, checkpoint: Checkpoint, images: LabelledSet,
                      for kind, levels in swept.items()}
     methods = scored.column("method")
     report = {
-        "run": str(resolve(params.run_dir)), "data": str(resolve(params.eval_dir)),
+        "run": str(resolve(params.run_dir)), "model": str(checkpoint.path),
+        "scored_by": "ONNX Runtime" if params.onnx else "PyTorch",
+        "data": str(resolve(params.eval_dir)),
         "split": params.split, "self_blends": params.self_blends, "name": name,
         "threshold": threshold,
         "threshold_rule": checkpoint.threshold_rule,

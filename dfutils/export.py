@@ -216,7 +216,8 @@ def card(run_dir: Path, config: dict, record: dict, benchmark: dict | None) -> s
         "Tells real faces from fake ones: one logit per image, the log-odds of *fake*; "
         f"{threshold_text(config['threshold'], config['threshold_rule'])}.", "",
         "## Use it", "", "```bash",
-        "python -m dfutils predict --model <this folder> photo.jpg clip.mp4 --out scores.csv",
+        "python -m dfutils predict --model <this folder> photo.jpg "
+        + ("clip.mp4 " if faces else "") + "--out scores.csv",
         *(["python -m dfutils predict --model <this folder> --onnx photo.jpg   # ONNX Runtime"]
           if config["onnx"] else []),
         "```", "",

@@ -556,10 +556,10 @@ def restore(outputs: Outputs, learner: Learner, stopper: EarlyStopping, result: 
     state = outputs.resumed or read_checkpoint(outputs.last, resume=True)
     path, training = resolve(outputs.last), state["training"]
     # A parameter newer than the checkpoint was at its default (a new parameter's default is
-    # what the toolkit did before it).
+    # what the toolkit did before it). Whether curves are written changes no result.
     defaults, recorded = type(params).defaults(), type(params).current(state["params"])
     changed = sorted(k for k, v in params.to_dict().items()
-                     if k != "resume" and recorded.get(k, defaults[k]) != v)
+                     if k not in ("resume", "tensorboard") and recorded.get(k, defaults[k]) != v)
     if changed:
         raise ValueError(f"cannot resume {path.parent}: it was trained with other values of "
                          f"{', '.join(changed)}; resume with the parameters it recorded")

@@ -367,9 +367,12 @@ def test_maps_made_to_hit_or_miss_the_masks_get_those_verdicts(masked, tmp_path,
                                f"game {row['pointing_cam']:.3f}") and f"({said})" in line
                for line in benchmark.summary_lines(summary))
 
+    mine = run / paths.BENCHMARK_CAMS / "my-notes.png"  # a user's file beside the grids
+    mine.write_bytes(b"mine")
     benchmark.run_benchmark(dataclasses.replace(params, n_explain=0))  # asked for none:
     assert not (run / paths.BENCHMARK_EXPLANATIONS).exists()  # no stale rows are left
-    assert not any((run / paths.BENCHMARK_CAMS).iterdir())
+    assert [p.name for p in (run / paths.BENCHMARK_CAMS).iterdir()] == ["my-notes.png"]
+    assert mine.read_bytes() == b"mine"  # only the grids benchmark.json listed went
 
 
 def test_a_test_set_without_masks_is_explained_on_self_blends_of_its_reals(table):

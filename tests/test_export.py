@@ -78,6 +78,21 @@ def test_an_exported_run_scores_as_the_run_through_pytorch_and_onnx(trained, tmp
     assert one.shape[0] == 1 and five.shape[0] == 5
 
 
+def test_evaluate_scores_an_exported_folder_as_the_run(trained, tmp_path):
+    """The report goes to the run folder named (--run), the model comes from --model."""
+    from conftest import evaluate
+
+    root, run, detector, _ = trained
+    settings = {"sweeps": {"blur": (0,)}, "split": "val", "num_workers": 0}
+    ours, _ = evaluate(run, root / "data", "val", **settings)
+    for onnx in (False, True):
+        theirs, _ = evaluate(tmp_path / f"reports-{onnx}", root / "data", "val", **settings,
+                             model_dir=str(detector), onnx=onnx)
+        assert theirs["metrics"]["auc"] == pytest.approx(ours["metrics"]["auc"], abs=1e-6)
+        assert theirs["scored_by"] == ("ONNX Runtime" if onnx else "PyTorch")
+        assert (tmp_path / f"reports-{onnx}" / paths.EVAL / "val" / paths.EVAL_REPORT).is_file()
+
+
 def test_the_config_and_the_card_hold_the_runs_records(trained):
     root, run, detector, config = trained
     metrics = json.loads((run / paths.METRICS).read_text())
