@@ -30,7 +30,7 @@ endef
 $(foreach v,$(call cli_vars),$(if $(findstring $(newline),$(value $(v))),$(error $(v)= holds \
 	a line break: give the value on one line)))
 
-.PHONY: help setup lab browser-deps test unit lint check-notebooks faces faces-merge split run-all benchmark demo train-ddp bench export tensorboard clean
+.PHONY: help setup lab browser-deps test unit lint check-notebooks faces faces-merge split run-all benchmark demo train-ddp bench export tensorboard app clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -96,11 +96,15 @@ export: $(STAMP) ## Export the run RUN= as a folder to share: OUT=<folder> (new 
 	$(if $(value RUN),,$(error RUN=<name> names the run in runs/ to export))
 	$(PY) -m dfutils export --run runs/$(call quote,$(value RUN)) $(call args,RUN)
 
-PORT ?= 6006
 tensorboard: $(STAMP) ## Serve the training curves of the run RUN= with TensorBoard on this machine only (PORT=6006)
 	$(if $(value RUN),,$(error RUN=<name> names the run in runs/ whose curves to show))
 	$(VENV)/bin/tensorboard --logdir runs/$(call quote,$(value RUN))/tensorboard --host 127.0.0.1 \
-		--port $(call quote,$(value PORT))
+		--port $(call quote,$(or $(value PORT),6006))
+
+app: $(STAMP) ## A web page to try a detector, on this machine only: RUN=<run> or MODEL=<exported folder> (PORT=7860 SAVE_DIR=...)
+	$(if $(value RUN)$(value MODEL),,$(error RUN=<name> (a run in runs/) or MODEL=<folder> (an exported detector) names the detector))
+	$(PY) -m dfutils app $(if $(value RUN),--run runs/$(call quote,$(value RUN))) \
+		--port $(call quote,$(or $(value PORT),7860)) $(call args,RUN PORT)
 
 NPROC ?= 2
 train-ddp: $(STAMP) ## Train (02-train's step) with torchrun on NPROC CPU processes (PARAMS= KEY=value ...)

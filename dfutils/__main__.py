@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dfutils import distributed, jupyter, notebooks, paths, pipeline, shards
+from dfutils.app import serve
 from dfutils.demo import build_demo
 from dfutils.evaluate import merge_evaluation, report_lines
 from dfutils.export import export_run
@@ -34,6 +35,7 @@ from dfutils.faces import merge_faces
 from dfutils.model import WeightsUnavailable
 from dfutils.params import (
     ALIASES,
+    AppParams,
     DemoParams,
     ExportParams,
     FacesParams,
@@ -189,6 +191,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _app(args: argparse.Namespace) -> int:
+    params = AppParams.from_mapping(AppParams.coerce(given(args, AppParams)))
+    page, url = serve(params)
+    print(f"the page: {url} (this machine only; Ctrl-C stops it)", file=sys.stderr)
+    try:
+        page.block_thread()
+    finally:
+        page.close()
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     params = DemoParams.from_mapping(DemoParams.coerce(given(args, DemoParams)))
     print(f"demo data set: {build_demo(params)}", file=sys.stderr)
@@ -322,6 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
         "docs/using-a-model.md")
     add_parameters(export, ExportParams)
     export.set_defaults(func=_export)
+
+    app = commands.add_parser(
+        "app", help="a web page to try a detector: drop an image or a clip (make app)",
+        description="Serves a page on 127.0.0.1 (this machine only): drop an image or a clip "
+        "and see each face found with its P(fake) and Grad-CAM overlay, a clip's score per "
+        "frame and by the video rule, the decision at the threshold and the model card; the "
+        "numbers are predict's. Nothing dropped is kept unless --save-dir is given and the "
+        "box is ticked. docs/app.md")
+    add_parameters(app, AppParams)
+    app.set_defaults(func=_app)
 
     demo = commands.add_parser("demo", help="build the demo data set (data/demo_raw)")
     add_parameters(demo, DemoParams)

@@ -177,11 +177,11 @@ def export_run(params: ExportParams, log: Callable[[str], None] = lambda line: N
             files[paths.DETECTOR_ONNX] = sha256(target)
             onnx = {"opset": _opset(target), "n_checked": len(checks),
                     "max_difference": difference, "tolerance": ONNX_TOLERANCE}
-        config = config_of(checkpoint, _record(run_dir, paths.METRICS) or checkpoint.metrics,
+        config = config_of(checkpoint, read_record(run_dir, paths.METRICS) or checkpoint.metrics,
                            files, onnx)
         write_json(building / paths.DETECTOR_CONFIG, config)
         write_text(building / paths.DETECTOR_CARD, card(
-            run_dir, config, read_run(run_dir), _record(run_dir, paths.BENCHMARK_JSON)))
+            run_dir, config, read_run(run_dir), read_record(run_dir, paths.BENCHMARK_JSON)))
         if out.is_dir():
             out.rmdir()  # empty (checked): the finished folder takes its place
         os.replace(building, out)
@@ -196,7 +196,7 @@ def _opset(path: Path) -> int:
     return next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _record(run_dir: Path, name: str) -> dict | None:
+def read_record(run_dir: Path, name: str) -> dict | None:
     """A JSON record of the run (metrics.json, benchmark.json), or None."""
     path = run_dir / name
     return json.loads(path.read_text()) if path.is_file() else None

@@ -690,6 +690,28 @@ class ExportParams(Params):
 
 
 @dataclass(frozen=True)
+class AppParams(Params):
+    """app: a web page to try a detector on an image or a clip."""
+
+    step: ClassVar[str] = "app"
+
+    run_dir: str = param("", "a trained run (model.pt)", path=True, flags=("--run",))
+    model_dir: str = model_dir_param()
+    port: int = param(7860, "the port on 127.0.0.1 the page is served at")
+    save_dir: str = param("", "where the page may save a dropped file and its answer when "
+                          "asked (a box to tick); empty: nothing is ever kept", path=True)
+    max_file_mb: int = param(200, "the largest file the page accepts, in MB")
+    batch_size: int = batch_param()
+
+    def check(self) -> None:
+        if bool(self.run_dir) == bool(self.model_dir):
+            raise ParameterError("the page shows one detector: give a run (--run) or an "
+                                 "exported folder (--model)")
+        if not 0 < self.port < 65536 or self.max_file_mb < 1 or self.batch_size < 1:
+            raise ParameterError("port must be 1-65535, max_file_mb and batch_size >= 1")
+
+
+@dataclass(frozen=True)
 class DemoParams(Params):
     """demo: build the demo data set."""
 
