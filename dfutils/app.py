@@ -24,13 +24,13 @@ from matplotlib.figure import Figure
 
 from dfutils import paths
 from dfutils.atomic import write_json
-from dfutils.detector import load_model, read_config
+from dfutils.detector import load_model
 from dfutils.export import card, config_of, read_record
 from dfutils.images import load_image
-from dfutils.model import threshold_text
+from dfutils.model import Checkpoint, threshold_text
 from dfutils.params import AppParams, PredictParams
 from dfutils.paths import resolve
-from dfutils.predict import predict_run
+from dfutils.predict import cam_name, predict_run
 from dfutils.runs import now, read_run
 
 TITLE = "dfutils: is this face real or fake?"
@@ -46,14 +46,12 @@ class Answer:
     row: dict = field(default_factory=dict)  # predict's row of the file
 
 
-def model_card(params: AppParams) -> str:
+def model_card(params: AppParams, checkpoint: Checkpoint) -> str:
     """The detector's card: an exported folder's README.md, or the card `export` would
-    write for the run, from its records."""
+    write for the run (its `checkpoint`), from its records."""
     if params.model_dir:
-        read_config(resolve(params.model_dir))  # one of ours, before its card is shown
         return (resolve(params.model_dir) / paths.DETECTOR_CARD).read_text()
     run_dir = resolve(params.run_dir)
-    checkpoint = load_model(run_dir)
     config = config_of(checkpoint, read_record(run_dir, paths.METRICS) or checkpoint.metrics,
                        {}, None)
     return card(run_dir, config, read_run(run_dir), read_record(run_dir, paths.BENCHMARK_JSON))
@@ -72,9 +70,11 @@ def frames_figure(rows: list[dict], threshold: float, p_fake: float) -> Figure:
     return fig
 
 
-def answer(params: AppParams, upload: str | os.PathLike, work: Path) -> Answer:
-    """predict's answer for one file, its overlays and frame rows made in `work`."""
-    checkpoint = load_model(params.run_dir, params.model_dir)
+def answer(params: AppParams, checkpoint: Checkpoint, upload: str | os.PathLike,
+           work: Path) -> Answer:
+    """predict's answer for one file, its overlays and frame rows made in `work`
+    (`checkpoint`: the detector params names, already read, for its threshold and whether
+    it crops faces)."""
     faces = checkpoint.faces is not None
     cams, frames_csv = work / "cams", work / "frames.csv"
     result = predict_run(PredictParams(
@@ -91,7 +91,7 @@ def answer(params: AppParams, upload: str | os.PathLike, work: Path) -> Answer:
     lines = [f"### {name}: {decision}, P(fake) = {p:.6f}",
              f"{threshold_text(threshold, checkpoint.threshold_rule)}."]
     if not faces:
-        overlay = np.asarray(load_image(cams / f"{name}.cam.png"))
+        overlay = np.asarray(load_image(cams / cam_name(name)))
         return Answer("\n\n".join(lines), [(overlay, f"P(fake) {p:.3f}")], row=row)
     with open(frames_csv, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -119,7 +119,8 @@ def build(params: AppParams) -> Any:
     and no other command needs it)."""
     import gradio as gr
 
-    text = model_card(params)
+    checkpoint = load_model(params.run_dir, params.model_dir)
+    text = model_card(params, checkpoint)
 
     # Gradio's progress of an answer follows the bars of predict's loops (tqdm).
     def handle(upload: str | None, save: bool,
@@ -128,7 +129,7 @@ def build(params: AppParams) -> Any:
             return "Drop an image or a clip above first.", [], None
         work = Path(tempfile.mkdtemp(prefix="dfutils-app-"))
         try:
-            found = answer(params, upload, work)
+            found = answer(params, checkpoint, upload, work)
             if save and params.save_dir:
                 found.verdict += f"\n\nSaved in {keep(params, Path(upload), found)}."
         except (ValueError, OSError) as error:  # the same one line as the command line's

@@ -325,6 +325,12 @@ def trained_run_param() -> Any:
     return param("runs/notebook", "a trained run (model.pt)", path=True, flags=("--run",))
 
 
+def command_run_param() -> Any:
+    """The `run_dir` option of a command that reads a trained run and is not a step of the
+    chain (predict, export, app): no default, `--run`."""
+    return param("", "a trained run (model.pt)", path=True, flags=("--run",))
+
+
 def model_dir_param() -> Any:
     """The `model_dir` option of every step that scores with a trained model (`--model`)."""
     return param("", "an exported detector (`dfutils export`) to score with instead of the "
@@ -639,7 +645,7 @@ class PredictParams(Params):
 
     step: ClassVar[str] = "predict"
 
-    run_dir: str = param("", "a trained run (model.pt)", path=True, flags=("--run",))
+    run_dir: str = command_run_param()
     model_dir: str = model_dir_param()
     onnx: bool = onnx_param()
     paths: list[str] = param([], "image files, clips and folders to score", path=True)
@@ -675,7 +681,7 @@ class ExportParams(Params):
 
     step: ClassVar[str] = "export"
 
-    run_dir: str = param("", "a trained run (model.pt)", path=True, flags=("--run",))
+    run_dir: str = command_run_param()
     out: str = param("", "the folder to write: new or empty", path=True)
     onnx: bool = param(False, "also write model.onnx (dynamic batch), checked against PyTorch "
                        "on the run's validation images")
@@ -695,7 +701,7 @@ class AppParams(Params):
 
     step: ClassVar[str] = "app"
 
-    run_dir: str = param("", "a trained run (model.pt)", path=True, flags=("--run",))
+    run_dir: str = command_run_param()
     model_dir: str = model_dir_param()
     port: int = param(7860, "the port on 127.0.0.1 the page is served at")
     save_dir: str = param("", "where the page may save a dropped file and its answer when "

@@ -136,6 +136,7 @@ def test_an_answer_is_predicts_and_is_saved_only_where_asked(tmp_path):
     """The page's answer without the page: a demo-like image run scores a file as predict
     does, and `keep` copies it and its answer into a new folder of save_dir."""
     from dfutils.app import answer, keep
+    from dfutils.detector import load_model
 
     torch.manual_seed(0)
     run = tmp_path / "run"
@@ -146,7 +147,7 @@ def test_an_answer_is_predicts_and_is_saved_only_where_asked(tmp_path):
     Image.fromarray(frame_of(1)[0]).save(photo)
     params = AppParams(run_dir=str(run), save_dir=str(tmp_path / "saved"))
     (tmp_path / "work").mkdir()
-    found = answer(params, photo, tmp_path / "work")
+    found = answer(params, load_model(run), photo, tmp_path / "work")
     assert f"P(fake) = {predicted(run, photo)}" in found.verdict
     assert len(found.faces) == 1 and found.faces[0][0].ndim == 3 and found.frames is None
     folder = keep(params, photo, found)
