@@ -416,7 +416,18 @@ def words_as_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list
         chosen = chosen._subparsers._group_actions[0].choices.get(argv[1], chosen)
     if any(not action.option_strings and action.dest not in ("what",)
            for action in chosen._actions if not isinstance(action, argparse._SubParsersAction)):
-        return argv
+        # Beside file names a yes/no option takes no value of its own (`--onnx photo.jpg`):
+        # `--faces=no` is read as `--no-faces`, `--onnx=yes` as `--onnx`.
+        yes_no = {option for action in chosen._actions
+                  if isinstance(action, argparse._StoreConstAction) and action.const == "true"
+                  for option in action.option_strings}
+        out = []
+        for word in argv:
+            name, given_value, value = word.partition("=")
+            if given_value and name in yes_no:
+                word = name if parse_bool(name, value) else f"--no-{name[2:]}"
+            out.append(word)
+        return out
     out, words = [], iter(argv)
     for word in words:
         if word == "--set":

@@ -175,6 +175,20 @@ def test_predict_says_a_tampered_folder_in_one_line(trained, tmp_path):
                                                   "not the file exported")
 
 
+def test_predicts_yes_no_options_never_take_a_file_name(trained, tmp_path):
+    """`--onnx <folder>` scores the folder through ONNX Runtime; `--onnx=no` is PyTorch."""
+    root, _, detector, _ = trained
+    out = {}
+    for flag in ("--onnx", "--onnx=no"):
+        out[flag] = tmp_path / f"{flag[2:]}.csv"
+        done = subprocess.run([sys.executable, "-m", "dfutils", "predict", "--model",
+                               str(detector), flag, str(root / "data" / "val"), "--out",
+                               str(out[flag])], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    rows = [out[f].read_text().splitlines() for f in out]
+    assert len(rows[0]) == len(rows[1]) > 4
+
+
 def test_export_writes_a_new_folder_only(trained, tmp_path):
     _, run, _, _ = trained
     taken = tmp_path / "taken"
